@@ -1,0 +1,235 @@
+"""The Llama network in Flax NNX, and a functional core over a plain parameter pytree.
+
+Layout choices (every weight loader converts to these):
+- Linear kernels are `[in, out]` (the transpose of PyTorch's `weight`).
+- q/k projections use the rotate-half RoPE layout of HF transformers: within each head the
+  first half of the features pairs with the second half. Meta and GGUF checkpoints (interleaved
+  pairs) are permuted on load.
+
+Numerics (DESIGN.md §2): RMSNorm statistics, RoPE angles, attention logits and softmax, and the
+LM head output are float32 whatever the parameter dtype, so factual and counterfactual runs
+round identically.
+
+Sequences are left-padded: `start[b]` is the slot of row b's first real token; slots before it
+are invisible to every query and positions count from it.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from cfjax.cache import KVCache, write
+from cfjax.config import LlamaConfig
+
+_NEG = float(np.finfo(np.float32).min)  # finite, so a fully padded query row stays NaN-free
+
+
+def rope_frequencies(config: LlamaConfig) -> np.ndarray:
+    """Inverse frequencies `[head_dim / 2]` in float32, with Llama 3.1 scaling if configured."""
+    hd = config.head_dim
+    exponents = np.arange(0, hd, 2, dtype=np.int64).astype(np.float32) / np.float32(hd)
+    inv_freq = (np.float32(1.0) / (np.float32(config.rope_theta) ** exponents)).astype(np.float32)
+    s = config.rope_scaling
+    if s is None:
+        return inv_freq
+    # Llama 3.1: long wavelengths are slowed by `factor`, short ones kept, the band in between
+    # interpolated smoothly (Meta's `apply_scaling`, transformers' `_compute_llama3_parameters`).
+    old = s.original_max_position_embeddings
+    low_wavelen = old / s.low_freq_factor
+    high_wavelen = old / s.high_freq_factor
+    wavelen = 2 * np.pi / inv_freq
+    scaled = np.where(wavelen > low_wavelen, inv_freq / s.factor, inv_freq)
+    smooth = (old / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """Rotate `x` `[B, T, H, D]` by `positions` `[B, T]` (rotate-half layout), float32 angles."""
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, T, D/2]
+    cos = jnp.cos(angles)[:, :, None, :]
+    sin = jnp.sin(angles)[:, :, None, :]
+    x32 = x.astype(jnp.float32)
+    x1, x2 = jnp.split(x32, 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+    """Root-mean-square norm with float32 statistics."""
+
+    def __init__(self, dim: int, eps: float, dtype):
+        self.scale = nnx.Param(jnp.ones((dim,), dtype))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (normed.astype(x.dtype) * self.scale[...]).astype(x.dtype)
+
+
+def _linear(d_in: int, d_out: int, dtype, rngs: nnx.Rngs) -> nnx.Linear:
+    return nnx.Linear(d_in, d_out, use_bias=False, param_dtype=dtype, dtype=dtype, rngs=rngs)
+
+
+class Attention(nnx.Module):
+    """Grouped-query attention (MHA when n_kv_heads == n_heads, MQA when it is 1)."""
+
+    def __init__(self, config: LlamaConfig, dtype, rngs: nnx.Rngs):
+        c = config
+        self.config = c
+        self.q = _linear(c.dim, c.n_heads * c.head_dim, dtype, rngs)
+        self.k = _linear(c.dim, c.n_kv_heads * c.head_dim, dtype, rngs)
+        self.v = _linear(c.dim, c.n_kv_heads * c.head_dim, dtype, rngs)
+        self.o = _linear(c.n_heads * c.head_dim, c.dim, dtype, rngs)
+
+    def __call__(self, x, positions, visible, layer_k, layer_v, index):
+        """Attend from `x` `[B, T, dim]`; returns (output, updated layer k, updated layer v)."""
+        c = self.config
+        b, t, _ = x.shape
+        inv_freq = rope_frequencies(c)
+        q = apply_rope(self.q(x).reshape(b, t, c.n_heads, c.head_dim), positions, inv_freq)
+        k = apply_rope(self.k(x).reshape(b, t, c.n_kv_heads, c.head_dim), positions, inv_freq)
+        v = self.v(x).reshape(b, t, c.n_kv_heads, c.head_dim)
+        if layer_k is None:  # no cache: attend within the given tokens
+            keys, values = k, v
+        else:
+            keys, values = write(layer_k, k, index), write(layer_v, v, index)
+        q = q.reshape(b, t, c.n_kv_heads, c.q_per_kv, c.head_dim)
+        scores = jnp.einsum(
+            "btkgd,bskd->bkgts", q, keys.astype(q.dtype), preferred_element_type=jnp.float32
+        ) / np.sqrt(c.head_dim).astype(np.float32)
+        scores = jnp.where(visible[:, None, None, :, :], scores, _NEG)
+        probs = jax.nn.softmax(scores, axis=-1)
+        out = jnp.einsum(
+            "bkgts,bskd->btkgd",
+            probs.astype(values.dtype),
+            values,
+            preferred_element_type=jnp.float32,
+        ).astype(x.dtype)
+        out = self.o(out.reshape(b, t, c.n_heads * c.head_dim))
+        if layer_k is None:
+            return out, None, None
+        return out, keys, values
+
+
+class MLP(nnx.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: LlamaConfig, dtype, rngs: nnx.Rngs):
+        self.gate = _linear(config.dim, config.ffn_dim, dtype, rngs)
+        self.up = _linear(config.dim, config.ffn_dim, dtype, rngs)
+        self.down = _linear(config.ffn_dim, config.dim, dtype, rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
+
+
+class Block(nnx.Module):
+    """Pre-norm transformer block."""
+
+    def __init__(self, config: LlamaConfig, dtype, rngs: nnx.Rngs):
+        self.attn_norm = RMSNorm(config.dim, config.norm_eps, dtype)
+        self.attn = Attention(config, dtype, rngs)
+        self.mlp_norm = RMSNorm(config.dim, config.norm_eps, dtype)
+        self.mlp = MLP(config, dtype, rngs)
+
+    def __call__(self, x, positions, visible, layer_k, layer_v, index):
+        h, layer_k, layer_v = self.attn(
+            self.attn_norm(x), positions, visible, layer_k, layer_v, index
+        )
+        x = x + h
+        return x + self.mlp(self.mlp_norm(x)), layer_k, layer_v
+
+
+class Llama(nnx.Module):
+    """Decoder-only Llama network."""
+
+    def __init__(self, config: LlamaConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.config = config
+        self.embed = nnx.Embed(config.vocab_size, config.dim, param_dtype=dtype, rngs=rngs)
+        self.layers = nnx.List([Block(config, dtype, rngs) for _ in range(config.n_layers)])
+        self.final_norm = RMSNorm(config.dim, config.norm_eps, dtype)
+        if not config.tie_embeddings:
+            self.lm_head = _linear(config.dim, config.vocab_size, dtype, rngs)
+
+    def __call__(
+        self,
+        tokens: jax.Array,
+        start: jax.Array,
+        cache: KVCache | None = None,
+        index: jax.Array | int = 0,
+    ) -> tuple[jax.Array, KVCache | None]:
+        """Logits `[B, T, V]` float32 for `tokens` written at slots `[index, index + T)`."""
+        b, t = tokens.shape
+        slots = jnp.asarray(index, jnp.int32) + jnp.arange(t, dtype=jnp.int32)  # [T]
+        positions = jnp.maximum(slots[None, :] - start[:, None], 0)  # [B, T]
+        key_slots = jnp.arange(t if cache is None else cache.length, dtype=jnp.int32)
+        visible = (key_slots[None, None, :] <= slots[None, :, None]) & (
+            key_slots[None, None, :] >= start[:, None, None]
+        )  # [B, T, S]
+        x = self.embed(tokens)
+        new_k, new_v = [], []
+        for i, layer in enumerate(self.layers):
+            lk = None if cache is None else cache.k[i]
+            lv = None if cache is None else cache.v[i]
+            x, lk, lv = layer(x, positions, visible, lk, lv, index)
+            new_k.append(lk)
+            new_v.append(lv)
+        x = self.final_norm(x)
+        head = (
+            self.embed.embedding[...].T if self.config.tie_embeddings else self.lm_head.kernel[...]
+        )
+        logits = jnp.dot(x, head.astype(x.dtype), preferred_element_type=jnp.float32)
+        return logits, (None if cache is None else KVCache(new_k, new_v))
+
+
+@functools.lru_cache(maxsize=32)
+def graphdef(config: LlamaConfig, dtype_name: str = "float32"):
+    """The static NNX graph of a model, derived from its config alone (no arrays made)."""
+    abstract = nnx.eval_shape(lambda: Llama(config, dtype=jnp.dtype(dtype_name), rngs=nnx.Rngs(0)))
+    return nnx.split(abstract)[0]
+
+
+def param_shapes(config: LlamaConfig, dtype=jnp.float32) -> dict:
+    """Pytree of `jax.ShapeDtypeStruct` with the exact structure of a model's params."""
+    abstract = nnx.eval_shape(lambda: Llama(config, dtype=jnp.dtype(dtype), rngs=nnx.Rngs(0)))
+    return nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
+
+
+def init_params(config: LlamaConfig, key: jax.Array, dtype=jnp.float32, scale: float = 1.0) -> dict:
+    """Random params (normal init times `scale`; norm scales near 1) as a plain pytree."""
+    model = Llama(config, dtype=jnp.dtype(dtype), rngs=nnx.Rngs(key))
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    if scale != 1.0:
+        params = jax.tree_util.tree_map_with_path(
+            lambda p, x: x if "scale" in str(p[-1]) else (x * scale).astype(x.dtype), params
+        )
+    return params
+
+
+def _params_dtype(params: dict) -> str:
+    return str(params["embed"]["embedding"].dtype)
+
+
+def apply(
+    config: LlamaConfig,
+    params: dict,
+    tokens: jax.Array,
+    start: jax.Array | None = None,
+    cache: KVCache | None = None,
+    index: jax.Array | int = 0,
+) -> tuple[jax.Array, KVCache | None]:
+    """Functional forward: `(logits [B, T, V] f32, updated cache)` from a params pytree."""
+    if start is None:
+        start = jnp.zeros((tokens.shape[0],), jnp.int32)
+    gdef = graphdef(config, _params_dtype(params))
+    state = nnx.State(params) if not isinstance(params, nnx.State) else params
+    model = nnx.merge(gdef, state)
+    return model(tokens, start, cache, index)

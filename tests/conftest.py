@@ -1,0 +1,64 @@
+"""Shared test helpers: tiny HF reference models built in the test, the shared data folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+SHARED = Path(os.environ.get("CFJAX_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+
+
+def hf_llama(directory: Path, *, seed: int = 0, init_std: float = 0.2, **overrides):
+    """Build a random transformers `LlamaForCausalLM` (float32), save it to `directory`.
+
+    Weights are scaled up from HF's default init so logits are far from uniform and a layout
+    bug cannot hide in near-zero activations. Returns the torch model in eval mode.
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    kwargs = dict(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        rms_norm_eps=1e-5,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        tie_word_embeddings=False,
+        initializer_range=init_std,
+    )
+    kwargs.update(overrides)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**kwargs)).float().eval()
+    with torch.no_grad():  # norms start at exactly 1: perturb them so their layout is tested too
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(directory)
+    return model
+
+
+def hf_logits(model, tokens: np.ndarray) -> np.ndarray:
+    """Reference float32 logits `[B, T, V]` from a transformers model."""
+    import torch
+
+    with torch.no_grad():
+        return model(torch.as_tensor(np.asarray(tokens), dtype=torch.long)).logits.float().numpy()
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The third-party data folder (`../shared/data`); skips when it is not beside the repo."""
+    data = SHARED / "data"
+    if not data.exists():
+        pytest.skip(f"shared data folder not found at {data} (set CFJAX_SHARED)")
+    return data
