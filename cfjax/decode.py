@@ -1,0 +1,254 @@
+"""The decoding engine: bucketed prefill, then one jitted `lax.scan` over steps on the KV cache.
+
+Every token that is chosen (sampled or forced) comes out of the same single-token decode step:
+the prefill only fills the cache with `prompt[:-1]`, and scan step 0 feeds the last prompt token.
+So a factual run, a counterfactual that forces an edited prefix, and a run that resumes from a
+stored cache all compute each step's logits with identical shapes and rounding.
+
+Slot layout of one row (prompt of length P, bucket length L, left-padded):
+  [pad ... pad | prompt[0] ... prompt[P-2]] [prompt[P-1] | resp[0] | resp[1] | ...]
+   0            start = L - (P - 1)        L-1   L        L+1       L+2
+Scan step i writes its input token at slot L + i and chooses response token i.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cfjax import model, scm
+from cfjax.cache import KVCache, init_cache
+from cfjax.config import LlamaConfig
+
+MIN_BUCKET = 32
+DEFAULT_CHUNK = 64
+NOT_FORCED = -1
+
+
+def bucket_length(n: int) -> int:
+    """Prefill length for `n` cached prompt tokens: a power of two >= MIN_BUCKET."""
+    return max(MIN_BUCKET, 1 << max(n - 1, 0).bit_length())
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Carry:
+    """Loop state of the scan: the token to feed, the cache, its slot, which rows are done."""
+
+    last: jax.Array  # [B] int32, fed at slot `index`
+    cache: KVCache
+    index: jax.Array  # [] int32
+    done: jax.Array  # [B] bool
+
+
+@dataclasses.dataclass
+class Prepared:
+    """A batch laid out for decoding: left-padded prompts, their starts and the bucket."""
+
+    prefix: np.ndarray  # [B, L] int32: prompt[:-1], left-padded
+    last: np.ndarray  # [B] int32: prompt[-1]
+    start: np.ndarray  # [B] int32
+    bucket: int
+
+
+def prepare(prompts: Sequence[Sequence[int]], bucket: int | None = None) -> Prepared:
+    """Left-pad `prompt[:-1]` of each row into one bucket; the last token is decoded."""
+    if not prompts:
+        raise ValueError("no prompt given")
+    for b, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ValueError(f"prompt of row {b} is empty: give at least one token")
+    longest = max(len(p) for p in prompts) - 1
+    bucket = bucket or bucket_length(longest)
+    if longest > bucket:
+        raise ValueError(f"prompt of {longest + 1} tokens does not fit bucket {bucket}")
+    prefix = np.zeros((len(prompts), bucket), np.int32)
+    start = np.zeros((len(prompts),), np.int32)
+    for b, p in enumerate(prompts):
+        n = len(p) - 1
+        start[b] = bucket - n
+        prefix[b, bucket - n :] = p[:-1]
+    last = np.asarray([p[-1] for p in prompts], np.int32)
+    return Prepared(prefix, last, start, bucket)
+
+
+@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(4,))
+def _prefill(config: LlamaConfig, params: dict, prefix, start, cache: KVCache) -> KVCache:
+    # Only the cache is returned, so XLA drops the unused LM head of the prompt positions.
+    return model.apply(config, params, prefix, start, cache, 0)[1]
+
+
+def prefill(
+    config: LlamaConfig,
+    params: dict,
+    prep: Prepared,
+    cache_length: int,
+    cache_dtype=None,
+) -> Carry:
+    """Fill a fresh cache with the prompts; the carry is ready for response step 0."""
+    cache_dtype = cache_dtype or params["embed"]["embedding"].dtype
+    if cache_length > config.max_seq_len + MIN_BUCKET:  # pad slots do not count as positions
+        raise ValueError(
+            f"a cache of {cache_length} slots is longer than the model's max_seq_len "
+            f"{config.max_seq_len}: reduce the prompt or max_new_tokens"
+        )
+    cache = init_cache(config, len(prep.last), cache_length, cache_dtype)
+    cache = _prefill(config, params, jnp.asarray(prep.prefix), jnp.asarray(prep.start), cache)
+    return Carry(
+        last=jnp.asarray(prep.last),
+        cache=cache,
+        index=jnp.asarray(prep.bucket, jnp.int32),
+        done=jnp.zeros((len(prep.last),), bool),
+    )
+
+
+def _step(config, sampler, stop_tokens, params, keys, start, carry: Carry, xs):
+    """One response step: logits of `carry.last`, then choose (or force) the next token."""
+    forced, noise_index = xs
+    logits, cache = model.apply(
+        config, params, carry.last[:, None], start, carry.cache, carry.index
+    )
+    logits = logits[:, 0]
+    chosen, logprob = jax.vmap(scm.choose, in_axes=(0, 0, 0, None))(
+        logits, keys, noise_index, sampler
+    )
+    is_forced = forced != NOT_FORCED
+    token = jnp.where(is_forced, forced, chosen)
+    forced_lp = jnp.take_along_axis(
+        jax.vmap(scm.log_probs, in_axes=(0, None))(logits, sampler),
+        jnp.maximum(forced, 0)[:, None],
+        axis=1,
+    )[:, 0]
+    logprob = jnp.where(is_forced, forced_lp, logprob)
+    valid = ~carry.done
+    token = jnp.where(valid, token, 0)
+    done = carry.done | jnp.isin(token, jnp.asarray(stop_tokens, jnp.int32)) & valid
+    new = Carry(last=token, cache=cache, index=carry.index + 1, done=done)
+    return new, (token, logprob, valid)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(6,))
+def _run_chunk(config, sampler, stop_tokens, params, keys, start, carry, forced, noise_index):
+    step = functools.partial(_step, config, sampler, stop_tokens, params, keys, start)
+    return jax.lax.scan(step, carry, (forced.T, noise_index.T))
+
+
+@dataclasses.dataclass
+class Decoded:
+    """Result of `decode`: per-row response tokens (padding removed) and their log-probs."""
+
+    tokens: list[list[int]]
+    logprobs: list[list[float]]
+    carry: Carry  # final state; its cache holds every step's keys/values (for cache reuse)
+
+
+def decode(
+    config: LlamaConfig,
+    params: dict,
+    carry: Carry,
+    *,
+    start: jax.Array,
+    keys: jax.Array,
+    sampler: scm.Sampler,
+    stop_tokens: Sequence[int],
+    steps: int,
+    forced: np.ndarray | None = None,
+    noise_index: np.ndarray | None = None,
+    first_step: int = 0,
+    chunk: int = DEFAULT_CHUNK,
+    on_chunk: Callable[[list[list[int]]], None] | None = None,
+) -> Decoded:
+    """Run response steps `[first_step, steps)` in jitted chunks of `chunk` scan steps.
+
+    `forced` `[B, steps]` holds a token to force at a step or NOT_FORCED; `noise_index`
+    `[B, steps]` the noise index each step uses (default: the step itself). Chunking never
+    changes a token: noise is keyed by step, and every chunk runs the same compiled step.
+    Stops early once every row has emitted a stop token.
+    """
+    batch = carry.last.shape[0]
+    width = first_step + math.ceil((steps - first_step) / chunk) * chunk
+    forced_all = np.full((batch, width), NOT_FORCED, np.int32)
+    noise_all = np.broadcast_to(np.arange(width, dtype=np.int32), (batch, width)).copy()
+    if forced is not None:
+        forced_all[:, : forced.shape[1]] = forced
+    if noise_index is not None:
+        noise_all[:, : noise_index.shape[1]] = noise_index
+    stop_tokens = tuple(sorted(int(t) for t in stop_tokens)) or (-1,)
+    out_tokens: list[np.ndarray] = []
+    out_lp: list[np.ndarray] = []
+    out_valid: list[np.ndarray] = []
+    for s in range(first_step, steps, chunk):
+        carry, (tok, lp, valid) = _run_chunk(
+            config,
+            sampler,
+            stop_tokens,
+            params,
+            keys,
+            start,
+            carry,
+            jnp.asarray(forced_all[:, s : s + chunk]),
+            jnp.asarray(noise_all[:, s : s + chunk]),
+        )
+        out_tokens.append(np.asarray(tok).T)
+        out_lp.append(np.asarray(lp).T)
+        out_valid.append(np.asarray(valid).T)
+        if on_chunk is not None:
+            on_chunk(_rows(out_tokens, out_valid, steps - first_step))
+        if bool(np.all(np.asarray(carry.done))):
+            break
+    tokens = _rows(out_tokens, out_valid, steps - first_step)
+    lps = _rows(out_lp, out_valid, steps - first_step)
+    return Decoded(tokens, [[float(x) for x in r] for r in lps], carry)
+
+
+def _rows(parts: list[np.ndarray], valid: list[np.ndarray], limit: int) -> list[list]:
+    values = np.concatenate(parts, axis=1)[:, :limit]
+    mask = np.concatenate(valid, axis=1)[:, :limit]
+    return [values[b][mask[b]].tolist() for b in range(values.shape[0])]
+
+
+def cache_length(bucket: int, steps: int, chunk: int = DEFAULT_CHUNK) -> int:
+    """Slots for a prompt bucket plus `steps` response steps run in whole chunks.
+
+    One chunk more than the steps need, so a run resumed at any step (cache reuse) still fits:
+    `dynamic_update_slice` clamps an out-of-range slot instead of failing, which would silently
+    overwrite the last slot.
+    """
+    return bucket + (math.ceil(steps / chunk) + 1) * chunk
+
+
+@dataclasses.dataclass
+class Runtime:
+    """The final cache of a run, kept beside its trace so a counterfactual can resume from it.
+
+    The cache is position-indexed and attention never looks past the current slot, so the final
+    cache already holds, in its first `bucket + s + 1` slots, the exact state after step s.
+    """
+
+    cache: KVCache
+    prep: Prepared
+    chunk: int
+    row_index: int = 0
+
+    def row(self, b: int) -> Runtime:
+        """The same runtime seen from row `b` of its batch."""
+        return dataclasses.replace(self, row_index=b)
+
+    def resume(self, step: int, last_token: int) -> tuple[Carry, np.ndarray]:
+        """A one-row carry that continues at response step `step` (>= 1), and its start."""
+        b = self.row_index
+        # An explicit copy: the decode donates its cache, and this one must survive for reuse.
+        cache = jax.tree_util.tree_map(lambda x: jnp.array(x[b : b + 1], copy=True), self.cache)
+        carry = Carry(
+            last=jnp.asarray([last_token], jnp.int32),
+            cache=cache,
+            index=jnp.asarray(self.prep.bucket + step, jnp.int32),
+            done=jnp.zeros((1,), bool),
+        )
+        return carry, self.prep.start[b : b + 1]

@@ -1,0 +1,327 @@
+"""Interventions, and how a list of them turns a factual trace into a counterfactual plan.
+
+A plan says what the counterfactual world looks like: its prompt, sampler and params, and the
+response prefix that is forced (factual tokens kept before the edit, then the edited span).
+Sampling resumes after the forced prefix (counterfactual step `m`) with the factual noise of
+step `r` (DESIGN.md §2), where `r` is by default the factual step right after the edited span.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cfjax import scm
+from cfjax.generate import prompt_tokens
+from cfjax.lm import LM, check_tokens
+from cfjax.trace import Trace
+
+
+class Intervention:
+    """Base class: every intervention can describe itself for the counterfactual's record."""
+
+    def record(self) -> dict:
+        """JSON-ready description."""
+        d = {"type": type(self).__name__}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is not _KEEP:
+                d[f.name] = value
+        return d
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplaceTokens(Intervention):
+    """Replace the response tokens from `position` on by `tokens` (as many as given)."""
+
+    position: int
+    tokens: tuple[int, ...]
+
+    def __post_init__(self):
+        object.__setattr__(self, "tokens", tuple(int(t) for t in self.tokens))
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplaceText(Intervention):
+    """Replace the `occurrence`-th (1-based) `old` string of the response text by `new`."""
+
+    old: str
+    new: str
+    occurrence: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class InsertText(Intervention):
+    """Insert `text` right after the `occurrence`-th `after` string of the response."""
+
+    text: str
+    after: str
+    occurrence: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class DeleteText(Intervention):
+    """Delete the `occurrence`-th `text` string of the response."""
+
+    text: str
+    occurrence: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class EditPrompt(Intervention):
+    """Change the user prompt and/or system message (or give new prompt token ids)."""
+
+    prompt: str | None = None
+    system: str | None = None
+    tokens: tuple[int, ...] | None = None
+
+
+class _Keep:
+    def __repr__(self) -> str:
+        return "KEEP"
+
+
+_KEEP: Any = _Keep()
+
+
+@dataclasses.dataclass(frozen=True)
+class ChangeSampler(Intervention):
+    """Change some sampler fields (the others are kept): temperature, top_k, top_p, mechanism."""
+
+    temperature: Any = _KEEP
+    top_k: Any = _KEEP
+    top_p: Any = _KEEP
+    mechanism: Any = _KEEP
+
+    def apply(self, sampler: scm.Sampler) -> scm.Sampler:
+        """The changed sampler."""
+        changes = {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if getattr(self, f.name) is not _KEEP
+        }
+        return dataclasses.replace(sampler, **changes)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ChangeModel(Intervention):
+    """Run the counterfactual with other params of the same shapes (fine-tune, weight edit)."""
+
+    params: Any
+    name: str = "edited"
+
+    def record(self) -> dict:
+        """Params are not serialised; the name identifies the edit."""
+        return {"type": "ChangeModel", "name": self.name}
+
+
+@dataclasses.dataclass(frozen=True)
+class AutoIntervention(Intervention):
+    """The paper's automatic intervention: at `position`, another token from the top-p set."""
+
+    position: int
+    top_p: float = 0.9
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class Plan:
+    """A counterfactual world: prompt, sampler, params and the forced response prefix."""
+
+    prompt_tokens: list[int]
+    sampler: scm.Sampler
+    params: Any
+    forced: list[int]  # response tokens forced at steps [0, m)
+    edit_start: int  # s: first response step whose token may differ from the factual one
+    aligned_to: int  # r: factual step whose noise the first sampled step uses
+    prompt_changed: bool = False
+    model_changed: bool = False
+    model_id: str = ""
+    records: list[dict] = dataclasses.field(default_factory=list)
+
+    @property
+    def resume_at(self) -> int:
+        """m: the counterfactual step where sampling resumes."""
+        return len(self.forced)
+
+
+def _response_text(lm: LM, trace: Trace) -> tuple[str, list[int]]:
+    if lm.tokenizer is None:
+        raise ValueError("a text edit needs a tokenizer: this model has none")
+    body = trace.tokens[:-1] if trace.stopped else trace.tokens
+    return lm.tokenizer.decode(body), body
+
+
+def _find(text: str, needle: str, occurrence: int) -> tuple[int, int]:
+    if not needle:
+        raise ValueError("the text to find is empty")
+    if occurrence < 1:
+        raise ValueError(f"occurrence must be >= 1, got {occurrence}")
+    at = -1
+    for _ in range(occurrence):
+        at = text.find(needle, at + 1)
+        if at < 0:
+            found = text.count(needle)
+            raise ValueError(
+                f"text {needle!r} occurs {found} time(s) in the response, not {occurrence}"
+            )
+    return at, at + len(needle)
+
+
+def _text_edit(lm: LM, trace: Trace, old: str, new: str, occurrence: int):
+    """(factual start, factual end, new tokens) for replacing a character span's tokens."""
+    from cfjax.tokenizer import token_char_spans
+
+    text, body = _response_text(lm, trace)
+    a, b = _find(text, old, occurrence)
+    spans = token_char_spans(lm.tokenizer, body)
+    ts = next(i for i, (_, e) in enumerate(spans) if e > a)
+    te = next((i for i, (s, _) in enumerate(spans) if s >= b), len(body))
+    c0, c1 = spans[ts][0], spans[te - 1][1]
+    covering = text[c0:c1]
+    edited = text[c0:a] + new + text[b:c1]
+    # Unchanged text keeps its tokens even if the model produced a non-canonical tokenization.
+    tokens = body[ts:te] if edited == covering else lm.tokenizer.encode(edited)
+    return ts, te, list(tokens)
+
+
+def _auto(lm: LM, trace: Trace, iv: AutoIntervention) -> tuple[int, int, list[int]]:
+    """Draw a different token from the top-p set of the factual distribution at `position`."""
+    from cfjax.lm import forward
+
+    pos = iv.position
+    logits = forward(lm, np.asarray([trace.prompt_tokens + trace.tokens[:pos]]))[0, -1]
+    sampler = scm.Sampler(temperature=max(trace.sampler.temperature, 1e-6) or 1.0, top_p=iv.top_p)
+    logp = scm.log_probs(logits, sampler)
+    logp = logp.at[trace.tokens[pos]].set(-jnp.inf)
+    if not bool(jnp.isfinite(logp).any()):
+        raise ValueError(
+            f"AutoIntervention at position {pos}: the top-p {iv.top_p} set holds only the "
+            f"factual token {trace.tokens[pos]}; no other token to choose"
+        )
+    key = jax.random.fold_in(jax.random.key(iv.seed), pos)
+    token = int(jax.random.categorical(key, logp))  # the intervention's own randomness
+    return pos, pos + 1, [token]
+
+
+def _check_params(lm: LM, params: Any) -> Any:
+    if isinstance(params, LM):
+        if params.config != lm.config:
+            raise ValueError("ChangeModel: the other model has a different config")
+        ours, theirs = lm.tokenizer, params.tokenizer
+        if (
+            theirs is not None
+            and ours is not None
+            and (getattr(theirs, "spec", None) != getattr(ours, "spec", None))
+        ):
+            raise ValueError(
+                "ChangeModel: the other model has a different tokenizer "
+                f"({getattr(theirs, 'spec', '?')} vs {getattr(ours, 'spec', '?')}); a "
+                "counterfactual must keep the token space"
+            )
+        params = params.params
+    want = jax.tree_util.tree_structure(lm.params)
+    if jax.tree_util.tree_structure(params) != want:
+        raise ValueError("ChangeModel: params do not have the structure of the model's params")
+    for (path, a), b in zip(
+        jax.tree_util.tree_flatten_with_path(lm.params)[0],
+        jax.tree_util.tree_leaves(params),
+        strict=True,
+    ):
+        if a.shape != b.shape:
+            raise ValueError(
+                f"ChangeModel: param {jax.tree_util.keystr(path)} has shape {b.shape}, "
+                f"expected {a.shape}"
+            )
+    return params
+
+
+def plan(
+    lm: LM, trace: Trace, interventions: Intervention | list[Intervention], resume_at=None
+) -> Plan:
+    """Turn interventions on `trace` into a `Plan` (validating every one)."""
+    if trace.model_id and lm.model_id and trace.model_id != lm.model_id:
+        raise ValueError(
+            f"the trace was made by model {trace.model_id!r}, not by {lm.model_id!r}: "
+            "load that model (or use ChangeModel to ask what another model would have done)"
+        )
+    if isinstance(interventions, Intervention):
+        interventions = [interventions]
+    p = Plan(
+        prompt_tokens=list(trace.prompt_tokens),
+        sampler=trace.sampler,
+        params=lm.params,
+        forced=[],
+        edit_start=0,
+        aligned_to=0,
+        model_id=trace.model_id,
+    )
+    edits: list[tuple[int, int, list[int]]] = []
+    n = len(trace.tokens)
+    for iv in interventions:
+        if isinstance(iv, ReplaceTokens):
+            if not 0 <= iv.position < n:
+                raise ValueError(f"position {iv.position} is past the response ({n} tokens)")
+            if iv.position + len(iv.tokens) > n:
+                raise ValueError(
+                    f"replacing {len(iv.tokens)} tokens at position {iv.position} runs past the "
+                    f"response ({n} tokens)"
+                )
+            check_tokens(np.asarray(iv.tokens), lm.config.vocab_size, "ReplaceTokens.tokens")
+            edits.append((iv.position, iv.position + len(iv.tokens), list(iv.tokens)))
+        elif isinstance(iv, ReplaceText):
+            edits.append(_text_edit(lm, trace, iv.old, iv.new, iv.occurrence))
+        elif isinstance(iv, InsertText):
+            edits.append(_text_edit(lm, trace, iv.after, iv.after + iv.text, iv.occurrence))
+        elif isinstance(iv, DeleteText):
+            edits.append(_text_edit(lm, trace, iv.text, "", iv.occurrence))
+        elif isinstance(iv, AutoIntervention):
+            if not 0 <= iv.position < n:
+                raise ValueError(f"position {iv.position} is past the response ({n} tokens)")
+            edits.append(_auto(lm, trace, iv))
+            p.records.append({**iv.record(), "token": edits[-1][2][0]})
+            continue
+        elif isinstance(iv, EditPrompt):
+            if iv.tokens is not None:
+                new_prompt = [int(t) for t in iv.tokens]
+            elif trace.prompt is None:
+                raise ValueError("EditPrompt with text needs a trace made from a text prompt")
+            else:
+                new_prompt = prompt_tokens(
+                    lm,
+                    iv.prompt if iv.prompt is not None else trace.prompt,
+                    chat=trace.chat,
+                    system=iv.system if iv.system is not None else trace.system,
+                )
+            p.prompt_changed = p.prompt_changed or new_prompt != p.prompt_tokens
+            p.prompt_tokens = new_prompt
+        elif isinstance(iv, ChangeSampler):
+            p.sampler = iv.apply(p.sampler)
+        elif isinstance(iv, ChangeModel):
+            p.params = _check_params(lm, iv.params)
+            p.model_changed = True
+            p.model_id = f"{trace.model_id}+{iv.name}"
+        else:
+            raise TypeError(f"not an intervention: {iv!r}")
+        p.records.append(iv.record())
+    if edits:
+        edits.sort(key=lambda e: e[0])
+        for (_, end, _), (start, _, _) in zip(edits, edits[1:], strict=False):
+            if start < end:
+                raise ValueError("two response edits overlap")
+        # Everything from the first edit to the last is forced: kept tokens between edits too.
+        forced = list(trace.tokens[: edits[0][0]])
+        for i, (start, end, new) in enumerate(edits):
+            forced += new
+            nxt = edits[i + 1][0] if i + 1 < len(edits) else end
+            forced += trace.tokens[end:nxt]
+        p.forced, p.edit_start, p.aligned_to = forced, edits[0][0], edits[-1][1]
+    if resume_at is not None:
+        if not 0 <= resume_at <= n:
+            raise ValueError(f"resume_at {resume_at} is outside the factual response [0, {n}]")
+        p.aligned_to = int(resume_at)
+    return p

@@ -1,0 +1,104 @@
+"""`Trace`: everything needed to replay a generation's randomness, serialisable to JSON.
+
+A trace is the observed world of the causal model: the model id, the prompt, the response, the
+per-row key, the sampler, and the noise offset map (which noise index each response step used).
+A counterfactual can be computed from it later, in another process or on another machine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from cfjax.scm import Sampler
+
+
+def key_to_list(key: jax.Array) -> list[int]:
+    """Raw key data of a typed key as a JSON-able list."""
+    return np.asarray(jax.random.key_data(key)).astype(np.uint32).tolist()
+
+
+def key_from_list(data: list[int]) -> jax.Array:
+    """Typed (threefry) key from raw key data."""
+    return jax.random.wrap_key_data(np.asarray(data, np.uint32))
+
+
+@dataclasses.dataclass
+class Trace:
+    """One generated (or counterfactual) response and the randomness that produced it."""
+
+    model_id: str
+    prompt_tokens: list[int]
+    tokens: list[int]
+    key: jax.Array
+    sampler: Sampler
+    max_new_tokens: int
+    noise_index: list[int]  # noise index used by each response step (factual: 0, 1, 2, ...)
+    logprobs: list[float] = dataclasses.field(default_factory=list)
+    text: str = ""
+    prompt: str | None = None  # the user message, when the prompt was built from text
+    system: str | None = None
+    chat: bool = False
+    stop_tokens: tuple[int, ...] = ()
+    interventions: list[dict] = dataclasses.field(default_factory=list)
+    alignment: dict | None = None  # counterfactuals: {"edit_start", "resume_at", "aligned_to"}
+    # The final KV cache of the run that made this trace (not serialised): lets a counterfactual
+    # with the same prompt skip the steps before its edit.
+    runtime: Any = dataclasses.field(default=None, repr=False, compare=False)
+
+    @property
+    def stopped(self) -> bool:
+        """True when the response ends with a stop token."""
+        return bool(self.tokens) and self.tokens[-1] in self.stop_tokens
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict (keys as raw key data)."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "runtime"}
+        d["key"] = key_to_list(self.key)
+        d["sampler"] = self.sampler.to_dict()
+        d["stop_tokens"] = list(self.stop_tokens)
+        d["logprobs"] = [float(x) if np.isfinite(x) else None for x in self.logprobs]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Trace:
+        """Inverse of `to_dict`."""
+        names = {f.name for f in dataclasses.fields(cls)} - {"runtime"}
+        missing = {"model_id", "prompt_tokens", "tokens", "key", "sampler"} - set(d)
+        if missing:
+            raise ValueError(f"not a cfjax trace: missing fields {sorted(missing)}")
+        d = {k: v for k, v in d.items() if k in names}
+        d["key"] = key_from_list(d["key"])
+        d["sampler"] = Sampler.from_dict(d["sampler"])
+        d["stop_tokens"] = tuple(d.get("stop_tokens", ()))
+        d["logprobs"] = [float("-inf") if x is None else x for x in d.get("logprobs", [])]
+        d.setdefault("max_new_tokens", len(d["tokens"]))
+        d.setdefault("noise_index", list(range(len(d["tokens"]))))
+        return cls(**d)
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        """Serialise; also write to `path` if given."""
+        text = json.dumps(self.to_dict(), ensure_ascii=False, indent=1)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    @classmethod
+    def from_json(cls, text_or_path: str | Path) -> Trace:
+        """Parse a JSON string or file written by `to_json`."""
+        text = str(text_or_path)
+        if not text.lstrip().startswith("{"):
+            path = Path(text_or_path)
+            try:
+                text = path.read_text()
+            except OSError as e:
+                raise FileNotFoundError(f"{path}: cannot read trace ({e.strerror})") from None
+        try:
+            return cls.from_dict(json.loads(text))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"trace is not valid JSON: {e}") from None
