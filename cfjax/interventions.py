@@ -315,7 +315,7 @@ def plan(
                 raise ValueError("two response edits overlap")
         # Everything from the first edit to the last is forced: kept tokens between edits too.
         forced = list(trace.tokens[: edits[0][0]])
-        for i, (start, end, new) in enumerate(edits):
+        for i, (_, end, new) in enumerate(edits):
             forced += new
             nxt = edits[i + 1][0] if i + 1 < len(edits) else end
             forced += trace.tokens[end:nxt]
