@@ -1,0 +1,234 @@
+"""The `cfjax` command: generate, counterfactual, convert, models, demo.
+
+Every failure the user can cause (a bad argument, a missing file, an edit that does not apply)
+ends with one readable line on stderr and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+def _sampler_args(p: argparse.ArgumentParser, defaults: bool) -> None:
+    d = (lambda v: v) if defaults else (lambda v: None)
+    p.add_argument("--temperature", type=float, default=d(1.0), help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument(
+        "--mechanism", default=d("gumbel"), choices=["gumbel", "inverse-cdf", "gumbel-rank"]
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cfjax", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="sample a response and save its trace")
+    g.add_argument("--model", default=DEFAULT_MODEL, help="name, model dir or .gguf")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--system", default=None)
+    g.add_argument("--no-chat", action="store_true", help="raw text prompt, no chat template")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--dtype", default=None, choices=["float32", "bfloat16"])
+    g.add_argument("--out", type=Path, default=None, help="write the trace JSON here")
+    _sampler_args(g, defaults=True)
+
+    c = sub.add_parser("counterfactual", help="what would the model have written if ...")
+    c.add_argument("trace", type=Path, help="trace JSON written by `cfjax generate --out`")
+    c.add_argument("--model", default=None, help="default: the trace's model")
+    c.add_argument("--replace", metavar="OLD=>NEW", help="replace text in the response")
+    c.add_argument("--occurrence", type=int, default=1)
+    c.add_argument("--at", type=int, metavar="POS", help="response token position to replace")
+    c.add_argument("--token", metavar="TEXT", help="with --at: the new token(s), as text")
+    c.add_argument("--prompt", default=None, help="a new user prompt")
+    c.add_argument("--system", default=None, help="a new system message")
+    c.add_argument("--auto-at", type=int, metavar="POS", help="automatic intervention at POS")
+    c.add_argument("--resume-at", type=int, default=None, help="factual step to align noise to")
+    c.add_argument("--interventional", action="store_true", help="fresh noise instead")
+    c.add_argument("--seed", type=int, default=1, help="noise seed for --interventional")
+    c.add_argument("--out", type=Path, default=None)
+    c.add_argument("--html", type=Path, default=None, help="write a side-by-side HTML diff")
+    _sampler_args(c, defaults=False)
+
+    v = sub.add_parser("convert", help="convert a checkpoint to orbax + cfjax.json")
+    v.add_argument("src")
+    v.add_argument("dst", type=Path)
+    v.add_argument("--dtype", default=None, choices=["float32", "bfloat16"])
+    v.add_argument("--force", action="store_true", help="overwrite an existing DST")
+
+    sub.add_parser("models", help="list known model names and converted copies")
+    d = sub.add_parser("demo", help="rename the captain in a story, on the embedded model")
+    d.add_argument("--seed", type=int, default=None)
+    d.add_argument("--html", type=Path, default=None)
+    return parser
+
+
+def _load(spec: str, dtype: str | None = None):
+    from cfjax.weights import load
+
+    return load(spec, dtype=dtype)
+
+
+def _sampler(args, base=None):
+    from cfjax.scm import Sampler
+
+    if base is None:
+        return Sampler(args.temperature, args.top_k, args.top_p, args.mechanism)
+    from cfjax.interventions import ChangeSampler
+
+    changes = {
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "mechanism": args.mechanism,
+    }
+    changes = {k: v for k, v in changes.items() if v is not None}
+    return ChangeSampler(**changes) if changes else None
+
+
+def cmd_generate(args) -> int:
+    """`cfjax generate`: stream the response, save the trace."""
+    from cfjax.generate import generate
+
+    lm = _load(args.model, args.dtype)
+    trace = generate(
+        lm,
+        args.prompt,
+        key=args.seed,
+        sampler=_sampler(args),
+        max_new_tokens=args.max_new_tokens,
+        chat=not args.no_chat,
+        system=args.system,
+        stream=lambda s: print(s, end="", flush=True),
+    )
+    print()
+    if args.out:
+        trace.to_json(args.out)
+        print(f"trace: {args.out} ({len(trace.tokens)} tokens)", file=sys.stderr)
+    return 0
+
+
+def _interventions(args, lm, trace) -> list:
+    from cfjax import interventions as iv
+
+    out: list = []
+    if args.replace is not None:
+        if "=>" not in args.replace:
+            raise ValueError(f"--replace needs OLD=>NEW, got {args.replace!r}")
+        old, new = args.replace.split("=>", 1)
+        out.append(iv.ReplaceText(old, new, args.occurrence))
+    if args.at is not None:
+        if args.token is None:
+            raise ValueError("--at needs --token TEXT")
+        if lm.tokenizer is None:
+            raise ValueError("--token needs a model with a tokenizer")
+        tokens = lm.tokenizer.encode(args.token)
+        if not tokens:
+            raise ValueError("--token is empty")
+        out.append(iv.ReplaceTokens(args.at, tokens))
+    elif args.token is not None:
+        raise ValueError("--token needs --at POS")
+    if args.prompt is not None or args.system is not None:
+        out.append(iv.EditPrompt(prompt=args.prompt, system=args.system))
+    if args.auto_at is not None:
+        out.append(iv.AutoIntervention(args.auto_at))
+    change = _sampler(args, base=trace.sampler)
+    if change is not None:
+        out.append(change)
+    if not out:
+        raise ValueError(
+            "no intervention given: use --replace, --at/--token, --prompt, --system, "
+            "--auto-at or a sampler option"
+        )
+    return out
+
+
+def _model_spec(model_id: str) -> str:
+    return model_id.split(":", 1)[1] if model_id.startswith(("hf:", "path:")) else model_id
+
+
+def cmd_counterfactual(args) -> int:
+    """`cfjax counterfactual`: apply interventions to a saved trace and show the diff."""
+    from rich.console import Console
+
+    from cfjax import present
+    from cfjax.counterfactual import counterfactual, interventional
+    from cfjax.trace import Trace
+
+    trace = Trace.from_json(args.trace)
+    lm = _load(args.model or _model_spec(trace.model_id))
+    ivs = _interventions(args, lm, trace)
+    if args.interventional:
+        result = interventional(lm, trace, ivs, key=args.seed)
+        label = "interventional"
+    else:
+        result = counterfactual(lm, trace, ivs, resume_at=args.resume_at)
+        label = "counterfactual"
+    console = Console()
+    left, right = present.terminal_diff(lm.tokenizer, trace, result)
+    console.print("[bold]factual[/bold]")
+    console.print(left)
+    console.print(f"\n[bold]{label}[/bold]")
+    console.print(right)
+    if args.out:
+        result.to_json(args.out)
+    if args.html:
+        args.html.write_text(present.html_diff(lm.tokenizer, trace, {label: result}))
+    return 0
+
+
+def cmd_convert(args) -> int:
+    """`cfjax convert SRC DST`."""
+    from cfjax.weights import convert
+
+    dst = convert(args.src, args.dst, dtype=args.dtype, force=args.force)
+    print(f"converted {args.src} -> {dst}")
+    return 0
+
+
+def cmd_models(args) -> int:
+    """`cfjax models`: known names and what is converted."""
+    from cfjax.weights import list_models
+
+    for m in list_models():
+        print("  ".join(f"{k}={v}" for k, v in m.items()))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """`cfjax demo`."""
+    from cfjax.demo import run
+
+    return run(seed=args.seed, html=args.html)
+
+
+COMMANDS = {
+    "generate": cmd_generate,
+    "counterfactual": cmd_counterfactual,
+    "convert": cmd_convert,
+    "models": cmd_models,
+    "demo": cmd_demo,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `cfjax` console script."""
+    args = _parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print("cfjax: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, OSError, KeyError) as e:
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"cfjax: error: {message}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
