@@ -37,6 +37,11 @@ def _noise_map(trace: Trace, p: Plan, steps: int, fresh: bool) -> np.ndarray:
     m, r = p.resume_at, p.aligned_to
     out = np.arange(steps, dtype=np.int32)
     if not fresh:
+        # A kept token records the noise index it was generated with in the factual trace, so a
+        # counterfactual of this counterfactual aligns to the same noise as one of the factual.
+        for j, src in enumerate(p.forced_from[:m]):
+            if src is not None:
+                out[j] = factual_noise_index(trace, src)
         for j in range(m, steps):
             out[j] = factual_noise_index(trace, j + r - m)
     return out
@@ -64,7 +69,10 @@ def _run_group(
 ) -> list[Trace]:
     """Run rows that share sampler and params as one batch."""
     sampler, params = plans[0].sampler, plans[0].params
-    steps = max(max(t.max_new_tokens, p.resume_at + 1) for t, p in zip(traces, plans, strict=True))
+    # Each row keeps its own length limit (the batch runs to the longest and rows are cut), so a
+    # batched row equals its one-by-one result.
+    limits = [max(t.max_new_tokens, p.resume_at + 1) for t, p in zip(traces, plans, strict=True)]
+    steps = max(limits)
     check_request(lm, [p.prompt_tokens for p in plans], steps)
     forced = np.full((len(plans), steps), decode.NOT_FORCED, np.int32)
     for b, p in enumerate(plans):
@@ -111,8 +119,8 @@ def _run_group(
     runtime = decode.Runtime(out.carry.cache, _prep_for(prep, start), chunk)
     results = []
     for b, (t, p) in enumerate(zip(traces, plans, strict=True)):
-        tokens = list(t.tokens[:first]) + out.tokens[b]
-        logprobs = list(t.logprobs[:first]) + out.logprobs[b]
+        tokens = (list(t.tokens[:first]) + out.tokens[b])[: limits[b]]
+        logprobs = (list(t.logprobs[:first]) + out.logprobs[b])[: limits[b]]
         text = ""
         if lm.tokenizer is not None:
             body = tokens[:-1] if tokens and tokens[-1] in stop_tokens else tokens
@@ -124,7 +132,7 @@ def _run_group(
                 tokens=tokens,
                 key=keys[b],
                 sampler=sampler,
-                max_new_tokens=steps,
+                max_new_tokens=limits[b],
                 noise_index=noise[b, : len(tokens)].tolist(),
                 logprobs=logprobs,
                 text=text,

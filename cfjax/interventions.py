@@ -30,16 +30,22 @@ class Intervention:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if value is not _KEEP:
-                d[f.name] = value
+                # Lists, not tuples: the record must equal itself after a JSON round trip.
+                d[f.name] = list(value) if isinstance(value, tuple) else value
         return d
 
 
 @dataclasses.dataclass(frozen=True)
 class ReplaceTokens(Intervention):
-    """Replace the response tokens from `position` on by `tokens` (as many as given)."""
+    """Replace `count` response tokens from `position` on by `tokens`.
+
+    `count` defaults to `len(tokens)` (a same-length replacement); other values insert
+    (`count=0`) or delete (`tokens=()`) tokens.
+    """
 
     position: int
     tokens: tuple[int, ...]
+    count: int | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "tokens", tuple(int(t) for t in self.tokens))
@@ -142,6 +148,8 @@ class Plan:
     model_changed: bool = False
     model_id: str = ""
     records: list[dict] = dataclasses.field(default_factory=list)
+    # For each forced step, the factual step its kept token was copied from (None: edited token).
+    forced_from: list[int | None] = dataclasses.field(default_factory=list)
 
     @property
     def resume_at(self) -> int:
@@ -176,17 +184,33 @@ def _text_edit(lm: LM, trace: Trace, old: str, new: str, occurrence: int):
     """(factual start, factual end, new tokens) for replacing a character span's tokens."""
     from cfjax.tokenizer import token_char_spans
 
+    tok = lm.tokenizer
     text, body = _response_text(lm, trace)
     a, b = _find(text, old, occurrence)
-    spans = token_char_spans(lm.tokenizer, body)
+    spans = token_char_spans(tok, body)
     ts = next(i for i, (_, e) in enumerate(spans) if e > a)
     te = next((i for i, (s, _) in enumerate(spans) if s >= b), len(body))
-    c0, c1 = spans[ts][0], spans[te - 1][1]
-    covering = text[c0:c1]
-    edited = text[c0:a] + new + text[b:c1]
-    # Unchanged text keeps its tokens even if the model produced a non-canonical tokenization.
-    tokens = body[ts:te] if edited == covering else lm.tokenizer.encode(edited)
-    return ts, te, list(tokens)
+    c1 = spans[te - 1][1]
+    if text[spans[ts][0] : c1] == text[spans[ts][0] : a] + new + text[b:c1]:
+        # Unchanged text keeps its tokens even if the model produced a non-canonical tokenization.
+        return ts, te, list(body[ts:te])
+    # `encode` tokenizes text as a document start: sentencepiece-style tokenizers prepend a
+    # dummy-prefix space, which mid-response would be a real extra space. Keep the candidate whose
+    # decoded response reads exactly as the edited text; if none fits, widen the span to the left
+    # (at a word start, or at the response start where decode drops that space, one fits).
+    for start in range(ts, -1, -1):
+        c0 = spans[start][0]
+        edited = text[c0:a] + new + text[b:c1]
+        candidates = [tok.encode(edited)]
+        if edited.startswith(" "):
+            candidates.append(tok.encode(edited[1:]))
+        for cand in candidates:
+            if tok.decode(body[:start] + list(cand)) == text[:c0] + edited:
+                return start, te, list(cand)
+    raise ValueError(
+        f"cannot re-tokenize the edited text {text[spans[ts][0] : a] + new + text[b:c1]!r} so "
+        "that the response decodes to it"
+    )
 
 
 def _auto(lm: LM, trace: Trace, iv: AutoIntervention) -> tuple[int, int, list[int]]:
@@ -195,7 +219,8 @@ def _auto(lm: LM, trace: Trace, iv: AutoIntervention) -> tuple[int, int, list[in
 
     pos = iv.position
     logits = forward(lm, np.asarray([trace.prompt_tokens + trace.tokens[:pos]]))[0, -1]
-    sampler = scm.Sampler(temperature=max(trace.sampler.temperature, 1e-6) or 1.0, top_p=iv.top_p)
+    # A greedy trace (τ = 0) has a point-mass distribution: use the model's own (τ = 1) instead.
+    sampler = scm.Sampler(temperature=trace.sampler.temperature or 1.0, top_p=iv.top_p)
     logp = scm.log_probs(logits, sampler)
     logp = logp.at[trace.tokens[pos]].set(-jnp.inf)
     if not bool(jnp.isfinite(logp).any()):
@@ -264,15 +289,17 @@ def plan(
     n = len(trace.tokens)
     for iv in interventions:
         if isinstance(iv, ReplaceTokens):
+            count = len(iv.tokens) if iv.count is None else iv.count
             if not 0 <= iv.position < n:
                 raise ValueError(f"position {iv.position} is past the response ({n} tokens)")
-            if iv.position + len(iv.tokens) > n:
+            if count < 0 or iv.position + count > n:
                 raise ValueError(
-                    f"replacing {len(iv.tokens)} tokens at position {iv.position} runs past the "
+                    f"replacing {count} tokens at position {iv.position} runs past the "
                     f"response ({n} tokens)"
                 )
-            check_tokens(np.asarray(iv.tokens), lm.config.vocab_size, "ReplaceTokens.tokens")
-            edits.append((iv.position, iv.position + len(iv.tokens), list(iv.tokens)))
+            if iv.tokens or count == 0:
+                check_tokens(np.asarray(iv.tokens), lm.config.vocab_size, "ReplaceTokens.tokens")
+            edits.append((iv.position, iv.position + count, list(iv.tokens)))
         elif isinstance(iv, ReplaceText):
             edits.append(_text_edit(lm, trace, iv.old, iv.new, iv.occurrence))
         elif isinstance(iv, InsertText):
@@ -315,11 +342,20 @@ def plan(
                 raise ValueError("two response edits overlap")
         # Everything from the first edit to the last is forced: kept tokens between edits too.
         forced = list(trace.tokens[: edits[0][0]])
-        for i, (_, end, new) in enumerate(edits):
+        sources: list[int | None] = list(range(edits[0][0]))
+        for i, (start, end, new) in enumerate(edits):
             forced += new
+            # A same-length edit that leaves a token as it was keeps that token's noise.
+            same = len(new) == end - start
+            sources += [
+                start + o if same and t == trace.tokens[start + o] else None
+                for o, t in enumerate(new)
+            ]
             nxt = edits[i + 1][0] if i + 1 < len(edits) else end
             forced += trace.tokens[end:nxt]
+            sources += list(range(end, nxt))
         p.forced, p.edit_start, p.aligned_to = forced, edits[0][0], edits[-1][1]
+        p.forced_from = sources
     if resume_at is not None:
         if not 0 <= resume_at <= n:
             raise ValueError(f"resume_at {resume_at} is outside the factual response [0, {n}]")

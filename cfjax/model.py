@@ -26,7 +26,13 @@ from flax import nnx
 from cfjax.cache import KVCache, write
 from cfjax.config import LlamaConfig
 
-_NEG = float(np.finfo(np.float32).min)  # finite, so a fully padded query row stays NaN-free
+_NEG = float(np.finfo(np.float32).min)
+# flax >= 0.12 wants module lists wrapped in nnx.List; older NNX took plain lists.
+_ModuleList = getattr(nnx, "List", list)
+
+
+def _pure(state) -> dict:
+    return nnx.to_pure_dict(state) if hasattr(nnx, "to_pure_dict") else state.to_pure_dict()
 
 
 def rope_frequencies(config: LlamaConfig) -> np.ndarray:
@@ -154,7 +160,7 @@ class Llama(nnx.Module):
     def __init__(self, config: LlamaConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
         self.config = config
         self.embed = nnx.Embed(config.vocab_size, config.dim, param_dtype=dtype, rngs=rngs)
-        self.layers = nnx.List([Block(config, dtype, rngs) for _ in range(config.n_layers)])
+        self.layers = _ModuleList([Block(config, dtype, rngs) for _ in range(config.n_layers)])
         self.final_norm = RMSNorm(config.dim, config.norm_eps, dtype)
         if not config.tie_embeddings:
             self.lm_head = _linear(config.dim, config.vocab_size, dtype, rngs)
@@ -183,10 +189,12 @@ class Llama(nnx.Module):
             new_k.append(lk)
             new_v.append(lv)
         x = self.final_norm(x)
-        head = (
-            self.embed.embedding[...].T if self.config.tie_embeddings else self.lm_head.kernel[...]
-        )
-        logits = jnp.dot(x, head.astype(x.dtype), preferred_element_type=jnp.float32)
+        # Contract against the embedding's feature axis directly (no transposed copy of [V, D]).
+        if self.config.tie_embeddings:
+            head, spec = self.embed.embedding[...], "btd,vd->btv"
+        else:
+            head, spec = self.lm_head.kernel[...], "btd,dv->btv"
+        logits = jnp.einsum(spec, x, head.astype(x.dtype), preferred_element_type=jnp.float32)
         return logits, (None if cache is None else KVCache(new_k, new_v))
 
 
@@ -200,13 +208,13 @@ def graphdef(config: LlamaConfig, dtype_name: str = "float32"):
 def param_shapes(config: LlamaConfig, dtype=jnp.float32) -> dict:
     """Pytree of `jax.ShapeDtypeStruct` with the exact structure of a model's params."""
     abstract = nnx.eval_shape(lambda: Llama(config, dtype=jnp.dtype(dtype), rngs=nnx.Rngs(0)))
-    return nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
+    return _pure(nnx.state(abstract, nnx.Param))
 
 
 def init_params(config: LlamaConfig, key: jax.Array, dtype=jnp.float32, scale: float = 1.0) -> dict:
     """Random params (normal init times `scale`; norm scales near 1) as a plain pytree."""
     model = Llama(config, dtype=jnp.dtype(dtype), rngs=nnx.Rngs(key))
-    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    params = _pure(nnx.state(model, nnx.Param))
     if scale != 1.0:
         params = jax.tree_util.tree_map_with_path(
             lambda p, x: x if "scale" in str(p[-1]) else (x * scale).astype(x.dtype), params

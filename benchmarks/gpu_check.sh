@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Every GPU check in one invocation (issue 7). On a GPU machine:
+#   bash benchmarks/gpu_check.sh            # Llama 3 8B config, random bf16 weights
+# On a CPU it runs a tiny config so the script itself stays tested:
+#   CFJAX_GPU_CHECK_CONFIG=tiny bash benchmarks/gpu_check.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+config=${CFJAX_GPU_CHECK_CONFIG:-llama3-8b}
+if [ "$config" = tiny ]; then
+  args=(--config tiny --prompt-len 40 --new-tokens 24 --batches 1 4)
+else
+  args=(--config "$config" --prompt-len 512 --new-tokens 256 --batches 1 64)
+fi
+# The accelerator image's own flax may predate NNX's List: carried wheels (.whl/) go first.
+export PYTHONPATH=.
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+  export PYTHONPATH=.:/tmp/site
+fi
+python3 -c 'import jax, flax; print("devices:", jax.devices(), "jax", jax.__version__, "flax", flax.__version__)'
+python3 benchmarks/gpu_check.py "${args[@]}" "$@"
