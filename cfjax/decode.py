@@ -93,10 +93,14 @@ def prefill(
 ) -> Carry:
     """Fill a fresh cache with the prompts; the carry is ready for response step 0."""
     cache_dtype = cache_dtype or params["embed"]["embedding"].dtype
-    if cache_length > config.max_seq_len + MIN_BUCKET:  # pad slots do not count as positions
+    # Positions are checked against max_seq_len by the callers (`generate.check_request`), which
+    # know the prompt and step counts; the cache itself has pad slots and a spare chunk, so its
+    # length says nothing about positions. It must only hold the bucket plus the steps: a write
+    # past its end would be clamped by `dynamic_update_slice`, silently overwriting the last slot.
+    if cache_length <= prep.bucket:
         raise ValueError(
-            f"a cache of {cache_length} slots is longer than the model's max_seq_len "
-            f"{config.max_seq_len}: reduce the prompt or max_new_tokens"
+            f"a cache of {cache_length} slots cannot hold a prompt bucket of {prep.bucket} "
+            "slots plus the response"
         )
     cache = init_cache(config, len(prep.last), cache_length, cache_dtype)
     cache = _prefill(config, params, jnp.asarray(prep.prefix), jnp.asarray(prep.start), cache)
@@ -120,8 +124,15 @@ def _step(config, sampler, stop_tokens, params, keys, start, carry: Carry, xs):
     )
     is_forced = forced != NOT_FORCED
     token = jnp.where(is_forced, forced, chosen)
+    # Same quantity as `scm.choose` reports for a chosen token: the sampler's log-prob, or for
+    # greedy (a point mass) the model's own log-prob, so forcing a token to itself changes nothing.
+    all_lp = (
+        jax.nn.log_softmax(logits, axis=-1)
+        if sampler.greedy
+        else jax.vmap(scm.log_probs, in_axes=(0, None))(logits, sampler)
+    )
     forced_lp = jnp.take_along_axis(
-        jax.vmap(scm.log_probs, in_axes=(0, None))(logits, sampler),
+        all_lp,
         jnp.maximum(forced, 0)[:, None],
         axis=1,
     )[:, 0]

@@ -58,10 +58,11 @@ def prompt_tokens(
 
 
 def _is_batch(prompt: Any) -> bool:
+    # A batch holds strings or sequences; a single prompt holds scalars (ints, numpy or JAX).
     return (
         not isinstance(prompt, str)
         and len(prompt) > 0
-        and not isinstance(prompt[0], (int, np.integer))
+        and (isinstance(prompt[0], str) or np.ndim(prompt[0]) > 0)
     )
 
 
@@ -100,6 +101,12 @@ class _Streamer:
             self.emit(text[self.sent :])
             self.sent = len(text)
 
+    def finish(self, text: str) -> None:
+        """Emit what was held back: the final text may really end with U+FFFD."""
+        if len(text) > self.sent:
+            self.emit(text[self.sent :])
+            self.sent = len(text)
+
 
 def generate(
     lm: LM,
@@ -133,6 +140,7 @@ def generate(
     prep = decode.prepare(prompts)
     length = decode.cache_length(prep.bucket, max_new_tokens, chunk)
     carry = decode.prefill(lm.config, lm.params, prep, length)
+    streamer = _Streamer(lm, stop_tokens, stream) if stream else None
     out = decode.decode(
         lm.config,
         lm.params,
@@ -143,7 +151,7 @@ def generate(
         stop_tokens=stop_tokens,
         steps=max_new_tokens,
         chunk=chunk,
-        on_chunk=_Streamer(lm, stop_tokens, stream) if stream else None,
+        on_chunk=streamer,
     )
     runtime = decode.Runtime(out.carry.cache, prep, chunk)
     traces = [
@@ -165,4 +173,6 @@ def generate(
         )
         for b in range(len(prompts))
     ]
+    if streamer is not None:
+        streamer.finish(traces[0].text)
     return traces if batch else traces[0]

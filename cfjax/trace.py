@@ -85,7 +85,7 @@ class Trace:
         """Serialise; also write to `path` if given."""
         text = json.dumps(self.to_dict(), ensure_ascii=False, indent=1)
         if path is not None:
-            Path(path).write_text(text)
+            Path(path).write_text(text, encoding="utf-8")
         return text
 
     @classmethod
@@ -95,7 +95,7 @@ class Trace:
         if not text.lstrip().startswith("{"):
             path = Path(text_or_path)
             try:
-                text = path.read_text()
+                text = path.read_text(encoding="utf-8")
             except OSError as e:
                 raise FileNotFoundError(f"{path}: cannot read trace ({e.strerror})") from None
         try:
