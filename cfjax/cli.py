@@ -95,12 +95,13 @@ def cmd_generate(args) -> int:
     """`cfjax generate`: stream the response, save the trace."""
     from cfjax.generate import generate
 
+    sampler = _sampler(args)  # validate arguments before the (slow) model load
     lm = _load(args.model, args.dtype)
     trace = generate(
         lm,
         args.prompt,
         key=args.seed,
-        sampler=_sampler(args),
+        sampler=sampler,
         max_new_tokens=args.max_new_tokens,
         chat=not args.no_chat,
         system=args.system,
