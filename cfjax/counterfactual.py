@@ -52,6 +52,8 @@ def _can_reuse(traces: Sequence[Trace], plans: Sequence[Plan], length: int, chun
     return (
         all(rt is not None for rt in rts)
         and not any(p.prompt_changed or p.model_changed for p in plans)
+        # A cache filled by other params (same model_id, edited weights) would be stale.
+        and all(rt.params is p.params for rt, p in zip(rts, plans, strict=True))
         and all(p.sampler == t.sampler for p, t in zip(plans, traces, strict=True))
         and len({rt.prep.bucket for rt in rts}) == 1
         and all(rt.chunk == chunk and rt.cache.length == length for rt in rts)
@@ -116,7 +118,7 @@ def _run_group(
         first_step=first,
         chunk=chunk,
     )
-    runtime = decode.Runtime(out.carry.cache, _prep_for(prep, start), chunk)
+    runtime = decode.Runtime(out.carry.cache, _prep_for(prep, start), chunk, params)
     results = []
     for b, (t, p) in enumerate(zip(traces, plans, strict=True)):
         tokens = (list(t.tokens[:first]) + out.tokens[b])[: limits[b]]
@@ -165,8 +167,11 @@ def _batch(
     fresh: bool,
     resume_at: int | None,
     reuse_cache: bool,
-    chunk: int,
+    chunk: int | None,
 ) -> list[Trace]:
+    if chunk is None:  # the factual run's chunk, so that its stored cache can be reused
+        runtime = traces[0].runtime
+        chunk = runtime.chunk if runtime is not None else decode.DEFAULT_CHUNK
     plans = [plan(lm, t, iv, resume_at) for t, iv in zip(traces, interventions, strict=True)]
     results: list[Trace | None] = [None] * len(plans)
     # Rows batch together when they share the static sampler and the params.
@@ -195,7 +200,7 @@ def counterfactual(
     *,
     resume_at: int | None = None,
     reuse_cache: bool = True,
-    chunk: int = decode.DEFAULT_CHUNK,
+    chunk: int | None = None,
 ) -> Trace:
     """What the model would have written under `intervention`, with the factual noise."""
     return _batch(lm, [trace], [intervention], [trace.key], False, resume_at, reuse_cache, chunk)[0]
@@ -208,7 +213,7 @@ def interventional(
     *,
     key: Any,
     reuse_cache: bool = True,
-    chunk: int = decode.DEFAULT_CHUNK,
+    chunk: int | None = None,
 ) -> Trace:
     """The same intervention with fresh noise drawn from `key` (the interventional baseline)."""
     fresh = as_key(key)
@@ -222,7 +227,7 @@ def counterfactuals(
     *,
     resume_at: int | None = None,
     reuse_cache: bool = True,
-    chunk: int = decode.DEFAULT_CHUNK,
+    chunk: int | None = None,
 ) -> list[Trace]:
     """Many counterfactuals as one batch: N interventions of one trace, or one per trace.
 

@@ -17,6 +17,7 @@ import dataclasses
 import functools
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -245,6 +246,7 @@ class Runtime:
     cache: KVCache
     prep: Prepared
     chunk: int
+    params: Any = dataclasses.field(repr=False)  # the params that filled the cache
     row_index: int = 0
 
     def row(self, b: int) -> Runtime:

@@ -153,7 +153,7 @@ def generate(
         chunk=chunk,
         on_chunk=streamer,
     )
-    runtime = decode.Runtime(out.carry.cache, prep, chunk)
+    runtime = decode.Runtime(out.carry.cache, prep, chunk, lm.params)
     traces = [
         Trace(
             model_id=lm.model_id,
