@@ -1,0 +1,505 @@
+"""Decode speed on the CPU: cfjax `generate` against transformers `generate`, side by side.
+
+Same weights (SmolLM2-135M-Instruct float32: cfjax's embedded default, and transformers reading
+the very same GGUF file), same chat prompt, temperature-1 sampling with no stop token so every
+row runs every step, batch 1 / 16 / 64. Reports tokens/s of both (cfjax warm: its compile time is
+measured separately from JAX's compile events), the ratio, the achieved memory bandwidth
+(bytes read per step: params + KV cache at the average length, times steps/s) against a copy
+bandwidth measured in the same run, and the peak RSS of each side (transformers runs in a child
+process, so each side's peak is its own).
+
+    python benchmarks/decode.py                      # table
+    python benchmarks/decode.py --json               # [{"batch", "cfjax_tok_s", ...}, ...]
+    python benchmarks/decode.py --config tiny --batches 1 --new-tokens 8 --json   # smoke test
+
+`--config tiny` uses random weights of the tiny preset (a random transformers model saved to a
+temporary folder and loaded by both sides), so it needs no model download.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import contextlib
+import datetime
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+DEFAULT_PROMPT = "Write a short story about a cat who learns to fly."
+COMPILE_EVENTS = (
+    "/jax/core/compile/jaxpr_trace_duration",
+    "/jax/core/compile/jaxpr_to_mlir_module_duration",
+    "/jax/core/compile/backend_compile_duration",
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Shared helpers (counterfactual.py imports these)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far, in MB.
+
+    Linux's VmHWM (the high-water mark of this process image's memory). getrusage's ru_maxrss
+    is the fallback: on Linux it carries the parent's RSS at fork across exec into a child.
+    """
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def cpu_name() -> str:
+    """The CPU model name (lscpu's), or the platform's processor string."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def machine() -> dict:
+    """Where and when: CPU model, core count, load average, date."""
+    return {
+        "cpu": cpu_name(),
+        "cores": os.cpu_count(),
+        "load_avg_1m": round(os.getloadavg()[0], 2),
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+    }
+
+
+class CompileClock:
+    """Sums JAX's compile-event durations (tracing, lowering, XLA compile) while active."""
+
+    def __init__(self):
+        self.seconds = 0.0
+        self._on = False
+        import jax.monitoring
+
+        jax.monitoring.register_event_duration_secs_listener(self._listen)
+
+    def _listen(self, event: str, duration: float, **_kwargs) -> None:
+        if self._on and event in COMPILE_EVENTS:
+            self.seconds += duration
+
+    @contextlib.contextmanager
+    def measure(self):
+        """Yields a one-entry list that holds the compile seconds spent inside the block."""
+        before, self._on = self.seconds, True
+        out = [0.0]
+        try:
+            yield out
+        finally:
+            self._on = False
+            out[0] = self.seconds - before
+
+
+def tiny_hf_model(directory: Path, config: str = "tiny", seed: int = 0) -> Path:
+    """A random transformers Llama of a cfjax preset (untied embeddings), saved to `directory`."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.utils import logging
+
+    import cfjax
+
+    logging.disable_progress_bar()
+    c = cfjax.preset(config)
+    hf = LlamaConfig(
+        vocab_size=c.vocab_size,
+        hidden_size=c.dim,
+        intermediate_size=c.ffn_dim,
+        num_hidden_layers=c.n_layers,
+        num_attention_heads=c.n_heads,
+        num_key_value_heads=c.n_kv_heads,
+        max_position_embeddings=c.max_seq_len,
+        rms_norm_eps=c.norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta},
+        tie_word_embeddings=c.tie_embeddings,
+        initializer_range=0.2,
+    )
+    torch.manual_seed(seed)
+    LlamaForCausalLM(hf).float().save_pretrained(directory)
+    return directory
+
+
+def load_lm(model: str, config: str | None = None):
+    """(cfjax LM, transformers source) for a model name or path, or random params of `config`.
+
+    The transformers source `{"path": ..., "gguf_file": ...}` points at the very weights cfjax
+    loaded (for the embedded default: the GGUF file it converted); random params have none.
+    """
+    import jax
+
+    import cfjax
+    from cfjax import model as cfmodel
+
+    if config is not None:
+        c = cfjax.preset(config)
+        params = cfmodel.init_params(c, jax.random.key(0))
+        return cfjax.LM(c, params, model_id=f"random-{config}"), None
+    from cfjax.weights import KNOWN_MODELS
+
+    lm = cfjax.load(model)
+    known = KNOWN_MODELS.get(model)
+    if known is not None and known.package is not None:
+        gguf = known.locate(model)
+        return lm, {"path": str(gguf.parent), "gguf_file": gguf.name}
+    path = Path(model)
+    if path.suffix == ".gguf":
+        return lm, {"path": str(path.parent), "gguf_file": path.name}
+    return lm, {"path": str(path)}
+
+
+def prompt_for(lm, prompt: str, prompt_len: int, seed: int = 0) -> list[int]:
+    """The chat prompt's token ids, or `prompt_len` random ids for a model without tokenizer."""
+    if lm.tokenizer is not None:
+        return list(lm.tokenizer.chat([{"role": "user", "content": prompt}]))
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, lm.config.vocab_size, prompt_len).tolist()
+
+
+def copy_bandwidth(nbytes: int = 1 << 30, repeats: int = 10) -> dict:
+    """Measured memory copy bandwidth, read + write bytes/s: the best of one and all threads.
+
+    numpy `copyto` between two preallocated (already faulted-in) arrays of `nbytes`; the
+    threaded variant copies one slice per core at once (numpy releases the GIL).
+    """
+    src = np.ones(nbytes // 4, np.float32)
+    dst = np.zeros_like(src)
+    np.copyto(dst, src)
+    threads = os.cpu_count() or 1
+    parts = np.array_split(np.arange(src.size), threads)
+    bounds = [(int(p[0]), int(p[-1]) + 1) for p in parts if len(p)]
+
+    def one() -> None:
+        np.copyto(dst, src)
+
+    def many(pool) -> None:
+        list(pool.map(lambda b: np.copyto(dst[b[0] : b[1]], src[b[0] : b[1]]), bounds))
+
+    out = {}
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        for name, fn in (("1_thread", one), (f"{threads}_threads", lambda: many(pool))):
+            best = float("inf")
+            for _ in range(repeats):
+                t = time.perf_counter()
+                fn()
+                best = min(best, time.perf_counter() - t)
+            out[name] = 2 * nbytes / best
+    out["best"] = max(out.values())
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# The transformers side (a child process: its own peak RSS, no JAX thread pool beside it)
+
+
+def transformers_worker(spec: dict) -> list[dict]:
+    """Time transformers `generate(do_sample=True)` for each batch; runs in the child."""
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    threads = spec["threads"]
+    torch.set_num_threads(threads)
+    src = spec["source"]
+    if "build_config" in src:  # random weights: made here, loaded by cfjax afterwards
+        tiny_hf_model(Path(src["path"]), src["build_config"])
+    kwargs = {"gguf_file": src["gguf_file"]} if "gguf_file" in src else {}
+    t = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(src["path"], dtype=torch.float32, **kwargs)
+    model.eval()
+    load_s = time.perf_counter() - t
+    n = spec["new_tokens"]
+    pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+
+    def config(steps: int) -> GenerationConfig:
+        # Plain temperature-1 sampling (no top-k/top-p), and exactly `steps` new tokens.
+        return GenerationConfig(
+            do_sample=True,
+            temperature=1.0,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=steps,
+            min_new_tokens=steps,
+            pad_token_id=pad,
+        )
+
+    rows = []
+    torch.manual_seed(0)
+    for batch in spec["batches"]:
+        ids = torch.tensor([spec["prompt"]] * batch, dtype=torch.long)
+        mask = torch.ones_like(ids)
+        with torch.inference_mode():
+            model.generate(ids, attention_mask=mask, generation_config=config(4))  # warm-up
+            t = time.perf_counter()
+            out = model.generate(ids, attention_mask=mask, generation_config=config(n))
+            seconds = time.perf_counter() - t
+        if out.shape != (batch, len(spec["prompt"]) + n):
+            raise RuntimeError(f"transformers produced {tuple(out.shape)} tokens, not {n} new")
+        rows.append(
+            {
+                "batch": batch,
+                "seconds": seconds,
+                "tok_s": batch * n / seconds,
+                "peak_rss_mb": peak_rss_mb(),
+            }
+        )
+    return [{**r, "load_s": load_s, "threads": threads, "torch": torch.__version__} for r in rows]
+
+
+def run_transformers(source: dict, prompt: list[int], batches: list[int], new_tokens: int) -> list:
+    """Run `transformers_worker` in a child process and return its rows."""
+    spec = {
+        "source": source,
+        "prompt": prompt,
+        "batches": batches,
+        "new_tokens": new_tokens,
+        "threads": os.cpu_count() or 1,
+    }
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "TRANSFORMERS_VERBOSITY": "error",
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+        "TQDM_DISABLE": "1",
+    }
+    proc = subprocess.run(
+        [sys.executable, __file__, "--transformers-worker", json.dumps(spec)],
+        stdout=subprocess.PIPE,
+        env=env,
+        check=True,
+        text=True,
+    )
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# --------------------------------------------------------------------------------------------
+# The cfjax side
+
+
+class _StopWarmup(Exception):
+    pass
+
+
+def _stop_after(chunks: int):
+    """A `stream` callback that ends the run after `chunks` decode chunks."""
+    seen = [0]
+
+    def callback(_text: str) -> None:
+        seen[0] += 1
+        if seen[0] >= chunks:
+            raise _StopWarmup
+
+    return callback
+
+
+def cfjax_decode(lm, prompt: list[int], batch: int, new_tokens: int, clock: CompileClock) -> dict:
+    """Warm cfjax `generate` tokens/s at one batch size, and the compile time it needed."""
+    from cfjax.generate import generate
+    from cfjax.scm import Sampler
+
+    prompts = [prompt] * batch
+
+    def run(**kw):
+        return generate(
+            lm,
+            prompts,
+            key=1,
+            sampler=Sampler(temperature=1.0),
+            max_new_tokens=new_tokens,
+            stop_tokens=(),
+            **kw,
+        )
+
+    # Warm-up with the timed run's exact shapes. Streaming calls back after each decode chunk;
+    # stopping after the second compiles everything but skips the other steps (the first chunk
+    # and the later ones compile separately: their carries differ in committed-ness). Without a
+    # tokenizer nothing streams and the warm-up simply runs in full.
+    t = time.perf_counter()
+    with clock.measure() as compile_s:
+        with contextlib.suppress(_StopWarmup):
+            run(stream=_stop_after(2))
+    warmup_s = time.perf_counter() - t
+    with clock.measure() as recompile_s:
+        t = time.perf_counter()
+        traces = run()
+        seconds = time.perf_counter() - t
+    lengths = {len(tr.tokens) for tr in traces}
+    if lengths != {new_tokens}:
+        raise RuntimeError(f"cfjax rows produced {sorted(lengths)} tokens, not {new_tokens}")
+    return {
+        "seconds": seconds,
+        "tok_s": batch * new_tokens / seconds,
+        "compile_s": compile_s[0],
+        "warmup_s": warmup_s,
+        "recompile_s": recompile_s[0],
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+def bytes_per_step(lm, batch: int, prompt_len: int, new_tokens: int) -> float:
+    """Bytes a decode step must read: every param once, plus the KV cache at its average length."""
+    from gpu_check import tree_bytes
+
+    c = lm.config
+    avg_len = prompt_len + (new_tokens - 1) / 2
+    kv = 2 * c.n_layers * batch * avg_len * c.n_kv_heads * c.head_dim * lm.dtype.itemsize
+    return tree_bytes(lm.params) + kv
+
+
+def main() -> None:
+    """Run both sides for every batch size; print the table (or the JSON rows)."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument(
+        "--model", default=DEFAULT_MODEL, help="model name or path (default: %(default)s)"
+    )
+    ap.add_argument("--config", help="random weights of this preset instead (e.g. tiny)")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
+    ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--prompt", default=DEFAULT_PROMPT)
+    ap.add_argument("--prompt-len", type=int, default=40, help="random prompt length (--config)")
+    ap.add_argument("--no-transformers", action="store_true", help="time cfjax only")
+    ap.add_argument("--copy-mib", type=int, default=1024, help="copy-bandwidth array size")
+    ap.add_argument("--json", action="store_true", help="print the rows as JSON only")
+    ap.add_argument("--transformers-worker", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.transformers_worker:
+        print(json.dumps(transformers_worker(json.loads(args.transformers_worker))))
+        return
+
+    import jax
+
+    started = time.perf_counter()
+    clock = CompileClock()
+    transformers = not args.no_transformers
+    # The transformers side runs first, in a child process; for random weights it also makes
+    # them (saved as a transformers model that cfjax then loads), so this process needs no torch.
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.config:
+            import cfjax
+
+            vocab = cfjax.preset(args.config).vocab_size
+            prompt = np.random.default_rng(0).integers(0, vocab, args.prompt_len).tolist()
+            hf_dir = Path(tmp) / f"{args.config}-hf"
+            source = {"path": str(hf_dir), "build_config": args.config} if transformers else None
+        else:
+            lm, source = load_lm(args.model)
+            prompt = prompt_for(lm, args.prompt, args.prompt_len)
+            source = source if transformers else None
+        tf = {}
+        if source is not None:
+            for r in run_transformers(source, prompt, args.batches, args.new_tokens):
+                tf[r["batch"]] = r
+                if not args.json:
+                    print(
+                        f"  transformers batch {r['batch']}: {r['tok_s']:.1f} tok/s",
+                        file=sys.stderr,
+                    )
+        if args.config:
+            if source is not None:
+                lm = cfjax.load(hf_dir).replace(model_id=f"random-{args.config}")
+            else:
+                lm = load_lm(args.model, args.config)[0]
+        cf = {}
+        for batch in args.batches:
+            cf[batch] = cfjax_decode(lm, prompt, batch, args.new_tokens, clock)
+            if not args.json:
+                print(f"  cfjax batch {batch}: {cf[batch]['tok_s']:.1f} tok/s", file=sys.stderr)
+    bw = copy_bandwidth(args.copy_mib << 20)
+    where = machine()
+    rows = []
+    for batch in args.batches:
+        c, t = cf[batch], tf.get(batch)
+        per_step = bytes_per_step(lm, batch, len(prompt), args.new_tokens)
+        achieved = per_step * args.new_tokens / c["seconds"]
+        row = {
+            "batch": batch,
+            "cfjax_tok_s": round(c["tok_s"], 2),
+            "transformers_tok_s": round(t["tok_s"], 2) if t else None,
+            "ratio": round(c["tok_s"] / t["tok_s"], 3) if t else None,
+            "bandwidth_fraction": round(achieved / bw["best"], 3),
+            "achieved_gb_s": round(achieved / 1e9, 2),
+            "copy_gb_s": round(bw["best"] / 1e9, 2),
+            # Against a one-thread copy (what one core streams): the weaker yardstick.
+            "copy_1thread_gb_s": round(bw["1_thread"] / 1e9, 2),
+            "bandwidth_fraction_1thread": round(achieved / bw["1_thread"], 3),
+            "roofline_tok_s": round(batch * bw["best"] / per_step, 2),
+            "bytes_per_step_mb": round(per_step / 1e6, 1),
+            "transformers_bandwidth_fraction": (
+                round(per_step * args.new_tokens / t["seconds"] / bw["best"], 3) if t else None
+            ),
+            "compile_s": round(c["compile_s"], 2),
+            "recompile_s": round(c["recompile_s"], 2),
+            "cfjax_seconds": round(c["seconds"], 2),
+            "transformers_seconds": round(t["seconds"], 2) if t else None,
+            "cfjax_peak_rss_mb": round(c["peak_rss_mb"]),
+            "transformers_peak_rss_mb": round(t["peak_rss_mb"]) if t else None,
+            "new_tokens": args.new_tokens,
+            "prompt_len": len(prompt),
+            "model": lm.model_id,
+            "jax": jax.__version__,
+            "torch": t["torch"] if t else None,
+            "threads": t["threads"] if t else os.cpu_count(),
+            **where,
+        }
+        rows.append(row)
+    if args.json:
+        print(json.dumps(rows))
+        return
+    print(
+        f"{lm.model_id} float32, prompt {len(prompt)} tokens, {args.new_tokens} sampled tokens "
+        f"(temperature 1, no stop), jax {jax.__version__} vs torch "
+        f"{rows[0]['torch']} ({rows[0]['threads']} threads)"
+    )
+    print(
+        f"{where['cpu']}, {where['cores']} cores, load {where['load_avg_1m']}, {where['date']}; "
+        f"copy bandwidth {bw['best'] / 1e9:.1f} GB/s (read + write, best of 1 / all threads; "
+        f"one thread {bw['1_thread'] / 1e9:.1f} GB/s)"
+    )
+    head = (
+        "batch",
+        "cfjax tok/s",
+        "transformers tok/s",
+        "ratio",
+        "GB/s",
+        "bw fraction",
+        "roofline tok/s",
+        "compile s",
+        "cfjax RSS MB",
+        "transformers RSS MB",
+    )
+    keys = (
+        "batch",
+        "cfjax_tok_s",
+        "transformers_tok_s",
+        "ratio",
+        "achieved_gb_s",
+        "bandwidth_fraction",
+        "roofline_tok_s",
+        "compile_s",
+        "cfjax_peak_rss_mb",
+        "transformers_peak_rss_mb",
+    )
+    print(" | ".join(head))
+    for r in rows:
+        print(" | ".join("-" if r[k] is None else str(r[k]) for k in keys))
+    print(f"total {time.perf_counter() - started:.0f} s")
+    print(json.dumps(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""Smoke test of the benchmark scripts: tiny random configs, JSON fields and sane values.
+
+The three scripts run at once as subprocesses (each is mostly start-up and compilation), so the
+whole test stays within a few tens of seconds and needs no model download.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+TIMEOUT = 180
+
+COMMANDS = {
+    "decode": [
+        "decode.py",
+        *("--config", "tiny", "--batches", "1", "--new-tokens", "8", "--copy-mib", "32"),
+    ],
+    "counterfactual": [
+        "counterfactual.py",
+        *("--config", "tiny", "--new-tokens", "16", "--batch", "4", "--sequential", "2"),
+        *("--repeats", "1"),
+    ],
+    "gpu_check": [
+        "gpu_check.py",
+        *("--config", "tiny", "--prompt-len", "40", "--new-tokens", "24", "--batches", "1", "4"),
+    ],
+}
+
+
+@pytest.fixture(scope="module")
+def outputs() -> dict:
+    """Each script's parsed `--json` output (all three started together)."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1"}
+    procs = {
+        name: subprocess.Popen(
+            [sys.executable, str(BENCH / cmd[0]), *cmd[1:], "--json"],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name, cmd in COMMANDS.items()
+    }
+    out = {}
+    try:
+        for name, proc in procs.items():
+            stdout, stderr = proc.communicate(timeout=TIMEOUT)
+            assert proc.returncode == 0, f"{name} failed:\n{stderr[-4000:]}"
+            out[name] = json.loads(stdout)
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+    return out
+
+
+def _positive(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def test_decode_json(outputs):
+    rows = outputs["decode"]
+    assert isinstance(rows, list)
+    assert [r["batch"] for r in rows] == [1]
+    for r in rows:
+        for field in ("cfjax_tok_s", "transformers_tok_s", "ratio", "bandwidth_fraction"):
+            assert _positive(r[field]), (field, r)
+        assert r["ratio"] == pytest.approx(r["cfjax_tok_s"] / r["transformers_tok_s"], rel=0.01)
+        assert r["bandwidth_fraction"] < 2  # a measured copy is near the roofline, not far below
+        assert r["compile_s"] > 0 and r["recompile_s"] < 0.5  # the timed run compiles ~nothing
+        assert _positive(r["cfjax_peak_rss_mb"]) and _positive(r["transformers_peak_rss_mb"])
+        assert r["new_tokens"] == 8
+
+
+def test_counterfactual_json(outputs):
+    r = outputs["counterfactual"]
+    assert isinstance(r, dict)
+    for field in ("cf_over_factual", "cf_reuse_middle_over_factual", "batched64_speedup"):
+        assert _positive(r[field]), (field, r)
+    assert r["cf_over_factual"] < 10 and r["cf_reuse_middle_over_factual"] < 10
+    assert r["batch"] == 4 and r["sequential_timed"] == 2
+    assert r["batched_matches_sequential"] is True
+
+
+def test_gpu_check_json(outputs):
+    r = outputs["gpu_check"]
+    assert [row["batch"] for row in r["rows"]] == [1, 4]
+    assert r["rows"][0]["null_intervention_flips"] == 0
+    assert all(_positive(row["tok_s"]) for row in r["rows"])
