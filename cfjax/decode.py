@@ -125,6 +125,7 @@ def _step(config, sampler, stop_tokens, params, keys, start, carry: Carry, xs):
     )
     is_forced = forced != NOT_FORCED
     token = jnp.where(is_forced, forced, chosen)
+
     # Same quantity as `scm.choose` reports for a chosen token: the sampler's log-prob, or for
     # greedy (a point mass) the model's own log-prob, so forcing a token to itself changes nothing.
     all_lp = (
@@ -132,11 +133,7 @@ def _step(config, sampler, stop_tokens, params, keys, start, carry: Carry, xs):
         if sampler.greedy
         else jax.vmap(scm.log_probs, in_axes=(0, None))(logits, sampler)
     )
-    forced_lp = jnp.take_along_axis(
-        all_lp,
-        jnp.maximum(forced, 0)[:, None],
-        axis=1,
-    )[:, 0]
+    forced_lp = jnp.take_along_axis(all_lp, jnp.maximum(forced, 0)[:, None], axis=1)[:, 0]
     logprob = jnp.where(is_forced, forced_lp, logprob)
     valid = ~carry.done
     token = jnp.where(valid, token, 0)
@@ -192,6 +189,9 @@ def decode(
     if noise_index is not None:
         noise_all[:, : noise_index.shape[1]] = noise_index
     stop_tokens = tuple(sorted(int(t) for t in stop_tokens)) or (-1,)
+    # jit keys its cache on whether arrays are committed to a device: commit the carry now so
+    # the first chunk and the later ones (which get jit outputs) share one compilation.
+    carry = jax.tree_util.tree_map(lambda x: jax.device_put(x, x.sharding), carry)
     out_tokens: list[np.ndarray] = []
     out_lp: list[np.ndarray] = []
     out_valid: list[np.ndarray] = []
