@@ -61,7 +61,7 @@ def _rich(segs: list[tuple[str, bool]], style: str) -> Text:
     return out
 
 
-def terminal_diff(tokenizer, factual: Trace, other: Trace, label: str = "counterfactual"):
+def terminal_diff(tokenizer, factual: Trace, other: Trace):
     """Two rich `Text`s: the factual with removed text in red, `other` with new text in green."""
     left, right, _ = segments(tokenizer, factual, other)
     return _rich(left, "bold red"), _rich(right, "bold green")
