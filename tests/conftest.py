@@ -62,3 +62,30 @@ def shared_data() -> Path:
     if not data.exists():
         pytest.skip(f"shared data folder not found at {data} (set CFJAX_SHARED)")
     return data
+
+
+# Independent reference: a numpy transcription of the paper's sampler masks (sampler.py).
+def ref_keep(z: np.ndarray, top_k: int | None, top_p: float | None) -> tuple[np.ndarray, float]:
+    """(keep mask, distance of the nearest nucleus decision from p), paper rules in numpy.
+
+    Ranking: z descending, ties to the lower token id (a stable argsort). top-k keeps the first
+    k ranks (`probs_sort[:, k:] = 0`); top-p then drops a rank when `probs_sum - probs_sort > p`
+    on the renormalised top-k distribution, computed here in float64.
+    """
+    z = np.asarray(z, np.float64)
+    order = np.argsort(-z, kind="stable")
+    zs = z[order]
+    keep = np.ones(z.shape[0], bool)
+    margin = np.inf
+    if top_k is not None:
+        keep[top_k:] = False
+    if top_p is not None:
+        zk = np.where(keep, zs, -np.inf)
+        probs = np.exp(zk - zk[0])
+        probs /= probs.sum()
+        before = np.cumsum(probs) - probs
+        keep &= ~(before > top_p)
+        margin = float(np.min(np.abs(before[np.isfinite(zk)] - top_p)))
+    out = np.zeros_like(keep)
+    out[order] = keep
+    return out, margin

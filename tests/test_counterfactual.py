@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import sentencepiece
+from conftest import ref_keep
 
 import cfjax
 import cfjax.tokenizer
@@ -144,20 +145,7 @@ def ref_logits(lm, tokens, params=None) -> np.ndarray:
 
 def ref_mask(z: np.ndarray, top_k, top_p) -> np.ndarray:
     """bool[V]: top-k, then the nucleus (drop a token when the mass strictly before it > p)."""
-    order = np.argsort(-z, kind="stable")
-    kept = len(z) if top_k is None else min(top_k, len(z))
-    keep = np.zeros(len(z), bool)
-    keep[:kept] = True
-    if top_p is not None:
-        zs = z[order[:kept]].astype(np.float64)
-        p = np.exp(zs - zs.max())
-        p /= p.sum()
-        drop = np.cumsum(p) - p > top_p
-        drop[0] = False
-        keep[:kept] &= ~drop
-    mask = np.zeros(len(z), bool)
-    mask[order[keep]] = True
-    return mask
+    return ref_keep(z, top_k, top_p)[0]
 
 
 def gumbel(key, idx: int, vocab: int) -> np.ndarray:

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import ref_keep
 
 import cfjax
 from cfjax import decode, model, scm
@@ -55,30 +56,6 @@ def base(lm):
 
 
 # --- independent references -------------------------------------------------------------------
-
-
-def ref_keep(z: np.ndarray, top_k: int | None, top_p: float | None) -> tuple[np.ndarray, float]:
-    """(keep mask, distance of the nearest nucleus decision from p): the paper's rules in numpy.
-
-    Rank by z descending, ties to the lower id; keep the first k ranks; then drop a rank when the
-    (renormalised, float64) mass strictly before it exceeds p.
-    """
-    z = np.asarray(z, np.float64)
-    order = np.argsort(-z, kind="stable")
-    keep = np.ones(z.shape[0], bool)
-    margin = np.inf
-    if top_k is not None:
-        keep[top_k:] = False
-    if top_p is not None:
-        zs = np.where(keep, z[order], -np.inf)
-        probs = np.exp(zs - zs[0])
-        probs /= probs.sum()
-        before = np.cumsum(probs) - probs
-        keep &= ~(before > top_p)
-        margin = float(np.min(np.abs(before[np.isfinite(zs)] - top_p)))
-    out = np.zeros_like(keep)
-    out[order] = keep
-    return out, margin
 
 
 def log_softmax64(x: np.ndarray) -> np.ndarray:

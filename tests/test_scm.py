@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import scipy.special
 import scipy.stats
+from conftest import ref_keep
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -26,35 +27,6 @@ LOGITS = np.array([0.3, 2.0, -0.5, 1.0, 0.0, 1.5, -1.0, 0.7], np.float32)
 HSET = settings(
     max_examples=60, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow]
 )
-
-
-# --- independent reference: a numpy transcription of the paper's sampler.py -----------------
-
-
-def ref_keep(z: np.ndarray, top_k: int | None, top_p: float | None) -> tuple[np.ndarray, float]:
-    """(keep mask, distance of the nearest nucleus decision from p), paper rules in numpy.
-
-    Ranking: z descending, ties to the lower token id (a stable argsort). top-k keeps the first
-    k ranks (`probs_sort[:, k:] = 0`); top-p then drops a rank when `probs_sum - probs_sort > p`
-    on the renormalised top-k distribution, computed here in float64.
-    """
-    z = np.asarray(z, np.float64)
-    order = np.argsort(-z, kind="stable")
-    zs = z[order]
-    keep = np.ones(z.shape[0], bool)
-    margin = np.inf
-    if top_k is not None:
-        keep[top_k:] = False
-    if top_p is not None:
-        zk = np.where(keep, zs, -np.inf)
-        probs = np.exp(zk - zk[0])
-        probs /= probs.sum()
-        before = np.cumsum(probs) - probs
-        keep &= ~(before > top_p)
-        margin = float(np.min(np.abs(before[np.isfinite(zk)] - top_p)))
-    out = np.zeros_like(keep)
-    out[order] = keep
-    return out, margin
 
 
 @contextlib.contextmanager
