@@ -25,7 +25,13 @@ V = 8
 # id-ordered-CDF mechanisms are distinguishable.
 LOGITS = np.array([0.3, 2.0, -0.5, 1.0, 0.0, 1.5, -1.0, 0.7], np.float32)
 HSET = settings(
-    max_examples=60, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow]
+    # Derandomised so CI sees the same examples every run; subnormal logits are excluded
+    # below because XLA:CPU flushes them to zero (a float32 ulp of 0 is not a ranking signal).
+    derandomize=True,
+    max_examples=60,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow],
 )
 
 
@@ -131,7 +137,11 @@ def test_mask_hand_cases(z, top_k, top_p, want, bisect):
 @HSET
 def test_mask_matches_numpy_reference(data, n, integer, top_k, top_p, bisect):
     # Small integer logits produce many ties, including at the top-k and nucleus edges.
-    elems = st.integers(-3, 3).map(float) if integer else st.floats(-8, 8, width=32)
+    elems = (
+        st.integers(-3, 3).map(float)
+        if integer
+        else st.floats(-8, 8, width=32, allow_subnormal=False)
+    )
     z = np.array(data.draw(st.lists(elems, min_size=n, max_size=n)), np.float32)
     want, margin = ref_keep(z, top_k, top_p)
     # A nucleus decision within float32 rounding of p is not defined by the rule; skip those.
@@ -216,7 +226,7 @@ def test_empirical_frequencies_match_target(mechanism, base):
 @given(
     seed=st.integers(0, 2**31 - 1),
     step=st.integers(0, 10_000),
-    z=st.lists(st.floats(-5, 5, width=32), min_size=V, max_size=V),
+    z=st.lists(st.floats(-5, 5, width=32, allow_subnormal=False), min_size=V, max_size=V),
     a=st.integers(0, V - 1),
     delta=st.floats(0.1, 10.0),
     s=st.sampled_from([Sampler(), Sampler(temperature=0.5), SAMPLERS[0], SAMPLERS[2]]),
