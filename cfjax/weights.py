@@ -164,6 +164,19 @@ def _load_converted(directory: Path, dtype) -> LM:
     return LM(config=config, params=params, tokenizer=tokenizer, model_id=model_id)
 
 
+def _assemble(source: Source, path: Path, dtype, progress: bool | None) -> dict:
+    """Stream a source's tensors into a params pytree (shared by load and convert)."""
+    return assemble(
+        source.config,
+        source.tensors(),
+        dtype,
+        str(path),
+        expected_name=source.expected_name,
+        total=source.n_tensors,
+        progress=progress,
+    )
+
+
 def load(spec: str | Path, dtype=None, *, progress: bool | None = None) -> LM:
     """Load a model from a path or known name; params in `dtype` (default: the source's own).
 
@@ -175,15 +188,7 @@ def load(spec: str | Path, dtype=None, *, progress: bool | None = None) -> LM:
         return _load_converted(path, dtype)
     source = open_source(path)
     dtype = resolve_dtype(dtype, source.dtype)
-    params = assemble(
-        source.config,
-        source.tensors(),
-        dtype,
-        str(path),
-        expected_name=source.expected_name,
-        total=source.n_tensors,
-        progress=progress,
-    )
+    params = _assemble(source, path, dtype, progress)
     tokenizer = attach_tokenizer(source.tokenizer_spec, source.config)
     model_id = _with_dtype(source.model_id, dtype, source.dtype)
     return LM(config=source.config, params=params, tokenizer=tokenizer, model_id=model_id)
@@ -272,15 +277,7 @@ def convert(
         info["model_id"] = model_id or _with_dtype(source.model_id, target, source.dtype)
 
         def write(tmp: Path) -> None:
-            params = assemble(
-                config,
-                source.tensors(),
-                target,
-                str(path),
-                expected_name=source.expected_name,
-                total=source.n_tensors,
-                progress=progress,
-            )
+            params = _assemble(source, path, target, progress)
             checkpoint.save_params(tmp, params)
             del params
             tok = source.save_tokenizer(tmp)
