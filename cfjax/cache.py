@@ -19,7 +19,11 @@ from cfjax.config import LlamaConfig
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
-    """Per-layer keys and values, each `[B, S, n_kv_heads, head_dim]`."""
+    """Per-layer keys and values, each `[B, n_kv_heads, S, head_dim]`.
+
+    Head-major, so the decode step's attention contracts each head's `[S, head_dim]` block in
+    place: a slot-major cache would be transposed (copied whole) by every layer at every step.
+    """
 
     k: list[jax.Array]
     v: list[jax.Array]
@@ -27,7 +31,7 @@ class KVCache:
     @property
     def length(self) -> int:
         """Number of slots S."""
-        return self.k[0].shape[1]
+        return self.k[0].shape[2]
 
     @property
     def batch(self) -> int:
@@ -37,7 +41,7 @@ class KVCache:
 
 def init_cache(config: LlamaConfig, batch: int, length: int, dtype=jnp.float32) -> KVCache:
     """Zeroed cache for `batch` rows of `length` slots."""
-    shape = (batch, length, config.n_kv_heads, config.head_dim)
+    shape = (batch, config.n_kv_heads, length, config.head_dim)
     return KVCache(
         k=[jnp.zeros(shape, dtype) for _ in range(config.n_layers)],
         v=[jnp.zeros(shape, dtype) for _ in range(config.n_layers)],
@@ -45,10 +49,10 @@ def init_cache(config: LlamaConfig, batch: int, length: int, dtype=jnp.float32) 
 
 
 def write(layer_cache: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array:
-    """Write `new` `[B, T, KV, D]` at slots `[index, index + T)` of one layer's cache."""
+    """Write `new` `[B, KV, T, D]` at slots `[index, index + T)` of one layer's cache."""
     zero = jnp.zeros((), jnp.int32)
     return jax.lax.dynamic_update_slice(
         layer_cache,
         new.astype(layer_cache.dtype),
-        (zero, jnp.asarray(index, jnp.int32), zero, zero),
+        (zero, zero, jnp.asarray(index, jnp.int32), zero),
     )

@@ -4,6 +4,9 @@
     DST/params/      orbax (tensorstore) checkpoint of the params pytree
     DST/tokenizer*   the tokenizer, copied so the folder loads on its own
 
+Version 2 stores the fused kernels of `model.py` (attn/qkv, mlp/gate_up); version 1 folders hold
+q, k, v, gate and up separately and are fused as they are restored.
+
 Restoring against the abstract params of `model.param_shapes` gives back the exact pytree: int
 layer keys, and bit-identical arrays when the dtype is unchanged (orbax casts otherwise).
 """
@@ -16,11 +19,12 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from cfjax import model
 from cfjax.config import LlamaConfig
 from cfjax.weight_stream import expected_shapes
 
 FORMAT = "cfjax-checkpoint"
-VERSION = 1
+VERSION = 2
 META = "cfjax.json"
 PARAMS = "params"
 
@@ -65,14 +69,20 @@ def save_params(directory: Path, params: dict) -> None:
         ckptr.save((directory / PARAMS).resolve(), args=ocp.args.PyTreeSave(params))
 
 
-def restore_params(directory: str | Path, config: LlamaConfig, dtype) -> dict:
-    """Restore params as jax arrays in `dtype` (on the default device), int layer keys kept."""
+def restore_params(
+    directory: str | Path, config: LlamaConfig, dtype, version: int = VERSION
+) -> dict:
+    """Restore params as jax arrays in `dtype` (on the default device), int layer keys kept.
+
+    `version` is the folder's format version (`read_meta(directory)["version"]`).
+    """
     import orbax.checkpoint as ocp
 
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    split = version < 2
     abstract = jax.tree.map(
         lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
-        expected_shapes(config, np.dtype(dtype).name),
+        expected_shapes(config, np.dtype(dtype).name, split=split),
     )
     restore = ocp.args.PyTreeRestore(
         abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract)
@@ -80,7 +90,12 @@ def restore_params(directory: str | Path, config: LlamaConfig, dtype) -> dict:
     path = (Path(directory) / PARAMS).resolve()
     try:
         with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(restore_concurrent_gb=1)) as ckptr:
-            return ckptr.restore(path, args=restore)
+            params = ckptr.restore(path, args=restore)
     except Exception as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ValueError(f"{path}: corrupt or incomplete cfjax checkpoint ({msg})") from None
+    if split:
+        layers = params["layers"]
+        for i in layers:
+            layers[i] = model.fuse_layer(layers[i])
+    return params

@@ -2,6 +2,11 @@
 
 Layout choices (every weight loader converts to these):
 - Linear kernels are `[in, out]` (the transpose of PyTorch's `weight`).
+- q, k and v live in one kernel `attn/qkv` `[dim, (n_heads + 2 n_kv_heads) head_dim]` and gate and
+  up in one `mlp/gate_up` `[dim, 2 ffn_dim]`, columns in that order: a decode step is bound by
+  reading weights, and one wide matmul streams them faster than three narrow ones (~25% on the
+  CPU) with fewer kernels. `split_params` gives the per-matrix view (q, k, v, gate, up) that
+  checkpoints use, and `fuse_params` takes it back, e.g. to edit one matrix.
 - q/k projections use the rotate-half RoPE layout of HF transformers: within each head the
   first half of the features pairs with the second half. Meta and GGUF checkpoints (interleaved
   pairs) are permuted on load.
@@ -33,6 +38,22 @@ _ModuleList = getattr(nnx, "List", list)
 
 def _pure(state) -> dict:
     return nnx.to_pure_dict(state) if hasattr(nnx, "to_pure_dict") else state.to_pure_dict()
+
+
+def einsum_f32(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+    """`einsum` with a float32 result, from operands of any float dtype.
+
+    Accelerators multiply bfloat16 operands with float32 accumulation and output. XLA:CPU
+    (jax 0.10) fails at run time on some such dots ("Unsupported element type for DotThunk:
+    BF16 x BF16 = F32"), so on the CPU both operands are widened first: the same exact
+    products and float32 sums, and what XLA:CPU does to its bfloat16 dots anyway.
+    """
+    f32 = jnp.float32
+    wide = lambda a, b: jnp.einsum(spec, a.astype(f32), b.astype(f32))
+    mixed = lambda a, b: jnp.einsum(spec, a, b, preferred_element_type=f32)
+    if a.dtype == f32 and b.dtype == f32:
+        return wide(a, b)
+    return jax.lax.platform_dependent(a, b, cpu=wide, default=mixed)
 
 
 def rope_frequencies(config: LlamaConfig) -> np.ndarray:
@@ -90,9 +111,8 @@ class Attention(nnx.Module):
     def __init__(self, config: LlamaConfig, dtype, rngs: nnx.Rngs):
         c = config
         self.config = c
-        self.q = _linear(c.dim, c.n_heads * c.head_dim, dtype, rngs)
-        self.k = _linear(c.dim, c.n_kv_heads * c.head_dim, dtype, rngs)
-        self.v = _linear(c.dim, c.n_kv_heads * c.head_dim, dtype, rngs)
+        # q, k and v in one kernel: one matmul reads x once and streams one contiguous weight.
+        self.qkv = _linear(c.dim, (c.n_heads + 2 * c.n_kv_heads) * c.head_dim, dtype, rngs)
         self.o = _linear(c.n_heads * c.head_dim, c.dim, dtype, rngs)
 
     def __call__(self, x, positions, visible, layer_k, layer_v, index):
@@ -100,25 +120,32 @@ class Attention(nnx.Module):
         c = self.config
         b, t, _ = x.shape
         inv_freq = rope_frequencies(c)
-        q = apply_rope(self.q(x).reshape(b, t, c.n_heads, c.head_dim), positions, inv_freq)
-        k = apply_rope(self.k(x).reshape(b, t, c.n_kv_heads, c.head_dim), positions, inv_freq)
-        v = self.v(x).reshape(b, t, c.n_kv_heads, c.head_dim)
+        qkv = self.qkv(x).reshape(b, t, c.n_heads + 2 * c.n_kv_heads, c.head_dim)
+        q, k, v = jnp.split(qkv, [c.n_heads, c.n_heads + c.n_kv_heads], axis=2)
+        q = apply_rope(q, positions, inv_freq)
+        k = apply_rope(k, positions, inv_freq)
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, KV, T, D], as cached
         if layer_k is None:  # no cache: attend within the given tokens
             keys, values = k, v
         else:
             keys, values = write(layer_k, k, index), write(layer_v, v, index)
         q = q.reshape(b, t, c.n_kv_heads, c.q_per_kv, c.head_dim)
-        scores = jnp.einsum(
-            "btkgd,bskd->bkgts", q, keys.astype(q.dtype), preferred_element_type=jnp.float32
-        ) / np.sqrt(c.head_dim).astype(np.float32)
-        scores = jnp.where(visible[:, None, None, :, :], scores, _NEG)
-        probs = jax.nn.softmax(scores, axis=-1)
-        out = jnp.einsum(
-            "bkgts,bskd->btkgd",
-            probs.astype(values.dtype),
-            values,
-            preferred_element_type=jnp.float32,
-        ).astype(x.dtype)
+        scale = np.float32(1 / np.sqrt(c.head_dim))
+        if t == 1:
+            # One query (the decode step): plain multiply-and-sum over the cache as it lies, which
+            # XLA fuses into one pass over each K/V block; a dot would first relayout the cache.
+            q1 = q[:, 0].astype(jnp.float32)  # [B, KV, G, D]
+            scores = (q1[:, :, :, None, :] * keys[:, :, None].astype(jnp.float32)).sum(-1)
+            scores = jnp.where(visible[:, None, None, 0, :], scores * scale, _NEG)  # [B,KV,G,S]
+            probs = jax.nn.softmax(scores, axis=-1)
+            out = (probs[..., None] * values[:, :, None].astype(jnp.float32)).sum(-2)
+            out = out[:, None].astype(x.dtype)  # [B, 1, KV, G, D]
+        else:
+            scores = einsum_f32("btkgd,bksd->bkgts", q, keys.astype(q.dtype)) * scale
+            scores = jnp.where(visible[:, None, None, :, :], scores, _NEG)
+            probs = jax.nn.softmax(scores, axis=-1)
+            out = einsum_f32("bkgts,bksd->btkgd", probs.astype(values.dtype), values)
+            out = out.astype(x.dtype)
         out = self.o(out.reshape(b, t, c.n_heads * c.head_dim))
         if layer_k is None:
             return out, None, None
@@ -129,12 +156,13 @@ class MLP(nnx.Module):
     """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
 
     def __init__(self, config: LlamaConfig, dtype, rngs: nnx.Rngs):
-        self.gate = _linear(config.dim, config.ffn_dim, dtype, rngs)
-        self.up = _linear(config.dim, config.ffn_dim, dtype, rngs)
+        # gate and up in one kernel `[dim, 2 * ffn_dim]` (gate first), for one matmul.
+        self.gate_up = _linear(config.dim, 2 * config.ffn_dim, dtype, rngs)
         self.down = _linear(config.ffn_dim, config.dim, dtype, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
+        gate, up = jnp.split(self.gate_up(x), 2, axis=-1)
+        return self.down(jax.nn.silu(gate) * up)
 
 
 class Block(nnx.Module):
@@ -194,7 +222,7 @@ class Llama(nnx.Module):
             head, spec = self.embed.embedding[...], "btd,vd->btv"
         else:
             head, spec = self.lm_head.kernel[...], "btd,dv->btv"
-        logits = jnp.einsum(spec, x, head.astype(x.dtype), preferred_element_type=jnp.float32)
+        logits = einsum_f32(spec, x, head.astype(x.dtype))
         return logits, (None if cache is None else KVCache(new_k, new_v))
 
 
@@ -220,6 +248,55 @@ def init_params(config: LlamaConfig, key: jax.Array, dtype=jnp.float32, scale: f
             lambda p, x: x if "scale" in str(p[-1]) else (x * scale).astype(x.dtype), params
         )
     return params
+
+
+# Fused kernel -> the checkpoint matrices it concatenates (along its output columns, in order).
+FUSED = {("attn", "qkv"): ("q", "k", "v"), ("mlp", "gate_up"): ("gate", "up")}
+
+
+def _part_widths(config: LlamaConfig) -> dict[tuple, tuple[int, ...]]:
+    q, kv = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
+    return {("attn", "qkv"): (q, kv, kv), ("mlp", "gate_up"): (config.ffn_dim, config.ffn_dim)}
+
+
+def split_params(config: LlamaConfig, params: dict) -> dict:
+    """The params with each fused kernel split into its matrices (q, k, v; gate, up).
+
+    This is the layout of every checkpoint format, and the handy one to edit a single matrix;
+    `fuse_params` turns it back into what `apply` takes. Other leaves are shared, not copied.
+    """
+    widths = _part_widths(config)
+    layers = {}
+    for i, layer in params["layers"].items():
+        layer = {k: dict(v) for k, v in layer.items()}
+        for (mod, fused), parts in FUSED.items():
+            kernel = layer[mod].pop(fused)["kernel"]
+            cuts = np.cumsum(widths[(mod, fused)])[:-1].tolist()
+            xp = np if isinstance(kernel, np.ndarray) else jnp
+            for name, w in zip(parts, xp.split(kernel, cuts, axis=1), strict=True):
+                layer[mod][name] = {"kernel": w}
+        layers[i] = layer
+    return {**params, "layers": layers}
+
+
+def fuse_layer(layer: dict) -> dict:
+    """One layer of `split_params` layout -> the fused layout (q, k, v and gate, up joined)."""
+    layer = {k: dict(v) for k, v in layer.items()}
+    for (mod, fused), parts in FUSED.items():
+        kernels = [layer[mod].pop(name)["kernel"] for name in parts]
+        xp = np if all(isinstance(k, np.ndarray) for k in kernels) else jnp
+        layer[mod][fused] = {"kernel": xp.concatenate(kernels, axis=1)}
+    return layer
+
+
+def fuse_params(params: dict) -> dict:
+    """Inverse of `split_params`: concatenate q, k, v and gate, up into the fused kernels."""
+    return {**params, "layers": {i: fuse_layer(layer) for i, layer in params["layers"].items()}}
+
+
+def split_shapes(config: LlamaConfig, dtype=jnp.float32) -> dict:
+    """`param_shapes` in the split (checkpoint) layout of `split_params`."""
+    return jax.eval_shape(functools.partial(split_params, config), param_shapes(config, dtype))
 
 
 def _params_dtype(params: dict) -> str:

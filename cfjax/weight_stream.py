@@ -2,10 +2,11 @@
 
 A reader (hf_weights, meta_weights, gguf_weights, checkpoint) opens a checkpoint as a `Source`:
 its config plus a generator of `Tensor`s in the source's own layout. `assemble` checks each tensor
-against `model.param_shapes(config)` as it arrives (errors name file, tensor and both shapes),
+against `model.split_shapes(config)` as it arrives (errors name file, tensor and both shapes),
 converts it to cfjax's layout (`model.py`: kernels `[in, out]`, rotate-half q/k) and to the target
 dtype, and drops the source copy before the next one is read: the host holds the growing result
-plus one source tensor, never two copies of the model.
+plus one source tensor, never two copies of the model. At the end each layer's q, k, v and gate,
+up are joined into the fused kernels, one layer at a time.
 """
 
 from __future__ import annotations
@@ -88,9 +89,13 @@ def to_rotate_half(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=16)
-def expected_shapes(config: LlamaConfig, dtype_name: str) -> dict:
-    """`model.param_shapes`, cached: tracing a 30-layer model takes a second (do not mutate)."""
-    return model.param_shapes(config, np.dtype(dtype_name))
+def expected_shapes(config: LlamaConfig, dtype_name: str, split: bool = False) -> dict:
+    """`model.param_shapes` (or `split_shapes`), cached: tracing a 30-layer model takes a second.
+
+    The result is shared: do not mutate it.
+    """
+    shapes = model.split_shapes if split else model.param_shapes
+    return shapes(config, np.dtype(dtype_name))
 
 
 def _get(tree: dict, path: tuple):
@@ -132,7 +137,7 @@ def assemble(
     source's name for "missing" errors; `progress` shows a bar (None: on a terminal).
     """
     target = np.dtype(jnp.dtype(dtype))
-    expected = expected_shapes(config, target.name)
+    expected = expected_shapes(config, target.name, split=True)
     params: dict = {}
     seen: dict[tuple, str] = {}
     bar = _progress(total, progress, f"loading {Path(source).name or 'weights'}")
@@ -180,4 +185,7 @@ def assemble(
         )
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise ValueError(f"{source}: missing tensor {listed}{more}")
+    layers = params["layers"]
+    for i in layers:  # each layer's parts are freed as soon as its fused kernels exist
+        layers[i] = model.fuse_layer(layers[i])
     return params

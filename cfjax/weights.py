@@ -157,7 +157,7 @@ def _load_converted(directory: Path, dtype) -> LM:
     config = LlamaConfig.from_dict(meta["config"])
     stored = resolve_dtype(meta["dtype"], None)
     dtype = resolve_dtype(dtype, stored)
-    params = checkpoint.restore_params(directory, config, dtype)
+    params = checkpoint.restore_params(directory, config, dtype, meta.get("version", 1))
     tok = meta.get("tokenizer")
     tokenizer = attach_tokenizer(str(directory / tok) if tok else None, config)
     model_id = _with_dtype(meta["model_id"], dtype, stored)
@@ -264,7 +264,8 @@ def convert(
         info["model_id"] = model_id or _with_dtype(meta["model_id"], target, stored)
 
         def write(tmp: Path) -> None:
-            checkpoint.save_params(tmp, checkpoint.restore_params(path, config, target))
+            version = meta.get("version", 1)
+            checkpoint.save_params(tmp, checkpoint.restore_params(path, config, target, version))
             tok = _copy_tokenizer(path, meta.get("tokenizer"), tmp)
             checkpoint.write_meta(
                 tmp, {"config": config.to_dict(), "dtype": target.name, **info, "tokenizer": tok}

@@ -399,7 +399,9 @@ def test_batched_traces_equal_one_by_one(lm, fact, other, request):
     for t, iv, b in zip([fact, trace2], ivs, batched, strict=True):
         one = counterfactual(lm, t, iv, chunk=CHUNK)
         same_result(b, one)
-        assert len(b.tokens) == max(t.max_new_tokens, b.alignment["resume_at"] + 1)
+        stops = [i for i, x in enumerate(b.tokens) if x in t.stop_tokens]
+        full = max(t.max_new_tokens, b.alignment["resume_at"] + 1)
+        assert len(b.tokens) == (stops[0] + 1 if stops else full)
     # row 2: one token became two; its continuation uses its own key at r + (j - m).
     assert_mechanism(lm, batched[1], 8, lambda j: 7 + (j - 8))
 

@@ -381,7 +381,7 @@ def test_gguf_types(tmp_path, qtype):
     write_gguf(tmp_path / "m.gguf", sd, cfg, encode=encode)
     lm = cfjax.load(tmp_path / "m.gguf")
     assert lm.dtype == (jnp.bfloat16 if qtype == "BF16" else jnp.float32)
-    p = lm.params
+    p = cfjax.model.split_params(lm.config, lm.params)
     got = {
         "token_embd.weight": p["embed"]["embedding"],
         "output.weight": p["lm_head"]["kernel"].T,
@@ -429,6 +429,40 @@ def test_convert_round_trip_is_bit_exact(tiny, tmp_path):
         )
     )
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_version1_checkpoint_with_split_kernels_loads_fused(tiny, tmp_path):
+    # Folders converted before q/k/v and gate/up were fused (format version 1) still load.
+    d, _, logits = tiny
+    src = cfjax.load(d)
+    old = tmp_path / "v1"
+    old.mkdir()
+    checkpoint.save_params(old, cfjax.model.split_params(src.config, src.params))
+    meta = {"config": src.config.to_dict(), "dtype": "float32", "model_id": src.model_id}
+    meta |= {"source": str(d), "source_format": "hf", "tokenizer": None}
+    (old / "cfjax.json").write_text(json.dumps({"format": checkpoint.FORMAT, "version": 1, **meta}))
+    lm = cfjax.load(old)
+    assert jax.tree.all(jax.tree.map(np.array_equal, lm.params, src.params))
+    np.testing.assert_allclose(forward(lm), logits, atol=1e-4, rtol=0)
+    new = cfjax.weights.convert(old, tmp_path / "v2")  # re-saved in the current format
+    assert checkpoint.read_meta(new)["version"] == checkpoint.VERSION
+    assert jax.tree.all(jax.tree.map(np.array_equal, cfjax.load(new).params, src.params))
+
+
+def test_split_params_is_the_checkpoint_layout(tiny):
+    d, _, _ = tiny
+    lm = cfjax.load(d)
+    split = cfjax.model.split_params(lm.config, lm.params)
+    attn, mlp = split["layers"][1]["attn"], split["layers"][1]["mlp"]
+    c = lm.config
+    assert attn["q"]["kernel"].shape == (c.dim, c.n_heads * c.head_dim)
+    assert (
+        attn["k"]["kernel"].shape == attn["v"]["kernel"].shape == (c.dim, c.n_kv_heads * c.head_dim)
+    )
+    assert mlp["gate"]["kernel"].shape == mlp["up"]["kernel"].shape == (c.dim, c.ffn_dim)
+    assert "qkv" in lm.params["layers"][1]["attn"]  # the argument is left as it was
+    fused = cfjax.model.fuse_params(split)
+    assert jax.tree.all(jax.tree.map(np.array_equal, fused, lm.params))
 
 
 def test_convert_refuses_existing_and_force_replaces(tiny, tmp_path):
