@@ -269,6 +269,24 @@ def test_rank_indexed_noise_is_not_counterfactually_stable():
     assert found["gumbel"] == 0 and found["gumbel-rank"] > 0, found
 
 
+def test_argmax_is_numpy_argmax_with_ties_nan_and_signed_zeros():
+    rng = np.random.default_rng(0)
+    rows = [
+        rng.standard_normal(49152).astype(np.float32),
+        np.array([1.0, 3.0, 3.0, -1.0, 3.0], np.float32),  # ties: the first index wins
+        np.array([-0.0, 0.0, -0.0], np.float32),  # signed zeros tie
+        np.array([1.0, np.nan, 5.0, np.nan], np.float32),  # NaN counts as the maximum
+        np.array([-np.inf, -np.inf], np.float32),
+        np.array([np.finfo(np.float32).min, -np.inf, np.inf, np.inf], np.float32),
+    ]
+    for row in rows:
+        assert int(jax.jit(scm.argmax)(row)) == int(np.argmax(row)), row[:6]
+    batch = rng.integers(-3, 3, (8, 1000)).astype(np.float32)  # many ties per row
+    got = np.asarray(jax.jit(scm.argmax)(batch))
+    np.testing.assert_array_equal(got, np.argmax(batch, axis=-1))
+    assert got.dtype == np.int32
+
+
 def test_temperature_zero_is_greedy():
     logits = jnp.asarray(LOGITS)
     want_tok = int(np.argmax(LOGITS))
