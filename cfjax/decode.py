@@ -1,14 +1,18 @@
-"""The decoding engine: bucketed prefill, then one jitted `lax.scan` over steps on the KV cache.
+"""The decoding engine: bucketed prefill, then a jitted loop over steps on the KV cache.
+
+The loop runs in chunks of up to `chunk` steps, each one call of a jitted `lax.while_loop` (a
+scan that can stop early: at the last step asked for, or once every row is done), so a short
+run or a late counterfactual computes only its own steps with the one compiled program.
 
 Every token that is chosen (sampled or forced) comes out of the same single-token decode step:
-the prefill only fills the cache with `prompt[:-1]`, and scan step 0 feeds the last prompt token.
+the prefill only fills the cache with `prompt[:-1]`, and step 0 feeds the last prompt token.
 So a factual run, a counterfactual that forces an edited prefix, and a run that resumes from a
 stored cache all compute each step's logits with identical shapes and rounding.
 
 Slot layout of one row (prompt of length P, bucket length L, left-padded):
   [pad ... pad | prompt[0] ... prompt[P-2]] [prompt[P-1] | resp[0] | resp[1] | ...]
    0            start = L - (P - 1)        L-1   L        L+1       L+2
-Scan step i writes its input token at slot L + i and chooses response token i.
+Step i writes its input token at slot L + i and chooses response token i.
 """
 
 from __future__ import annotations
@@ -143,9 +147,32 @@ def _step(config, sampler, stop_tokens, params, keys, start, carry: Carry, xs):
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(6,))
-def _run_chunk(config, sampler, stop_tokens, params, keys, start, carry, forced, noise_index):
+def _run_chunk(config, sampler, stop_tokens, params, keys, start, carry, forced, noise_index, n):
+    """Up to `n` steps (a traced count <= the chunk width), ending early once every row is done.
+
+    A while loop rather than a fixed-length scan: one compiled program serves a short last
+    chunk, a run resumed mid-chunk and a batch whose rows all stopped, without running (or
+    compiling for) steps nobody needs. Steps not run come back as not valid.
+    """
     step = functools.partial(_step, config, sampler, stop_tokens, params, keys, start)
-    return jax.lax.scan(step, carry, (forced.T, noise_index.T))
+    batch, width = forced.shape
+    outputs = (
+        jnp.zeros((width, batch), jnp.int32),
+        jnp.zeros((width, batch), jnp.float32),
+        jnp.zeros((width, batch), bool),
+    )
+
+    def more(state):
+        i, carry, _ = state
+        return (i < n) & ~jnp.all(carry.done)
+
+    def one(state):
+        i, carry, outputs = state
+        carry, row = step(carry, (forced[:, i], noise_index[:, i]))
+        return i + 1, carry, tuple(o.at[i].set(r) for o, r in zip(outputs, row, strict=True))
+
+    _, carry, outputs = jax.lax.while_loop(more, one, (jnp.int32(0), carry, outputs))
+    return carry, outputs
 
 
 @dataclasses.dataclass
@@ -173,7 +200,7 @@ def decode(
     chunk: int = DEFAULT_CHUNK,
     on_chunk: Callable[[list[list[int]]], None] | None = None,
 ) -> Decoded:
-    """Run response steps `[first_step, steps)` in jitted chunks of `chunk` scan steps.
+    """Run response steps `[first_step, steps)` in jitted chunks of up to `chunk` steps.
 
     `forced` `[B, steps]` holds a token to force at a step or NOT_FORCED; `noise_index`
     `[B, steps]` the noise index each step uses (default: the step itself). Chunking never
@@ -206,6 +233,7 @@ def decode(
             carry,
             jnp.asarray(forced_all[:, s : s + chunk]),
             jnp.asarray(noise_all[:, s : s + chunk]),
+            jnp.asarray(min(chunk, steps - s), jnp.int32),
         )
         out_tokens.append(np.asarray(tok).T)
         out_lp.append(np.asarray(lp).T)

@@ -334,6 +334,29 @@ def test_stop_token_ends_the_row(lm, base, stops):
     calls = []
     out = _decode(lm, Sampler(), stop_tokens=stops, on_chunk=calls.append)
     assert out.tokens == [want] and len(calls) == 1
+    # ... and that chunk ended at the stop: exactly len(want) steps ran (cache slots written).
+    assert int(out.carry.index) == decode.prepare([PROMPT]).bucket + len(want)
+
+
+def test_a_short_last_chunk_runs_only_the_steps_left(lm, base):
+    prep = decode.prepare([PROMPT])
+    for steps in (5, CHUNK + 3):
+        carry = decode.prefill(
+            lm.config, lm.params, prep, decode.cache_length(prep.bucket, steps, CHUNK)
+        )
+        out = decode.decode(
+            lm.config,
+            lm.params,
+            carry,
+            start=jnp.asarray(prep.start),
+            keys=KEY[None],
+            sampler=Sampler(),
+            stop_tokens=(),
+            steps=steps,
+            chunk=CHUNK,
+        )
+        assert out.tokens == [base.tokens[:steps]]
+        assert int(out.carry.index) == prep.bucket + steps  # no step past the last one ran
 
 
 def test_rows_stopping_early_do_not_affect_others(lm, batch):
