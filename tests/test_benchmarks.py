@@ -1,6 +1,6 @@
 """Smoke test of the benchmark scripts: tiny random configs, JSON fields and sane values.
 
-The three scripts run at once as subprocesses (each is mostly start-up and compilation), so the
+The scripts run at once as subprocesses (each is mostly start-up and compilation), so the
 whole test stays within a few tens of seconds and needs no model download.
 """
 
@@ -33,12 +33,13 @@ COMMANDS = {
         "gpu_check.py",
         *("--config", "tiny", "--prompt-len", "40", "--new-tokens", "24", "--batches", "1", "4"),
     ],
+    "profile": ["profile_decode.py", *("--config", "tiny", "--steps", "8")],
 }
 
 
 @pytest.fixture(scope="module")
 def outputs() -> dict:
-    """Each script's parsed `--json` output (all three started together)."""
+    """Each script's parsed `--json` output (all started together)."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1"}
     procs = {
         name: subprocess.Popen(
@@ -97,3 +98,22 @@ def test_gpu_check_json(outputs):
     assert [row["batch"] for row in r["rows"]] == [1, 4]
     assert r["rows"][0]["null_intervention_flips"] == 0
     assert all(_positive(row["tok_s"]) for row in r["rows"])
+
+
+def test_decode_json_read_roofline(outputs):
+    r = outputs["decode"][0]
+    assert _positive(r["read_gb_s"]) and _positive(r["read_roofline_tok_s"])
+    assert r["read_bandwidth_fraction"] == pytest.approx(
+        r["achieved_gb_s"] / r["read_gb_s"], rel=0.02
+    )
+
+
+def test_profile_json(outputs):
+    r = outputs["profile"]
+    assert r["batch"] == 1 and r["steps"] == 8
+    ops = {o["op"].split()[0] for o in r["ops"]}
+    assert "dot" in ops  # the matmuls are traced
+    assert sum(o["share"] for o in r["ops"]) == pytest.approx(1, abs=0.01)
+    # Ops inside the loop are counted once each: counting the loop's own span as well would
+    # double the sum.
+    assert 0 < r["ops_ms_per_step"] <= r["wall_ms_per_step"] * 1.5

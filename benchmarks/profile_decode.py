@@ -1,0 +1,148 @@
+"""Where a decode step's time goes: a `jax.profiler` trace of warm decode chunks, summed by op.
+
+Runs one warm-up, then traces `--steps` decode steps (whole chunks) and adds up the duration of
+every XLA op the device ran, grouped by op kind (dot, ynn_fusion, loop fusions ...) and output
+shape, read from the compiled chunk's own HLO. This is the profile behind benchmarks/RESULTS.md.
+
+    python benchmarks/profile_decode.py                        # SmolLM2 f32, batch 1
+    python benchmarks/profile_decode.py --batch 64 --steps 64
+    python benchmarks/profile_decode.py --config tiny --steps 8 --json   # random weights
+
+On the CPU, XLA's thunks run one after another, so the sum is close to the wall time; the
+per-op overhead of the profiler is small next to ops of tens of microseconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import re
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from decode import DEFAULT_MODEL, load_lm, machine  # benchmarks/decode.py, beside this file
+
+from cfjax import decode, scm
+
+
+def op_shapes(hlo_text: str) -> dict[str, str]:
+    """Instruction name -> its result shape, from compiled HLO text."""
+    return dict(re.findall(r"%([\w.-]+) = ([\w\[\],{}:()]+) ", hlo_text))
+
+
+def group(name: str, shapes: dict[str, str]) -> str:
+    """`dot.1990` -> `dot f32[1,49152]`: the op kind (number dropped) and its result shape."""
+    kind = re.sub(r"\.\d+$", "", name)
+    shape = shapes.get(name)
+    return f"{kind} {re.sub(r'{[^}]*}', '', shape)}" if shape else kind
+
+
+def trace_ops(fn) -> dict[str, tuple[float, int]]:
+    """Run `fn` under `jax.profiler`; {event name: (total seconds, count)} over all threads."""
+    from jax._src.lib import _profile_data
+
+    with tempfile.TemporaryDirectory() as tmp:
+        with jax.profiler.trace(tmp):
+            fn()
+        (path,) = Path(tmp).rglob("*.xplane.pb")
+        data = _profile_data.ProfileData.from_file(str(path))
+    totals: dict[str, list] = collections.defaultdict(lambda: [0.0, 0])
+    for plane in data.planes:
+        for line in plane.lines:
+            for event in line.events:
+                totals[event.name][0] += event.duration_ns / 1e9
+                totals[event.name][1] += 1
+    return {k: (v[0], v[1]) for k, v in totals.items()}
+
+
+def main() -> None:
+    """Trace warm decode steps and print the per-op table (or JSON)."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=DEFAULT_MODEL)
+    ap.add_argument("--config", help="random weights of this preset instead (e.g. tiny)")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=128, help="decode steps traced")
+    ap.add_argument("--chunk", type=int, default=decode.DEFAULT_CHUNK)
+    ap.add_argument("--prompt-len", type=int, default=42)
+    ap.add_argument("--top", type=int, default=20, help="rows printed")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+
+    lm = load_lm(args.model, args.config)[0]
+    c = lm.config
+    prompt = [1 + (7 * i) % (c.vocab_size - 1) for i in range(args.prompt_len)]
+    prep = decode.prepare([prompt] * args.batch)
+    keys = jax.random.split(jax.random.key(0), args.batch)
+    start = jnp.asarray(prep.start)
+    sampler = scm.Sampler(temperature=1.0)
+    length = decode.cache_length(prep.bucket, args.steps, args.chunk)
+
+    def prefilled():
+        return jax.block_until_ready(decode.prefill(c, lm.params, prep, length))
+
+    def run(carry) -> float:
+        t = time.perf_counter()
+        decode.decode(
+            c, lm.params, carry, start=start, keys=keys, sampler=sampler, stop_tokens=(),
+            steps=args.steps, chunk=args.chunk,
+        )  # fmt: skip
+        return time.perf_counter() - t
+
+    run(prefilled())  # compile
+    carry, wall = prefilled(), []
+    events = trace_ops(lambda: wall.append(run(carry)))
+    carry = prefilled()
+    width = min(args.chunk, args.steps)
+    hlo = decode._run_chunk.lower(
+        c, sampler, (-1,), lm.params, keys, start, carry,
+        jnp.full((args.batch, width), decode.NOT_FORCED, jnp.int32),
+        jnp.zeros((args.batch, width), jnp.int32), jnp.int32(width),
+    ).compile().as_text()  # fmt: skip
+    shapes = op_shapes(hlo)
+    rows: dict[str, list] = collections.defaultdict(lambda: [0.0, 0])
+    for name, (seconds, count) in events.items():
+        # Instructions of the compiled chunk only (no runtime or Python spans), and not the loop
+        # itself: its span holds the ops inside it, which are counted one by one.
+        if name in shapes and not name.startswith(("while", "conditional", "call")):
+            key = group(name, shapes)
+            rows[key][0] += seconds
+            rows[key][1] += count
+    total = sum(s for s, _ in rows.values())
+    ranked = sorted(rows.items(), key=lambda kv: -kv[1][0])
+    ms = 1e3 / args.steps
+    table = [
+        {"op": k, "ms_per_step": round(s * ms, 4), "share": round(s / total, 4),
+         "calls_per_step": round(n / args.steps, 2)}
+        for k, (s, n) in ranked
+    ]  # fmt: skip
+    result = {
+        "model": lm.model_id,
+        "batch": args.batch,
+        "steps": args.steps,
+        "wall_ms_per_step": round(wall[0] * ms, 3),
+        "ops_ms_per_step": round(total * ms, 3),
+        "ops": table,
+        "jax": jax.__version__,
+        **machine(),
+    }
+    if args.json:
+        print(json.dumps(result))
+        return
+    print(
+        f"{lm.model_id}, batch {args.batch}, {args.steps} steps: wall "
+        f"{result['wall_ms_per_step']} ms/step, ops {result['ops_ms_per_step']} ms/step "
+        f"({result['cpu']}, load {result['load_avg_1m']}, jax {jax.__version__})"
+    )
+    print("ms/step | share | calls/step | op (result shape)")
+    for r in table[: args.top]:
+        print(
+            f"{r['ms_per_step']:8.3f} | {r['share']:5.1%} | {r['calls_per_step']:7.1f} | {r['op']}"
+        )
+
+
+if __name__ == "__main__":
+    main()
