@@ -103,9 +103,11 @@ def test_gpu_check_json(outputs):
 def test_decode_json_read_roofline(outputs):
     r = outputs["decode"][0]
     assert _positive(r["read_gb_s"]) and _positive(r["read_roofline_tok_s"])
-    assert r["read_bandwidth_fraction"] == pytest.approx(
-        r["achieved_gb_s"] / r["read_gb_s"], rel=0.02
-    )
+    assert r["read_bandwidth_fraction"] > 0
+    # Both rooflines divide the same bytes per step by their own measured bandwidth. (The
+    # fractions themselves are rounded to 0.001, too coarse to compare at the tiny config.)
+    ratio = r["read_roofline_tok_s"] / r["roofline_tok_s"]
+    assert ratio == pytest.approx(r["read_gb_s"] / r["copy_gb_s"], rel=0.02)
 
 
 def test_profile_json(outputs):
