@@ -1,7 +1,7 @@
 """KV cache: one preallocated key/value array pair per layer, written in place.
 
 The cache is a plain pytree, so it can be donated to `jax.jit` (XLA then updates it in place)
-and carried through `lax.scan`. Slots are absolute positions in the padded sequence: prompts
+and carried through the decode loop. Slots are absolute positions in the padded sequence: prompts
 are left-padded, so row `b`'s first real token sits at slot `start[b]` and every row writes
 its next token at the same slot index, which keeps the update a single `dynamic_update_slice`.
 """

@@ -94,8 +94,4 @@ def restore_params(
     except Exception as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ValueError(f"{path}: corrupt or incomplete cfjax checkpoint ({msg})") from None
-    if split:
-        layers = params["layers"]
-        for i in layers:
-            layers[i] = model.fuse_layer(layers[i])
-    return params
+    return model.fuse_layers_in_place(params) if split else params

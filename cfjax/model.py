@@ -294,6 +294,15 @@ def fuse_params(params: dict) -> dict:
     return {**params, "layers": {i: fuse_layer(layer) for i, layer in params["layers"].items()}}
 
 
+def fuse_layers_in_place(params: dict) -> dict:
+    """`fuse_params` for a loader: each layer's parts are replaced (and freed) as soon as its
+    fused kernels exist, so host memory never holds a second copy of the model."""
+    layers = params["layers"]
+    for i in layers:
+        layers[i] = fuse_layer(layers[i])
+    return params
+
+
 def split_shapes(config: LlamaConfig, dtype=jnp.float32) -> dict:
     """`param_shapes` in the split (checkpoint) layout of `split_params`."""
     return jax.eval_shape(functools.partial(split_params, config), param_shapes(config, dtype))

@@ -256,8 +256,8 @@ def choose(
         # sum below 1; requiring probs > 0 means a masked token can never be hit by rounding.
         u = uniform_noise(key, step) * cdf[-1]
         hit = (cdf > u) & (probs > 0)
-        last = v - 1 - jnp.argmax((probs > 0)[::-1])
-        token = jnp.where(jnp.any(hit), jnp.argmax(hit), last)
+        last = v - 1 - argmax((probs > 0)[::-1])
+        token = jnp.where(jnp.any(hit), argmax(hit), last)
     token = token.astype(jnp.int32)
     return token, jax.nn.log_softmax(zm)[token]
 

@@ -185,7 +185,4 @@ def assemble(
         )
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise ValueError(f"{source}: missing tensor {listed}{more}")
-    layers = params["layers"]
-    for i in layers:  # each layer's parts are freed as soon as its fused kernels exist
-        layers[i] = model.fuse_layer(layers[i])
-    return params
+    return model.fuse_layers_in_place(params)
