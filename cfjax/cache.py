@@ -19,10 +19,14 @@ from cfjax.config import LlamaConfig
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
-    """Per-layer keys and values, each `[B, n_kv_heads, S, head_dim]`.
+    """Per-layer keys `[B, n_kv_heads, head_dim, S]` and values `[B, n_kv_heads, S, head_dim]`.
 
-    Head-major, so the decode step's attention contracts each head's `[S, head_dim]` block in
-    place: a slot-major cache would be transposed (copied whole) by every layer at every step.
+    Head-major, so the decode step's attention reads each head's block in place (a slot-major
+    cache was transposed, i.e. copied whole, by every layer at every step). Keys are stored
+    transposed, slots last: the step's query-key products then sum over `head_dim` across
+    contiguous rows of slots, which XLA:CPU vectorises along the slots; summing over a
+    contiguous `head_dim` instead ran at a tenth of the memory bandwidth (batch 1: 4.3 -> 0.9
+    ms per step for the 30 layers of SmolLM2).
     """
 
     k: list[jax.Array]
@@ -31,7 +35,7 @@ class KVCache:
     @property
     def length(self) -> int:
         """Number of slots S."""
-        return self.k[0].shape[2]
+        return self.v[0].shape[VALUE_SLOT_AXIS]
 
     @property
     def batch(self) -> int:
@@ -41,18 +45,21 @@ class KVCache:
 
 def init_cache(config: LlamaConfig, batch: int, length: int, dtype=jnp.float32) -> KVCache:
     """Zeroed cache for `batch` rows of `length` slots."""
-    shape = (batch, config.n_kv_heads, length, config.head_dim)
+    keys = (batch, config.n_kv_heads, config.head_dim, length)
+    values = (batch, config.n_kv_heads, length, config.head_dim)
     return KVCache(
-        k=[jnp.zeros(shape, dtype) for _ in range(config.n_layers)],
-        v=[jnp.zeros(shape, dtype) for _ in range(config.n_layers)],
+        k=[jnp.zeros(keys, dtype) for _ in range(config.n_layers)],
+        v=[jnp.zeros(values, dtype) for _ in range(config.n_layers)],
     )
 
 
-def write(layer_cache: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array:
-    """Write `new` `[B, KV, T, D]` at slots `[index, index + T)` of one layer's cache."""
+KEY_SLOT_AXIS = 3
+VALUE_SLOT_AXIS = 2
+
+
+def write(layer_cache: jax.Array, new: jax.Array, index: jax.Array, axis: int) -> jax.Array:
+    """Write `new` at slots `[index, index + T)` of one layer's cache, slots along `axis`."""
     zero = jnp.zeros((), jnp.int32)
-    return jax.lax.dynamic_update_slice(
-        layer_cache,
-        new.astype(layer_cache.dtype),
-        (zero, zero, jnp.asarray(index, jnp.int32), zero),
-    )
+    at = [zero] * 4
+    at[axis] = jnp.asarray(index, jnp.int32)
+    return jax.lax.dynamic_update_slice(layer_cache, new.astype(layer_cache.dtype), tuple(at))

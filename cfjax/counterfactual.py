@@ -87,19 +87,8 @@ def _run_group(
     first = 0
     if reuse_cache and _can_reuse(traces, plans, length, chunk):
         first = min(p.edit_start for p in plans)
-        rows = []
-        for t in traces:
-            last = t.tokens[first - 1] if first > 0 else t.prompt_tokens[-1]
-            rows.append(t.runtime.resume(first, last))
-        carry = decode.Carry(
-            last=jnp.concatenate([c.last for c, _ in rows]),
-            cache=jax.tree_util.tree_map(
-                lambda *xs: jnp.concatenate(xs), *[c.cache for c, _ in rows]
-            ),
-            index=rows[0][0].index,
-            done=jnp.zeros((len(rows),), bool),
-        )
-        start = np.concatenate([s for _, s in rows])
+        last = [t.tokens[first - 1] if first > 0 else t.prompt_tokens[-1] for t in traces]
+        carry, start = decode.resume([t.runtime for t in traces], first, last)
         prep = traces[0].runtime.prep
     else:
         carry = decode.prefill(lm.config, params, prep, length)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -99,9 +100,8 @@ def prefill(
     """Fill a fresh cache with the prompts; the carry is ready for response step 0."""
     cache_dtype = cache_dtype or params["embed"]["embedding"].dtype
     # Positions are checked against max_seq_len by the callers (`generate.check_request`), which
-    # know the prompt and step counts; the cache itself has pad slots and a spare chunk, so its
-    # length says nothing about positions. It must only hold the bucket plus the steps: a write
-    # past its end would be clamped by `dynamic_update_slice`, silently overwriting the last slot.
+    # know the prompt and step counts; the cache itself has pad slots and is rounded up to whole
+    # chunks, so its length says nothing about positions. `decode` checks that the steps fit.
     if cache_length <= prep.bucket:
         raise ValueError(
             f"a cache of {cache_length} slots cannot hold a prompt bucket of {prep.bucket} "
@@ -208,6 +208,14 @@ def decode(
     Stops early once every row has emitted a stop token.
     """
     batch = carry.last.shape[0]
+    # `dynamic_update_slice` clamps a write past the cache's end instead of failing, which would
+    # silently overwrite the last slot: refuse a run that does not fit.
+    last_slot = int(carry.index) + (steps - first_step) - 1
+    if last_slot >= carry.cache.length:
+        raise ValueError(
+            f"{steps - first_step} steps from slot {int(carry.index)} need {last_slot + 1} cache "
+            f"slots, the cache has {carry.cache.length}"
+        )
     width = first_step + math.ceil((steps - first_step) / chunk) * chunk
     forced_all = np.full((batch, width), NOT_FORCED, np.int32)
     noise_all = np.broadcast_to(np.arange(width, dtype=np.int32), (batch, width)).copy()
@@ -254,13 +262,14 @@ def _rows(parts: list[np.ndarray], valid: list[np.ndarray], limit: int) -> list[
 
 
 def cache_length(bucket: int, steps: int, chunk: int = DEFAULT_CHUNK) -> int:
-    """Slots for a prompt bucket plus `steps` response steps run in whole chunks.
+    """Slots for a prompt bucket plus `steps` response steps, rounded up to whole chunks.
 
-    One chunk more than the steps need, so a run resumed at any step (cache reuse) still fits:
-    `dynamic_update_slice` clamps an out-of-range slot instead of failing, which would silently
-    overwrite the last slot.
+    Step i writes slot `bucket + i` and a chunk never runs past the last step asked for, so
+    `bucket + steps` slots suffice, also for a run resumed mid-chunk; rounding up lets nearby
+    lengths share one compiled program. Every decode step attends over all slots (masked past
+    the current one), so each spare slot costs attention time at every step.
     """
-    return bucket + (math.ceil(steps / chunk) + 1) * chunk
+    return bucket + math.ceil(steps / chunk) * chunk
 
 
 @dataclasses.dataclass
@@ -281,15 +290,34 @@ class Runtime:
         """The same runtime seen from row `b` of its batch."""
         return dataclasses.replace(self, row_index=b)
 
-    def resume(self, step: int, last_token: int) -> tuple[Carry, np.ndarray]:
-        """A one-row carry that continues at response step `step` (>= 1), and its start."""
-        b = self.row_index
-        # An explicit copy: the decode donates its cache, and this one must survive for reuse.
-        cache = jax.tree_util.tree_map(lambda x: jnp.array(x[b : b + 1], copy=True), self.cache)
-        carry = Carry(
-            last=jnp.asarray([last_token], jnp.int32),
-            cache=cache,
-            index=jnp.asarray(self.prep.bucket + step, jnp.int32),
-            done=jnp.zeros((1,), bool),
+
+def resume(
+    runtimes: Sequence[Runtime], step: int, last_tokens: Sequence[int]
+) -> tuple[Carry, np.ndarray]:
+    """One carry that continues each runtime's row at response step `step`, and the rows'
+    starts; `last_tokens[b]` is the token row b feeds at that step (its response token
+    `step - 1`, or its last prompt token at step 0).
+
+    Rows of one cache (e.g. many counterfactuals of one trace) are gathered with one `take` per
+    layer array, a new array: the decode donates its cache, and the stored one must survive.
+    """
+    parts, starts = [], []
+    for _, group in itertools.groupby(runtimes, key=lambda rt: id(rt.cache)):
+        group = list(group)
+        rows = np.asarray([rt.row_index for rt in group])
+        parts.append(
+            jax.tree_util.tree_map(lambda x, rows=rows: jnp.take(x, rows, axis=0), group[0].cache)
         )
-        return carry, self.prep.start[b : b + 1]
+        starts.append(group[0].prep.start[rows])
+    cache = (
+        parts[0]
+        if len(parts) == 1
+        else jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs), *parts)
+    )
+    carry = Carry(
+        last=jnp.asarray(last_tokens, jnp.int32),
+        cache=cache,
+        index=jnp.asarray(runtimes[0].prep.bucket + step, jnp.int32),
+        done=jnp.zeros((len(runtimes),), bool),
+    )
+    return carry, np.concatenate(starts)

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cfjax.cache import KVCache, write
+from cfjax.cache import KEY_SLOT_AXIS, VALUE_SLOT_AXIS, KVCache, write
 from cfjax.config import LlamaConfig
 
 _NEG = float(np.finfo(np.float32).min)
@@ -77,11 +77,19 @@ def rope_frequencies(config: LlamaConfig) -> np.ndarray:
     return np.where(medium, smoothed, scaled).astype(np.float32)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
-    """Rotate `x` `[B, T, H, D]` by `positions` `[B, T]` (rotate-half layout), float32 angles."""
+def rotation(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
+    """RoPE's `(cos, sin)` `[B, T, 1, D/2]` for `positions` `[B, T]`, from float32 angles.
+
+    Computed once per forward and shared by every layer: per layer, XLA recomputed the sines
+    and cosines of every row (at batch 64, ~3% of a decode step).
+    """
     angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, T, D/2]
-    cos = jnp.cos(angles)[:, :, None, :]
-    sin = jnp.sin(angles)[:, :, None, :]
+    return jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
+
+
+def apply_rope(x: jax.Array, cos_sin: tuple[jax.Array, jax.Array]) -> jax.Array:
+    """Rotate `x` `[B, T, H, D]` by `rotation(...)` (rotate-half layout), in float32."""
+    cos, sin = cos_sin
     x32 = x.astype(jnp.float32)
     x1, x2 = jnp.split(x32, 2, axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
@@ -115,33 +123,34 @@ class Attention(nnx.Module):
         self.qkv = _linear(c.dim, (c.n_heads + 2 * c.n_kv_heads) * c.head_dim, dtype, rngs)
         self.o = _linear(c.n_heads * c.head_dim, c.dim, dtype, rngs)
 
-    def __call__(self, x, positions, visible, layer_k, layer_v, index):
+    def __call__(self, x, cos_sin, visible, layer_k, layer_v, index):
         """Attend from `x` `[B, T, dim]`; returns (output, updated layer k, updated layer v)."""
         c = self.config
         b, t, _ = x.shape
-        inv_freq = rope_frequencies(c)
         qkv = self.qkv(x).reshape(b, t, c.n_heads + 2 * c.n_kv_heads, c.head_dim)
         q, k, v = jnp.split(qkv, [c.n_heads, c.n_heads + c.n_kv_heads], axis=2)
-        q = apply_rope(q, positions, inv_freq)
-        k = apply_rope(k, positions, inv_freq)
-        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, KV, T, D], as cached
+        q = apply_rope(q, cos_sin)
+        k = apply_rope(k, cos_sin)
+        k, v = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)  # as cached: [B,KV,D,T], [B,KV,T,D]
         if layer_k is None:  # no cache: attend within the given tokens
             keys, values = k, v
         else:
-            keys, values = write(layer_k, k, index), write(layer_v, v, index)
+            keys = write(layer_k, k, index, KEY_SLOT_AXIS)
+            values = write(layer_v, v, index, VALUE_SLOT_AXIS)
         q = q.reshape(b, t, c.n_kv_heads, c.q_per_kv, c.head_dim)
         scale = np.float32(1 / np.sqrt(c.head_dim))
         if t == 1:
-            # One query (the decode step): plain multiply-and-sum over the cache as it lies, which
-            # XLA fuses into one pass over each K/V block; a dot would first relayout the cache.
+            # One query (the decode step): plain multiply-and-sums over the cache as it lies, each
+            # reducing over a non-minor axis (see KVCache), which XLA fuses into one vectorised
+            # pass over each K/V block; a dot made XLA copy the cache (relayouts) every step.
             q1 = q[:, 0].astype(jnp.float32)  # [B, KV, G, D]
-            scores = (q1[:, :, :, None, :] * keys[:, :, None].astype(jnp.float32)).sum(-1)
+            scores = (q1[..., None] * keys[:, :, None].astype(jnp.float32)).sum(-2)
             scores = jnp.where(visible[:, None, None, 0, :], scores * scale, _NEG)  # [B,KV,G,S]
             probs = jax.nn.softmax(scores, axis=-1)
             out = (probs[..., None] * values[:, :, None].astype(jnp.float32)).sum(-2)
             out = out[:, None].astype(x.dtype)  # [B, 1, KV, G, D]
         else:
-            scores = einsum_f32("btkgd,bksd->bkgts", q, keys.astype(q.dtype)) * scale
+            scores = einsum_f32("btkgd,bkds->bkgts", q, keys.astype(q.dtype)) * scale
             scores = jnp.where(visible[:, None, None, :, :], scores, _NEG)
             probs = jax.nn.softmax(scores, axis=-1)
             out = einsum_f32("bkgts,bksd->btkgd", probs.astype(values.dtype), values)
@@ -174,9 +183,9 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(config.dim, config.norm_eps, dtype)
         self.mlp = MLP(config, dtype, rngs)
 
-    def __call__(self, x, positions, visible, layer_k, layer_v, index):
+    def __call__(self, x, cos_sin, visible, layer_k, layer_v, index):
         h, layer_k, layer_v = self.attn(
-            self.attn_norm(x), positions, visible, layer_k, layer_v, index
+            self.attn_norm(x), cos_sin, visible, layer_k, layer_v, index
         )
         x = x + h
         return x + self.mlp(self.mlp_norm(x)), layer_k, layer_v
@@ -208,12 +217,13 @@ class Llama(nnx.Module):
         visible = (key_slots[None, None, :] <= slots[None, :, None]) & (
             key_slots[None, None, :] >= start[:, None, None]
         )  # [B, T, S]
+        cos_sin = rotation(positions, rope_frequencies(self.config))
         x = self.embed(tokens)
         new_k, new_v = [], []
         for i, layer in enumerate(self.layers):
             lk = None if cache is None else cache.k[i]
             lv = None if cache is None else cache.v[i]
-            x, lk, lv = layer(x, positions, visible, lk, lv, index)
+            x, lk, lv = layer(x, cos_sin, visible, lk, lv, index)
             new_k.append(lk)
             new_v.append(lv)
         x = self.final_norm(x)

@@ -359,6 +359,19 @@ def test_a_short_last_chunk_runs_only_the_steps_left(lm, base):
         assert int(out.carry.index) == prep.bucket + steps  # no step past the last one ran
 
 
+def test_steps_past_the_cache_are_refused(lm):
+    """A write past the cache's end would be clamped onto its last slot: decode refuses it."""
+    prep = decode.prepare([PROMPT])
+    carry = decode.prefill(lm.config, lm.params, prep, prep.bucket + 4)
+    run = functools.partial(
+        decode.decode, lm.config, lm.params, start=jnp.asarray(prep.start), keys=KEY[None],
+        sampler=Sampler(), stop_tokens=(), chunk=CHUNK,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=f"5 steps from slot {prep.bucket} need {prep.bucket + 5}"):
+        run(carry, steps=5)
+    assert len(run(carry, steps=4).tokens[0]) == 4
+
+
 def test_rows_stopping_early_do_not_affect_others(lm, batch):
     free, keys = batch
     stops = {free[0].tokens[4], free[3].tokens[20]}
@@ -566,7 +579,7 @@ def test_bad_requests(lm):
 
 
 def test_response_may_fill_the_context(lm):
-    """A request exactly at max_seq_len runs (the cache's pad slots and spare chunk are not
+    """A request exactly at max_seq_len runs (the cache's pad slots and chunk rounding are not
     positions), one token more is refused."""
     short = lm.replace(config=lm.config.replace(max_seq_len=64))
     t = gen(short, max_new_tokens=64 - len(PROMPT))
