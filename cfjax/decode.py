@@ -119,9 +119,9 @@ def prefill(
 
 def _step(config, sampler, stop_tokens, params, keys, start, carry: Carry, xs):
     """One response step: logits of `carry.last`, then choose (or force) the next token."""
-    forced, noise_index = xs
+    forced, noise_index, cos_sin = xs
     logits, cache = model.apply(
-        config, params, carry.last[:, None], start, carry.cache, carry.index
+        config, params, carry.last[:, None], start, carry.cache, carry.index, cos_sin
     )
     logits = logits[:, 0]
     chosen, logprob = jax.vmap(scm.choose, in_axes=(0, 0, 0, None))(
@@ -166,9 +166,15 @@ def _run_chunk(config, sampler, stop_tokens, params, keys, start, carry, forced,
         i, carry, _ = state
         return (i < n) & ~jnp.all(carry.done)
 
+    # RoPE of every step the chunk may run, before the loop (see `model.rotation`): slot
+    # `index + i`, position counted from each row's start, exactly as `model.apply` counts it.
+    slots = carry.index + jnp.arange(width, dtype=jnp.int32)
+    positions = jnp.maximum(slots[:, None] - start[None, :], 0)[..., None]  # [W, B, 1]
+    cos, sin = model.rotation(positions, model.rope_frequencies(config))
+
     def one(state):
         i, carry, outputs = state
-        carry, row = step(carry, (forced[:, i], noise_index[:, i]))
+        carry, row = step(carry, (forced[:, i], noise_index[:, i], (cos[i], sin[i])))
         return i + 1, carry, tuple(o.at[i].set(r) for o, r in zip(outputs, row, strict=True))
 
     _, carry, outputs = jax.lax.while_loop(more, one, (jnp.int32(0), carry, outputs))
