@@ -137,8 +137,13 @@ class Attention(nnx.Module):
         if layer_k is None:  # no cache: attend within the given tokens
             keys, values = k, v
         else:
-            keys = write(layer_k, k, index, KEY_SLOT_AXIS)
-            values = write(layer_v, v, index, VALUE_SLOT_AXIS)
+            layer_k = write(layer_k, k, index, KEY_SLOT_AXIS)
+            layer_v = write(layer_v, v, index, VALUE_SLOT_AXIS)
+            keys, values = layer_k, layer_v
+            # A static index (the prefill's 0): only slots before index + T can be visible.
+            if isinstance(index, int):
+                filled = (keys[..., : index + t], values[:, :, : index + t])
+                keys, values = (k, v) if index == 0 else filled
         q = q.reshape(b, t, c.n_kv_heads, c.q_per_kv, c.head_dim)
         scale = np.float32(1 / np.sqrt(c.head_dim))
         if t == 1:
@@ -157,10 +162,7 @@ class Attention(nnx.Module):
             probs = jax.nn.softmax(scores, axis=-1)
             out = einsum_f32("bkgts,bksd->btkgd", probs.astype(values.dtype), values)
             out = out.astype(x.dtype)
-        out = self.o(out.reshape(b, t, c.n_heads * c.head_dim))
-        if layer_k is None:
-            return out, None, None
-        return out, keys, values
+        return self.o(out.reshape(b, t, c.n_heads * c.head_dim)), layer_k, layer_v
 
 
 class MLP(nnx.Module):
@@ -219,7 +221,14 @@ class Llama(nnx.Module):
         b, t = tokens.shape
         slots = jnp.asarray(index, jnp.int32) + jnp.arange(t, dtype=jnp.int32)  # [T]
         positions = jnp.maximum(slots[None, :] - start[:, None], 0)  # [B, T]
-        key_slots = jnp.arange(t if cache is None else cache.length, dtype=jnp.int32)
+        # Queries see slots up to their own. With a static `index` (the prefill writes at 0) the
+        # slots past `index + T` are known to be invisible, so attention skips them: the prefill
+        # attends over its T tokens, not over the whole cache (5x less work for 256 new tokens).
+        if cache is None:
+            n_keys = t
+        else:
+            n_keys = index + t if isinstance(index, int) else cache.length
+        key_slots = jnp.arange(n_keys, dtype=jnp.int32)
         visible = (key_slots[None, None, :] <= slots[None, :, None]) & (
             key_slots[None, None, :] >= start[:, None, None]
         )  # [B, T, S]

@@ -130,6 +130,33 @@ def test_prefill_then_decode_matches_forward(tiny_lm):
         np.testing.assert_allclose(logits[:, 0], full[:, t], atol=1e-4, rtol=0)
 
 
+def test_static_index_attends_over_the_filled_slots_only(tiny_lm):
+    """A static `index` (the prefill's) skips the slots past `index + T`: same logits, same cache
+    (in the slots of real tokens) as a traced index, which attends over the whole cache."""
+    c, p = tiny_lm.config, tiny_lm.params
+    tokens = jnp.asarray(np.random.default_rng(1).integers(0, c.vocab_size, (2, 48)), jnp.int32)
+    full = cfjax.forward(tiny_lm, tokens)
+    start = jnp.asarray([5, 0], jnp.int32)
+    static = jax.jit(model.apply, static_argnums=(0, 5))
+    traced = jax.jit(model.apply, static_argnums=0)
+    caches = {}
+    for name, fn in {"static": static, "traced": traced}.items():
+        cache = init_cache(c, 2, 64)
+        for lo, hi in ((0, 32), (32, 48)):
+            logits, cache = fn(c, p, tokens[:, lo:hi], start, cache, lo)
+            np.testing.assert_allclose(logits[1], full[1, lo:hi], atol=1e-4, rtol=0)
+        caches[name] = cache
+    # Row 0's first 5 slots are padding (invisible, their content arbitrary); row 1 has none.
+    for layer in range(c.n_layers):
+        for kind, axis in (("k", 3), ("v", 2)):
+            a, b = (np.asarray(getattr(caches[n], kind)[layer]) for n in ("static", "traced"))
+            for row, lo in ((0, 5), (1, 0)):
+                real = np.arange(lo, 48)
+                np.testing.assert_allclose(
+                    np.take(a[row], real, axis - 1), np.take(b[row], real, axis - 1), atol=1e-5
+                )
+
+
 def test_left_padding_does_not_change_real_logits(tiny_lm):
     """A row left-padded to the batch's length yields the logits it has alone."""
     c, p = tiny_lm.config, tiny_lm.params
