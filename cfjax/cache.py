@@ -15,6 +15,10 @@ import jax.numpy as jnp
 
 from cfjax.config import LlamaConfig
 
+# Where the slots lie in a layer's key and value arrays (see KVCache).
+KEY_SLOT_AXIS = 3
+VALUE_SLOT_AXIS = 2
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
@@ -51,10 +55,6 @@ def init_cache(config: LlamaConfig, batch: int, length: int, dtype=jnp.float32) 
         k=[jnp.zeros(keys, dtype) for _ in range(config.n_layers)],
         v=[jnp.zeros(values, dtype) for _ in range(config.n_layers)],
     )
-
-
-KEY_SLOT_AXIS = 3
-VALUE_SLOT_AXIS = 2
 
 
 def write(layer_cache: jax.Array, new: jax.Array, index: jax.Array, axis: int) -> jax.Array:

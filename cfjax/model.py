@@ -82,11 +82,11 @@ def rotation(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax
 
     Computed once per forward and shared by every layer. A decode loop computes them for all
     its steps before the loop (`apply(..., cos_sin=)`): inside a step, XLA fuses the sines and
-    cosines into every layer's consumers and evaluates them once per element (at batch 64, ~5%
+    cosines into every layer's consumers and evaluates them once per element (at batch 64, ~3%
     of a decode step).
     """
-    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, T, D/2]
-    return jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [..., D/2]
+    return jnp.cos(angles)[..., None, :], jnp.sin(angles)[..., None, :]
 
 
 def apply_rope(x: jax.Array, cos_sin: tuple[jax.Array, jax.Array]) -> jax.Array:
@@ -223,7 +223,8 @@ class Llama(nnx.Module):
         positions = jnp.maximum(slots[None, :] - start[:, None], 0)  # [B, T]
         # Queries see slots up to their own. With a static `index` (the prefill writes at 0) the
         # slots past `index + T` are known to be invisible, so attention skips them: the prefill
-        # attends over its T tokens, not over the whole cache (5x less work for 256 new tokens).
+        # attends over its T tokens, not over the whole cache (SmolLM2, batch 64, a 64-slot
+        # prompt bucket and 256 new tokens: prefill 7.7 -> 6.5 s).
         if cache is None:
             n_keys = t
         else:
