@@ -18,6 +18,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from profile_decode import print_table, profile  # benchmarks/, beside this file
 
 import cfjax
 from cfjax import model
@@ -72,6 +73,9 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 64])
+    ap.add_argument(
+        "--profile-steps", type=int, default=0, help="then trace this many batch-1 steps, per op"
+    )
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
@@ -145,6 +149,8 @@ def main() -> None:
         "init_s": round(init_s, 1),
         "rows": rows,
     }
+    if args.profile_steps:
+        result["profile"] = decode_profile(lm, args.profile_steps, args.prompt_len)
     if args.json:
         print(json.dumps(result))
         return
@@ -152,7 +158,20 @@ def main() -> None:
     print(
         f"params {result['param_gb']} GB, bandwidth {result['bandwidth_gb_s']} GB/s ({bw_source})"
     )
+    if "ops" in result.get("profile", {}):
+        print(f"batch 1, {args.profile_steps} steps traced:")
+        print_table(result["profile"], 25)
     print(json.dumps(result))
+
+
+def decode_profile(lm, steps: int, prompt_len: int) -> dict:
+    """`profile_decode.profile` at batch 1, its 25 costliest ops. It runs after every timing, on
+    the same weights; an error here is reported in the result instead of losing the rest."""
+    try:
+        out = profile(lm, 1, steps, prompt_len=prompt_len)
+    except Exception as e:  # noqa: BLE001 (the checks above must still be printed)
+        return {"error": f"{type(e).__name__}: {e}"}
+    return {**out, "ops": out["ops"][:25]}
 
 
 if __name__ == "__main__":

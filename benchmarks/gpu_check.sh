@@ -7,9 +7,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 config=${CFJAX_GPU_CHECK_CONFIG:-llama3-8b}
 if [ "$config" = tiny ]; then
-  args=(--config tiny --prompt-len 40 --new-tokens 24 --batches 1 4)
+  args=(--config tiny --prompt-len 40 --new-tokens 24 --batches 1 4 --profile-steps 8)
 else
-  args=(--config "$config" --prompt-len 512 --new-tokens 256 --batches 1 64)
+  args=(--config "$config" --prompt-len 512 --new-tokens 256 --batches 1 64 --profile-steps 64)
 fi
 # The accelerator image's own flax may predate NNX's List: carried wheels (.whl/) go first.
 export PYTHONPATH=.

@@ -42,21 +42,96 @@ def group(name: str, shapes: dict[str, str]) -> str:
 
 
 def trace_ops(fn) -> dict[str, tuple[float, int]]:
-    """Run `fn` under `jax.profiler`; {event name: (total seconds, count)} over all threads."""
-    from jax._src.lib import _profile_data
+    """Run `fn` under `jax.profiler`; {HLO op: (total seconds, count)} over all threads.
 
+    Events are keyed by the `hlo_op` the runtime attaches to each op it runs (a CPU thunk, a
+    GPU kernel), so host-side spans are left out. Where device planes exist (a GPU), only
+    their events count: the host's launch spans of the same ops would count them twice.
+    """
     with tempfile.TemporaryDirectory() as tmp:
         with jax.profiler.trace(tmp):
             fn()
         (path,) = Path(tmp).rglob("*.xplane.pb")
-        data = _profile_data.ProfileData.from_file(str(path))
+        data = jax.profiler.ProfileData.from_file(str(path))
+    planes = list(data.planes)
+    devices = [p for p in planes if p.name.startswith("/device:")]
     totals: dict[str, list] = collections.defaultdict(lambda: [0.0, 0])
-    for plane in data.planes:
+    for plane in devices or planes:
         for line in plane.lines:
             for event in line.events:
-                totals[event.name][0] += event.duration_ns / 1e9
-                totals[event.name][1] += 1
+                op = dict(event.stats).get("hlo_op")
+                if op is not None:
+                    totals[op][0] += event.duration_ns / 1e9
+                    totals[op][1] += 1
     return {k: (v[0], v[1]) for k, v in totals.items()}
+
+
+def profile(lm, batch: int, steps: int, chunk: int = decode.DEFAULT_CHUNK, prompt_len: int = 42):
+    """Trace `steps` warm decode steps of `lm` at `batch`; the per-op table as a dict."""
+    c = lm.config
+    prompt = [1 + (7 * i) % (c.vocab_size - 1) for i in range(prompt_len)]
+    prep = decode.prepare([prompt] * batch)
+    keys = jax.random.split(jax.random.key(0), batch)
+    start = jnp.asarray(prep.start)
+    sampler = scm.Sampler(temperature=1.0)
+    length = decode.cache_length(prep.bucket, steps, chunk)
+
+    def prefilled():
+        return jax.block_until_ready(decode.prefill(c, lm.params, prep, length))
+
+    def run(carry) -> float:
+        t = time.perf_counter()
+        decode.decode(
+            c, lm.params, carry, start=start, keys=keys, sampler=sampler, stop_tokens=(),
+            steps=steps, chunk=chunk,
+        )  # fmt: skip
+        return time.perf_counter() - t
+
+    run(prefilled())  # compile
+    carry, wall = prefilled(), []
+    events = trace_ops(lambda: wall.append(run(carry)))
+    carry = prefilled()
+    width = min(chunk, steps)
+    hlo = decode._run_chunk.lower(
+        c, sampler, (-1,), lm.params, keys, start, carry,
+        jnp.full((batch, width), decode.NOT_FORCED, jnp.int32),
+        jnp.zeros((batch, width), jnp.int32), jnp.int32(width),
+    ).compile().as_text()  # fmt: skip
+    shapes = op_shapes(hlo)
+    rows: dict[str, list] = collections.defaultdict(lambda: [0.0, 0])
+    for name, (seconds, count) in events.items():
+        # Instructions of the compiled chunk only (not the prefill's), and not the loop itself:
+        # its span holds the ops inside it, which are counted one by one.
+        if name in shapes and not name.startswith(("while", "conditional", "call")):
+            key = group(name, shapes)
+            rows[key][0] += seconds
+            rows[key][1] += count
+    total = sum(s for s, _ in rows.values())
+    ranked = sorted(rows.items(), key=lambda kv: -kv[1][0])
+    ms = 1e3 / steps
+    table = [
+        {"op": k, "ms_per_step": round(s * ms, 4), "share": round(s / total, 4),
+         "calls_per_step": round(n / steps, 2)}
+        for k, (s, n) in ranked
+    ]  # fmt: skip
+    return {
+        "model": lm.model_id,
+        "batch": batch,
+        "steps": steps,
+        "wall_ms_per_step": round(wall[0] * ms, 3),
+        "ops_ms_per_step": round(total * ms, 3),
+        "ops": table,
+        "jax": jax.__version__,
+    }
+
+
+def print_table(result: dict, top: int) -> None:
+    """The per-op table, `top` rows."""
+    print("ms/step | share | calls/step | op (result shape)")
+    for r in result["ops"][:top]:
+        print(
+            f"{r['ms_per_step']:8.3f} | {r['share']:5.1%} | {r['calls_per_step']:7.1f} | {r['op']}"
+        )
 
 
 def main() -> None:
@@ -73,62 +148,7 @@ def main() -> None:
     args = ap.parse_args()
 
     lm = load_lm(args.model, args.config)[0]
-    c = lm.config
-    prompt = [1 + (7 * i) % (c.vocab_size - 1) for i in range(args.prompt_len)]
-    prep = decode.prepare([prompt] * args.batch)
-    keys = jax.random.split(jax.random.key(0), args.batch)
-    start = jnp.asarray(prep.start)
-    sampler = scm.Sampler(temperature=1.0)
-    length = decode.cache_length(prep.bucket, args.steps, args.chunk)
-
-    def prefilled():
-        return jax.block_until_ready(decode.prefill(c, lm.params, prep, length))
-
-    def run(carry) -> float:
-        t = time.perf_counter()
-        decode.decode(
-            c, lm.params, carry, start=start, keys=keys, sampler=sampler, stop_tokens=(),
-            steps=args.steps, chunk=args.chunk,
-        )  # fmt: skip
-        return time.perf_counter() - t
-
-    run(prefilled())  # compile
-    carry, wall = prefilled(), []
-    events = trace_ops(lambda: wall.append(run(carry)))
-    carry = prefilled()
-    width = min(args.chunk, args.steps)
-    hlo = decode._run_chunk.lower(
-        c, sampler, (-1,), lm.params, keys, start, carry,
-        jnp.full((args.batch, width), decode.NOT_FORCED, jnp.int32),
-        jnp.zeros((args.batch, width), jnp.int32), jnp.int32(width),
-    ).compile().as_text()  # fmt: skip
-    shapes = op_shapes(hlo)
-    rows: dict[str, list] = collections.defaultdict(lambda: [0.0, 0])
-    for name, (seconds, count) in events.items():
-        # Instructions of the compiled chunk only (no runtime or Python spans), and not the loop
-        # itself: its span holds the ops inside it, which are counted one by one.
-        if name in shapes and not name.startswith(("while", "conditional", "call")):
-            key = group(name, shapes)
-            rows[key][0] += seconds
-            rows[key][1] += count
-    total = sum(s for s, _ in rows.values())
-    ranked = sorted(rows.items(), key=lambda kv: -kv[1][0])
-    ms = 1e3 / args.steps
-    table = [
-        {"op": k, "ms_per_step": round(s * ms, 4), "share": round(s / total, 4),
-         "calls_per_step": round(n / args.steps, 2)}
-        for k, (s, n) in ranked
-    ]  # fmt: skip
-    result = {
-        "model": lm.model_id,
-        "batch": args.batch,
-        "steps": args.steps,
-        "wall_ms_per_step": round(wall[0] * ms, 3),
-        "ops_ms_per_step": round(total * ms, 3),
-        "ops": table,
-        "jax": jax.__version__,
-        **machine(),
-    }
+    result = {**profile(lm, args.batch, args.steps, args.chunk, args.prompt_len), **machine()}
     if args.json:
         print(json.dumps(result))
         return
@@ -137,11 +157,7 @@ def main() -> None:
         f"{result['wall_ms_per_step']} ms/step, ops {result['ops_ms_per_step']} ms/step "
         f"({result['cpu']}, load {result['load_avg_1m']}, jax {jax.__version__})"
     )
-    print("ms/step | share | calls/step | op (result shape)")
-    for r in table[: args.top]:
-        print(
-            f"{r['ms_per_step']:8.3f} | {r['share']:5.1%} | {r['calls_per_step']:7.1f} | {r['op']}"
-        )
+    print_table(result, args.top)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ COMMANDS = {
     "gpu_check": [
         "gpu_check.py",
         *("--config", "tiny", "--prompt-len", "40", "--new-tokens", "24", "--batches", "1", "4"),
+        *("--profile-steps", "8"),
     ],
     "profile": ["profile_decode.py", *("--config", "tiny", "--steps", "8")],
 }
@@ -98,6 +99,9 @@ def test_gpu_check_json(outputs):
     assert [row["batch"] for row in r["rows"]] == [1, 4]
     assert r["rows"][0]["null_intervention_flips"] == 0
     assert all(_positive(row["tok_s"]) for row in r["rows"])
+    p = r["profile"]  # the per-op trace of batch-1 steps that follows the timings
+    assert p["batch"] == 1 and p["steps"] == 8 and 0 < len(p["ops"]) <= 25
+    assert {o["op"].split()[0] for o in p["ops"]} & {"dot", "ynn_fusion"}
 
 
 def test_decode_json_read_roofline(outputs):
