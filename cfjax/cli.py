@@ -7,6 +7,7 @@ ends with one readable line on stderr and a non-zero exit, never a traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -231,5 +232,25 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def use_compilation_cache() -> None:
+    """Keep compiled programs on disk across runs: with SmolLM2 a second `cfjax generate` skips
+    ~2.5 s of its ~6.5 s jit compilation (tracing remains). `CFJAX_COMPILATION_CACHE` names the
+    folder (default `~/.cache/cfjax/xla`), empty turns it off; a folder set through JAX's own
+    `JAX_COMPILATION_CACHE_DIR` is kept. A process-wide JAX setting, so only the console script
+    makes it, never the library."""
+    import jax
+
+    cache_home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    folder = os.environ.get("CFJAX_COMPILATION_CACHE", str(cache_home / "cfjax" / "xla"))
+    if folder and not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", folder)
+
+
+def console() -> int:
+    """The `cfjax` console script: `main` with the persistent compilation cache."""
+    use_compilation_cache()
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -12,9 +13,14 @@ from cfjax.cli import main
 from cfjax.trace import Trace
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
+def run_cli(*args: str, cache: str = "") -> subprocess.CompletedProcess:
+    """The console script in a child process; `cache`: its compilation cache folder (off)."""
     return subprocess.run(
-        [sys.executable, "-m", "cfjax.cli", *args], capture_output=True, text=True, timeout=600
+        [sys.executable, "-m", "cfjax.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "CFJAX_COMPILATION_CACHE": cache},
     )
 
 
@@ -47,11 +53,17 @@ def test_bad_argument_value_exits_nonzero(capsys):
 def test_generate_then_counterfactual(tmp_path):
     trace_path, cf_path, html = tmp_path / "t.json", tmp_path / "cf.json", tmp_path / "d.html"
     prompt = "Tell me a short story about a ship captain named Ahab."
-    proc = run_cli(
+    generate = (
         "generate", "--prompt", prompt, "--seed", "0", "--temperature", "0.8",
         "--max-new-tokens", "24", "--out", str(trace_path),
     )  # fmt: skip
+    cache = tmp_path / "xla"
+    proc = run_cli(*generate, cache=str(cache))
     assert proc.returncode == 0, proc.stderr
+    # The compiled decode chunk was kept, and a run that loads it prints the same response.
+    assert any(p.name.startswith("jit__run_chunk") for p in cache.iterdir())
+    again = run_cli(*generate, cache=str(cache))
+    assert again.returncode == 0 and again.stdout == proc.stdout
     trace = Trace.from_json(trace_path)
     assert trace.model_id == "smollm2-135m-instruct" and len(trace.tokens) == 24
     assert proc.stdout.strip() == trace.text.strip()  # the streamed text is the response
