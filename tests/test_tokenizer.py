@@ -368,6 +368,25 @@ def test_llama2_chat_rejects_bad_roles(spm_tok):
         spm_tok.chat([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}])
 
 
+def assert_vocab_reads_like_gguf_reader(path: Path) -> None:
+    """cfjax's header reader gives the tokenizer entries exactly as `gguf.GGUFReader` does."""
+    from gguf import GGUFReader
+
+    from cfjax.tokenizer import gguf_vocab
+
+    st = path.stat()
+    fast = gguf_vocab._read_vocab_cached(str(path), st.st_mtime_ns, st.st_size)
+    reference = gguf_vocab.read_vocab(GGUFReader(str(path)))
+    assert fast.keys() == reference.keys() and "tokens" in fast
+    for key, value in reference.items():
+        assert fast[key] == value and type(fast[key]) is type(value), key
+
+
+@needs_smollm2
+def test_smollm2_vocab_reads_like_gguf_reader():
+    assert_vocab_reads_like_gguf_reader(_smollm2_gguf())  # 49152 tokens, 48900 merges
+
+
 def test_gguf_sentencepiece_vocab_matches_sentencepiece(sp, tmp_path):
     """A Llama-2-style GGUF vocabulary (`tokenizer.ggml.model == "llama"`) tokenizes like spm."""
     import gguf
@@ -389,6 +408,7 @@ def test_gguf_sentencepiece_vocab_matches_sentencepiece(sp, tmp_path):
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+    assert_vocab_reads_like_gguf_reader(tmp_path / "tiny.gguf")  # scores and types too
     tok = T.from_gguf(tmp_path / "tiny.gguf")
     assert (tok.vocab_size, tok.bos_id, tok.eos_id) == (n, 1, 2)
     for text in TEXTS:
