@@ -4,8 +4,8 @@
 of an embedded vocabulary, which takes seconds; loading weights needs only the scalar metadata and
 the tensor index, so this reader decodes scalars and strings, skips arrays unless asked for them
 (the tokenizer's), and remembers where each entry lies (to copy the tokenizer entries byte for
-byte). Every length is checked against
-the file size: a truncated or corrupt file is a one-line error naming the file.
+byte). Every length is checked against the file size: a truncated or corrupt file is a one-line
+error naming the file.
 """
 
 from __future__ import annotations
