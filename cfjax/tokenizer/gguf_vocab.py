@@ -68,7 +68,7 @@ def from_gguf(source: str | os.PathLike[str] | Any, *, spec: str | None = None) 
             raise FileNotFoundError(f"GGUF file not found: {path}")
         st = path.stat()
         meta = _read_vocab_cached(str(path), st.st_mtime_ns, st.st_size)
-    else:  # a GGUFReader the caller already opened (the weight loader shares it)
+    else:  # a `gguf.GGUFReader` the caller already opened
         path = Path(getattr(source.data, "filename", "model.gguf"))
         meta = read_vocab(source)
     if "model" not in meta or "tokens" not in meta:
