@@ -166,10 +166,9 @@ def _run_chunk(config, sampler, stop_tokens, params, keys, start, carry, forced,
         i, carry, _ = state
         return (i < n) & ~jnp.all(carry.done)
 
-    # RoPE of every step the chunk may run, before the loop (see `model.rotation`): slot
-    # `index + i`, position counted from each row's start, exactly as `model.apply` counts it.
+    # RoPE of every step the chunk may run (slot `index + i`), before the loop: see `rotation`.
     slots = carry.index + jnp.arange(width, dtype=jnp.int32)
-    positions = jnp.maximum(slots[:, None] - start[None, :], 0)[..., None]  # [W, B, 1]
+    positions = model.positions(slots[:, None], start[None, :])[..., None]  # [W, B, 1]
     cos, sin = model.rotation(positions, model.rope_frequencies(config))
 
     def one(state):

@@ -77,15 +77,20 @@ def rope_frequencies(config: LlamaConfig) -> np.ndarray:
     return np.where(medium, smoothed, scaled).astype(np.float32)
 
 
-def rotation(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
-    """RoPE's `(cos, sin)` `[..., 1, D/2]` for `positions` `[...]`, from float32 angles.
+def positions(slots: jax.Array, start: jax.Array) -> jax.Array:
+    """Position of each (broadcast) slot in its row: counted from the row's `start`, 0 on pads."""
+    return jnp.maximum(slots - start, 0)
+
+
+def rotation(token_positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
+    """RoPE's `(cos, sin)` `[..., 1, D/2]` for `token_positions` `[...]`, from float32 angles.
 
     Computed once per forward and shared by every layer. A decode loop computes them for all
     its steps before the loop (`apply(..., cos_sin=)`): inside a step, XLA fuses the sines and
     cosines into every layer's consumers and evaluates them once per element (at batch 64, ~3%
     of a decode step).
     """
-    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [..., D/2]
+    angles = token_positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [..., D/2]
     return jnp.cos(angles)[..., None, :], jnp.sin(angles)[..., None, :]
 
 
@@ -220,7 +225,7 @@ class Llama(nnx.Module):
         """
         b, t = tokens.shape
         slots = jnp.asarray(index, jnp.int32) + jnp.arange(t, dtype=jnp.int32)  # [T]
-        positions = jnp.maximum(slots[None, :] - start[:, None], 0)  # [B, T]
+        token_positions = positions(slots[None, :], start[:, None])  # [B, T]
         # Queries see slots up to their own. With a static `index` (the prefill writes at 0) the
         # slots past `index + T` are known to be invisible, so attention skips them: the prefill
         # attends over its T tokens, not over the whole cache (SmolLM2, batch 64, a 64-slot
@@ -234,7 +239,7 @@ class Llama(nnx.Module):
             key_slots[None, None, :] >= start[:, None, None]
         )  # [B, T, S]
         if cos_sin is None:
-            cos_sin = rotation(positions, rope_frequencies(self.config))
+            cos_sin = rotation(token_positions, rope_frequencies(self.config))
         x = self.embed(tokens)
         new_k, new_v = [], []
         for i, layer in enumerate(self.layers):
