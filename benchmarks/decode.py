@@ -6,7 +6,9 @@ row runs every step, batch 1 / 16 / 64. Reports tokens/s of both (cfjax warm: it
 measured separately from JAX's compile events), the ratio, the achieved memory bandwidth
 (bytes read per step: params + KV cache at the average length, times steps/s) against a copy
 bandwidth measured in the same run, and the peak RSS of each side (transformers runs in a child
-process, so each side's peak is its own).
+process, so each side's peak is its own). At the `--plain-batches` sizes (default 1) it also times
+`plain_scan.py`, a textbook JAX decode with the same keys, and checks that it sampled exactly
+cfjax's tokens: what the counterfactual engine costs over plain generation in JAX.
 
     python benchmarks/decode.py                      # table
     python benchmarks/decode.py --json               # [{"batch", "cfjax_tok_s", ...}, ...]
@@ -365,6 +367,7 @@ def cfjax_decode(lm, prompt: list[int], batch: int, new_tokens: int, clock: Comp
     if lengths != {new_tokens}:
         raise RuntimeError(f"cfjax rows produced {sorted(lengths)} tokens, not {new_tokens}")
     return {
+        "tokens": np.array([list(tr.tokens) for tr in traces]),
         "seconds": seconds,
         "tok_s": batch * new_tokens / seconds,
         "compile_s": compile_s[0],
@@ -372,6 +375,26 @@ def cfjax_decode(lm, prompt: list[int], batch: int, new_tokens: int, clock: Comp
         "recompile_s": recompile_s[0],
         "peak_rss_mb": peak_rss_mb(),
     }
+
+
+def plain_decode(lm, prompt: list[int], batch: int, new_tokens: int) -> dict:
+    """Tokens/s of `plain_scan.generate` (textbook JAX decode, same keys as `cfjax_decode`).
+
+    Compiled ahead of time (one program for prefill and every step), then timed once.
+    """
+    import jax.numpy as jnp
+    import plain_scan
+
+    from cfjax.generate import row_keys
+
+    args = (lm.params, jnp.asarray([prompt] * batch, jnp.int32), row_keys(1, batch))
+    t = time.perf_counter()
+    compiled = plain_scan.generate.lower(lm.config, *args, new_tokens).compile()
+    compile_s = time.perf_counter() - t
+    t = time.perf_counter()
+    tokens = np.asarray(compiled(*args))
+    seconds = time.perf_counter() - t
+    return {"tokens": tokens, "tok_s": batch * new_tokens / seconds, "compile_s": compile_s}
 
 
 def bytes_per_step(lm, batch: int, prompt_len: int, new_tokens: int) -> float:
@@ -396,6 +419,13 @@ def main() -> None:
     ap.add_argument("--prompt", default=DEFAULT_PROMPT)
     ap.add_argument("--prompt-len", type=int, default=40, help="random prompt length (--config)")
     ap.add_argument("--no-transformers", action="store_true", help="time cfjax only")
+    ap.add_argument(
+        "--plain-batches",
+        type=int,
+        nargs="*",
+        default=[1],
+        help="batch sizes at which to also time plain_scan.py (default: %(default)s)",
+    )
     ap.add_argument("--copy-mib", type=int, default=1024, help="copy-bandwidth array size")
     ap.add_argument("--json", action="store_true", help="print the rows as JSON only")
     ap.add_argument("--transformers-worker", help=argparse.SUPPRESS)
@@ -442,12 +472,20 @@ def main() -> None:
             cf[batch] = cfjax_decode(lm, prompt, batch, args.new_tokens, clock)
             if not args.json:
                 print(f"  cfjax batch {batch}: {cf[batch]['tok_s']:.1f} tok/s", file=sys.stderr)
+        plain = {}
+        for batch in sorted(set(args.plain_batches) & set(args.batches)):
+            plain[batch] = plain_decode(lm, prompt, batch, args.new_tokens)
+            if not args.json:
+                print(
+                    f"  plain scan batch {batch}: {plain[batch]['tok_s']:.1f} tok/s",
+                    file=sys.stderr,
+                )
     bw = copy_bandwidth(args.copy_mib << 20)
     read = read_bandwidth(args.copy_mib << 20)
     where = machine()
     rows = []
     for batch in args.batches:
-        c, t = cf[batch], tf.get(batch)
+        c, t, pl = cf[batch], tf.get(batch), plain.get(batch)
         per_step = bytes_per_step(lm, batch, len(prompt), args.new_tokens)
         achieved = per_step * args.new_tokens / c["seconds"]
         row = {
@@ -456,6 +494,13 @@ def main() -> None:
             "transformers_tok_s": round(t["tok_s"], 2) if t else None,
             "ratio": round(c["tok_s"] / t["tok_s"], 3) if t else None,
             "bandwidth_fraction": round(achieved / bw["best"], 3),
+            # What the counterfactual engine costs over plain generation, on the same tokens.
+            "plain_scan_tok_s": round(pl["tok_s"], 2) if pl else None,
+            "cfjax_over_plain_scan": round(c["tok_s"] / pl["tok_s"], 3) if pl else None,
+            "plain_scan_same_tokens": bool(np.array_equal(pl["tokens"], c["tokens"]))
+            if pl
+            else None,
+            "plain_scan_compile_s": round(pl["compile_s"], 2) if pl else None,
             "achieved_gb_s": round(achieved / 1e9, 2),
             "copy_gb_s": round(bw["best"] / 1e9, 2),
             # Against a one-thread copy (what one core streams): the weaker yardstick.
@@ -503,6 +548,8 @@ def main() -> None:
         "cfjax tok/s",
         "transformers tok/s",
         "ratio",
+        "plain scan tok/s",
+        "cfjax / plain",
         "GB/s",
         "bw fraction",
         "roofline tok/s",
@@ -517,6 +564,8 @@ def main() -> None:
         "cfjax_tok_s",
         "transformers_tok_s",
         "ratio",
+        "plain_scan_tok_s",
+        "cfjax_over_plain_scan",
         "achieved_gb_s",
         "bandwidth_fraction",
         "roofline_tok_s",

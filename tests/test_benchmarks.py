@@ -82,6 +82,8 @@ def test_decode_json(outputs):
         assert r["compile_s"] > 0 and r["recompile_s"] < 0.5  # the timed run compiles ~nothing
         assert _positive(r["cfjax_peak_rss_mb"]) and _positive(r["transformers_peak_rss_mb"])
         assert r["new_tokens"] == 8
+        # The textbook JAX decode beside it sampled the very same tokens.
+        assert r["plain_scan_same_tokens"] is True and _positive(r["cfjax_over_plain_scan"])
 
 
 def test_counterfactual_json(outputs):

@@ -12,6 +12,7 @@ import functools
 import json
 import random
 import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +28,7 @@ from cfjax.scm import Sampler
 from cfjax.tokenizer import Tokenizer
 from cfjax.trace import Trace
 
+ROOT = Path(__file__).resolve().parents[1]
 N = 48  # max_new_tokens of most runs
 CHUNK = 16
 PROMPT = [3, 17, 99, 5, 200, 42, 7]
@@ -297,6 +299,21 @@ def test_key_forms(lm, base):
     assert jnp.issubdtype(base.key.dtype, jax.dtypes.prng_key)
     with pytest.raises(ValueError, match="got 3 keys for a batch of 2 prompts"):
         gen(lm, [PROMPT, PROMPT], key=jax.random.split(KEY, 3))
+
+
+def test_tokens_equal_a_textbook_jax_decode(lm, batch):
+    """cfjax samples exactly the tokens of `benchmarks/plain_scan.py`: a from-scratch JAX decode
+    (its own attention, RoPE, cache and scan) that only applies the noise contract
+    `argmax(logits + gumbel(fold_in(key_b, t), (V,)))`, with each row's own key."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import plain_scan
+
+    keys = jnp.stack(batch[1])
+    traces = gen(lm, [PROMPT] * len(keys), key=keys)
+    prompts = jnp.asarray([PROMPT] * len(keys), jnp.int32)
+    plain = np.asarray(plain_scan.generate(lm.config, lm.params, prompts, keys, N))
+    assert plain.shape == (8, N) and len({tuple(row) for row in plain}) == 8
+    np.testing.assert_array_equal(np.array([t.tokens for t in traces]), plain)
 
 
 def test_array_prompts(lm, base, batch):
