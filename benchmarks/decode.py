@@ -24,6 +24,7 @@ import argparse
 import concurrent.futures
 import contextlib
 import datetime
+import functools
 import json
 import os
 import platform
@@ -228,6 +229,22 @@ def read_bandwidth(nbytes: int = 1 << 30, repeats: int = 10) -> float:
     return matrix.nbytes / best
 
 
+def best_of(times: int, run):
+    """(fewest seconds of `times` calls of `run()`, the last call's result)."""
+    best = float("inf")
+    for _ in range(times):
+        t = time.perf_counter()
+        out = run()
+        best = min(best, time.perf_counter() - t)
+    return best, out
+
+
+def timed_runs(batch: int, repeats: int) -> int:
+    """Runs to time at one batch size: `repeats` at batch 1, whose runs are short and whose
+    single timings moved by up to 25% on this VM; one for the longer batched runs."""
+    return repeats if batch == 1 else 1
+
+
 # --------------------------------------------------------------------------------------------
 # The transformers side (a child process: its own peak RSS, no JAX thread pool beside it)
 
@@ -269,9 +286,12 @@ def transformers_worker(spec: dict) -> list[dict]:
         mask = torch.ones_like(ids)
         with torch.inference_mode():
             model.generate(ids, attention_mask=mask, generation_config=config(4))  # warm-up
-            t = time.perf_counter()
-            out = model.generate(ids, attention_mask=mask, generation_config=config(n))
-            seconds = time.perf_counter() - t
+            seconds, out = best_of(
+                timed_runs(batch, spec["repeats"]),
+                functools.partial(
+                    model.generate, ids, attention_mask=mask, generation_config=config(n)
+                ),
+            )
         if out.shape != (batch, len(spec["prompt"]) + n):
             raise RuntimeError(f"transformers produced {tuple(out.shape)} tokens, not {n} new")
         rows.append(
@@ -285,13 +305,16 @@ def transformers_worker(spec: dict) -> list[dict]:
     return [{**r, "load_s": load_s, "threads": threads, "torch": torch.__version__} for r in rows]
 
 
-def run_transformers(source: dict, prompt: list[int], batches: list[int], new_tokens: int) -> list:
+def run_transformers(
+    source: dict, prompt: list[int], batches: list[int], new_tokens: int, repeats: int
+) -> list:
     """Run `transformers_worker` in a child process and return its rows."""
     spec = {
         "source": source,
         "prompt": prompt,
         "batches": batches,
         "new_tokens": new_tokens,
+        "repeats": repeats,
         "threads": os.cpu_count() or 1,
     }
     env = {
@@ -332,7 +355,9 @@ def _stop_after(chunks: int):
     return callback
 
 
-def cfjax_decode(lm, prompt: list[int], batch: int, new_tokens: int, clock: CompileClock) -> dict:
+def cfjax_decode(
+    lm, prompt: list[int], batch: int, new_tokens: int, clock: CompileClock, repeats: int
+) -> dict:
     """Warm cfjax `generate` tokens/s at one batch size, and the compile time it needed."""
     from cfjax.generate import generate
     from cfjax.scm import Sampler
@@ -360,9 +385,7 @@ def cfjax_decode(lm, prompt: list[int], batch: int, new_tokens: int, clock: Comp
             run(stream=_stop_after(2))
     warmup_s = time.perf_counter() - t
     with clock.measure() as recompile_s:
-        t = time.perf_counter()
-        traces = run()
-        seconds = time.perf_counter() - t
+        seconds, traces = best_of(timed_runs(batch, repeats), run)
     lengths = {len(tr.tokens) for tr in traces}
     if lengths != {new_tokens}:
         raise RuntimeError(f"cfjax rows produced {sorted(lengths)} tokens, not {new_tokens}")
@@ -377,10 +400,10 @@ def cfjax_decode(lm, prompt: list[int], batch: int, new_tokens: int, clock: Comp
     }
 
 
-def plain_decode(lm, prompt: list[int], batch: int, new_tokens: int) -> dict:
+def plain_decode(lm, prompt: list[int], batch: int, new_tokens: int, repeats: int) -> dict:
     """Tokens/s of `plain_scan.generate` (textbook JAX decode, same keys as `cfjax_decode`).
 
-    Compiled ahead of time (one program for prefill and every step), then timed once.
+    Compiled ahead of time (one program for prefill and every step), then timed like cfjax.
     """
     import jax.numpy as jnp
     import plain_scan
@@ -391,9 +414,7 @@ def plain_decode(lm, prompt: list[int], batch: int, new_tokens: int) -> dict:
     t = time.perf_counter()
     compiled = plain_scan.generate.lower(lm.config, *args, new_tokens).compile()
     compile_s = time.perf_counter() - t
-    t = time.perf_counter()
-    tokens = np.asarray(compiled(*args))
-    seconds = time.perf_counter() - t
+    seconds, tokens = best_of(timed_runs(batch, repeats), lambda: np.asarray(compiled(*args)))
     return {"tokens": tokens, "tok_s": batch * new_tokens / seconds, "compile_s": compile_s}
 
 
@@ -419,6 +440,9 @@ def main() -> None:
     ap.add_argument("--prompt", default=DEFAULT_PROMPT)
     ap.add_argument("--prompt-len", type=int, default=40, help="random prompt length (--config)")
     ap.add_argument("--no-transformers", action="store_true", help="time cfjax only")
+    ap.add_argument(
+        "--repeats", type=int, default=2, help="timed runs at batch 1, best kept (%(default)s)"
+    )
     ap.add_argument(
         "--plain-batches",
         type=int,
@@ -455,7 +479,7 @@ def main() -> None:
             source = source if transformers else None
         tf = {}
         if source is not None:
-            for r in run_transformers(source, prompt, args.batches, args.new_tokens):
+            for r in run_transformers(source, prompt, args.batches, args.new_tokens, args.repeats):
                 tf[r["batch"]] = r
                 if not args.json:
                     print(
@@ -469,12 +493,12 @@ def main() -> None:
                 lm = load_lm(args.model, args.config)[0]
         cf = {}
         for batch in args.batches:
-            cf[batch] = cfjax_decode(lm, prompt, batch, args.new_tokens, clock)
+            cf[batch] = cfjax_decode(lm, prompt, batch, args.new_tokens, clock, args.repeats)
             if not args.json:
                 print(f"  cfjax batch {batch}: {cf[batch]['tok_s']:.1f} tok/s", file=sys.stderr)
         plain = {}
         for batch in sorted(set(args.plain_batches) & set(args.batches)):
-            plain[batch] = plain_decode(lm, prompt, batch, args.new_tokens)
+            plain[batch] = plain_decode(lm, prompt, batch, args.new_tokens, args.repeats)
             if not args.json:
                 print(
                     f"  plain scan batch {batch}: {plain[batch]['tok_s']:.1f} tok/s",
@@ -522,6 +546,7 @@ def main() -> None:
             "cfjax_peak_rss_mb": round(c["peak_rss_mb"]),
             "transformers_peak_rss_mb": round(t["peak_rss_mb"]) if t else None,
             "new_tokens": args.new_tokens,
+            "timed_runs": timed_runs(batch, args.repeats),
             "prompt_len": len(prompt),
             "model": lm.model_id,
             "jax": jax.__version__,
