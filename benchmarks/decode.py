@@ -8,7 +8,8 @@ measured separately from JAX's compile events), the ratio, the achieved memory b
 bandwidth measured in the same run, and the peak RSS of each side (transformers runs in a child
 process, so each side's peak is its own). At the `--plain-batches` sizes (default 1) it also times
 `plain_scan.py`, a textbook JAX decode with the same keys, and checks that it sampled exactly
-cfjax's tokens: what the counterfactual engine costs over plain generation in JAX.
+cfjax's tokens: what the counterfactual engine costs over plain generation in JAX; and
+`matmul_floor.py`, the same steps' weight matmuls alone: the most any XLA decode step could gain.
 
     python benchmarks/decode.py                      # table
     python benchmarks/decode.py --json               # [{"batch", "cfjax_tok_s", ...}, ...]
@@ -400,22 +401,33 @@ def cfjax_decode(
     }
 
 
-def plain_decode(lm, prompt: list[int], batch: int, new_tokens: int, repeats: int) -> dict:
-    """Tokens/s of `plain_scan.generate` (textbook JAX decode, same keys as `cfjax_decode`).
+def compiled_tok_s(jitted, lm, args: tuple, batch: int, steps: int, repeats: int) -> dict:
+    """Tokens/s of `jitted(lm.config, *args, steps)`, compiled ahead of time, timed like cfjax."""
+    import jax
 
-    Compiled ahead of time (one program for prefill and every step), then timed like cfjax.
-    """
+    t = time.perf_counter()
+    compiled = jitted.lower(lm.config, *args, steps).compile()
+    compile_s = time.perf_counter() - t
+    run = lambda: np.asarray(jax.block_until_ready(compiled(*args)))  # noqa: E731
+    seconds, out = best_of(timed_runs(batch, repeats), run)
+    return {"out": out, "tok_s": batch * steps / seconds, "compile_s": compile_s}
+
+
+def plain_decode(lm, prompt: list[int], batch: int, new_tokens: int, repeats: int) -> dict:
+    """`plain_scan.generate` (textbook JAX decode) with `cfjax_decode`'s keys, and the matmul
+    floor (`matmul_floor.run`: the same steps' weight matmuls alone) at the same batch."""
     import jax.numpy as jnp
+    import matmul_floor
     import plain_scan
 
     from cfjax.generate import row_keys
 
-    args = (lm.params, jnp.asarray([prompt] * batch, jnp.int32), row_keys(1, batch))
-    t = time.perf_counter()
-    compiled = plain_scan.generate.lower(lm.config, *args, new_tokens).compile()
-    compile_s = time.perf_counter() - t
-    seconds, tokens = best_of(timed_runs(batch, repeats), lambda: np.asarray(compiled(*args)))
-    return {"tokens": tokens, "tok_s": batch * new_tokens / seconds, "compile_s": compile_s}
+    prompts = jnp.asarray([prompt] * batch, jnp.int32)
+    plain_args = (lm.params, prompts, row_keys(1, batch))
+    plain = compiled_tok_s(plain_scan.generate, lm, plain_args, batch, new_tokens, repeats)
+    floor_args = (lm.params, matmul_floor.inputs(lm.config, lm.params, batch))
+    floor = compiled_tok_s(matmul_floor.run, lm, floor_args, batch, new_tokens, repeats)
+    return {**plain, "tokens": plain["out"], "floor_tok_s": floor["tok_s"]}
 
 
 def bytes_per_step(lm, batch: int, prompt_len: int, new_tokens: int) -> float:
@@ -525,6 +537,9 @@ def main() -> None:
             if pl
             else None,
             "plain_scan_compile_s": round(pl["compile_s"], 2) if pl else None,
+            # The floor: the same steps' weight matmuls alone (benchmarks/matmul_floor.py).
+            "matmul_floor_tok_s": round(pl["floor_tok_s"], 2) if pl else None,
+            "cfjax_over_matmul_floor": round(c["tok_s"] / pl["floor_tok_s"], 3) if pl else None,
             "achieved_gb_s": round(achieved / 1e9, 2),
             "copy_gb_s": round(bw["best"] / 1e9, 2),
             # Against a one-thread copy (what one core streams): the weaker yardstick.
@@ -575,6 +590,8 @@ def main() -> None:
         "ratio",
         "plain scan tok/s",
         "cfjax / plain",
+        "matmul floor tok/s",
+        "cfjax / floor",
         "GB/s",
         "bw fraction",
         "roofline tok/s",
@@ -591,6 +608,8 @@ def main() -> None:
         "ratio",
         "plain_scan_tok_s",
         "cfjax_over_plain_scan",
+        "matmul_floor_tok_s",
+        "cfjax_over_matmul_floor",
         "achieved_gb_s",
         "bandwidth_fraction",
         "roofline_tok_s",

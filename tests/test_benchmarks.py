@@ -84,6 +84,7 @@ def test_decode_json(outputs):
         assert r["new_tokens"] == 8 and r["timed_runs"] == 2  # batch 1: best of --repeats
         # The textbook JAX decode beside it sampled the very same tokens.
         assert r["plain_scan_same_tokens"] is True and _positive(r["cfjax_over_plain_scan"])
+        assert _positive(r["matmul_floor_tok_s"]) and _positive(r["cfjax_over_matmul_floor"])
 
 
 def test_counterfactual_json(outputs):
