@@ -413,20 +413,20 @@ def compiled_tok_s(jitted, lm, args: tuple, batch: int, steps: int, repeats: int
     return {"out": out, "tok_s": batch * steps / seconds, "compile_s": compile_s}
 
 
-def plain_decode(lm, prompt: list[int], batch: int, new_tokens: int, repeats: int) -> dict:
-    """`plain_scan.generate` (textbook JAX decode) with `cfjax_decode`'s keys, and the matmul
-    floor (`matmul_floor.run`: the same steps' weight matmuls alone) at the same batch."""
+def plain_decode(lm, prompts: list[list[int]], steps: int, repeats: int) -> dict:
+    """`plain_scan.generate` (textbook JAX decode) with `cfjax_decode`'s keys (`key=1`), and the
+    matmul floor (`matmul_floor.run`: the same steps' weight matmuls alone) at the same batch."""
     import jax.numpy as jnp
     import matmul_floor
     import plain_scan
 
     from cfjax.generate import row_keys
 
-    prompts = jnp.asarray([prompt] * batch, jnp.int32)
-    plain_args = (lm.params, prompts, row_keys(1, batch))
-    plain = compiled_tok_s(plain_scan.generate, lm, plain_args, batch, new_tokens, repeats)
+    batch = len(prompts)
+    plain_args = (lm.params, jnp.asarray(prompts, jnp.int32), row_keys(1, batch))
+    plain = compiled_tok_s(plain_scan.generate, lm, plain_args, batch, steps, repeats)
     floor_args = (lm.params, matmul_floor.inputs(lm.config, lm.params, batch))
-    floor = compiled_tok_s(matmul_floor.run, lm, floor_args, batch, new_tokens, repeats)
+    floor = compiled_tok_s(matmul_floor.run, lm, floor_args, batch, steps, repeats)
     return {**plain, "tokens": plain["out"], "floor_tok_s": floor["tok_s"]}
 
 
@@ -510,7 +510,7 @@ def main() -> None:
                 print(f"  cfjax batch {batch}: {cf[batch]['tok_s']:.1f} tok/s", file=sys.stderr)
         plain = {}
         for batch in sorted(set(args.plain_batches) & set(args.batches)):
-            plain[batch] = plain_decode(lm, prompt, batch, args.new_tokens, args.repeats)
+            plain[batch] = plain_decode(lm, [prompt] * batch, args.new_tokens, args.repeats)
             if not args.json:
                 print(
                     f"  plain scan batch {batch}: {plain[batch]['tok_s']:.1f} tok/s",

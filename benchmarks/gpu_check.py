@@ -1,5 +1,6 @@
 """Every accelerator check in one run: decode speed vs the HBM roofline, compile time,
-counterfactual / factual cost, and token flips of a null intervention in bfloat16.
+counterfactual / factual cost, and token flips of a null intervention in bfloat16; at the first
+batch size also a textbook JAX decode and the weight matmuls alone, timed on the same weights.
 
 Random weights of a named config (no download): on a GPU `--config llama3-8b`; on this CPU the
 same script runs with `--config tiny` so it stays tested. Prints a table and, with --json, JSON.
@@ -18,7 +19,8 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from profile_decode import print_table, profile  # benchmarks/, beside this file
+from decode import plain_decode  # benchmarks/, beside this file
+from profile_decode import print_table, profile
 
 import cfjax
 from cfjax import model
@@ -135,6 +137,18 @@ def main() -> None:
                 cf_over_factual=round(replay_s / warm_s, 3),
                 cf_reuse_middle_over_factual=round(resumed_s / warm_s, 3),
                 null_intervention_flips=int(flips),
+            )
+            # The same run as a textbook JAX decode (benchmarks/plain_scan.py) and the weight
+            # matmuls alone (matmul_floor.py): is a gap to the roofline cfjax's or XLA's?
+            plain = plain_decode(lm, prompts, args.new_tokens, repeats=2)
+            same = np.cumprod(plain["tokens"][0] == np.asarray(t0.tokens))
+            row.update(
+                plain_scan_tok_s=round(plain["tok_s"], 1),
+                cfjax_over_plain_scan=round(tok_s / plain["tok_s"], 3),
+                # bfloat16 rounds differently in the two programs, so they may part ways.
+                plain_scan_same_first_tokens=int(same.sum()),
+                matmul_floor_tok_s=round(plain["floor_tok_s"], 1),
+                cfjax_over_matmul_floor=round(tok_s / plain["floor_tok_s"], 3),
             )
         rows.append(row)
         if not args.json:  # progress: a long GPU run shows each batch as it finishes

@@ -101,6 +101,10 @@ def test_gpu_check_json(outputs):
     r = outputs["gpu_check"]
     assert [row["batch"] for row in r["rows"]] == [1, 4]
     assert r["rows"][0]["null_intervention_flips"] == 0
+    first = r["rows"][0]  # the textbook decode and the matmul floor, at the first batch only
+    assert _positive(first["plain_scan_tok_s"]) and _positive(first["matmul_floor_tok_s"])
+    assert 0 <= first["plain_scan_same_first_tokens"] <= 24
+    assert "plain_scan_tok_s" not in r["rows"][1]
     assert all(_positive(row["tok_s"]) for row in r["rows"])
     p = r["profile"]  # the per-op trace of batch-1 steps that follows the timings
     assert p["batch"] == 1 and p["steps"] == 8 and 0 < len(p["ops"]) <= 25
