@@ -427,7 +427,12 @@ def plain_decode(lm, prompts: list[list[int]], steps: int, repeats: int) -> dict
     plain = compiled_tok_s(plain_scan.generate, lm, plain_args, batch, steps, repeats)
     floor_args = (lm.params, matmul_floor.inputs(lm.config, lm.params, batch))
     floor = compiled_tok_s(matmul_floor.run, lm, floor_args, batch, steps, repeats)
-    return {**plain, "tokens": plain["out"], "floor_tok_s": floor["tok_s"]}
+    return {
+        "tokens": plain["out"],
+        "tok_s": plain["tok_s"],
+        "compile_s": plain["compile_s"],
+        "floor_tok_s": floor["tok_s"],
+    }
 
 
 def bytes_per_step(lm, batch: int, prompt_len: int, new_tokens: int) -> float:
