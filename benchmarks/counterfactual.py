@@ -27,17 +27,15 @@ import argparse
 import json
 import time
 
-from decode import DEFAULT_MODEL, DEFAULT_PROMPT, CompileClock, load_lm, machine, prompt_for
-
-
-def best_time(fn, repeats: int):
-    """(result of the last call, best wall time in seconds) over `repeats` calls."""
-    best, out = float("inf"), None
-    for _ in range(repeats):
-        t = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t)
-    return out, best
+from decode import (
+    DEFAULT_MODEL,
+    DEFAULT_PROMPT,
+    CompileClock,
+    best_time,
+    load_lm,
+    machine,
+    prompt_for,
+)
 
 
 def main() -> None:

@@ -230,14 +230,14 @@ def read_bandwidth(nbytes: int = 1 << 30, repeats: int = 10) -> float:
     return matrix.nbytes / best
 
 
-def best_of(times: int, run):
-    """(fewest seconds of `times` calls of `run()`, the last call's result)."""
-    best = float("inf")
-    for _ in range(times):
+def best_time(fn, repeats: int):
+    """(result of the last call, best wall time in seconds) over `repeats` calls of `fn()`."""
+    best, out = float("inf"), None
+    for _ in range(repeats):
         t = time.perf_counter()
-        out = run()
+        out = fn()
         best = min(best, time.perf_counter() - t)
-    return best, out
+    return out, best
 
 
 def timed_runs(batch: int, repeats: int) -> int:
@@ -287,11 +287,11 @@ def transformers_worker(spec: dict) -> list[dict]:
         mask = torch.ones_like(ids)
         with torch.inference_mode():
             model.generate(ids, attention_mask=mask, generation_config=config(4))  # warm-up
-            seconds, out = best_of(
-                timed_runs(batch, spec["repeats"]),
+            out, seconds = best_time(
                 functools.partial(
                     model.generate, ids, attention_mask=mask, generation_config=config(n)
                 ),
+                timed_runs(batch, spec["repeats"]),
             )
         if out.shape != (batch, len(spec["prompt"]) + n):
             raise RuntimeError(f"transformers produced {tuple(out.shape)} tokens, not {n} new")
@@ -377,16 +377,16 @@ def cfjax_decode(
         )
 
     # Warm-up with the timed run's exact shapes. Streaming calls back after each decode chunk;
-    # stopping after the second compiles everything (and would show a recompile between the
-    # first chunk and the later ones) but skips the other steps. Without a tokenizer nothing
-    # streams and the warm-up simply runs in full.
+    # stopping after the first has compiled the prefill and the chunk program every chunk runs
+    # (a recompile in a later chunk would show in the timed run's `recompile_s`) but skips the
+    # other steps. Without a tokenizer nothing streams and the warm-up simply runs in full.
     t = time.perf_counter()
     with clock.measure() as compile_s:
         with contextlib.suppress(_StopWarmup):
-            run(stream=_stop_after(2))
+            run(stream=_stop_after(1))
     warmup_s = time.perf_counter() - t
     with clock.measure() as recompile_s:
-        seconds, traces = best_of(timed_runs(batch, repeats), run)
+        traces, seconds = best_time(run, timed_runs(batch, repeats))
     lengths = {len(tr.tokens) for tr in traces}
     if lengths != {new_tokens}:
         raise RuntimeError(f"cfjax rows produced {sorted(lengths)} tokens, not {new_tokens}")
@@ -409,7 +409,7 @@ def compiled_tok_s(jitted, lm, args: tuple, batch: int, steps: int, repeats: int
     compiled = jitted.lower(lm.config, *args, steps).compile()
     compile_s = time.perf_counter() - t
     run = lambda: np.asarray(jax.block_until_ready(compiled(*args)))  # noqa: E731
-    seconds, out = best_of(timed_runs(batch, repeats), run)
+    out, seconds = best_time(run, timed_runs(batch, repeats))
     return {"out": out, "tok_s": batch * steps / seconds, "compile_s": compile_s}
 
 
