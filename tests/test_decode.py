@@ -1,7 +1,8 @@
 """The decoding engine (cfjax.decode, cfjax.generate, cfjax.trace) on the tiny preset.
 
 References are independent of the scan: the plain no-cache `cfjax.forward`, a numpy transcription
-of the sampler masks with noise drawn straight from `jax.random`, and an eager Python-loop decode.
+of the sampler masks with noise drawn straight from `jax.random`, an eager Python-loop decode,
+and a from-scratch textbook JAX decode that shares no model code (`benchmarks/plain_scan.py`).
 Every run uses a few fixed shapes (batch 1 or 8, bucket 32 or 64, 48 steps in chunks of 16) so
 that compiled programs are shared between tests.
 """
