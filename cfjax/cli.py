@@ -234,10 +234,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def use_compilation_cache() -> None:
     """Keep compiled programs on disk across runs: with SmolLM2 a second `cfjax generate` saves
-    ~2 s of its ~6.5 s jit compilation (tracing and loading the programs remain). `CFJAX_COMPILATION_CACHE` names the
-    folder (default `~/.cache/cfjax/xla`), empty turns it off; a folder set through JAX's own
-    `JAX_COMPILATION_CACHE_DIR` is kept. A process-wide JAX setting, so only the console script
-    makes it, never the library."""
+    ~2 s of its ~6.5 s jit compilation (tracing and loading the programs remain).
+
+    `CFJAX_COMPILATION_CACHE` names the folder (default `~/.cache/cfjax/xla`), empty turns it
+    off; a folder set through JAX's own `JAX_COMPILATION_CACHE_DIR` is kept. A process-wide JAX
+    setting, so only the console script makes it, never the library.
+    """
     import jax
 
     cache_home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")

@@ -147,8 +147,7 @@ class Attention(nnx.Module):
             keys, values = layer_k, layer_v
             # A static index (the prefill's 0): only slots before index + T can be visible.
             if isinstance(index, int):
-                filled = (keys[..., : index + t], values[:, :, : index + t])
-                keys, values = (k, v) if index == 0 else filled
+                keys, values = keys[..., : index + t], values[:, :, : index + t]
         q = q.reshape(b, t, c.n_kv_heads, c.q_per_kv, c.head_dim)
         scale = np.float32(1 / np.sqrt(c.head_dim))
         if t == 1:
