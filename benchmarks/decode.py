@@ -8,8 +8,10 @@ measured separately from JAX's compile events), the ratio, the achieved memory b
 bandwidth measured in the same run, and the peak RSS of each side (transformers runs in a child
 process, so each side's peak is its own). At the `--plain-batches` sizes (default 1) it also times
 `plain_scan.py`, a textbook JAX decode with the same keys, and checks that it sampled exactly
-cfjax's tokens: what the counterfactual engine costs over plain generation in JAX; and
-`matmul_floor.py`, the same steps' weight matmuls alone: the most any XLA decode step could gain.
+cfjax's tokens: what the counterfactual engine costs over plain generation in JAX;
+`matmul_floor.py`, the same steps' weight matmuls alone: the most any XLA decode step could gain;
+and the same matmuls in torch, in transformers' process: how fast the peer's own matrix-vector
+products stream, hence the ratio cfjax would show if it ran exactly at XLA's floor.
 
     python benchmarks/decode.py                      # table
     python benchmarks/decode.py --json               # [{"batch", "cfjax_tok_s", ...}, ...]
@@ -295,25 +297,58 @@ def transformers_worker(spec: dict) -> list[dict]:
             )
         if out.shape != (batch, len(spec["prompt"]) + n):
             raise RuntimeError(f"transformers produced {tuple(out.shape)} tokens, not {n} new")
-        rows.append(
-            {
-                "batch": batch,
-                "seconds": seconds,
-                "tok_s": batch * n / seconds,
-                "peak_rss_mb": peak_rss_mb(),
-            }
-        )
+        row = {"batch": batch, "seconds": seconds, "tok_s": batch * n / seconds}
+        if batch in spec["floor_batches"]:
+            _, floor_s = best_time(
+                functools.partial(torch_matmul_floor, model, batch, n),
+                timed_runs(batch, spec["repeats"]),
+            )
+            row["floor_tok_s"] = batch * n / floor_s
+        rows.append({**row, "peak_rss_mb": peak_rss_mb()})
     return [{**r, "load_s": load_s, "threads": threads, "torch": torch.__version__} for r in rows]
 
 
+def torch_matmul_floor(model, batch: int, steps: int):
+    """`matmul_floor.py` in torch: `steps` steps of the model's own weight matmuls alone (q, k,
+    v, o, gate, up, down per layer, then the LM head), each input depending on the one before.
+    What the peer's matrix-vector products can stream: transformers' ceiling on this machine."""
+    import torch
+    import torch.nn.functional as F
+
+    def squash(x):  # as in matmul_floor.py: bounded activations, one elementwise pass
+        return x / (1.0 + x.abs().amax(-1, keepdim=True))
+
+    layers = model.model.layers
+    h = torch.full((batch, model.config.hidden_size), 0.01, dtype=model.dtype)
+    with torch.inference_mode():
+        for _ in range(steps):
+            for layer in layers:
+                a, m = layer.self_attn, layer.mlp
+                x = squash(h)
+                a.k_proj(x), a.v_proj(x)  # read and computed, as a step does (for the cache)
+                h = h + a.o_proj(a.q_proj(x))
+                x = squash(h)
+                h = h + m.down_proj(F.silu(m.gate_proj(x)) * m.up_proj(x))
+            logits = model.lm_head(squash(h))
+            h = squash(h + logits.amax(-1, keepdim=True))
+    return h
+
+
 def run_transformers(
-    source: dict, prompt: list[int], batches: list[int], new_tokens: int, repeats: int
+    source: dict,
+    prompt: list[int],
+    batches: list[int],
+    new_tokens: int,
+    repeats: int,
+    floor_batches: list[int] = (),
 ) -> list:
-    """Run `transformers_worker` in a child process and return its rows."""
+    """Run `transformers_worker` in a child process and return its rows (with the torch
+    matmul floor's `floor_tok_s` at `floor_batches`)."""
     spec = {
         "source": source,
         "prompt": prompt,
         "batches": batches,
+        "floor_batches": list(floor_batches),
         "new_tokens": new_tokens,
         "repeats": repeats,
         "threads": os.cpu_count() or 1,
@@ -496,7 +531,10 @@ def main() -> None:
             source = source if transformers else None
         tf = {}
         if source is not None:
-            for r in run_transformers(source, prompt, args.batches, args.new_tokens, args.repeats):
+            floors = sorted(set(args.plain_batches) & set(args.batches))
+            for r in run_transformers(
+                source, prompt, args.batches, args.new_tokens, args.repeats, floors
+            ):
                 tf[r["batch"]] = r
                 if not args.json:
                     print(
@@ -545,6 +583,15 @@ def main() -> None:
             # The floor: the same steps' weight matmuls alone (benchmarks/matmul_floor.py).
             "matmul_floor_tok_s": round(pl["floor_tok_s"], 2) if pl else None,
             "cfjax_over_matmul_floor": round(c["tok_s"] / pl["floor_tok_s"], 3) if pl else None,
+            # The peer's own floor (the same matmuls in torch): how fast its matrix-vector
+            # products stream, and the ratio cfjax would show if it ran exactly at XLA's floor.
+            "torch_matmul_floor_tok_s": round(t["floor_tok_s"], 2) if t and pl else None,
+            "transformers_over_torch_floor": (
+                round(t["tok_s"] / t["floor_tok_s"], 3) if t and pl else None
+            ),
+            "matmul_floor_over_transformers": (
+                round(pl["floor_tok_s"] / t["tok_s"], 3) if t and pl else None
+            ),
             "achieved_gb_s": round(achieved / 1e9, 2),
             "copy_gb_s": round(bw["best"] / 1e9, 2),
             # Against a one-thread copy (what one core streams): the weaker yardstick.

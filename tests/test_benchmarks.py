@@ -85,6 +85,14 @@ def test_decode_json(outputs):
         # The textbook JAX decode beside it sampled the very same tokens.
         assert r["plain_scan_same_tokens"] is True and _positive(r["cfjax_over_plain_scan"])
         assert _positive(r["matmul_floor_tok_s"]) and _positive(r["cfjax_over_matmul_floor"])
+        # The peer's floor: the same matmuls in torch, timed in transformers' own process.
+        assert _positive(r["torch_matmul_floor_tok_s"])
+        assert r["transformers_over_torch_floor"] == pytest.approx(
+            r["transformers_tok_s"] / r["torch_matmul_floor_tok_s"], rel=0.01
+        )
+        assert r["matmul_floor_over_transformers"] == pytest.approx(
+            r["matmul_floor_tok_s"] / r["transformers_tok_s"], rel=0.01
+        )
 
 
 def test_counterfactual_json(outputs):
