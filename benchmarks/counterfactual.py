@@ -48,7 +48,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--batch", type=int, default=64, help="counterfactuals in the batched run")
     ap.add_argument("--sequential", type=int, default=8, help="one-by-one runs timed (scaled)")
-    ap.add_argument("--repeats", type=int, default=3, help="timed runs of each kind (best kept)")
+    ap.add_argument("--repeats", type=int, default=2, help="timed runs of each kind (best kept)")
     ap.add_argument("--prompt", default=DEFAULT_PROMPT)
     ap.add_argument("--prompt-len", type=int, default=40, help="random prompt length (--config)")
     ap.add_argument("--json", action="store_true", help="print the JSON object only")
