@@ -340,7 +340,7 @@ def run_transformers(
     batches: list[int],
     new_tokens: int,
     repeats: int,
-    floor_batches: list[int] = (),
+    floor_batches: list[int],
 ) -> list:
     """Run `transformers_worker` in a child process and return its rows (with the torch
     matmul floor's `floor_tok_s` at `floor_batches`)."""
