@@ -87,11 +87,12 @@ def test_decode_json(outputs):
         assert _positive(r["matmul_floor_tok_s"]) and _positive(r["cfjax_over_matmul_floor"])
         # The peer's floor: the same matmuls in torch, timed in transformers' own process.
         assert _positive(r["torch_matmul_floor_tok_s"])
+        # (ratios are rounded to 3 decimals: on the tiny model transformers' is ~0.03)
         assert r["transformers_over_torch_floor"] == pytest.approx(
-            r["transformers_tok_s"] / r["torch_matmul_floor_tok_s"], rel=0.01
+            r["transformers_tok_s"] / r["torch_matmul_floor_tok_s"], rel=0.01, abs=1e-3
         )
         assert r["matmul_floor_over_transformers"] == pytest.approx(
-            r["matmul_floor_tok_s"] / r["transformers_tok_s"], rel=0.01
+            r["matmul_floor_tok_s"] / r["transformers_tok_s"], rel=0.01, abs=1e-3
         )
 
 
