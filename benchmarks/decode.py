@@ -348,7 +348,7 @@ def run_transformers(
         "source": source,
         "prompt": prompt,
         "batches": batches,
-        "floor_batches": list(floor_batches),
+        "floor_batches": floor_batches,
         "new_tokens": new_tokens,
         "repeats": repeats,
         "threads": os.cpu_count() or 1,
@@ -515,6 +515,8 @@ def main() -> None:
     started = time.perf_counter()
     clock = CompileClock()
     transformers = not args.no_transformers
+    # Where the yardsticks run: the textbook decode, XLA's matmul floor and torch's.
+    yardstick_batches = sorted(set(args.plain_batches) & set(args.batches))
     # The transformers side runs first, in a child process; for random weights it also makes
     # them (saved as a transformers model that cfjax then loads), so this process needs no torch.
     with tempfile.TemporaryDirectory() as tmp:
@@ -531,9 +533,8 @@ def main() -> None:
             source = source if transformers else None
         tf = {}
         if source is not None:
-            floors = sorted(set(args.plain_batches) & set(args.batches))
             for r in run_transformers(
-                source, prompt, args.batches, args.new_tokens, args.repeats, floors
+                source, prompt, args.batches, args.new_tokens, args.repeats, yardstick_batches
             ):
                 tf[r["batch"]] = r
                 if not args.json:
@@ -552,7 +553,7 @@ def main() -> None:
             if not args.json:
                 print(f"  cfjax batch {batch}: {cf[batch]['tok_s']:.1f} tok/s", file=sys.stderr)
         plain = {}
-        for batch in sorted(set(args.plain_batches) & set(args.batches)):
+        for batch in yardstick_batches:
             plain[batch] = plain_decode(lm, [prompt] * batch, args.new_tokens, args.repeats)
             if not args.json:
                 print(
