@@ -56,10 +56,10 @@ def main() -> None:
 
     import jax
 
-    from cfjax.counterfactual import counterfactual, counterfactuals
-    from cfjax.generate import generate
-    from cfjax.interventions import ReplaceTokens
-    from cfjax.scm import Sampler
+    from cfjax.causal.replay import counterfactual, counterfactuals
+    from cfjax.causal.factual import generate
+    from cfjax.causal.interventions import ReplaceTokens
+    from cfjax.core.scm import Sampler
 
     started = time.perf_counter()
     clock = CompileClock()

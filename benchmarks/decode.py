@@ -395,8 +395,8 @@ def cfjax_decode(
     lm, prompt: list[int], batch: int, new_tokens: int, clock: CompileClock, repeats: int
 ) -> dict:
     """Warm cfjax `generate` tokens/s at one batch size, and the compile time it needed."""
-    from cfjax.generate import generate
-    from cfjax.scm import Sampler
+    from cfjax.causal.factual import generate
+    from cfjax.core.scm import Sampler
 
     prompts = [prompt] * batch
 
@@ -455,7 +455,7 @@ def plain_decode(lm, prompts: list[list[int]], steps: int, repeats: int) -> dict
     import matmul_floor
     import plain_scan
 
-    from cfjax.generate import row_keys
+    from cfjax.causal.factual import row_keys
 
     batch = len(prompts)
     plain_args = (lm.params, jnp.asarray(prompts, jnp.int32), row_keys(1, batch))

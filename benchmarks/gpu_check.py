@@ -23,11 +23,11 @@ from decode import plain_decode  # benchmarks/, beside this file
 from profile_decode import print_table, profile
 
 import cfjax
-from cfjax import model
-from cfjax.counterfactual import counterfactual
-from cfjax.generate import generate
-from cfjax.interventions import ReplaceTokens
-from cfjax.scm import Sampler
+from cfjax.core import model
+from cfjax.causal.replay import counterfactual
+from cfjax.causal.factual import generate
+from cfjax.causal.interventions import ReplaceTokens
+from cfjax.core.scm import Sampler
 
 # Peak HBM bandwidth by device kind (bytes/s), for the roofline; others use a measured copy.
 PEAK_BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}

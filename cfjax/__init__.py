@@ -4,14 +4,13 @@
     trace = cfjax.generate(lm, "Tell me a story about a captain named Ahab.", key=0)
     cf = cfjax.counterfactual(lm, trace, cfjax.ReplaceText("Ahab", "Maeve"))
 
-The functions `generate` and `counterfactual` share their names with the modules that define
-them; import module-level helpers as `from cfjax.generate import ...`.
+Layers, each importing only those below it: `cfjax.core` (config, model, cache, the sampling
+SCM, the engine and `cfjax.core.sample`), `cfjax.tokenizer`, `cfjax.weights` (load, convert),
+`cfjax.causal` (traces, interventions, generate / counterfactual), then the CLI on top.
 """
 
-from cfjax.config import LlamaConfig, RopeScaling, preset
-from cfjax.counterfactual import counterfactual, counterfactuals, interventional
-from cfjax.generate import generate
-from cfjax.interventions import (
+from cfjax import core
+from cfjax.causal import (
     AutoIntervention,
     ChangeModel,
     ChangeSampler,
@@ -20,11 +19,14 @@ from cfjax.interventions import (
     InsertText,
     ReplaceText,
     ReplaceTokens,
+    Trace,
+    counterfactual,
+    counterfactuals,
+    generate,
+    interventional,
 )
-from cfjax.lm import LM, forward
-from cfjax.scm import Sampler
-from cfjax.trace import Trace
-from cfjax.weights import load
+from cfjax.core import LM, LlamaConfig, RopeScaling, Sampler, forward, preset
+from cfjax.weights import convert, list_models, load
 
 __all__ = [
     "LM",
@@ -40,11 +42,14 @@ __all__ = [
     "RopeScaling",
     "Sampler",
     "Trace",
+    "convert",
+    "core",
     "counterfactual",
     "counterfactuals",
     "forward",
     "generate",
     "interventional",
+    "list_models",
     "load",
     "preset",
 ]

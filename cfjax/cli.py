@@ -76,11 +76,11 @@ def _load(spec: str, dtype: str | None = None):
 
 
 def _sampler(args, base=None):
-    from cfjax.scm import Sampler
+    from cfjax.core.scm import Sampler
 
     if base is None:
         return Sampler(args.temperature, args.top_k, args.top_p, args.mechanism)
-    from cfjax.interventions import ChangeSampler
+    from cfjax.causal.interventions import ChangeSampler
 
     changes = {
         "temperature": args.temperature,
@@ -94,7 +94,7 @@ def _sampler(args, base=None):
 
 def cmd_generate(args) -> int:
     """`cfjax generate`: stream the response, save the trace."""
-    from cfjax.generate import generate
+    from cfjax.causal.factual import generate
 
     sampler = _sampler(args)  # validate arguments before the (slow) model load
     lm = _load(args.model, args.dtype)
@@ -116,7 +116,7 @@ def cmd_generate(args) -> int:
 
 
 def _interventions(args, lm, trace) -> list:
-    from cfjax import interventions as iv
+    from cfjax.causal import interventions as iv
 
     out: list = []
     if args.replace is not None:
@@ -159,8 +159,8 @@ def cmd_counterfactual(args) -> int:
     from rich.console import Console
 
     from cfjax import present
-    from cfjax.counterfactual import counterfactual, interventional
-    from cfjax.trace import Trace
+    from cfjax.causal.replay import counterfactual, interventional
+    from cfjax.causal.trace import Trace
 
     trace = Trace.from_json(args.trace)
     lm = _load(args.model or _model_spec(trace.model_id))

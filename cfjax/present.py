@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from rich.text import Text
 
-from cfjax.trace import Trace
+from cfjax.causal.trace import Trace
 
 MARK = "▍"  # marks the first divergence
 

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from cfjax.cli import main
-from cfjax.trace import Trace
+from cfjax.causal.trace import Trace
 
 
 def run_cli(*args: str, cache: str = "") -> subprocess.CompletedProcess:

@@ -23,9 +23,9 @@ from conftest import ref_keep
 import cfjax
 import cfjax.tokenizer
 from cfjax import decode, scm
-from cfjax.counterfactual import counterfactual, counterfactuals, interventional
-from cfjax.generate import generate
-from cfjax.interventions import (
+from cfjax.causal.replay import counterfactual, counterfactuals, interventional
+from cfjax.causal.factual import generate
+from cfjax.causal.interventions import (
     AutoIntervention,
     ChangeModel,
     ChangeSampler,
@@ -36,9 +36,9 @@ from cfjax.interventions import (
     ReplaceTokens,
     plan,
 )
-from cfjax.model import init_params
-from cfjax.scm import Sampler
-from cfjax.trace import Trace
+from cfjax.core.model import init_params
+from cfjax.core.scm import Sampler
+from cfjax.causal.trace import Trace
 
 CHUNK = 16
 STEPS = 48

@@ -23,11 +23,11 @@ from conftest import ref_keep
 
 import cfjax
 from cfjax import decode, model, scm
-from cfjax.cache import init_cache
-from cfjax.generate import generate
-from cfjax.scm import Sampler
+from cfjax.core.cache import init_cache
+from cfjax.causal.factual import generate
+from cfjax.core.scm import Sampler
 from cfjax.tokenizer import Tokenizer
-from cfjax.trace import Trace
+from cfjax.causal.trace import Trace
 
 ROOT = Path(__file__).resolve().parents[1]
 N = 48  # max_new_tokens of most runs

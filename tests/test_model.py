@@ -9,9 +9,9 @@ import pytest
 from conftest import hf_llama, hf_logits
 
 import cfjax
-from cfjax import model
-from cfjax.cache import init_cache
-from cfjax.config import LlamaConfig
+from cfjax.core import model
+from cfjax.core.cache import init_cache
+from cfjax.core.config import LlamaConfig
 
 LLAMA31 = {
     "rope_type": "llama3",

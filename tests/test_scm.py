@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from cfjax import scm
-from cfjax.scm import Sampler
+from cfjax.core.scm import Sampler
 
 V = 8
 # Token-id order deliberately differs from rank order, so that id-indexed, rank-indexed and

@@ -22,7 +22,7 @@ from conftest import hf_llama, hf_logits
 
 import cfjax
 from cfjax import checkpoint, weights
-from cfjax.config import RopeScaling
+from cfjax.core.config import RopeScaling
 
 TOKENS = np.random.default_rng(7).integers(0, 128, size=(1, 256))
 HEADS, KV_HEADS = 4, 2

@@ -28,8 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cfjax.cache import KEY_SLOT_AXIS, VALUE_SLOT_AXIS, KVCache, write
-from cfjax.config import LlamaConfig
+from cfjax.core.cache import KEY_SLOT_AXIS, VALUE_SLOT_AXIS, KVCache, write
+from cfjax.core.config import LlamaConfig
 
 _NEG = float(np.finfo(np.float32).min)
 # flax >= 0.12 wants module lists wrapped in nnx.List; older NNX took plain lists.

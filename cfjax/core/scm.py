@@ -19,41 +19,70 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
+
+from cfjax.core.request import as_key
 
 MECHANISMS = ("gumbel", "inverse-cdf", "gumbel-rank")
 
 
+def _concrete(x: Any) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+def _check_values(name: str, value: Any, ok, rule: str) -> None:
+    """Raise for a concrete value (a number or an array of them) that breaks `rule`."""
+    if not _concrete(value):
+        return
+    arr = np.asarray(value)
+    if arr.dtype == bool or not np.issubdtype(arr.dtype, np.number) or not np.all(ok(arr)):
+        bad = value if arr.ndim == 0 else arr[~ok(arr)].ravel()[:1].tolist() or value
+        raise ValueError(f"{name} must be {rule}, got {bad!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class Sampler:
-    """How a token is drawn: temperature, top-k, top-p and the noise mechanism (jit-static)."""
+    """How a token is drawn: temperature, top-k, top-p and the noise mechanism.
 
-    temperature: float = 1.0
-    top_k: int | None = None
-    top_p: float | None = None
+    A pytree: `temperature`, `top_k` and `top_p` are its leaves (data: traced under jit, one
+    compiled program for every value, and `jax.vmap` over a grid of them works); the mechanism
+    and which truncations are active (`None` or not) are its static structure. Concrete values
+    are validated and Python numbers normalised, so a concrete sampler is also hashable and can
+    be a static argument or a dict key; traced values are taken as they are.
+    """
+
+    temperature: Any = 1.0
+    top_k: Any = None
+    top_p: Any = None
     mechanism: str = "gumbel"
 
     def __post_init__(self) -> None:
-        t = self.temperature
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
-            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {t!r}")
-        # Normalise numeric types so equal samplers hash equally and serialise as plain JSON.
-        object.__setattr__(self, "temperature", float(t))
-        k = self.top_k
+        t, k, p = self.temperature, self.top_k, self.top_p
+        if isinstance(t, (int, float)) and not isinstance(t, bool):
+            # Normalise numeric types so equal samplers hash equally and serialise as JSON.
+            object.__setattr__(self, "temperature", float(t))
+        _check_values(
+            "temperature",
+            t,
+            lambda a: np.isfinite(a) & (a >= 0),
+            "a finite number >= 0 (0 = greedy)",
+        )
         if k is not None:
-            if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            if isinstance(k, float) or (_concrete(k) and not np.issubdtype(np.asarray(k).dtype, np.integer)):
                 raise ValueError(f"top_k must be an integer >= 1 or None, got {k!r}")
-            object.__setattr__(self, "top_k", int(k))
-        p = self.top_p
+            _check_values("top_k", k, lambda a: a >= 1, "an integer >= 1 or None")
+            if isinstance(k, (int, np.integer)):
+                object.__setattr__(self, "top_k", int(k))
         if p is not None:
-            if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 < p <= 1.0:
-                raise ValueError(f"top_p must be in (0, 1] or None, got {p!r}")
-            object.__setattr__(self, "top_p", float(p))
+            _check_values("top_p", p, lambda a: (a > 0) & (a <= 1), "in (0, 1] or None")
+            if isinstance(p, (int, float, np.number)):
+                object.__setattr__(self, "top_p", float(p))
         if self.mechanism not in MECHANISMS:
             raise ValueError(
                 f"unknown mechanism {self.mechanism!r}; valid mechanisms: {', '.join(MECHANISMS)}"
@@ -61,11 +90,11 @@ class Sampler:
 
     @property
     def greedy(self) -> bool:
-        """True when temperature is 0: the token is the argmax and the noise is ignored."""
+        """True when temperature is 0 (concrete samplers only): the argmax, noise ignored."""
         return self.temperature == 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict of the four fields."""
+        """JSON-ready dict of the four fields (concrete samplers only)."""
         return dataclasses.asdict(self)
 
     @classmethod
@@ -76,6 +105,58 @@ class Sampler:
         if unknown:
             raise ValueError(f"unknown Sampler fields {sorted(unknown)}; valid: {sorted(names)}")
         return cls(**d)
+
+
+def _sampler_unflatten(mechanism: str, leaves) -> Sampler:
+    # Bypasses __init__: jax rebuilds samplers with tracers, batching specs or placeholders.
+    s = object.__new__(Sampler)
+    for name, value in zip(("temperature", "top_k", "top_p"), leaves, strict=True):
+        object.__setattr__(s, name, value)
+    object.__setattr__(s, "mechanism", mechanism)
+    return s
+
+
+jax.tree_util.register_pytree_node(
+    Sampler,
+    lambda s: ((s.temperature, s.top_k, s.top_p), s.mechanism),
+    _sampler_unflatten,
+)
+
+
+def as_arrays(sampler: Sampler) -> Sampler:
+    """The same sampler with array leaves: f32 temperature, int32 top_k, f32 top_p.
+
+    Python numbers would enter a jitted function as weakly typed values, arrays as strong ones:
+    one form for every caller keeps one compiled program.
+    """
+    t, k, p = sampler.temperature, sampler.top_k, sampler.top_p
+    leaves = (
+        jnp.asarray(t, jnp.float32),
+        None if k is None else jnp.asarray(k, jnp.int32),
+        None if p is None else jnp.asarray(p, jnp.float32),
+    )
+    return _sampler_unflatten(sampler.mechanism, leaves)
+
+
+def stack(samplers: Sequence[Sampler], vocab_size: int) -> Sampler:
+    """One sampler with `[B]` array leaves for a batch of rows sharing a mechanism.
+
+    A truncation is active for the batch when any row has it; the other rows get its neutral
+    value (k = V keeps every token, p = 1 is no nucleus), which masks exactly nothing.
+    """
+    mechanisms = {s.mechanism for s in samplers}
+    if len(mechanisms) != 1:
+        raise ValueError(f"rows of one batch must share a mechanism, got {sorted(mechanisms)}")
+    temperature = np.asarray([s.temperature for s in samplers], np.float32)
+    top_k = top_p = None
+    if any(s.top_k is not None for s in samplers):
+        top_k = np.asarray(
+            [vocab_size if s.top_k is None else min(s.top_k, vocab_size) for s in samplers],
+            np.int32,
+        )
+    if any(s.top_p is not None for s in samplers):
+        top_p = np.asarray([1.0 if s.top_p is None else s.top_p for s in samplers], np.float32)
+    return Sampler(temperature, top_k, top_p, mechanisms.pop())
 
 
 def argmax(x: jax.Array) -> jax.Array:
@@ -91,22 +172,14 @@ def argmax(x: jax.Array) -> jax.Array:
     return jnp.min(jnp.where((x == m) | jnp.isnan(x), ids, x.shape[-1]), axis=-1)
 
 
-def _as_key(key: jax.Array) -> jax.Array:
-    """A typed PRNG key; raw uint32 key data (e.g. from a JSON trace) is wrapped."""
-    key = jnp.asarray(key)
-    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-        return key
-    return jax.random.wrap_key_data(key)
-
-
 def noise(key: jax.Array, step: jax.Array | int, vocab_size: int) -> jax.Array:
     """Gumbel noise f32[V] of response step `step`, one per token id; a function of (key, step)."""
-    return jax.random.gumbel(jax.random.fold_in(_as_key(key), step), (vocab_size,), jnp.float32)
+    return jax.random.gumbel(jax.random.fold_in(as_key(key), step), (vocab_size,), jnp.float32)
 
 
 def uniform_noise(key: jax.Array, step: jax.Array | int) -> jax.Array:
     """The single U[0, 1) f32 scalar of the inverse-cdf mechanism at `step`, same fold_in key."""
-    return jax.random.uniform(jax.random.fold_in(_as_key(key), step), (), jnp.float32)
+    return jax.random.uniform(jax.random.fold_in(as_key(key), step), (), jnp.float32)
 
 
 # Up to this k, top-k uses lax.top_k (fast for small k) and the nucleus the paper's cumsum over
@@ -147,11 +220,20 @@ def _prefix_keep(keys: jax.Array, w: jax.Array, limit: jax.Array | float) -> jax
     return (keys > edge) | (tie & (weight_above(edge) + nth * w_edge <= limit))
 
 
-def _keep_1d(z: jax.Array, top_k: int | None, top_p: jax.Array | None, direct: bool) -> jax.Array:
-    """bool[V]: tokens kept by top-k (k < V) then top-p (p < 1) on one row of tempered logits."""
+def _static_int(x: Any) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def _keep_1d(z: jax.Array, top_k: Any, top_p: Any) -> jax.Array:
+    """bool[V]: tokens kept by top-k then top-p on one row of tempered logits.
+
+    `top_k` / `top_p` are None (inactive), Python numbers, or traced scalars. A static k up to
+    `_TOP_K_DIRECT` takes `lax.top_k`; a traced k (any value, k >= V keeps all) the bisection.
+    A traced p of 1 keeps every token, exactly as an inactive nucleus does.
+    """
     v = z.shape[-1]
     nucleus = top_p is not None
-    if top_k is not None and direct:
+    if top_k is not None and _static_int(top_k) and top_k <= _TOP_K_DIRECT:
         # lax.top_k breaks ties by lower index first: the module's ordering rule.
         vals, idx = lax.top_k(jnp.where(z == 0, jnp.float32(0), z), top_k)
         keep = jnp.ones((top_k,), bool)
@@ -159,67 +241,90 @@ def _keep_1d(z: jax.Array, top_k: int | None, top_p: jax.Array | None, direct: b
             # softmax over the top-k set == softmax of the top-k-masked z. The paper's rule,
             # elementwise on the sorted probabilities: drop when `probs_sum - probs_sort > p`.
             probs = jax.nn.softmax(vals)
-            keep = ~(jnp.cumsum(probs) - probs > top_p)
+            keep = ~(jnp.cumsum(probs) - probs > top_p) | (top_p >= 1.0)
         return jnp.zeros((v,), bool).at[idx].set(keep)
     keys = _order_key(z)
     keep = jnp.ones((v,), bool)
     if top_k is not None:
-        keep = _prefix_keep(keys, jnp.ones((v,), jnp.int32), top_k - 1)
+        keep = _prefix_keep(keys, jnp.ones((v,), jnp.int32), jnp.asarray(top_k) - 1)
     if nucleus:
         # Tokens cut by top-k have probability 0, so they move no other token's mass.
         probs = jax.nn.softmax(jnp.where(keep, z, -jnp.inf))
-        keep = keep & _prefix_keep(keys, probs, top_p)
+        keep = keep & (_prefix_keep(keys, probs, top_p) | (top_p >= 1.0))
     return keep
 
 
-def _keep(z: jax.Array, top_k: int | None, top_p: float | None) -> jax.Array:
+def _keep(z: jax.Array, top_k: Any, top_p: Any) -> jax.Array:
     """bool[..., V] keep mask; all True without truncation (p = 1 means no nucleus)."""
-    k = top_k if top_k is not None and top_k < z.shape[-1] else None
-    nucleus = top_p is not None and top_p < 1.0
-    if k is None and not nucleus:
+    if _static_int(top_k) and top_k >= z.shape[-1]:
+        top_k = None
+    if isinstance(top_p, float) and top_p >= 1.0:
+        top_p = None
+    if top_k is None and top_p is None:
         return jnp.ones(z.shape, bool)
-    direct = k is not None and k <= _TOP_K_DIRECT
-    # p goes in as an operand so a new p value does not compile a new program.
-    return _keep_rows(z, k, jnp.float32(top_p if nucleus else 1.0), nucleus, direct)
-
-
-@functools.partial(jax.jit, static_argnames=("top_k", "nucleus", "direct"))
-def _keep_rows(
-    z: jax.Array, top_k: int | None, top_p: jax.Array, nucleus: bool, direct: bool
-) -> jax.Array:
-    """jit of `_keep_1d` over any leading axes."""
-    row = lambda r: _keep_1d(r, top_k, top_p if nucleus else None, direct)
+    if _static_int(top_k) or top_k is None:
+        # Concrete k: a jitted program per k; p goes in as an operand (no program per p).
+        p = None if top_p is None else jnp.asarray(top_p, jnp.float32)
+        return _keep_rows(z, top_k, p)
+    row = lambda r: _keep_1d(r, top_k, top_p)
     return jnp.vectorize(row, signature="(v)->(v)")(z)
 
 
-def mask_logits(z: jax.Array, top_k: int | None, top_p: float | None) -> jax.Array:
+@functools.partial(jax.jit, static_argnames=("top_k",))
+def _keep_rows(z: jax.Array, top_k: int | None, top_p: jax.Array | None) -> jax.Array:
+    """jit of `_keep_1d` over any leading axes, for a static k."""
+    row = lambda r: _keep_1d(r, top_k, top_p)
+    return jnp.vectorize(row, signature="(v)->(v)")(z)
+
+
+def mask_logits(z: jax.Array, top_k: Any, top_p: Any) -> jax.Array:
     """f32[..., V]: `z` (logits / τ) with -inf outside the top-k, then outside the top-p nucleus."""
     z = jnp.asarray(z, jnp.float32)
     return jnp.where(_keep(z, top_k, top_p), z, -jnp.inf)
 
 
+def _is_greedy(sampler: Sampler) -> jax.Array | bool:
+    """τ == 0: a Python bool for a concrete temperature, a traced bool otherwise."""
+    t = sampler.temperature
+    return t == 0.0 if isinstance(t, float) else jnp.asarray(t) == 0
+
+
 def _masked(logits: jax.Array, sampler: Sampler) -> jax.Array:
-    """Tempered, masked float32 logits of a non-greedy sampler."""
-    z = jnp.asarray(logits, jnp.float32) / jnp.float32(sampler.temperature)
+    """Tempered, masked float32 logits (a traced greedy row is divided by 1; its mask is unused)."""
+    z = jnp.asarray(logits, jnp.float32)
+    t = sampler.temperature
+    if isinstance(t, float):
+        z = z / jnp.float32(t)
+    else:
+        t = jnp.asarray(t, jnp.float32)
+        z = z / jnp.where(t == 0, jnp.float32(1), t)
     return mask_logits(z, sampler.top_k, sampler.top_p)
+
+
+def _point_mass(logits: jax.Array) -> jax.Array:
+    return jax.nn.one_hot(argmax(logits), logits.shape[-1], dtype=bool)
 
 
 def log_probs(logits: jax.Array, sampler: Sampler) -> jax.Array:
     """f32[..., V]: log-probabilities of the sampler's distribution (τ = 0: a point mass)."""
     logits = jnp.asarray(logits, jnp.float32)
-    if sampler.greedy:
-        hot = jax.nn.one_hot(argmax(logits), logits.shape[-1], dtype=bool)
-        return jnp.where(hot, 0.0, -jnp.inf).astype(jnp.float32)
-    return jax.nn.log_softmax(_masked(logits, sampler), axis=-1)
+    greedy = _is_greedy(sampler)
+    point = lambda: jnp.where(_point_mass(logits), 0.0, -jnp.inf).astype(jnp.float32)
+    if greedy is True:
+        return point()
+    lp = jax.nn.log_softmax(_masked(logits, sampler), axis=-1)
+    return lp if greedy is False else jnp.where(greedy[..., None], point(), lp)
 
 
 def support(logits: jax.Array, sampler: Sampler) -> jax.Array:
     """bool[..., V]: tokens the sampler can emit (τ = 0: only the argmax)."""
     logits = jnp.asarray(logits, jnp.float32)
-    if sampler.greedy:
-        return jax.nn.one_hot(argmax(logits), logits.shape[-1], dtype=bool)
+    greedy = _is_greedy(sampler)
+    if greedy is True:
+        return _point_mass(logits)
     # Finite, not just unmasked: a token whose logit is already -inf can never be drawn.
-    return jnp.isfinite(_masked(logits, sampler))
+    sup = jnp.isfinite(_masked(logits, sampler))
+    return sup if greedy is False else jnp.where(greedy[..., None], _point_mass(logits), sup)
 
 
 def _rank_order(z: jax.Array) -> jax.Array:
@@ -230,25 +335,51 @@ def _rank_order(z: jax.Array) -> jax.Array:
 
 
 def choose(
-    logits: jax.Array, key: jax.Array, step: jax.Array | int, sampler: Sampler
+    logits: jax.Array,
+    key: jax.Array,
+    step: jax.Array | int,
+    sampler: Sampler,
+    noise_value: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """(int32 token, f32 log-prob) for ONE row f32[V] of logits at response step `step`."""
+    """(int32 token, f32 log-prob) for ONE row f32[V] of logits at response step `step`.
+
+    `noise_value` f32[V], if given, replaces the step's key-derived Gumbel noise (abduction).
+    """
+    token, all_lp = choose_with_log_probs(logits, key, step, sampler, noise_value)
+    return token, all_lp[token]
+
+
+def choose_with_log_probs(
+    logits: jax.Array,
+    key: jax.Array,
+    step: jax.Array | int,
+    sampler: Sampler,
+    noise_value: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """`choose`'s token and the f32[V] log-probs it reports for every token.
+
+    The reported log-prob is the sampler's, or for greedy (a point mass) the model's own, which
+    is the informative number; a forced token reads its own from the same vector, so forcing a
+    token to itself changes nothing.
+    """
     logits = jnp.asarray(logits, jnp.float32)
     if logits.ndim != 1:
         raise ValueError(f"choose takes one row f32[V] of logits, got {logits.shape}; vmap it")
     v = logits.shape[0]
-    if sampler.greedy:
-        token = argmax(logits)
-        # A point mass has log-prob 0; the model's own log-prob is the informative number.
-        return token, jax.nn.log_softmax(logits)[token]
+    greedy = _is_greedy(sampler)
+    if greedy is True:
+        return argmax(logits), jax.nn.log_softmax(logits)
+    if noise_value is not None and sampler.mechanism == "inverse-cdf":
+        raise ValueError("explicit noise is Gumbel noise: the inverse-cdf mechanism has none")
     zm = _masked(logits, sampler)
+    g = noise(key, step, v) if noise_value is None else jnp.asarray(noise_value, jnp.float32)
     if sampler.mechanism == "gumbel":
         # Noise indexed by token id: a token keeps its own noise when the distribution changes.
-        token = argmax(zm + noise(key, step, v))
+        token = argmax(zm + g)
     elif sampler.mechanism == "gumbel-rank":
         # Noise indexed by rank: ordinary (nucleus) sampling, no counterfactual stability.
         order = _rank_order(zm)
-        token = order[argmax(zm[order] + noise(key, step, v))]
+        token = order[argmax(zm[order] + g)]
     else:  # inverse-cdf
         probs = jax.nn.softmax(zm)
         cdf = jnp.cumsum(probs)
@@ -259,7 +390,12 @@ def choose(
         last = v - 1 - argmax((probs > 0)[::-1])
         token = jnp.where(jnp.any(hit), argmax(hit), last)
     token = token.astype(jnp.int32)
-    return token, jax.nn.log_softmax(zm)[token]
+    lp = jax.nn.log_softmax(zm)
+    if greedy is False:
+        return token, lp
+    return jnp.where(greedy, argmax(logits), token), jnp.where(
+        greedy, jax.nn.log_softmax(logits), lp
+    )
 
 
 def posterior_noise(
@@ -282,12 +418,12 @@ def posterior_noise(
             f"posterior_noise is defined for the 'gumbel' mechanism, not {sampler.mechanism!r}"
         )
     prior_noise = jnp.asarray(prior_noise, jnp.float32)
-    if sampler.greedy:
+    if _is_greedy(sampler) is True:
         return prior_noise  # greedy ignores the noise, so observing the token says nothing
     zm = _masked(logits, sampler)
     logp = jax.nn.log_softmax(zm)
     p = jnp.exp(logp)
-    key_t, key_e = jax.random.split(_as_key(key))
+    key_t, key_e = jax.random.split(as_key(key))
     tiny = jnp.finfo(jnp.float32).tiny
     t = jnp.maximum(jax.random.exponential(key_t, (), jnp.float32), tiny)
     e = jnp.maximum(jax.random.exponential(key_e, zm.shape, jnp.float32), tiny)

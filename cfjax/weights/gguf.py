@@ -17,10 +17,10 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
-from cfjax import model
-from cfjax.config import LlamaConfig, RopeScaling
+from cfjax.core import model
+from cfjax.core.config import LlamaConfig, RopeScaling
 from cfjax.gguf_header import Header, TensorInfo, read_header, write_metadata_only
-from cfjax.weight_stream import Source, Tensor, natural_dtype
+from cfjax.weights.stream import Source, Tensor, natural_dtype
 
 _LAYER = {
     "attn_q.weight": ("attn", "q", "kernel"),

@@ -22,8 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cfjax import model
-from cfjax.config import LlamaConfig
+from cfjax.core import model
+from cfjax.core.config import LlamaConfig
 
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(jnp.bfloat16)}
 

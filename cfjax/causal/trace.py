@@ -3,6 +3,8 @@
 A trace is the observed world of the causal model: the model id, the prompt, the response, the
 per-row key, the sampler, and the noise offset map (which noise index each response step used).
 A counterfactual can be computed from it later, in another process or on another machine.
+It holds only what JSON holds (its key as a typed key is the one array): no KV cache and no
+params, so keeping many traces pins no device memory (see `CacheStore` for the caches).
 """
 
 from __future__ import annotations
@@ -10,12 +12,11 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any
 
 import jax
 import numpy as np
 
-from cfjax.scm import Sampler
+from cfjax.core.scm import Sampler
 
 
 def key_to_list(key: jax.Array) -> list[int]:
@@ -35,7 +36,7 @@ class Trace:
     model_id: str
     prompt_tokens: list[int]
     tokens: list[int]
-    key: jax.Array
+    key: jax.Array  # typed key; serialised as raw key data
     sampler: Sampler
     max_new_tokens: int
     noise_index: list[int]  # noise index used by each response step (factual: 0, 1, 2, ...)
@@ -47,9 +48,6 @@ class Trace:
     stop_tokens: tuple[int, ...] = ()
     interventions: list[dict] = dataclasses.field(default_factory=list)
     alignment: dict | None = None  # counterfactuals: {"edit_start", "resume_at", "aligned_to"}
-    # The final KV cache of the run that made this trace (not serialised): lets a counterfactual
-    # with the same prompt skip the steps before its edit.
-    runtime: Any = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
     def stopped(self) -> bool:
@@ -58,7 +56,7 @@ class Trace:
 
     def to_dict(self) -> dict:
         """JSON-ready dict (keys as raw key data)."""
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "runtime"}
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["key"] = key_to_list(self.key)
         d["sampler"] = self.sampler.to_dict()
         d["stop_tokens"] = list(self.stop_tokens)
@@ -68,7 +66,7 @@ class Trace:
     @classmethod
     def from_dict(cls, d: dict) -> Trace:
         """Inverse of `to_dict`."""
-        names = {f.name for f in dataclasses.fields(cls)} - {"runtime"}
+        names = {f.name for f in dataclasses.fields(cls)}
         missing = {"model_id", "prompt_tokens", "tokens", "key", "sampler"} - set(d)
         if missing:
             raise ValueError(f"not a cfjax trace: missing fields {sorted(missing)}")

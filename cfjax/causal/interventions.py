@@ -15,10 +15,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cfjax import scm
-from cfjax.generate import prompt_tokens
-from cfjax.lm import LM, check_tokens
-from cfjax.trace import Trace
+from cfjax.causal.trace import Trace
+from cfjax.core import scm
+from cfjax.core.lm import LM, forward
+from cfjax.core.request import check_tokens, prompt_tokens
 
 
 class Intervention:
@@ -215,8 +215,6 @@ def _text_edit(lm: LM, trace: Trace, old: str, new: str, occurrence: int):
 
 def _auto(lm: LM, trace: Trace, iv: AutoIntervention) -> tuple[int, int, list[int]]:
     """Draw a different token from the top-p set of the factual distribution at `position`."""
-    from cfjax.lm import forward
-
     pos = iv.position
     logits = forward(lm, np.asarray([trace.prompt_tokens + trace.tokens[:pos]]))[0, -1]
     # A greedy trace (τ = 0) has a point-mass distribution: use the model's own (τ = 1) instead.

@@ -13,7 +13,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from cfjax.config import LlamaConfig
+from cfjax.core.config import LlamaConfig
 
 # Where the slots lie in a layer's key and value arrays (see KVCache).
 KEY_SLOT_AXIS = 3

@@ -1,9 +1,10 @@
 """Load and convert Llama weights: the one entry point for every checkpoint format.
 
 `load(spec)` takes an HF folder (safetensors), a Meta folder (`consolidated.*.pth`), a `.gguf`
-file, a converted cfjax folder (orbax + `cfjax.json`) or a known model name; `convert(src, dst)`
-writes the fast orbax copy. The readers live in hf_weights, meta_weights, gguf_weights and
-checkpoint; weight_stream holds the shape-checked assembly they share.
+file, a converted cfjax folder (orbax + `cfjax.json`), a known model name, or a model id that
+`load` gave (`name@bfloat16`, `gguf:/path/model.gguf`: what a trace records); `convert(src, dst)`
+writes the fast orbax copy. The readers live in hf, meta, gguf and checkpoint; stream holds the
+shape-checked assembly they share.
 """
 
 from __future__ import annotations
@@ -18,15 +19,25 @@ from typing import Any
 
 import numpy as np
 
-from cfjax import checkpoint
-from cfjax.config import LlamaConfig
-from cfjax.gguf_weights import open_gguf
-from cfjax.hf_weights import hf_name_to_path, open_hf
-from cfjax.lm import LM
-from cfjax.meta_weights import is_meta_dir, open_meta
-from cfjax.weight_stream import Source, assemble, resolve_dtype
+from cfjax.weights import checkpoint
+from cfjax.core.config import LlamaConfig
+from cfjax.weights.gguf import open_gguf
+from cfjax.weights.hf import hf_name_to_path, open_hf
+from cfjax.core.lm import LM
+from cfjax.weights.meta import is_meta_dir, open_meta
+from cfjax.weights.stream import DTYPES, Source, assemble, resolve_dtype
 
-__all__ = ["KNOWN_MODELS", "assemble", "convert", "hf_name_to_path", "list_models", "load"]
+__all__ = [
+    "KNOWN_MODELS",
+    "assemble",
+    "convert",
+    "hf_name_to_path",
+    "list_models",
+    "load",
+    "model_location",
+]
+
+SOURCE_KINDS = ("hf", "meta", "gguf", "cfjax", "path")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +87,7 @@ def weights_dir() -> Path:
     env = os.environ.get("CFJAX_WEIGHTS")
     if env:
         return Path(env).expanduser()
-    checkout = Path(__file__).resolve().parents[1] / "weights"
+    checkout = Path(__file__).resolve().parents[2] / "weights"
     if (checkout / "README.md").is_file():
         return checkout
     cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
@@ -100,14 +111,50 @@ def open_source(path: str | Path) -> Source:
     raise FileNotFoundError(f"{path}: no such file or directory")
 
 
+def model_location(model_id: str) -> tuple[str, str | None]:
+    """(what `load` takes, dtype or None) for a model id that `load` gave.
+
+    Ids are a known name or `KIND:/absolute/path` of the source, with `@DTYPE` when the params
+    were loaded in another dtype than the stored one: `smollm2-135m-instruct@bfloat16` ->
+    (`smollm2-135m-instruct`, `bfloat16`); `gguf:/m/x.gguf` -> (`/m/x.gguf`, None).
+    """
+    base, dtype = str(model_id), None
+    head, sep, tail = base.rpartition("@")
+    if sep and tail in DTYPES:
+        base, dtype = head, tail
+    kind, sep, rest = base.partition(":")
+    if sep and kind in SOURCE_KINDS:
+        base = rest
+    return base, dtype
+
+
+def _converted_copy(model_id: str) -> Path | None:
+    """A converted folder in `weights_dir()` whose recorded model id is `model_id`."""
+    wdir = weights_dir()
+    if not wdir.is_dir():
+        return None
+    for d in sorted(wdir.iterdir()):
+        if checkpoint.is_converted(d) and checkpoint.read_meta(d).get("model_id") == model_id:
+            return d
+    return None
+
+
 def _resolve(spec: str | Path) -> Path:
-    """A path as given, or a known/converted model name -> its converted folder."""
+    """A path as given, a known/converted model name, or a model id -> where to read it."""
     path = Path(spec).expanduser()
     if path.exists():
         return path
     name = str(spec)
     if name in KNOWN_MODELS or checkpoint.is_converted(weights_dir() / name):
         return _named(name)
+    base, dtype = model_location(name)
+    if base != name:  # a model id: its source, else a converted copy recorded with that id
+        if Path(base).expanduser().exists() or base in KNOWN_MODELS:
+            return _resolve(base)
+        for candidate in (name, name.removesuffix(f"@{dtype}")):
+            copy = _converted_copy(candidate)
+            if copy is not None:
+                return copy
     raise FileNotFoundError(
         f"{spec}: no such file or directory, and not a known model name "
         f"(known: {', '.join(KNOWN_MODELS)}; converted ones live in {weights_dir()})"
@@ -183,6 +230,8 @@ def load(spec: str | Path, dtype=None, *, progress: bool | None = None) -> LM:
     The source's own dtype is bfloat16 for bf16 checkpoints and float32 otherwise (float32,
     float16 and dequantised GGUF tensors). `progress` shows a bar (default: on a terminal).
     """
+    if dtype is None and not Path(spec).expanduser().exists():
+        dtype = model_location(str(spec))[1]  # a model id names its dtype
     path = _resolve(spec)
     if checkpoint.is_converted(path):
         return _load_converted(path, dtype)

@@ -19,9 +19,9 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from cfjax import model
-from cfjax.config import LlamaConfig
-from cfjax.weight_stream import expected_shapes
+from cfjax.core import model
+from cfjax.core.config import LlamaConfig
+from cfjax.weights.stream import expected_shapes
 
 FORMAT = "cfjax-checkpoint"
 VERSION = 2

@@ -18,11 +18,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cfjax import decode
-from cfjax.generate import as_key, check_request
-from cfjax.interventions import Intervention, Plan, plan
-from cfjax.lm import LM
-from cfjax.trace import Trace
+from cfjax.causal.factual import text_of
+from cfjax.causal.interventions import Intervention, Plan, plan
+from cfjax.causal.trace import Trace
+from cfjax.core import engine
+from cfjax.core.lm import LM
+from cfjax.core.request import as_key, check_request
+from cfjax.core.store import Stored
 
 
 def factual_noise_index(trace: Trace, step: int) -> int:
@@ -47,86 +49,85 @@ def _noise_map(trace: Trace, p: Plan, steps: int, fresh: bool) -> np.ndarray:
     return out
 
 
-def _can_reuse(traces: Sequence[Trace], plans: Sequence[Plan], length: int, chunk: int) -> bool:
-    rts = [t.runtime for t in traces]
-    return (
-        all(rt is not None for rt in rts)
-        and not any(p.prompt_changed or p.model_changed for p in plans)
-        # A cache filled by other params (same model_id, edited weights) would be stale.
-        and all(rt.params is p.params for rt, p in zip(rts, plans, strict=True))
-        and all(p.sampler == t.sampler for p, t in zip(plans, traces, strict=True))
-        and len({rt.prep.bucket for rt in rts}) == 1
-        and all(rt.chunk == chunk and rt.cache.length == length for rt in rts)
-    )
+def _resume(
+    lm: LM, traces: list[Trace], plans: list[Plan], bucket: int, length: int, chunk: int
+) -> engine.Resume | None:
+    """Continue every row from its factual run's stored cache, if all of them are still kept.
+
+    Only with the prompt and params unchanged, and a cache of the same layout: then the steps
+    before the first edit are the factual ones, already in the cache.
+    """
+    if any(p.prompt_changed or p.params is not lm.params for p in plans):
+        return None
+    hits = [lm.caches.get(p.params, t.prompt_tokens, t.tokens) for t, p in zip(traces, plans, strict=True)]
+    if any(
+        h is None
+        or (h.stored.bucket, h.stored.chunk, h.stored.cache.length) != (bucket, chunk, length)
+        for h in hits
+    ):
+        return None
+    first = min(p.edit_start for p in plans)
+    # One `take` per layer array per run of rows from one stored batch: a new array, as the
+    # decode donates its cache and the stored one must survive.
+    parts, starts = [], []
+    for _, group in itertools.groupby(hits, key=lambda h: id(h.stored)):
+        group = list(group)
+        rows = np.asarray([h.row for h in group])
+        stored = group[0].stored
+        parts.append(jax.tree_util.tree_map(lambda x, r=rows: jnp.take(x, r, axis=0), stored.cache))
+        starts.append(stored.start[rows])
+    cache = parts[0] if len(parts) == 1 else jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs), *parts)
+    last = [t.tokens[first - 1] if first > 0 else t.prompt_tokens[-1] for t in traces]
+    return engine.Resume(cache, np.concatenate(starts), bucket, first, last)
 
 
 def _run_group(
     lm: LM,
     traces: list[Trace],
     plans: list[Plan],
-    keys: jax.Array,
+    keys: list[jax.Array],
     fresh: bool,
     reuse_cache: bool,
     chunk: int,
 ) -> list[Trace]:
-    """Run rows that share sampler and params as one batch."""
-    sampler, params = plans[0].sampler, plans[0].params
+    """Run rows that share a mechanism and params as one batch (samplers may differ)."""
+    params = plans[0].params
     # Each row keeps its own length limit (the batch runs to the longest and rows are cut), so a
     # batched row equals its one-by-one result.
     limits = [max(t.max_new_tokens, p.resume_at + 1) for t, p in zip(traces, plans, strict=True)]
     steps = max(limits)
-    check_request(lm, [p.prompt_tokens for p in plans], steps)
-    forced = np.full((len(plans), steps), decode.NOT_FORCED, np.int32)
+    prompts = [p.prompt_tokens for p in plans]
+    check_request(lm, prompts, steps)
+    forced = np.full((len(plans), steps), engine.NOT_FORCED, np.int32)
     for b, p in enumerate(plans):
         forced[b, : p.resume_at] = p.forced
     noise = np.stack([_noise_map(t, p, steps, fresh) for t, p in zip(traces, plans, strict=True)])
     stop_tokens = traces[0].stop_tokens
-    prep = decode.prepare([p.prompt_tokens for p in plans])
-    length = decode.cache_length(prep.bucket, steps, chunk)
-
-    first = 0
-    if reuse_cache and _can_reuse(traces, plans, length, chunk):
-        first = min(p.edit_start for p in plans)
-        last = [t.tokens[first - 1] if first > 0 else t.prompt_tokens[-1] for t in traces]
-        carry, start = decode.resume([t.runtime for t in traces], first, last)
-        prep = traces[0].runtime.prep
-    else:
-        carry = decode.prefill(lm.config, params, prep, length)
-        start = prep.start
-    out = decode.decode(
-        lm.config,
-        params,
-        carry,
-        start=jnp.asarray(start),
-        keys=keys,
-        sampler=sampler,
-        stop_tokens=stop_tokens,
-        steps=steps,
-        forced=forced,
-        noise_index=noise,
-        first_step=first,
-        chunk=chunk,
+    bucket = engine.bucket_length(max(len(p) for p in prompts))
+    length = engine.cache_length(bucket, steps, chunk)
+    resume = _resume(lm, traces, plans, bucket, length, chunk) if reuse_cache else None
+    first = 0 if resume is None else resume.step
+    request = engine.Request(
+        prompts, jnp.stack(keys), [p.sampler for p in plans], steps, forced, noise
     )
-    runtime = decode.Runtime(out.carry.cache, _prep_for(prep, start), chunk, params)
+    out = engine.run(
+        lm.config, params, request, stop_tokens=stop_tokens, chunk=chunk, resume=resume
+    )
     results = []
     for b, (t, p) in enumerate(zip(traces, plans, strict=True)):
         tokens = (list(t.tokens[:first]) + out.tokens[b])[: limits[b]]
         logprobs = (list(t.logprobs[:first]) + out.logprobs[b])[: limits[b]]
-        text = ""
-        if lm.tokenizer is not None:
-            body = tokens[:-1] if tokens and tokens[-1] in stop_tokens else tokens
-            text = lm.tokenizer.decode(body)
         results.append(
             Trace(
                 model_id=p.model_id,
                 prompt_tokens=p.prompt_tokens,
                 tokens=tokens,
                 key=keys[b],
-                sampler=sampler,
+                sampler=p.sampler,
                 max_new_tokens=limits[b],
                 noise_index=noise[b, : len(tokens)].tolist(),
                 logprobs=logprobs,
-                text=text,
+                text=text_of(lm, tokens, stop_tokens),
                 prompt=t.prompt,
                 system=t.system,
                 chat=t.chat,
@@ -138,14 +139,12 @@ def _run_group(
                     "aligned_to": p.aligned_to,
                     "fresh_noise": fresh,
                 },
-                runtime=runtime.row(b) if not p.model_changed else None,
             )
         )
+    if params is lm.params:  # so that a counterfactual of a counterfactual reuses this cache
+        rows = [(r.prompt_tokens, (list(t.tokens[:first]) + out.tokens[b])) for b, (r, t) in enumerate(zip(results, traces, strict=True))]
+        lm.caches.put(Stored(out.cache, out.start, out.bucket, chunk, params), rows)
     return results
-
-
-def _prep_for(prep: decode.Prepared, start: np.ndarray) -> decode.Prepared:
-    return decode.Prepared(prep.prefix, prep.last, np.asarray(start), prep.bucket)
 
 
 def _batch(
@@ -159,20 +158,21 @@ def _batch(
     chunk: int | None,
 ) -> list[Trace]:
     if chunk is None:  # the factual run's chunk, so that its stored cache can be reused
-        runtime = traces[0].runtime
-        chunk = runtime.chunk if runtime is not None else decode.DEFAULT_CHUNK
+        hit = lm.caches.get(lm.params, traces[0].prompt_tokens, traces[0].tokens)
+        chunk = hit.stored.chunk if hit is not None else engine.DEFAULT_CHUNK
     plans = [plan(lm, t, iv, resume_at) for t, iv in zip(traces, interventions, strict=True)]
     results: list[Trace | None] = [None] * len(plans)
-    # Rows batch together when they share the static sampler and the params.
-    group_of = lambda i: (plans[i].sampler, id(plans[i].params))  # noqa: E731
-    order = sorted(range(len(plans)), key=lambda i: (str(group_of(i)[0]), group_of(i)[1]))
+    # Rows batch together when they share the static mechanism and the params; sampler values
+    # are data, so a grid of temperatures, top-k and top-p values is one batch.
+    group_of = lambda i: (plans[i].sampler.mechanism, id(plans[i].params))  # noqa: E731
+    order = sorted(range(len(plans)), key=group_of)
     for _, members in itertools.groupby(order, key=group_of):
         idx = list(members)
         out = _run_group(
             lm,
             [traces[i] for i in idx],
             [plans[i] for i in idx],
-            jnp.stack([keys[i] for i in idx]),
+            [keys[i] for i in idx],
             fresh,
             reuse_cache,
             chunk,

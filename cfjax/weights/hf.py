@@ -17,8 +17,8 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
-from cfjax.config import LlamaConfig
-from cfjax.weight_stream import Source, Tensor, natural_dtype
+from cfjax.core.config import LlamaConfig
+from cfjax.weights.stream import Source, Tensor, natural_dtype
 
 _DTYPES = {
     "F32": np.dtype(np.float32),

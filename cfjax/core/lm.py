@@ -8,20 +8,28 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from cfjax import model
-from cfjax.config import LlamaConfig
+from cfjax.core import model
+from cfjax.core.config import LlamaConfig
+from cfjax.core.request import check_tokens
+from cfjax.core.store import CacheStore
 
 
 @dataclasses.dataclass(frozen=True)
 class LM:
-    """A model ready to run: `params` is a plain pytree usable with jit, vmap, grad and orbax."""
+    """A model ready to run: `params` is a plain pytree usable with jit, vmap, grad and orbax.
+
+    `caches` keeps the final KV caches of recent runs (bounded, see `CacheStore`); copies made
+    with `replace` share it, and its entries are keyed by the params that filled them.
+    """
 
     config: LlamaConfig
     params: dict
     tokenizer: Any = None
     model_id: str = ""
+    caches: CacheStore = dataclasses.field(
+        default_factory=CacheStore, repr=False, compare=False
+    )
 
     @property
     def dtype(self) -> jnp.dtype:
@@ -31,24 +39,6 @@ class LM:
     def replace(self, **changes: Any) -> LM:
         """A copy with some fields changed (e.g. other params: a fine-tune or a weight edit)."""
         return dataclasses.replace(self, **changes)
-
-
-def check_tokens(tokens: Any, vocab_size: int, what: str = "tokens") -> None:
-    """Raise a clear error for token ids outside `[0, vocab_size)` (concrete arrays only)."""
-    if isinstance(tokens, jax.core.Tracer):
-        return
-    arr = np.asarray(tokens)
-    if arr.size == 0:
-        raise ValueError(f"{what} is empty")
-    if not np.issubdtype(arr.dtype, np.integer):
-        raise TypeError(f"{what} must be integer token ids, got dtype {arr.dtype}")
-    bad = np.argwhere((arr < 0) | (arr >= vocab_size))
-    if len(bad):
-        pos = tuple(int(i) for i in bad[0])
-        raise ValueError(
-            f"{what}: token id {int(arr[pos])} at position {pos} is outside the vocabulary "
-            f"[0, {vocab_size})"
-        )
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -1,0 +1,37 @@
+"""The causal layer over the core: traces, interventions, factual and counterfactual runs.
+
+(Named `causal`, not `counterfactual`, so that no module shadows the public function
+`cfjax.counterfactual`.)
+"""
+
+from cfjax.causal.factual import generate
+from cfjax.causal.interventions import (
+    AutoIntervention,
+    ChangeModel,
+    ChangeSampler,
+    DeleteText,
+    EditPrompt,
+    InsertText,
+    Intervention,
+    ReplaceText,
+    ReplaceTokens,
+)
+from cfjax.causal.replay import counterfactual, counterfactuals, interventional
+from cfjax.causal.trace import Trace
+
+__all__ = [
+    "AutoIntervention",
+    "ChangeModel",
+    "ChangeSampler",
+    "DeleteText",
+    "EditPrompt",
+    "InsertText",
+    "Intervention",
+    "ReplaceText",
+    "ReplaceTokens",
+    "Trace",
+    "counterfactual",
+    "counterfactuals",
+    "generate",
+    "interventional",
+]

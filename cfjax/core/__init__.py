@@ -1,0 +1,23 @@
+"""The functional core: config, the network, the KV cache, the sampling SCM and the engine.
+
+Pure functions over pytrees; nothing here imports the rest of cfjax. `sample` is the unit:
+one row, usable under `jax.jit` and `jax.vmap` (keys, sampler values, prompts, forced tokens,
+noise, params) and inside a user's own jitted code.
+"""
+
+from cfjax.core.config import LlamaConfig, RopeScaling, preset
+from cfjax.core.engine import Sampled, bucket_length, sample
+from cfjax.core.lm import LM, forward
+from cfjax.core.scm import Sampler
+
+__all__ = [
+    "LM",
+    "LlamaConfig",
+    "RopeScaling",
+    "Sampled",
+    "Sampler",
+    "bucket_length",
+    "forward",
+    "preset",
+    "sample",
+]

@@ -1,0 +1,376 @@
+"""The engine: prompt layout, prefill, one step function, the decode loop, and `sample`.
+
+Every route runs the same `step`: `sample` (one row, pure: jit, vmap and a user's own jitted code
+all work) and `run` (the host entry behind `generate`, `counterfactual(s)` and `interventional`:
+a batch, chunked so that it can stream, stop early and resume from a stored cache).
+
+Every token that is chosen (sampled or forced) comes out of the same single-token decode step:
+the prefill only fills the cache with `prompt[:-1]`, and step 0 feeds the last prompt token.
+So a factual run, a counterfactual that forces an edited prefix, and a run that resumes from a
+stored cache all compute each step's logits with identical shapes and rounding.
+
+Slot layout of one row (prompt of length n in a buffer of P = bucket slots, left-padded):
+  [pad ... pad | prompt[0] ... prompt[n-2]] [prompt[n-1] | resp[0] | resp[1] | ...]
+   0            start = P - (n - 1)        P-1   P        P+1       P+2
+Step i writes its input token at slot P + i and chooses response token i. The cache has
+`cache_length(P, steps)` slots, a function of the two static sizes alone, so `sample` on a prompt
+padded to `bucket_length(n)` runs exactly the program shapes `generate` runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cfjax.core import model, scm
+from cfjax.core.cache import KVCache, init_cache
+from cfjax.core.config import LlamaConfig
+from cfjax.core.request import as_key
+
+MIN_BUCKET = 32
+DEFAULT_CHUNK = 64
+NOT_FORCED = -1
+
+
+def bucket_length(n: int) -> int:
+    """Prompt buffer for an `n`-token prompt: a power of two >= max(n, MIN_BUCKET)."""
+    return max(MIN_BUCKET, 1 << max(n - 1, 0).bit_length())
+
+
+def cache_length(bucket: int, steps: int, chunk: int = DEFAULT_CHUNK) -> int:
+    """Slots for a prompt bucket plus `steps` response steps, rounded up to whole chunks.
+
+    Step i writes slot `bucket + i`, so `bucket + steps` slots suffice; rounding up lets nearby
+    lengths share one compiled program. Every decode step attends over all slots (masked past
+    the current one), so each spare slot costs attention time at every step.
+    """
+    return bucket + math.ceil(steps / chunk) * chunk
+
+
+# --- the traced pieces ---------------------------------------------------------------------
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Carry:
+    """Loop state: the token to feed, the cache, its slot, which rows are done."""
+
+    last: jax.Array  # [B] int32, fed at slot `index`
+    cache: KVCache
+    index: jax.Array  # [] int32, shared by the rows
+    done: jax.Array  # [B] bool
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Rows:
+    """What stays fixed per row during a decode: its key, first real slot and sampler values."""
+
+    key: jax.Array  # [B] typed keys
+    start: jax.Array  # [B] int32
+    sampler: scm.Sampler  # leaves [B]
+
+
+def layout(prompt: jax.Array, prompt_length: jax.Array) -> tuple[jax.Array, ...]:
+    """(prefix [B, P], last [B], start [B]) of right-padded prompts `[B, P]` with lengths `[B]`.
+
+    The prefix holds `prompt[:n-1]` left-padded into the P slots; the last token is decoded.
+    """
+    p = prompt.shape[1]
+    n = jnp.asarray(prompt_length, jnp.int32)
+    start = p - (n - 1)
+    src = jnp.arange(p, dtype=jnp.int32)[None, :] - start[:, None]
+    gathered = jnp.take_along_axis(prompt, jnp.clip(src, 0, p - 1), axis=1)
+    prefix = jnp.where(src >= 0, gathered, 0).astype(jnp.int32)
+    last = jnp.take_along_axis(prompt, jnp.maximum(n - 1, 0)[:, None], axis=1)[:, 0]
+    return prefix, last.astype(jnp.int32), start
+
+
+def prefill(config, params, prompt, prompt_length, length: int, dtype) -> tuple[Carry, jax.Array]:
+    """Fill a fresh cache of `length` slots with the prompts; the carry is ready for step 0."""
+    prefix, last, start = layout(prompt, prompt_length)
+    cache = init_cache(config, prompt.shape[0], length, dtype)
+    # Only the cache is kept, so XLA drops the unused LM head of the prompt positions.
+    cache = model.apply(config, params, prefix, start, cache, 0)[1]
+    index = jnp.asarray(prompt.shape[1], jnp.int32)
+    return Carry(last, cache, index, jnp.zeros(last.shape, bool)), start
+
+
+def step(config, stop_tokens, params, rows: Rows, carry: Carry, xs):
+    """One response step for every row: logits of `carry.last`, then choose or force a token."""
+    forced, noise_index, noise, cos_sin = xs
+    logits, cache = model.apply(
+        config, params, carry.last[:, None], rows.start, carry.cache, carry.index, cos_sin
+    )
+    chosen, all_lp = jax.vmap(scm.choose_with_log_probs)(logits[:, 0], rows.key, noise_index, rows.sampler, noise)
+    is_forced = forced != NOT_FORCED
+    token = jnp.where(is_forced, forced, chosen)
+    logprob = jnp.take_along_axis(all_lp, token[:, None], axis=1)[:, 0]
+    valid = ~carry.done
+    token = jnp.where(valid, token, 0)
+    logprob = jnp.where(valid, logprob, 0.0)
+    done = carry.done | jnp.isin(token, jnp.asarray(stop_tokens, jnp.int32)) & valid
+    return Carry(token, cache, carry.index + 1, done), (token, logprob, valid)
+
+
+def loop(config, stop_tokens, params, rows, carry, forced, noise_index, noise, n, early_exit):
+    """Up to `n` steps (<= the width of `forced` `[B, W]`) in one `lax.while_loop`.
+
+    With `early_exit` the loop also ends once every row is done (the host path). `sample` runs
+    without it: its condition then depends on the step count alone, which `vmap` leaves
+    unbatched (a batched condition would make every step select the whole cache).
+    Steps not run come back as not valid.
+    """
+    run_step = functools.partial(step, config, stop_tokens, params, rows)
+    batch, width = forced.shape
+    outputs = (
+        jnp.zeros((width, batch), jnp.int32),
+        jnp.zeros((width, batch), jnp.float32),
+        jnp.zeros((width, batch), bool),
+    )
+    # RoPE of every step the loop may run (slot `index + i`), before the loop: see `rotation`.
+    slots = carry.index + jnp.arange(width, dtype=jnp.int32)
+    positions = model.positions(slots[:, None], rows.start[None, :])[..., None]  # [W, B, 1]
+    cos, sin = model.rotation(positions, model.rope_frequencies(config))
+
+    def more(state):
+        i, carry, _ = state
+        return (i < n) & ~jnp.all(carry.done) if early_exit else i < n
+
+    def one(state):
+        i, carry, outputs = state
+        g = None if noise is None else noise[:, i]
+        carry, row = run_step(carry, (forced[:, i], noise_index[:, i], g, (cos[i], sin[i])))
+        return i + 1, carry, tuple(o.at[i].set(r) for o, r in zip(outputs, row, strict=True))
+
+    _, carry, outputs = jax.lax.while_loop(more, one, (jnp.int32(0), carry, outputs))
+    return carry, outputs
+
+
+# --- core.sample: one row, pure ------------------------------------------------------------
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Sampled:
+    """One row's result: `tokens` int32 `[N]`, `logprobs` float32 `[N]`, `length` int32 `[]`.
+
+    `length` counts the tokens produced, a final stop token included; entries past it are 0.
+    """
+
+    tokens: jax.Array
+    logprobs: jax.Array
+    length: jax.Array
+
+
+def sample(
+    config: LlamaConfig,
+    params: dict,
+    prompt: jax.Array,
+    prompt_length: jax.Array | int,
+    key: jax.Array,
+    sampler: scm.Sampler,
+    *,
+    max_new_tokens: int,
+    stop_tokens: Sequence[int] = (),
+    forced: jax.Array | None = None,
+    noise_index: jax.Array | None = None,
+    noise: jax.Array | None = None,
+) -> Sampled:
+    """Sample one response: a pure function of its inputs, for `jit`, `vmap` and `grad`-free use.
+
+    `prompt` int32 `[P]` holds `prompt_length` real tokens (the rest is ignored); `key` is a
+    typed key or raw key data; `sampler` a `Sampler` whose values may be traced. Optional:
+    `forced` int32 `[N]` (token to force, or -1 to sample), `noise_index` int32 `[N]` (the noise
+    index of each step, default 0..N-1) and `noise` float32 `[N, V]` (Gumbel noise replacing the
+    key-derived noise). Static: `config`, `max_new_tokens`, `stop_tokens` and the sampler's
+    structure. Padding the prompt to `bucket_length(prompt_length)` gives the program shapes of
+    `cfjax.generate`, whose tokens it equals.
+    """
+    n = max_new_tokens
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {n!r}")
+    prompt = jnp.asarray(prompt, jnp.int32)
+    if prompt.ndim != 1:
+        raise ValueError(f"prompt must be int32 [P] (one row; vmap for more), got {prompt.shape}")
+    for name, x, shape in (
+        ("forced", forced, (n,)),
+        ("noise_index", noise_index, (n,)),
+        ("noise", noise, (n, config.vocab_size)),
+    ):
+        if x is not None and tuple(jnp.shape(x)) != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {tuple(jnp.shape(x))}")
+    forced = jnp.full((n,), NOT_FORCED, jnp.int32) if forced is None else forced
+    noise_index = jnp.arange(n, dtype=jnp.int32) if noise_index is None else noise_index
+    if isinstance(prompt_length, (int, np.integer)) and not 1 <= prompt_length <= prompt.shape[0]:
+        raise ValueError(f"prompt_length {prompt_length} is outside [1, {prompt.shape[0]}]")
+    stops = tuple(sorted(int(t) for t in stop_tokens)) or (-1,)
+    sampler = scm.as_arrays(sampler)
+    return _sample(config, stops, params, prompt, prompt_length, as_key(key), sampler,
+                   jnp.asarray(forced, jnp.int32), jnp.asarray(noise_index, jnp.int32),
+                   None if noise is None else jnp.asarray(noise, jnp.float32))  # fmt: skip
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _sample(config, stop_tokens, params, prompt, prompt_length, key, sampler, forced, index, noise):
+    batch1 = lambda x: None if x is None else jnp.asarray(x)[None]
+    dtype = params["embed"]["embedding"].dtype
+    n = forced.shape[0]
+    carry, start = prefill(
+        config, params, prompt[None], batch1(prompt_length), cache_length(prompt.shape[0], n), dtype
+    )
+    rows = Rows(key[None], start, jax.tree_util.tree_map(batch1, sampler))
+    _, (tokens, logprobs, valid) = loop(
+        config, stop_tokens, params, rows, carry, forced[None], index[None], batch1(noise), n,
+        early_exit=False,
+    )  # fmt: skip
+    return Sampled(tokens[:, 0], logprobs[:, 0], jnp.sum(valid[:, 0], dtype=jnp.int32))
+
+
+# --- the host entry: a batch, chunked --------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4, 5))
+def _prefill(config, params, prompt, prompt_length, length, dtype):
+    return prefill(config, params, prompt, prompt_length, length, dtype)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(4,))
+def _run_chunk(config, stop_tokens, params, rows, carry, forced, noise_index, noise, n):
+    """Up to `n` steps (a traced count <= the chunk width), ending early once all rows are done.
+
+    One compiled program serves a short last chunk, a run resumed mid-chunk and a batch whose
+    rows all stopped, without running (or compiling for) steps nobody needs.
+    """
+    return loop(config, stop_tokens, params, rows, carry, forced, noise_index, noise, n, True)
+
+
+@dataclasses.dataclass
+class Request:
+    """A batch to decode: prompts, one key and sampler per row, the steps and what to force."""
+
+    prompts: list[list[int]]
+    keys: jax.Array  # [B] typed keys
+    samplers: list[scm.Sampler]
+    steps: int
+    forced: np.ndarray | None = None  # [B, <= steps] int32, NOT_FORCED = sample
+    noise_index: np.ndarray | None = None  # [B, <= steps] int32, default: the step
+    noise: Any = None  # [B, steps, V] float32 explicit Gumbel noise
+
+
+@dataclasses.dataclass
+class Resume:
+    """Continue from a stored cache at response step `step` instead of prefilling."""
+
+    cache: KVCache  # [B, ...], a copy the decode may donate
+    start: np.ndarray  # [B]
+    bucket: int
+    step: int
+    last: list[int]  # the token each row feeds at `step`
+
+
+@dataclasses.dataclass
+class Decoded:
+    """Result of `run`: per-row tokens and log-probs of steps `[first, steps)`, the final cache."""
+
+    tokens: list[list[int]]
+    logprobs: list[list[float]]
+    cache: KVCache  # holds every step's keys/values (for cache reuse)
+    start: np.ndarray
+    bucket: int
+    index: int  # the slot the next step would write
+
+
+def run(
+    config: LlamaConfig,
+    params: dict,
+    request: Request,
+    *,
+    stop_tokens: Sequence[int],
+    chunk: int = DEFAULT_CHUNK,
+    resume: Resume | None = None,
+    on_chunk: Callable[[list[list[int]]], None] | None = None,
+) -> Decoded:
+    """Decode a batch: prefill (or resume), then jitted chunks of up to `chunk` steps.
+
+    Chunking never changes a token: noise is keyed by step, and every chunk runs the same
+    compiled step. Stops early once every row has emitted a stop token. `on_chunk(rows)` gets
+    the tokens so far after each chunk.
+    """
+    batch, steps = len(request.prompts), request.steps
+    bucket = bucket_length(max(len(p) for p in request.prompts))
+    length = cache_length(bucket, steps, chunk)
+    first = 0 if resume is None else resume.step
+    if resume is None:
+        prompt = np.zeros((batch, bucket), np.int32)
+        for b, p in enumerate(request.prompts):
+            prompt[b, : len(p)] = p
+        lengths = np.asarray([len(p) for p in request.prompts], np.int32)
+        dtype = params["embed"]["embedding"].dtype
+        carry, start = _prefill(config, params, prompt, lengths, length, dtype)
+    else:
+        if (resume.bucket, resume.cache.length) != (bucket, length):
+            raise ValueError(
+                f"a stored cache of {resume.bucket} + {resume.cache.length - resume.bucket} slots "
+                f"cannot serve {bucket} + {length - bucket}"
+            )
+        start = jnp.asarray(resume.start)
+        carry = Carry(
+            jnp.asarray(resume.last, jnp.int32),
+            resume.cache,
+            jnp.asarray(bucket + first, jnp.int32),
+            jnp.zeros((batch,), bool),
+        )
+    width = first + math.ceil((steps - first) / chunk) * chunk
+    forced = np.full((batch, width), NOT_FORCED, np.int32)
+    noise_index = np.broadcast_to(np.arange(width, dtype=np.int32), (batch, width)).copy()
+    if request.forced is not None:
+        forced[:, : request.forced.shape[1]] = request.forced
+    if request.noise_index is not None:
+        noise_index[:, : request.noise_index.shape[1]] = request.noise_index
+    noise = request.noise
+    if noise is not None:  # pad to whole chunks; padded steps are never run
+        noise = jnp.pad(jnp.asarray(noise, jnp.float32), ((0, 0), (0, width - steps), (0, 0)))
+    stops = tuple(sorted(int(t) for t in stop_tokens)) or (-1,)
+    rows = Rows(request.keys, start, scm.stack(request.samplers, config.vocab_size))
+    # jit keys its cache on whether arrays are committed to a device: commit the inputs now so
+    # the first chunk and the later ones (which get jit outputs) share one compilation.
+    commit = lambda x: jax.device_put(jnp.asarray(x), jnp.asarray(x).sharding)
+    rows, carry = jax.tree_util.tree_map(commit, (rows, carry))
+    out: list[tuple[np.ndarray, ...]] = []
+    for s in range(first, steps, chunk):
+        carry, chunk_out = _run_chunk(
+            config, stops, params, rows, carry,
+            jnp.asarray(forced[:, s : s + chunk]), jnp.asarray(noise_index[:, s : s + chunk]),
+            None if noise is None else noise[:, s : s + chunk],
+            jnp.asarray(min(chunk, steps - s), jnp.int32),
+        )  # fmt: skip
+        out.append(tuple(np.asarray(x).T for x in chunk_out))
+        if on_chunk is not None:
+            on_chunk(_rows([o[0] for o in out], [o[2] for o in out], steps - first))
+        if bool(np.all(np.asarray(carry.done))):
+            break
+    valid = [o[2] for o in out]
+    tokens = _rows([o[0] for o in out], valid, steps - first)
+    logprobs = _rows([o[1] for o in out], valid, steps - first)
+    return Decoded(
+        tokens,
+        [[float(x) for x in r] for r in logprobs],
+        carry.cache,
+        np.asarray(start),
+        bucket,
+        int(carry.index),
+    )
+
+
+def _rows(parts: list[np.ndarray], valid: list[np.ndarray], limit: int) -> list[list]:
+    values = np.concatenate(parts, axis=1)[:, :limit]
+    mask = np.concatenate(valid, axis=1)[:, :limit]
+    return [values[b][mask[b]].tolist() for b in range(values.shape[0])]
