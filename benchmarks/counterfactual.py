@@ -27,7 +27,7 @@ import argparse
 import json
 import time
 
-from decode import (
+from common import (
     DEFAULT_MODEL,
     DEFAULT_PROMPT,
     CompileClock,
@@ -56,10 +56,7 @@ def main() -> None:
 
     import jax
 
-    from cfjax.causal.replay import counterfactual, counterfactuals
-    from cfjax.causal.factual import generate
-    from cfjax.causal.interventions import ReplaceTokens
-    from cfjax.core.scm import Sampler
+    from cfjax import ReplaceTokens, Sampler, counterfactual, counterfactuals, generate
 
     started = time.perf_counter()
     clock = CompileClock()

@@ -19,15 +19,12 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from decode import plain_decode  # benchmarks/, beside this file
+from common import plain_decode, tree_bytes  # benchmarks/, beside this file
 from profile_decode import print_table, profile
 
 import cfjax
-from cfjax.core import model
-from cfjax.causal.replay import counterfactual
-from cfjax.causal.factual import generate
-from cfjax.causal.interventions import ReplaceTokens
-from cfjax.core.scm import Sampler
+from cfjax import ReplaceTokens, Sampler, counterfactual, generate
+from cfjax.core import engine, model
 
 # Peak HBM bandwidth by device kind (bytes/s), for the roofline; others use a measured copy.
 PEAK_BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}
@@ -52,11 +49,6 @@ def peak_bandwidth() -> tuple[float, str]:
         if name in kind:
             return bw, f"{kind} spec"
     return copy_bandwidth(), f"{kind} measured copy"
-
-
-def tree_bytes(tree) -> int:
-    """Total bytes of a pytree's arrays."""
-    return sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree))
 
 
 def timed(fn):
@@ -108,7 +100,7 @@ def main() -> None:
         _, first_s = timed(run)  # includes compilation
         traces, warm_s = timed(run)
         tok_s = batch * args.new_tokens / warm_s
-        slots = traces[0].runtime.cache.length
+        slots = engine.cache_length(engine.bucket_length(args.prompt_len), args.new_tokens)
         kv_bytes = 2 * config.n_layers * batch * slots * config.n_kv_heads * config.head_dim
         kv_bytes *= dtype.itemsize
         roofline = batch * bw / (param_bytes + kv_bytes)

@@ -24,9 +24,10 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-from decode import DEFAULT_MODEL, load_lm, machine  # benchmarks/decode.py, beside this file
+import numpy as np
+from common import DEFAULT_MODEL, load_lm, machine  # benchmarks/, beside this file
 
-from cfjax import decode, scm
+from cfjax.core import engine, scm
 
 
 def op_shapes(hlo_text: str) -> dict[str, str]:
@@ -66,36 +67,40 @@ def trace_ops(fn) -> dict[str, tuple[float, int]]:
     return {k: (v[0], v[1]) for k, v in totals.items()}
 
 
-def profile(lm, batch: int, steps: int, chunk: int = decode.DEFAULT_CHUNK, prompt_len: int = 42):
+def profile(lm, batch: int, steps: int, chunk: int = engine.DEFAULT_CHUNK, prompt_len: int = 42):
     """Trace `steps` warm decode steps of `lm` at `batch`; the per-op table as a dict."""
     c = lm.config
     prompt = [1 + (7 * i) % (c.vocab_size - 1) for i in range(prompt_len)]
-    prep = decode.prepare([prompt] * batch)
+    bucket = engine.bucket_length(prompt_len)
+    padded = np.zeros((batch, bucket), np.int32)
+    padded[:, :prompt_len] = prompt
+    lengths = np.full((batch,), prompt_len, np.int32)
     keys = jax.random.split(jax.random.key(0), batch)
-    start = jnp.asarray(prep.start)
     sampler = scm.Sampler(temperature=1.0)
-    length = decode.cache_length(prep.bucket, steps, chunk)
+    request = engine.Request([prompt] * batch, keys, [sampler] * batch, steps)
+    length = engine.cache_length(bucket, steps, chunk)
 
     def prefilled():
-        return jax.block_until_ready(decode.prefill(c, lm.params, prep, length))
+        """The decode's starting point: a cache holding the prompts (the prefill not timed)."""
+        carry, start = engine._prefill(c, lm.params, padded, lengths, length, lm.dtype)
+        jax.block_until_ready(carry)
+        return carry, engine.Resume(carry.cache, np.asarray(start), bucket, 0, [prompt[-1]] * batch)
 
-    def run(carry) -> float:
+    def run(resume) -> float:
         t = time.perf_counter()
-        decode.decode(
-            c, lm.params, carry, start=start, keys=keys, sampler=sampler, stop_tokens=(),
-            steps=steps, chunk=chunk,
-        )  # fmt: skip
+        engine.run(c, lm.params, request, stop_tokens=(), chunk=chunk, resume=resume)
         return time.perf_counter() - t
 
-    run(prefilled())  # compile
-    carry, wall = prefilled(), []
-    events = trace_ops(lambda: wall.append(run(carry)))
-    carry = prefilled()
+    run(prefilled()[1])  # compile
+    resume, wall = prefilled()[1], []
+    events = trace_ops(lambda: wall.append(run(resume)))
+    carry, resume = prefilled()
     width = min(chunk, steps)
-    hlo = decode._run_chunk.lower(
-        c, sampler, (-1,), lm.params, keys, start, carry,
-        jnp.full((batch, width), decode.NOT_FORCED, jnp.int32),
-        jnp.zeros((batch, width), jnp.int32), jnp.int32(width),
+    rows = engine.Rows(keys, jnp.asarray(resume.start), scm.stack(request.samplers, c.vocab_size))
+    hlo = engine._run_chunk.lower(
+        c, (-1,), lm.params, jax.tree_util.tree_map(jnp.asarray, rows), carry,
+        jnp.full((batch, width), engine.NOT_FORCED, jnp.int32),
+        jnp.zeros((batch, width), jnp.int32), None, jnp.int32(width),
     ).compile().as_text()  # fmt: skip
     shapes = op_shapes(hlo)
     rows: dict[str, list] = collections.defaultdict(lambda: [0.0, 0])
@@ -141,7 +146,7 @@ def main() -> None:
     ap.add_argument("--config", help="random weights of this preset instead (e.g. tiny)")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--steps", type=int, default=128, help="decode steps traced")
-    ap.add_argument("--chunk", type=int, default=decode.DEFAULT_CHUNK)
+    ap.add_argument("--chunk", type=int, default=engine.DEFAULT_CHUNK)
     ap.add_argument("--prompt-len", type=int, default=42)
     ap.add_argument("--top", type=int, default=20, help="rows printed")
     ap.add_argument("--json", action="store_true")

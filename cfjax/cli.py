@@ -41,7 +41,12 @@ def _parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("counterfactual", help="what would the model have written if ...")
     c.add_argument("trace", type=Path, help="trace JSON written by `cfjax generate --out`")
-    c.add_argument("--model", default=None, help="default: the trace's model")
+    c.add_argument(
+        "--model", default=None, help="another location of the trace's model (default: its id)"
+    )
+    c.add_argument(
+        "--dtype", default=None, choices=["float32", "bfloat16"], help="default: the trace's"
+    )
     c.add_argument("--replace", metavar="OLD=>NEW", help="replace text in the response")
     c.add_argument("--occurrence", type=int, default=1)
     c.add_argument("--at", type=int, metavar="POS", help="response token position to replace")
@@ -76,11 +81,11 @@ def _load(spec: str, dtype: str | None = None):
 
 
 def _sampler(args, base=None):
-    from cfjax.core.scm import Sampler
+    from cfjax.core import Sampler
 
     if base is None:
         return Sampler(args.temperature, args.top_k, args.top_p, args.mechanism)
-    from cfjax.causal.interventions import ChangeSampler
+    from cfjax.causal import ChangeSampler
 
     changes = {
         "temperature": args.temperature,
@@ -94,7 +99,7 @@ def _sampler(args, base=None):
 
 def cmd_generate(args) -> int:
     """`cfjax generate`: stream the response, save the trace."""
-    from cfjax.causal.factual import generate
+    from cfjax.causal import generate
 
     sampler = _sampler(args)  # validate arguments before the (slow) model load
     lm = _load(args.model, args.dtype)
@@ -150,8 +155,15 @@ def _interventions(args, lm, trace) -> list:
     return out
 
 
-def _model_spec(model_id: str) -> str:
-    return model_id.split(":", 1)[1] if model_id.startswith(("hf:", "path:")) else model_id
+def _replay_model(trace, model: str | None, dtype: str | None):
+    """The model that made `trace`: loaded from its id, or from `model`, another location of
+    the same weights (then labelled with the trace's id, so that the trace is accepted)."""
+    from cfjax.weights import model_location
+
+    if model is None:
+        return _load(trace.model_id, dtype)
+    lm = _load(model, dtype or model_location(trace.model_id)[1])
+    return lm.replace(model_id=trace.model_id)
 
 
 def cmd_counterfactual(args) -> int:
@@ -159,11 +171,10 @@ def cmd_counterfactual(args) -> int:
     from rich.console import Console
 
     from cfjax import present
-    from cfjax.causal.replay import counterfactual, interventional
-    from cfjax.causal.trace import Trace
+    from cfjax.causal import Trace, counterfactual, interventional
 
     trace = Trace.from_json(args.trace)
-    lm = _load(args.model or _model_spec(trace.model_id))
+    lm = _replay_model(trace, args.model, args.dtype)
     ivs = _interventions(args, lm, trace)
     if args.interventional:
         result = interventional(lm, trace, ivs, key=args.seed)

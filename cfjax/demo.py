@@ -24,10 +24,8 @@ def run(seed: int | None = None, html: Path | None = None) -> int:
     from rich.panel import Panel
 
     from cfjax import present
-    from cfjax.causal.replay import counterfactual, interventional
-    from cfjax.causal.factual import generate
-    from cfjax.causal.interventions import ReplaceText
-    from cfjax.core.scm import Sampler
+    from cfjax.causal import ReplaceText, counterfactual, generate, interventional
+    from cfjax.core import Sampler
     from cfjax.weights import load
 
     console = Console()

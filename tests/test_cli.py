@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from cfjax.cli import main
 from cfjax.causal.trace import Trace
+from cfjax.cli import main
 
 
 def run_cli(*args: str, cache: str = "") -> subprocess.CompletedProcess:

@@ -22,8 +22,6 @@ from conftest import ref_keep
 
 import cfjax
 import cfjax.tokenizer
-from cfjax import decode, scm
-from cfjax.causal.replay import counterfactual, counterfactuals, interventional
 from cfjax.causal.factual import generate
 from cfjax.causal.interventions import (
     AutoIntervention,
@@ -36,9 +34,11 @@ from cfjax.causal.interventions import (
     ReplaceTokens,
     plan,
 )
+from cfjax.causal.replay import counterfactual, counterfactuals, interventional
+from cfjax.causal.trace import Trace
+from cfjax.core import engine, scm
 from cfjax.core.model import init_params
 from cfjax.core.scm import Sampler
-from cfjax.causal.trace import Trace
 
 CHUNK = 16
 STEPS = 48
@@ -338,19 +338,16 @@ def test_two_response_edits_force_the_span_between_them(lm, fact, word):
 
 
 def _spy(monkeypatch):
+    """Records each engine run as ["prefill", 0] or [the step it resumed a stored cache at]."""
     calls = []
-    real_prefill, real_decode = decode.prefill, decode.decode
-
-    def prefill(*a, **kw):
-        calls.append("prefill")
-        return real_prefill(*a, **kw)
+    real_run = engine.run
 
     def run(*a, **kw):
-        calls.append(kw.get("first_step", 0))
-        return real_decode(*a, **kw)
+        resume = kw.get("resume")
+        calls.extend(["prefill", 0] if resume is None else [resume.step])
+        return real_run(*a, **kw)
 
-    monkeypatch.setattr(decode, "prefill", prefill)
-    monkeypatch.setattr(decode, "decode", run)
+    monkeypatch.setattr(engine, "run", run)
     return calls
 
 
@@ -507,7 +504,7 @@ def test_auto_intervention_on_a_greedy_trace_uses_the_model_distribution(lm, fac
         if fact.tokens[j] == int(np.argmax(logits[j])) and ref_mask(logits[j], None, 0.9).sum() >= 3
     )
     nucleus = ref_mask(logits[pos], None, 0.9)
-    greedy = dataclasses.replace(fact, sampler=Sampler(temperature=0.0), runtime=None)
+    greedy = dataclasses.replace(fact, sampler=Sampler(temperature=0.0))
     chosen = {plan(lm, greedy, AutoIntervention(pos, seed=s)).forced[pos] for s in range(8)}
     assert fact.tokens[pos] not in chosen
     assert all(nucleus[t] for t in chosen)
@@ -603,7 +600,6 @@ def test_counterfactual_json_round_trip(lm, fact, word, tmp_path):
     assert raw["alignment"] == cf.alignment
     assert raw["alignment"]["aligned_to"] == 33
     back = Trace.from_json(tmp_path / "cf.json")
-    assert back.runtime is None
     assert back.to_dict() == cf.to_dict()
     same_result(back, cf)
     # A counterfactual of the loaded counterfactual follows its noise map: an identity edit
@@ -636,7 +632,8 @@ def test_counterfactual_of_a_counterfactual_keeps_the_noise_alignment(lm, fact):
 
 def test_factual_trace_from_json_gives_the_same_counterfactual(lm, fact, word):
     loaded = Trace.from_json(fact.to_json())
-    assert loaded.runtime is None and fact.runtime is not None
+    # The cache is found by the trace's tokens, so a trace read back from JSON reuses it too.
+    assert lm.caches.get(lm.params, loaded.prompt_tokens, loaded.tokens) is not None
     for iv in (ReplaceTokens(20, [other_token(fact.tokens[20])]), ReplaceText(word[1], NEW_WORD)):
         same_result(
             counterfactual(lm, loaded, iv, chunk=CHUNK), counterfactual(lm, fact, iv, chunk=CHUNK)

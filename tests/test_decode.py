@@ -1,4 +1,4 @@
-"""The decoding engine (cfjax.decode, cfjax.generate, cfjax.trace) on the tiny preset.
+"""The decoding engine (cfjax.core.engine, cfjax.generate, cfjax.Trace) on the tiny preset.
 
 References are independent of the scan: the plain no-cache `cfjax.forward`, a numpy transcription
 of the sampler masks with noise drawn straight from `jax.random`, an eager Python-loop decode,
@@ -22,12 +22,12 @@ import pytest
 from conftest import ref_keep
 
 import cfjax
-from cfjax import decode, model, scm
-from cfjax.core.cache import init_cache
 from cfjax.causal.factual import generate
+from cfjax.causal.trace import Trace
+from cfjax.core import engine, model, scm
+from cfjax.core.cache import init_cache
 from cfjax.core.scm import Sampler
 from cfjax.tokenizer import Tokenizer
-from cfjax.causal.trace import Trace
 
 ROOT = Path(__file__).resolve().parents[1]
 N = 48  # max_new_tokens of most runs
@@ -165,7 +165,7 @@ def test_comparison_mechanisms_against_forward(lm, base, mechanism):
 def test_forced_tokens_and_noise_index_inside_the_scan(lm, base):
     """Forced steps are fed to the cache; later steps sample with the given noise index."""
     sampler = Sampler()
-    forced = np.full((1, N), decode.NOT_FORCED, np.int32)
+    forced = np.full((1, N), engine.NOT_FORCED, np.int32)
     forced[0, :3] = base.tokens[:3]
     forced[0, 3] = (base.tokens[3] + 1) % V  # an edit: the rest of the response changes
     shift = np.arange(N, dtype=np.int32)[None] + 5
@@ -181,28 +181,17 @@ def test_forced_tokens_and_noise_index_inside_the_scan(lm, base):
 def test_forcing_the_factual_tokens_changes_nothing(lm, sampler):
     """A null intervention at decode level: same tokens and same log-probs, greedy included."""
     free = _decode(lm, sampler)
-    forced = np.full((1, N), decode.NOT_FORCED, np.int32)
+    forced = np.full((1, N), engine.NOT_FORCED, np.int32)
     forced[0, :20] = free.tokens[0][:20]
     again = _decode(lm, sampler, forced=forced)
     assert again.tokens == free.tokens
     np.testing.assert_array_equal(again.logprobs, free.logprobs)
 
 
-def _decode(lm, sampler, *, prompt=PROMPT, stop_tokens=(), on_chunk=None, **kw):
-    prep = decode.prepare([prompt])
-    carry = decode.prefill(lm.config, lm.params, prep, decode.cache_length(prep.bucket, N, CHUNK))
-    return decode.decode(
-        lm.config,
-        lm.params,
-        carry,
-        start=jnp.asarray(prep.start),
-        keys=KEY[None],
-        sampler=sampler,
-        stop_tokens=stop_tokens,
-        steps=N,
-        chunk=CHUNK,
-        on_chunk=on_chunk,
-        **kw,
+def _decode(lm, sampler, *, prompt=PROMPT, stop_tokens=(), on_chunk=None, steps=N, **kw):
+    request = engine.Request([prompt], KEY[None], [sampler], steps, **kw)
+    return engine.run(
+        lm.config, lm.params, request, stop_tokens=stop_tokens, chunk=CHUNK, on_chunk=on_chunk
     )
 
 
@@ -353,41 +342,28 @@ def test_stop_token_ends_the_row(lm, base, stops):
     out = _decode(lm, Sampler(), stop_tokens=stops, on_chunk=calls.append)
     assert out.tokens == [want] and len(calls) == 1
     # ... and that chunk ended at the stop: exactly len(want) steps ran (cache slots written).
-    assert int(out.carry.index) == decode.prepare([PROMPT]).bucket + len(want)
+    assert out.index == engine.bucket_length(len(PROMPT)) + len(want)
 
 
 def test_a_short_last_chunk_runs_only_the_steps_left(lm, base):
-    prep = decode.prepare([PROMPT])
+    bucket = engine.bucket_length(len(PROMPT))
     for steps in (5, CHUNK + 3):
-        carry = decode.prefill(
-            lm.config, lm.params, prep, decode.cache_length(prep.bucket, steps, CHUNK)
-        )
-        out = decode.decode(
-            lm.config,
-            lm.params,
-            carry,
-            start=jnp.asarray(prep.start),
-            keys=KEY[None],
-            sampler=Sampler(),
-            stop_tokens=(),
-            steps=steps,
-            chunk=CHUNK,
-        )
+        out = _decode(lm, Sampler(), steps=steps)
         assert out.tokens == [base.tokens[:steps]]
-        assert int(out.carry.index) == prep.bucket + steps  # no step past the last one ran
+        assert out.index == bucket + steps  # no step past the last one ran
 
 
-def test_steps_past_the_cache_are_refused(lm):
-    """A write past the cache's end would be clamped onto its last slot: decode refuses it."""
-    prep = decode.prepare([PROMPT])
-    carry = decode.prefill(lm.config, lm.params, prep, prep.bucket + 4)
-    run = functools.partial(
-        decode.decode, lm.config, lm.params, start=jnp.asarray(prep.start), keys=KEY[None],
-        sampler=Sampler(), stop_tokens=(), chunk=CHUNK,
-    )  # fmt: skip
-    with pytest.raises(ValueError, match=f"5 steps from slot {prep.bucket} need {prep.bucket + 5}"):
-        run(carry, steps=5)
-    assert len(run(carry, steps=4).tokens[0]) == 4
+def test_a_stored_cache_of_another_layout_is_refused(lm):
+    """A write past the cache's end would be clamped onto its last slot: a resumed run whose
+    stored cache is shorter than its steps need is refused."""
+    bucket = engine.bucket_length(len(PROMPT))
+    short = init_cache(lm.config, 1, bucket + 4)
+    resume = engine.Resume(short, np.asarray([bucket - len(PROMPT) + 1]), bucket, 0, [PROMPT[-1]])
+    with pytest.raises(ValueError, match=f"stored cache of {bucket} \\+ 4 slots cannot serve"):
+        engine.run(
+            lm.config, lm.params, engine.Request([PROMPT], KEY[None], [Sampler()], 5),
+            stop_tokens=(), chunk=CHUNK, resume=resume,
+        )  # fmt: skip
 
 
 def test_rows_stopping_early_do_not_affect_others(lm, batch):
@@ -551,7 +527,7 @@ def test_new_prompt_length_in_bucket_does_not_recompile(lm):
         if event == "/jax/core/compile/backend_compile_duration":
             compiles.append(event)
 
-    sizes = (decode._run_chunk._cache_size(), decode._prefill._cache_size())
+    sizes = (engine._run_chunk._cache_size(), engine._prefill._cache_size())
     jax.monitoring.register_event_duration_secs_listener(listen)
     try:
         t = gen(lm, [6] * 30)  # another length, same bucket
@@ -560,7 +536,7 @@ def test_new_prompt_length_in_bucket_does_not_recompile(lm):
         assert len(compiles) >= 1
     finally:
         jax.monitoring.unregister_event_duration_listener(listen)
-    assert (decode._run_chunk._cache_size(), decode._prefill._cache_size()) == sizes
+    assert (engine._run_chunk._cache_size(), engine._prefill._cache_size()) == sizes
 
 
 # --- bad inputs -------------------------------------------------------------------------------
@@ -607,7 +583,4 @@ def test_response_may_fill_the_context(lm):
 
 
 def test_generate_importable():
-    # Through sys.modules: a package-level `generate` function would shadow the module attribute.
-    assert sys.modules["cfjax.generate"].generate is generate
-    if "generate" in getattr(cfjax, "__all__", ()):  # exported by the package
-        assert cfjax.generate is generate
+    assert cfjax.generate is generate and sys.modules["cfjax.causal.factual"].generate is generate

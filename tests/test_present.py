@@ -5,8 +5,8 @@ from __future__ import annotations
 import jax
 
 from cfjax import present
-from cfjax.core.scm import Sampler
 from cfjax.causal.trace import Trace
+from cfjax.core.scm import Sampler
 
 
 def _trace(tokens, alignment=None):

@@ -1,4 +1,4 @@
-"""Tests of the sampling SCM (cfjax.scm) against independent numpy / scipy references."""
+"""Tests of the sampling SCM (cfjax.core.scm) against independent numpy / scipy references."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from conftest import ref_keep
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from cfjax import scm
+from cfjax.core import scm
 from cfjax.core.scm import Sampler
 
 V = 8

@@ -21,8 +21,9 @@ import pytest
 from conftest import hf_llama, hf_logits
 
 import cfjax
-from cfjax import checkpoint, weights
 from cfjax.core.config import RopeScaling
+from cfjax.weights import checkpoint
+from cfjax.weights import loader as weights
 
 TOKENS = np.random.default_rng(7).integers(0, 128, size=(1, 256))
 HEADS, KV_HEADS = 4, 2
@@ -381,7 +382,7 @@ def test_gguf_types(tmp_path, qtype):
     write_gguf(tmp_path / "m.gguf", sd, cfg, encode=encode)
     lm = cfjax.load(tmp_path / "m.gguf")
     assert lm.dtype == (jnp.bfloat16 if qtype == "BF16" else jnp.float32)
-    p = cfjax.model.split_params(lm.config, lm.params)
+    p = cfjax.core.model.split_params(lm.config, lm.params)
     got = {
         "token_embd.weight": p["embed"]["embedding"],
         "output.weight": p["lm_head"]["kernel"].T,
@@ -437,7 +438,7 @@ def test_version1_checkpoint_with_split_kernels_loads_fused(tiny, tmp_path):
     src = cfjax.load(d)
     old = tmp_path / "v1"
     old.mkdir()
-    checkpoint.save_params(old, cfjax.model.split_params(src.config, src.params))
+    checkpoint.save_params(old, cfjax.core.model.split_params(src.config, src.params))
     meta = {"config": src.config.to_dict(), "dtype": "float32", "model_id": src.model_id}
     meta |= {"source": str(d), "source_format": "hf", "tokenizer": None}
     (old / "cfjax.json").write_text(json.dumps({"format": checkpoint.FORMAT, "version": 1, **meta}))
@@ -452,7 +453,7 @@ def test_version1_checkpoint_with_split_kernels_loads_fused(tiny, tmp_path):
 def test_split_params_is_the_checkpoint_layout(tiny):
     d, _, _ = tiny
     lm = cfjax.load(d)
-    split = cfjax.model.split_params(lm.config, lm.params)
+    split = cfjax.core.model.split_params(lm.config, lm.params)
     attn, mlp = split["layers"][1]["attn"], split["layers"][1]["mlp"]
     c = lm.config
     assert attn["q"]["kernel"].shape == (c.dim, c.n_heads * c.head_dim)
@@ -461,7 +462,7 @@ def test_split_params_is_the_checkpoint_layout(tiny):
     )
     assert mlp["gate"]["kernel"].shape == mlp["up"]["kernel"].shape == (c.dim, c.ffn_dim)
     assert "qkv" in lm.params["layers"][1]["attn"]  # the argument is left as it was
-    fused = cfjax.model.fuse_params(split)
+    fused = cfjax.core.model.fuse_params(split)
     assert jax.tree.all(jax.tree.map(np.array_equal, fused, lm.params))
 
 

@@ -59,14 +59,21 @@ def _resume(
     """
     if any(p.prompt_changed or p.params is not lm.params for p in plans):
         return None
-    hits = [lm.caches.get(p.params, t.prompt_tokens, t.tokens) for t, p in zip(traces, plans, strict=True)]
+    hits = [
+        lm.caches.get(p.params, t.prompt_tokens, t.tokens)
+        for t, p in zip(traces, plans, strict=True)
+    ]
     if any(
         h is None
         or (h.stored.bucket, h.stored.chunk, h.stored.cache.length) != (bucket, chunk, length)
         for h in hits
     ):
         return None
-    first = min(p.edit_start for p in plans)
+    # Kept tokens report their log-probs under the counterfactual's sampler: a row whose
+    # sampler changed rescores them, from step 0 (only its prompt's cache is reused).
+    first = min(
+        p.edit_start if p.sampler == t.sampler else 0 for t, p in zip(traces, plans, strict=True)
+    )
     # One `take` per layer array per run of rows from one stored batch: a new array, as the
     # decode donates its cache and the stored one must survive.
     parts, starts = [], []
@@ -76,7 +83,11 @@ def _resume(
         stored = group[0].stored
         parts.append(jax.tree_util.tree_map(lambda x, r=rows: jnp.take(x, r, axis=0), stored.cache))
         starts.append(stored.start[rows])
-    cache = parts[0] if len(parts) == 1 else jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs), *parts)
+    cache = (
+        parts[0]
+        if len(parts) == 1
+        else jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs), *parts)
+    )
     last = [t.tokens[first - 1] if first > 0 else t.prompt_tokens[-1] for t in traces]
     return engine.Resume(cache, np.concatenate(starts), bucket, first, last)
 
@@ -142,7 +153,10 @@ def _run_group(
             )
         )
     if params is lm.params:  # so that a counterfactual of a counterfactual reuses this cache
-        rows = [(r.prompt_tokens, (list(t.tokens[:first]) + out.tokens[b])) for b, (r, t) in enumerate(zip(results, traces, strict=True))]
+        rows = [
+            (r.prompt_tokens, (list(t.tokens[:first]) + out.tokens[b]))
+            for b, (r, t) in enumerate(zip(results, traces, strict=True))
+        ]
         lm.caches.put(Stored(out.cache, out.start, out.bucket, chunk, params), rows)
     return results
 

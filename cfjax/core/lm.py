@@ -27,9 +27,7 @@ class LM:
     params: dict
     tokenizer: Any = None
     model_id: str = ""
-    caches: CacheStore = dataclasses.field(
-        default_factory=CacheStore, repr=False, compare=False
-    )
+    caches: CacheStore = dataclasses.field(default_factory=CacheStore, repr=False, compare=False)
 
     @property
     def dtype(self) -> jnp.dtype:

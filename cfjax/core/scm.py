@@ -74,7 +74,9 @@ class Sampler:
             "a finite number >= 0 (0 = greedy)",
         )
         if k is not None:
-            if isinstance(k, float) or (_concrete(k) and not np.issubdtype(np.asarray(k).dtype, np.integer)):
+            if isinstance(k, float) or (
+                _concrete(k) and not np.issubdtype(np.asarray(k).dtype, np.integer)
+            ):
                 raise ValueError(f"top_k must be an integer >= 1 or None, got {k!r}")
             _check_values("top_k", k, lambda a: a >= 1, "an integer >= 1 or None")
             if isinstance(k, (int, np.integer)):

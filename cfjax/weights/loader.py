@@ -19,11 +19,11 @@ from typing import Any
 
 import numpy as np
 
-from cfjax.weights import checkpoint
 from cfjax.core.config import LlamaConfig
+from cfjax.core.lm import LM
+from cfjax.weights import checkpoint
 from cfjax.weights.gguf import open_gguf
 from cfjax.weights.hf import hf_name_to_path, open_hf
-from cfjax.core.lm import LM
 from cfjax.weights.meta import is_meta_dir, open_meta
 from cfjax.weights.stream import DTYPES, Source, assemble, resolve_dtype
 
