@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from cfjax.causal.trace import Trace
@@ -88,3 +89,146 @@ def test_generate_then_counterfactual(tmp_path):
         "counterfactual", str(trace_path), "--replace", "Ahab=>Maeve", "--occurrence", "9"
     )
     assert proc.returncode == 1 and "occurs" in proc.stderr and "not 9" in proc.stderr
+
+
+# --- replaying every trace the CLI writes, from every model source --------------------------------
+
+
+def _spm_tokenizer(folder) -> None:
+    """A 256-piece BPE sentencepiece `tokenizer.model`, as in a Llama 2 Meta folder."""
+    import random
+
+    import sentencepiece
+
+    rng = random.Random(0)
+    words = [
+        "".join(rng.choice("abcdefghijklmnop") for _ in range(rng.randint(2, 6)))
+        for _ in range(400)
+    ]
+    corpus = folder / "corpus.txt"
+    corpus.write_text("\n".join(" ".join(rng.choice(words) for _ in range(12)) for _ in range(300)))
+    sentencepiece.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(folder / "spm"), vocab_size=256, model_type="bpe",
+        character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, minloglevel=2,
+    )  # fmt: skip
+    (folder / "spm.model").rename(folder / "tokenizer.model")
+    for f in ("corpus.txt", "spm.vocab"):
+        (folder / f).unlink()
+
+
+def _word_tokenizer(file) -> None:
+    """A 256-word `tokenizer.json` ("w0" .. "w254", "[UNK]"): every id of the model decodes."""
+    import tokenizers
+    from tokenizers import models, pre_tokenizers
+
+    vocab = {f"w{i}": i for i in range(255)} | {"[UNK]": 255}
+    tok = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(file))
+
+
+def _byte_vocab(writer) -> None:
+    """A byte-level GGUF vocabulary: token i is byte i (no merges)."""
+    from cfjax.tokenizer.hf import byte_alphabet
+
+    spelling = byte_alphabet()
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list([spelling[b] for b in range(256)])
+    writer.add_token_types([1] * 256)
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    """One random tiny model (vocab 256) as an HF folder, a Meta folder, a GGUF file and a
+    converted folder, each with a tokenizer, and a prompt each tokenizer can encode."""
+    from conftest import hf_llama
+    from test_weights import HEADS, KV_HEADS, state, write_gguf, write_meta
+
+    import cfjax
+
+    root = tmp_path_factory.mktemp("sources")
+    ref = hf_llama(
+        root / "hf", vocab_size=256, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS
+    )
+    _word_tokenizer(root / "hf" / "tokenizer.json")
+    write_meta(root / "meta", state(ref), n_shards=1, embed_axis=1)
+    _spm_tokenizer(root / "meta")
+    cfg = ref.config.to_dict() | {"rope_theta": 10000.0}
+    write_gguf(root / "m.gguf", state(ref), cfg, metadata=_byte_vocab)
+    cfjax.convert(root / "hf", root / "converted")
+    return {
+        "hf": (root / "hf", "w1 w2 w3 w4", None),
+        "hf-bfloat16": (root / "hf", "w1 w2 w3 w4", "bfloat16"),
+        "meta": (root / "meta", "abc def", None),
+        "gguf": (root / "m.gguf", "Ahab sailed", None),
+        "converted": (root / "converted", "w5 w6", None),
+    }
+
+
+def _cli(capsys, *args: str) -> tuple[int, str]:
+    rc = main([str(a) for a in args])
+    return rc, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["hf", "hf-bfloat16", "meta", "gguf", "converted"])
+def test_the_cli_replays_every_trace_it_writes(sources, name, tmp_path, capsys):
+    import cfjax
+
+    src, prompt, dtype = sources[name]
+    fact_path = tmp_path / "t.json"
+    args = ["generate", "--model", src, "--prompt", prompt, "--no-chat", "--seed", "3",
+            "--temperature", "0.9", "--max-new-tokens", "12", "--out", fact_path]  # fmt: skip
+    rc, err = _cli(capsys, *args, *(["--dtype", dtype] if dtype else []))
+    assert rc == 0, err
+    fact = Trace.from_json(fact_path)
+    assert fact.model_id.endswith(f"@{dtype}") == bool(dtype) and len(fact.tokens) == 12
+    # The null intervention (the factual sampler again) replays the factual tokens exactly: the
+    # model id alone found the same weights in the same dtype.
+    rc, err = _cli(capsys, "counterfactual", fact_path, "--temperature", "0.9", "--out", tmp_path / "n.json")  # fmt: skip
+    assert rc == 0, err
+    null = Trace.from_json(tmp_path / "n.json")
+    assert null.tokens == fact.tokens
+    np.testing.assert_allclose(null.logprobs, fact.logprobs, atol=1e-5)
+    # A real intervention gives what the library gives on that model.
+    rc, err = _cli(capsys, "counterfactual", fact_path, "--temperature", "0.3", "--out", tmp_path / "c.json")  # fmt: skip
+    assert rc == 0, err
+    want = cfjax.counterfactual(
+        cfjax.load(src, dtype=dtype), fact, cfjax.ChangeSampler(temperature=0.3)
+    )
+    assert Trace.from_json(tmp_path / "c.json").tokens == want.tokens != fact.tokens
+    if dtype:  # the dtype is part of the model: float32 weights are another model
+        rc, err = _cli(capsys, "counterfactual", fact_path, "--temperature", "0.9", "--dtype", "float32")  # fmt: skip
+        assert rc == 1 and "was made by model" in err and err.count("\n") == 1
+    if name == "converted":  # --model: another location of the same weights
+        rc, err = _cli(capsys, "counterfactual", fact_path, "--temperature", "0.9",
+                       "--model", sources["hf"][0], "--out", tmp_path / "m.json")  # fmt: skip
+        assert rc == 0, err
+        assert Trace.from_json(tmp_path / "m.json").tokens == fact.tokens
+
+
+def test_model_ids_round_trip_to_loadable_specs():
+    from cfjax.weights import model_location
+
+    assert model_location("smollm2-135m-instruct") == ("smollm2-135m-instruct", None)
+    assert model_location("smollm2-135m-instruct@bfloat16") == ("smollm2-135m-instruct", "bfloat16")
+    assert model_location("gguf:/m/x@2.gguf") == ("/m/x@2.gguf", None)
+    assert model_location("hf:/m/dir@float32") == ("/m/dir", "float32")
+    assert model_location("meta:/m/llama-2") == ("/m/llama-2", None)
+
+
+@pytest.mark.slow
+def test_a_bfloat16_trace_of_a_known_name_replays(tmp_path):
+    """`smollm2-135m-instruct@bfloat16` is a model id `cfjax counterfactual` can load."""
+    fact_path, null_path = tmp_path / "t.json", tmp_path / "n.json"
+    proc = run_cli(
+        "generate", "--prompt", "Name a colour.", "--seed", "1", "--max-new-tokens", "8",
+        "--dtype", "bfloat16", "--out", str(fact_path),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    fact = Trace.from_json(fact_path)
+    assert fact.model_id == "smollm2-135m-instruct@bfloat16"
+    proc = run_cli(
+        "counterfactual", str(fact_path), "--temperature", "1.0", "--out", str(null_path)
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert Trace.from_json(null_path).tokens == fact.tokens

@@ -222,11 +222,12 @@ def write_gguf(
     arch: str = "llama",
     encode=None,
     rope_factors: np.ndarray | None = None,
+    metadata=None,
 ) -> None:
     """A llama.cpp-style GGUF: its tensor names, metadata and q/k permutation.
 
     `encode(name, hf_layout_matrix) -> (array, raw_dtype)` stores matrices; norms stay F32 as
-    llama.cpp keeps them.
+    llama.cpp keeps them. `metadata(writer)` may add entries (e.g. a vocabulary).
     """
     import gguf
 
@@ -245,6 +246,8 @@ def write_gguf(
     w.add_layer_norm_rms_eps(1e-5)
     w.add_vocab_size(cfg["vocab_size"])
     w.add_rope_dimension_count(cfg["hidden_size"] // heads)
+    if metadata is not None:
+        metadata(w)
     tensors = {"token_embd.weight": sd["model.embed_tokens.weight"]}
     for name, t in sd.items():
         if name.startswith("model.layers."):
