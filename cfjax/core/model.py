@@ -32,12 +32,10 @@ from cfjax.core.cache import KEY_SLOT_AXIS, VALUE_SLOT_AXIS, KVCache, write
 from cfjax.core.config import LlamaConfig
 
 _NEG = float(np.finfo(np.float32).min)
-# flax >= 0.12 wants module lists wrapped in nnx.List; older NNX took plain lists.
-_ModuleList = getattr(nnx, "List", list)
 
 
 def _pure(state) -> dict:
-    return nnx.to_pure_dict(state) if hasattr(nnx, "to_pure_dict") else state.to_pure_dict()
+    return nnx.to_pure_dict(state)
 
 
 def einsum_f32(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
@@ -205,7 +203,7 @@ class Llama(nnx.Module):
     def __init__(self, config: LlamaConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
         self.config = config
         self.embed = nnx.Embed(config.vocab_size, config.dim, param_dtype=dtype, rngs=rngs)
-        self.layers = _ModuleList([Block(config, dtype, rngs) for _ in range(config.n_layers)])
+        self.layers = nnx.List([Block(config, dtype, rngs) for _ in range(config.n_layers)])
         self.final_norm = RMSNorm(config.dim, config.norm_eps, dtype)
         if not config.tie_embeddings:
             self.lm_head = _linear(config.dim, config.vocab_size, dtype, rngs)

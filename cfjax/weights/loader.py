@@ -21,6 +21,8 @@ import numpy as np
 
 from cfjax.core.config import LlamaConfig
 from cfjax.core.lm import LM
+from cfjax.tokenizer import check_vocab
+from cfjax.tokenizer import load as load_tokenizer
 from cfjax.weights import checkpoint
 from cfjax.weights.gguf import open_gguf
 from cfjax.weights.hf import hf_name_to_path, open_hf
@@ -180,21 +182,13 @@ def _with_dtype(model_id: str, dtype: np.dtype, stored: np.dtype) -> str:
 
 
 def attach_tokenizer(spec: str | None, config: LlamaConfig) -> Any:
-    """`cfjax.tokenizer.load(spec)`, or None without tokenizer files or tokenizer module.
+    """`cfjax.tokenizer.load(spec)`, or None without tokenizer files.
 
     A tokenizer that exists but fails to load (corrupt file, wrong vocabulary) is an error.
     """
     if spec is None:
         return None
-    try:
-        from cfjax.tokenizer import load as load_tokenizer
-    except ImportError:
-        return None
     tokenizer = load_tokenizer(spec)
-    try:
-        from cfjax.tokenizer.base import check_vocab
-    except ImportError:
-        return tokenizer
     check_vocab(tokenizer, config.vocab_size)
     return tokenizer
 
