@@ -109,12 +109,9 @@ def step(config, stop_tokens, params, rows: Rows, carry: Carry, xs):
     logits, cache = model.apply(
         config, params, carry.last[:, None], rows.start, carry.cache, carry.index, cos_sin
     )
-    chosen, all_lp = jax.vmap(scm.choose_with_log_probs)(
-        logits[:, 0], rows.key, noise_index, rows.sampler, noise
+    token, logprob = jax.vmap(scm.choose_or_force)(
+        logits[:, 0], rows.key, noise_index, rows.sampler, noise, forced
     )
-    is_forced = forced != NOT_FORCED
-    token = jnp.where(is_forced, forced, chosen)
-    logprob = jnp.take_along_axis(all_lp, token[:, None], axis=1)[:, 0]
     valid = ~carry.done
     token = jnp.where(valid, token, 0)
     logprob = jnp.where(valid, logprob, 0.0)

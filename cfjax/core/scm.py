@@ -292,15 +292,22 @@ def _is_greedy(sampler: Sampler) -> jax.Array | bool:
 
 
 def _masked(logits: jax.Array, sampler: Sampler) -> jax.Array:
-    """Tempered, masked float32 logits (a traced greedy row is divided by 1; its mask is unused)."""
+    """Tempered, masked float32 logits.
+
+    A traced greedy row (τ = 0) gets τ = 1 and no truncation: its masked logits are the model's
+    own, whose argmax is the greedy token and whose log-softmax is the log-prob it reports.
+    """
     z = jnp.asarray(logits, jnp.float32)
-    t = sampler.temperature
+    t, k, p = sampler.temperature, sampler.top_k, sampler.top_p
     if isinstance(t, float):
-        z = z / jnp.float32(t)
-    else:
-        t = jnp.asarray(t, jnp.float32)
-        z = z / jnp.where(t == 0, jnp.float32(1), t)
-    return mask_logits(z, sampler.top_k, sampler.top_p)
+        return mask_logits(z / jnp.float32(t), k, p)
+    greedy = jnp.asarray(t) == 0
+    t = jnp.where(greedy, jnp.float32(1), jnp.asarray(t, jnp.float32))
+    if k is not None and not _static_int(k):
+        k = jnp.where(greedy, z.shape[-1], k)
+    if p is not None and not isinstance(p, float):
+        p = jnp.where(greedy, jnp.float32(1), p)
+    return mask_logits(z / t, k, p)
 
 
 def _point_mass(logits: jax.Array) -> jax.Array:
@@ -346,31 +353,40 @@ def choose(
     """(int32 token, f32 log-prob) for ONE row f32[V] of logits at response step `step`.
 
     `noise_value` f32[V], if given, replaces the step's key-derived Gumbel noise (abduction).
+    The log-prob is the sampler's, or for greedy (a point mass) the model's own, which is the
+    informative number.
     """
-    token, all_lp = choose_with_log_probs(logits, key, step, sampler, noise_value)
-    return token, all_lp[token]
+    return choose_or_force(logits, key, step, sampler, noise_value)
 
 
-def choose_with_log_probs(
+def choose_or_force(
     logits: jax.Array,
     key: jax.Array,
     step: jax.Array | int,
     sampler: Sampler,
     noise_value: jax.Array | None = None,
+    forced: jax.Array | int = -1,
 ) -> tuple[jax.Array, jax.Array]:
-    """`choose`'s token and the f32[V] log-probs it reports for every token.
+    """`choose`, or the token `forced` (when >= 0) with the log-prob `choose` would report for
+    it: one formula for both, so forcing a token to itself changes nothing, not even a bit."""
+    token, scores = _draw(logits, key, step, sampler, noise_value)
+    forced = jnp.asarray(forced, jnp.int32)
+    token = jnp.where(forced >= 0, forced, token)
+    # log_softmax(scores)[token], without materialising the other V - 1 entries.
+    top = jnp.max(scores)
+    logprob = (scores[token] - top) - jnp.log(jnp.sum(jnp.exp(scores - top)))
+    return token, logprob
 
-    The reported log-prob is the sampler's, or for greedy (a point mass) the model's own, which
-    is the informative number; a forced token reads its own from the same vector, so forcing a
-    token to itself changes nothing.
-    """
+
+def _draw(logits, key, step, sampler: Sampler, noise_value) -> tuple[jax.Array, jax.Array]:
+    """(token, the f32[V] logits whose log-softmax is the reported log-prob) for one row."""
     logits = jnp.asarray(logits, jnp.float32)
     if logits.ndim != 1:
         raise ValueError(f"choose takes one row f32[V] of logits, got {logits.shape}; vmap it")
     v = logits.shape[0]
     greedy = _is_greedy(sampler)
     if greedy is True:
-        return argmax(logits), jax.nn.log_softmax(logits)
+        return argmax(logits), logits
     if noise_value is not None and sampler.mechanism == "inverse-cdf":
         raise ValueError("explicit noise is Gumbel noise: the inverse-cdf mechanism has none")
     zm = _masked(logits, sampler)
@@ -392,12 +408,9 @@ def choose_with_log_probs(
         last = v - 1 - argmax((probs > 0)[::-1])
         token = jnp.where(jnp.any(hit), argmax(hit), last)
     token = token.astype(jnp.int32)
-    lp = jax.nn.log_softmax(zm)
-    if greedy is False:
-        return token, lp
-    return jnp.where(greedy, argmax(logits), token), jnp.where(
-        greedy, jax.nn.log_softmax(logits), lp
-    )
+    if greedy is not False:  # traced τ: a greedy row's zm is its plain logits (see _masked)
+        token = jnp.where(greedy, argmax(zm), token)
+    return token, zm
 
 
 def posterior_noise(
