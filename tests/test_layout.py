@@ -10,7 +10,8 @@ from pathlib import Path
 import cfjax
 
 ROOT = Path(cfjax.__file__).resolve().parent
-# Each layer may import those before it in this list, never one after it.
+# Each layer may import those before it in this list, never one after it (gguf_header is the
+# GGUF container reader that the tokenizer and the weights both read).
 LAYERS = ["core", "gguf_header", "tokenizer", "weights", "causal", "present", "demo", "cli"]
 
 
