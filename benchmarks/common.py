@@ -265,6 +265,32 @@ def plain_decode(lm, prompts: list[list[int]], steps: int, repeats: int) -> dict
     }
 
 
+def sample_decode(lm, prompt: list[int], batch: int, steps: int, repeats: int) -> dict:
+    """`jax.jit(jax.vmap(cfjax.core.sample))` over `batch` keys (`cfjax_decode`'s: key 1 split
+    per row), one prompt: the functional core timed like `generate`, on the same tokens."""
+    import jax
+    import jax.numpy as jnp
+
+    from cfjax import core
+    from cfjax.core.request import row_keys
+
+    n = len(prompt)
+    padded = jnp.zeros(core.bucket_length(n), jnp.int32).at[:n].set(jnp.asarray(prompt))
+    sampler = core.Sampler(temperature=1.0)
+    one = lambda params, key: (
+        core.sample(  # noqa: E731
+            lm.config, params, padded, n, key, sampler, max_new_tokens=steps
+        ).tokens
+    )
+    keys = row_keys(1, batch)
+    t = time.perf_counter()
+    compiled = jax.jit(jax.vmap(one, in_axes=(None, 0))).lower(lm.params, keys).compile()
+    compile_s = time.perf_counter() - t
+    run = lambda: np.asarray(jax.block_until_ready(compiled(lm.params, keys)))  # noqa: E731
+    out, seconds = best_time(run, timed_runs(batch, repeats))
+    return {"tokens": out, "tok_s": batch * steps / seconds, "compile_s": compile_s}
+
+
 def bytes_per_step(lm, batch: int, prompt_len: int, new_tokens: int) -> float:
     """Bytes a decode step must read: every param once, plus the KV cache at its average length."""
     c = lm.config

@@ -11,7 +11,9 @@ process, so each side's peak is its own). At the `--plain-batches` sizes (defaul
 cfjax's tokens: what the counterfactual engine costs over plain generation in JAX;
 `matmul_floor.py`, the same steps' weight matmuls alone: the most any XLA decode step could gain;
 and the same matmuls in torch, in transformers' process: how fast the peer's own matrix-vector
-products stream, hence the ratio cfjax would show if it ran exactly at XLA's floor.
+products stream, hence the ratio cfjax would show if it ran exactly at XLA's floor. At the
+`--sample-batches` sizes (default 64) it times `jax.jit(jax.vmap(cfjax.core.sample))` over the
+same keys, beside `generate`, and checks that it sampled the same tokens.
 
     python benchmarks/decode.py                      # table
     python benchmarks/decode.py --json               # [{"batch", "cfjax_tok_s", ...}, ...]
@@ -46,6 +48,7 @@ from common import (
     plain_decode,
     prompt_for,
     read_bandwidth,
+    sample_decode,
     timed_runs,
 )
 from peer import run_transformers
@@ -134,6 +137,13 @@ def main() -> None:
         default=[1],
         help="batch sizes at which to also time plain_scan.py (default: %(default)s)",
     )
+    ap.add_argument(
+        "--sample-batches",
+        type=int,
+        nargs="*",
+        default=[64],
+        help="batch sizes at which to also time jit(vmap(cfjax.core.sample)) (%(default)s)",
+    )
     ap.add_argument("--copy-mib", type=int, default=1024, help="copy-bandwidth array size")
     ap.add_argument("--json", action="store_true", help="print the rows as JSON only")
     args = ap.parse_args()
@@ -180,6 +190,15 @@ def main() -> None:
             cf[batch] = cfjax_decode(lm, prompt, batch, args.new_tokens, clock, args.repeats)
             if not args.json:
                 print(f"  cfjax batch {batch}: {cf[batch]['tok_s']:.1f} tok/s", file=sys.stderr)
+        core_sample = {}
+        for batch in sorted(set(args.sample_batches) & set(args.batches)):
+            core_sample[batch] = sample_decode(lm, prompt, batch, args.new_tokens, args.repeats)
+            if not args.json:
+                print(
+                    f"  jit(vmap(core.sample)) batch {batch}: "
+                    f"{core_sample[batch]['tok_s']:.1f} tok/s",
+                    file=sys.stderr,
+                )
         plain = {}
         for batch in yardstick_batches:
             plain[batch] = plain_decode(lm, [prompt] * batch, args.new_tokens, args.repeats)
@@ -193,7 +212,7 @@ def main() -> None:
     where = machine()
     rows = []
     for batch in args.batches:
-        c, t, pl = cf[batch], tf.get(batch), plain.get(batch)
+        c, t, pl, cs = cf[batch], tf.get(batch), plain.get(batch), core_sample.get(batch)
         per_step = bytes_per_step(lm, batch, len(prompt), args.new_tokens)
         achieved = per_step * args.new_tokens / c["seconds"]
         row = {
@@ -221,6 +240,13 @@ def main() -> None:
             "matmul_floor_over_transformers": (
                 round(pl["floor_tok_s"] / t["tok_s"], 3) if t and pl else None
             ),
+            # The functional core under jit(vmap(...)) beside generate, on the same tokens.
+            "core_sample_tok_s": round(cs["tok_s"], 2) if cs else None,
+            "core_sample_over_generate": round(cs["tok_s"] / c["tok_s"], 3) if cs else None,
+            "core_sample_same_tokens": (
+                bool(np.array_equal(cs["tokens"], c["tokens"])) if cs else None
+            ),
+            "core_sample_compile_s": round(cs["compile_s"], 2) if cs else None,
             "achieved_gb_s": round(achieved / 1e9, 2),
             "copy_gb_s": round(bw["best"] / 1e9, 2),
             # Against a one-thread copy (what one core streams): the weaker yardstick.
@@ -273,6 +299,7 @@ def main() -> None:
         "cfjax / plain",
         "matmul floor tok/s",
         "cfjax / floor",
+        "core.sample tok/s",
         "GB/s",
         "bw fraction",
         "roofline tok/s",
@@ -291,6 +318,7 @@ def main() -> None:
         "cfjax_over_plain_scan",
         "matmul_floor_tok_s",
         "cfjax_over_matmul_floor",
+        "core_sample_tok_s",
         "achieved_gb_s",
         "bandwidth_fraction",
         "roofline_tok_s",

@@ -23,6 +23,7 @@ COMMANDS = {
     "decode": [
         "decode.py",
         *("--config", "tiny", "--batches", "1", "--new-tokens", "8", "--copy-mib", "32"),
+        *("--sample-batches", "1"),
     ],
     "counterfactual": [
         "counterfactual.py",
@@ -85,6 +86,11 @@ def test_decode_json(outputs):
         # The textbook JAX decode beside it sampled the very same tokens.
         assert r["plain_scan_same_tokens"] is True and _positive(r["cfjax_over_plain_scan"])
         assert _positive(r["matmul_floor_tok_s"]) and _positive(r["cfjax_over_matmul_floor"])
+        # jit(vmap(core.sample)) beside generate, on the same keys: the same tokens.
+        assert r["core_sample_same_tokens"] is True and _positive(r["core_sample_tok_s"])
+        assert r["core_sample_over_generate"] == pytest.approx(
+            r["core_sample_tok_s"] / r["cfjax_tok_s"], rel=0.01, abs=1e-3
+        )
         # The peer's floor: the same matmuls in torch, timed in transformers' own process.
         assert _positive(r["torch_matmul_floor_tok_s"])
         # (ratios are rounded to 3 decimals: on the tiny model transformers' is ~0.03)
