@@ -121,6 +121,26 @@ def test_vmap_over_a_grid_of_samplers(lm):
         assert out.tokens[b].tolist() == want, b
 
 
+def test_vmap_over_prompts_lengths_and_forced_prefixes(lm):
+    """Rows of other prompt lengths (one buffer of 32 slots) and other forced prefixes."""
+    prompts = [PROMPT, [9, 8], list(range(40, 70))]
+    buffers = np.stack([padded(p) for p in prompts])
+    lengths = np.asarray([len(p) for p in prompts], np.int32)
+    forced = np.full((3, N), engine.NOT_FORCED, np.int32)
+    forced[1, :3] = [5, 6, 7]
+    run = lambda prompt, n, f: cfjax.core.sample(
+        lm.config, lm.params, prompt, n, KEY, SAMPLERS["t0.7"], max_new_tokens=N, forced=f
+    )
+    out = jax.jit(jax.vmap(run))(buffers, lengths, forced)
+    for b, p in enumerate(prompts):
+        alone = run(buffers[b], len(p), forced[b])
+        assert out.tokens[b].tolist() == alone.tokens.tolist(), b
+        if b != 1:
+            want = cfjax.generate(lm, p, key=KEY, sampler=SAMPLERS["t0.7"], max_new_tokens=N)
+            assert out.tokens[b].tolist() == want.tokens, b
+    assert out.tokens[1, :3].tolist() == [5, 6, 7]
+
+
 def test_vmap_over_stacked_params_equals_each_set(lm):
     other = model.init_params(lm.config, jax.random.key(7), scale=4.0)
     stacked = jax.tree_util.tree_map(lambda a, b: jnp.stack([a, b]), lm.params, other)

@@ -524,6 +524,19 @@ def test_edit_prompt_with_change_sampler(lm, tok, fact):
     assert_mechanism(lm, cf, 0, lambda j: j)
 
 
+def test_a_counterfactual_trace_describes_its_own_prompt(lm, tok, fact):
+    """After a prompt edit the trace's text fields are the new prompt's, so a chained edit of
+    the counterfactual starts from its world, not the factual one."""
+    cf = counterfactual(lm, fact, EditPrompt(prompt="the sailor found"), chunk=CHUNK)
+    assert cf.prompt == "the sailor found" and fact.prompt == PROMPT
+    again = counterfactual(lm, cf, EditPrompt(), chunk=CHUNK)  # no change: the same world
+    assert again.prompt_tokens == cf.prompt_tokens and again.tokens == cf.tokens
+    ids = counterfactual(lm, fact, EditPrompt(tokens=(1, 5, 6)), chunk=CHUNK)
+    assert ids.prompt is None and ids.system is None and ids.prompt_tokens == [1, 5, 6]
+    with pytest.raises(ValueError, match="EditPrompt with text needs a trace made from a text"):
+        counterfactual(lm, ids, EditPrompt(prompt="x"), chunk=CHUNK)
+
+
 def test_change_model_uses_the_new_params(lm, fact):
     other = init_params(lm.config, jax.random.key(1), scale=4.0)
     cf = counterfactual(lm, fact, ChangeModel(other, name="ft"), chunk=CHUNK)

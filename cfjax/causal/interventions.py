@@ -147,6 +147,10 @@ class Plan:
     prompt_changed: bool = False
     model_changed: bool = False
     model_id: str = ""
+    # The text the prompt tokens were made from (None for token ids), kept true to them.
+    prompt: str | None = None
+    system: str | None = None
+    chat: bool = False
     records: list[dict] = dataclasses.field(default_factory=list)
     # For each forced step, the factual step its kept token was copied from (None: edited token).
     forced_from: list[int | None] = dataclasses.field(default_factory=list)
@@ -282,6 +286,9 @@ def plan(
         edit_start=0,
         aligned_to=0,
         model_id=trace.model_id,
+        prompt=trace.prompt,
+        system=trace.system,
+        chat=trace.chat,
     )
     edits: list[tuple[int, int, list[int]]] = []
     n = len(trace.tokens)
@@ -313,15 +320,14 @@ def plan(
         elif isinstance(iv, EditPrompt):
             if iv.tokens is not None:
                 new_prompt = [int(t) for t in iv.tokens]
-            elif trace.prompt is None:
+                p.prompt = p.system = None
+                p.chat = False
+            elif p.prompt is None:
                 raise ValueError("EditPrompt with text needs a trace made from a text prompt")
             else:
-                new_prompt = prompt_tokens(
-                    lm,
-                    iv.prompt if iv.prompt is not None else trace.prompt,
-                    chat=trace.chat,
-                    system=iv.system if iv.system is not None else trace.system,
-                )
+                p.prompt = iv.prompt if iv.prompt is not None else p.prompt
+                p.system = iv.system if iv.system is not None else p.system
+                new_prompt = prompt_tokens(lm, p.prompt, chat=p.chat, system=p.system)
             p.prompt_changed = p.prompt_changed or new_prompt != p.prompt_tokens
             p.prompt_tokens = new_prompt
         elif isinstance(iv, ChangeSampler):

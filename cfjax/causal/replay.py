@@ -139,9 +139,9 @@ def _run_group(
                 noise_index=noise[b, : len(tokens)].tolist(),
                 logprobs=logprobs,
                 text=text_of(lm, tokens, stop_tokens),
-                prompt=t.prompt,
-                system=t.system,
-                chat=t.chat,
+                prompt=p.prompt,
+                system=p.system,
+                chat=p.chat,
                 stop_tokens=stop_tokens,
                 interventions=p.records,
                 alignment={
@@ -153,10 +153,7 @@ def _run_group(
             )
         )
     if params is lm.params:  # so that a counterfactual of a counterfactual reuses this cache
-        rows = [
-            (r.prompt_tokens, (list(t.tokens[:first]) + out.tokens[b]))
-            for b, (r, t) in enumerate(zip(results, traces, strict=True))
-        ]
+        rows = [(r.prompt_tokens, r.tokens) for r in results]
         lm.caches.put(Stored(out.cache, out.start, out.bucket, chunk, params), rows)
     return results
 

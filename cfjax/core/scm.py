@@ -391,6 +391,10 @@ def _draw(logits, key, step, sampler: Sampler, noise_value) -> tuple[jax.Array, 
         raise ValueError("explicit noise is Gumbel noise: the inverse-cdf mechanism has none")
     zm = _masked(logits, sampler)
     g = noise(key, step, v) if noise_value is None else jnp.asarray(noise_value, jnp.float32)
+    if greedy is not False:
+        # A traced greedy row: no noise, so the argmax below is the greedy token (its zm is its
+        # plain logits, see _masked), in the same fused pass as every other row's draw.
+        g = jnp.where(greedy, jnp.float32(0), g)
     if sampler.mechanism == "gumbel":
         # Noise indexed by token id: a token keeps its own noise when the distribution changes.
         token = argmax(zm + g)
@@ -408,7 +412,7 @@ def _draw(logits, key, step, sampler: Sampler, noise_value) -> tuple[jax.Array, 
         last = v - 1 - argmax((probs > 0)[::-1])
         token = jnp.where(jnp.any(hit), argmax(hit), last)
     token = token.astype(jnp.int32)
-    if greedy is not False:  # traced τ: a greedy row's zm is its plain logits (see _masked)
+    if greedy is not False and sampler.mechanism == "inverse-cdf":
         token = jnp.where(greedy, argmax(zm), token)
     return token, zm
 
