@@ -1,6 +1,6 @@
 """The core every checkpoint reader shares: a one-pass stream of source tensors -> checked params.
 
-A reader (hf_weights, meta_weights, gguf_weights, checkpoint) opens a checkpoint as a `Source`:
+A reader (hf, meta, gguf, checkpoint) opens a checkpoint as a `Source`:
 its config plus a generator of `Tensor`s in the source's own layout. `assemble` checks each tensor
 against `model.split_shapes(config)` as it arrives (errors name file, tensor and both shapes),
 converts it to cfjax's layout (`model.py`: kernels `[in, out]`, rotate-half q/k) and to the target
