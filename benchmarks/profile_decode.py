@@ -82,7 +82,7 @@ def profile(lm, batch: int, steps: int, chunk: int = engine.DEFAULT_CHUNK, promp
 
     def prefilled():
         """The decode's starting point: a cache holding the prompts (the prefill not timed)."""
-        carry, start = engine._prefill(c, lm.params, padded, lengths, length, lm.dtype)
+        carry, start = engine._prefill(c, lm.params, padded, lengths, length)
         jax.block_until_ready(carry)
         return carry, engine.Resume(carry.cache, np.asarray(start), bucket, 0, [prompt[-1]] * batch)
 

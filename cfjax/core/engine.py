@@ -93,10 +93,11 @@ def layout(prompt: jax.Array, prompt_length: jax.Array) -> tuple[jax.Array, ...]
     return prefix, last.astype(jnp.int32), start
 
 
-def prefill(config, params, prompt, prompt_length, length: int, dtype) -> tuple[Carry, jax.Array]:
-    """Fill a fresh cache of `length` slots with the prompts; the carry is ready for step 0."""
+def prefill(config, params, prompt, prompt_length, length: int) -> tuple[Carry, jax.Array]:
+    """Fill a fresh cache of `length` slots (in the params' dtype) with the prompts; the carry
+    is ready for step 0."""
     prefix, last, start = layout(prompt, prompt_length)
-    cache = init_cache(config, prompt.shape[0], length, dtype)
+    cache = init_cache(config, prompt.shape[0], length, params["embed"]["embedding"].dtype)
     # Only the cache is kept, so XLA drops the unused LM head of the prompt positions.
     cache = model.apply(config, params, prefix, start, cache, 0)[1]
     index = jnp.asarray(prompt.shape[1], jnp.int32)
@@ -153,6 +154,11 @@ def loop(config, stop_tokens, params, rows, carry, forced, noise_index, noise, n
     return carry, outputs
 
 
+def _stop_tuple(stop_tokens: Sequence[int]) -> tuple[int, ...]:
+    """Stop tokens as a sorted tuple (a static jit argument); (-1,) matches no token."""
+    return tuple(sorted(int(t) for t in stop_tokens)) or (-1,)
+
+
 # --- core.sample: one row, pure ------------------------------------------------------------
 
 
@@ -183,7 +189,7 @@ def sample(
     noise_index: jax.Array | None = None,
     noise: jax.Array | None = None,
 ) -> Sampled:
-    """Sample one response: a pure function of its inputs, for `jit`, `vmap` and `grad`-free use.
+    """Sample one response: a pure function of its inputs, usable under `jit` and `vmap`.
 
     `prompt` int32 `[P]` holds `prompt_length` real tokens (the rest is ignored); `key` is a
     typed key or raw key data; `sampler` a `Sampler` whose values may be traced. Optional:
@@ -210,7 +216,7 @@ def sample(
     noise_index = jnp.arange(n, dtype=jnp.int32) if noise_index is None else noise_index
     if isinstance(prompt_length, (int, np.integer)) and not 1 <= prompt_length <= prompt.shape[0]:
         raise ValueError(f"prompt_length {prompt_length} is outside [1, {prompt.shape[0]}]")
-    stops = tuple(sorted(int(t) for t in stop_tokens)) or (-1,)
+    stops = _stop_tuple(stop_tokens)
     sampler = scm.as_arrays(sampler)
     return _sample(config, stops, params, prompt, prompt_length, as_key(key), sampler,
                    jnp.asarray(forced, jnp.int32), jnp.asarray(noise_index, jnp.int32),
@@ -220,11 +226,9 @@ def sample(
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _sample(config, stop_tokens, params, prompt, prompt_length, key, sampler, forced, index, noise):
     batch1 = lambda x: None if x is None else jnp.asarray(x)[None]
-    dtype = params["embed"]["embedding"].dtype
     n = forced.shape[0]
-    carry, start = prefill(
-        config, params, prompt[None], batch1(prompt_length), cache_length(prompt.shape[0], n), dtype
-    )
+    length = cache_length(prompt.shape[0], n)
+    carry, start = prefill(config, params, prompt[None], batch1(prompt_length), length)
     rows = Rows(key[None], start, jax.tree_util.tree_map(batch1, sampler))
     _, (tokens, logprobs, valid) = loop(
         config, stop_tokens, params, rows, carry, forced[None], index[None], batch1(noise), n,
@@ -236,9 +240,7 @@ def _sample(config, stop_tokens, params, prompt, prompt_length, key, sampler, fo
 # --- the host entry: a batch, chunked --------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4, 5))
-def _prefill(config, params, prompt, prompt_length, length, dtype):
-    return prefill(config, params, prompt, prompt_length, length, dtype)
+_prefill = jax.jit(prefill, static_argnums=(0, 4))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(4,))
@@ -312,8 +314,7 @@ def run(
         for b, p in enumerate(request.prompts):
             prompt[b, : len(p)] = p
         lengths = np.asarray([len(p) for p in request.prompts], np.int32)
-        dtype = params["embed"]["embedding"].dtype
-        carry, start = _prefill(config, params, prompt, lengths, length, dtype)
+        carry, start = _prefill(config, params, prompt, lengths, length)
     else:
         if (resume.bucket, resume.cache.length) != (bucket, length):
             raise ValueError(
@@ -337,12 +338,12 @@ def run(
     noise = request.noise
     if noise is not None:  # pad to whole chunks; padded steps are never run
         noise = jnp.pad(jnp.asarray(noise, jnp.float32), ((0, 0), (0, width - steps), (0, 0)))
-    stops = tuple(sorted(int(t) for t in stop_tokens)) or (-1,)
+    stops = _stop_tuple(stop_tokens)
     rows = Rows(request.keys, start, scm.stack(request.samplers, config.vocab_size))
+    rows = jax.tree_util.tree_map(jnp.asarray, rows)
     # jit keys its cache on whether arrays are committed to a device: commit the inputs now so
     # the first chunk and the later ones (which get jit outputs) share one compilation.
-    commit = lambda x: jax.device_put(jnp.asarray(x), jnp.asarray(x).sharding)
-    rows, carry = jax.tree_util.tree_map(commit, (rows, carry))
+    rows, carry = jax.tree_util.tree_map(lambda x: jax.device_put(x, x.sharding), (rows, carry))
     out: list[tuple[np.ndarray, ...]] = []
     for s in range(first, steps, chunk):
         carry, chunk_out = _run_chunk(

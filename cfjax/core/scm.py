@@ -42,8 +42,7 @@ def _check_values(name: str, value: Any, ok, rule: str) -> None:
         return
     arr = np.asarray(value)
     if arr.dtype == bool or not np.issubdtype(arr.dtype, np.number) or not np.all(ok(arr)):
-        bad = value if arr.ndim == 0 else arr[~ok(arr)].ravel()[:1].tolist() or value
-        raise ValueError(f"{name} must be {rule}, got {bad!r}")
+        raise ValueError(f"{name} must be {rule}, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -303,10 +302,8 @@ def _masked(logits: jax.Array, sampler: Sampler) -> jax.Array:
         return mask_logits(z / jnp.float32(t), k, p)
     greedy = jnp.asarray(t) == 0
     t = jnp.where(greedy, jnp.float32(1), jnp.asarray(t, jnp.float32))
-    if k is not None and not _static_int(k):
-        k = jnp.where(greedy, z.shape[-1], k)
-    if p is not None and not isinstance(p, float):
-        p = jnp.where(greedy, jnp.float32(1), p)
+    k = None if k is None else jnp.where(greedy, z.shape[-1], k)
+    p = None if p is None else jnp.where(greedy, jnp.float32(1), p)
     return mask_logits(z / t, k, p)
 
 
