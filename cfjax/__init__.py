@@ -3,6 +3,7 @@
     lm = cfjax.load("smollm2-135m-instruct")
     trace = cfjax.generate(lm, "Tell me a story about a captain named Ahab.", key=0)
     cf = cfjax.counterfactual(lm, trace, cfjax.ReplaceText("Ahab", "Maeve"))
+    posts = cfjax.abduct(lm, prompt, "a text the model did not write", key=0, num_samples=64)
 
 Layers, each importing only those below it: `cfjax.core` (config, model, cache, the sampling
 SCM, the engine and `cfjax.core.sample`), `cfjax.tokenizer`, `cfjax.weights` (load, convert),
@@ -19,11 +20,14 @@ from cfjax.causal import (
     InsertText,
     ReplaceText,
     ReplaceTokens,
+    Summary,
     Trace,
+    abduct,
     counterfactual,
     counterfactuals,
     generate,
     interventional,
+    summarize,
 )
 from cfjax.core import LM, LlamaConfig, RopeScaling, Sampler, forward, preset
 from cfjax.weights import convert, list_models, load
@@ -41,7 +45,9 @@ __all__ = [
     "ReplaceTokens",
     "RopeScaling",
     "Sampler",
+    "Summary",
     "Trace",
+    "abduct",
     "convert",
     "core",
     "counterfactual",
@@ -52,4 +58,5 @@ __all__ = [
     "list_models",
     "load",
     "preset",
+    "summarize",
 ]

@@ -1,4 +1,4 @@
-"""The `cfjax` command: generate, counterfactual, convert, models, demo.
+"""The `cfjax` command: generate, counterfactual, abduct, convert, models, demo.
 
 Every failure the user can cause (a bad argument, a missing file, an edit that does not apply)
 ends with one readable line on stderr and a non-zero exit, never a traceback.
@@ -61,6 +61,35 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--html", type=Path, default=None, help="write a side-by-side HTML diff")
     _sampler_args(c, defaults=False)
 
+    a = sub.add_parser(
+        "abduct", help="counterfactuals of observed text: what would the model have written instead"
+    )
+    a.add_argument("--model", default=DEFAULT_MODEL, help="name, model dir or .gguf")
+    a.add_argument("--prompt", required=True, dest="observed_prompt", help="the prompt answered")
+    a.add_argument("--observed-system", default=None, help="the system message it had")
+    a.add_argument("--no-chat", action="store_true", help="raw text prompt, no chat template")
+    response = a.add_mutually_exclusive_group(required=True)
+    response.add_argument("--response", help="the observed response text")
+    response.add_argument("--response-file", type=Path, help="a file holding the response")
+    a.add_argument("--samples", type=int, default=16, help="posterior samples")
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--full-support", action="store_true",
+                   help="model the observed steps with temperature alone (no truncation)")  # fmt: skip
+    a.add_argument("--max-new-tokens", type=int, default=None, help="default: observed length")
+    a.add_argument("--dtype", default=None, choices=["float32", "bfloat16"])
+    a.add_argument("--replace", metavar="OLD=>NEW", help="replace text in the response")
+    a.add_argument("--occurrence", type=int, default=1)
+    a.add_argument("--at", type=int, metavar="POS", help="response token position to replace")
+    a.add_argument("--token", metavar="TEXT", help="with --at: the new token(s), as text")
+    a.add_argument("--prompt-edit", dest="prompt", default=None, help="a new user prompt")
+    a.add_argument("--system", default=None, help="a new system message")
+    a.add_argument("--auto-at", type=int, metavar="POS", help="automatic intervention at POS")
+    a.add_argument("--contains", default=None, help="report the share of texts containing this")
+    a.add_argument("--out", type=Path, default=None, help="write every trace as JSON here")
+    _sampler_args(a, defaults=True)
+    for name, kind in (("temperature", float), ("top-k", int), ("top-p", float)):
+        a.add_argument(f"--new-{name}", type=kind, default=None, help=f"intervention: {name}")
+
     v = sub.add_parser("convert", help="convert a checkpoint to orbax + cfjax.json")
     v.add_argument("src")
     v.add_argument("dst", type=Path)
@@ -120,7 +149,10 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def _interventions(args, lm, trace) -> list:
+_FROM_ARGS = object()
+
+
+def _interventions(args, lm, trace, change=_FROM_ARGS) -> list:
     from cfjax.causal import interventions as iv
 
     out: list = []
@@ -144,7 +176,7 @@ def _interventions(args, lm, trace) -> list:
         out.append(iv.EditPrompt(prompt=args.prompt, system=args.system))
     if args.auto_at is not None:
         out.append(iv.AutoIntervention(args.auto_at))
-    change = _sampler(args, base=trace.sampler)
+    change = _sampler(args, base=trace.sampler) if change is _FROM_ARGS else change
     if change is not None:
         out.append(change)
     if not out:
@@ -195,6 +227,54 @@ def cmd_counterfactual(args) -> int:
     return 0
 
 
+def cmd_abduct(args) -> int:
+    """`cfjax abduct`: posterior samples of observed text, a counterfactual of each, counted."""
+    from rich.console import Console
+
+    from cfjax import present
+    from cfjax.causal import ChangeSampler, abduct, counterfactuals, summarize
+
+    sampler = _sampler(args)  # validate arguments before the (slow) model load
+    new = {"temperature": args.new_temperature, "top_k": args.new_top_k, "top_p": args.new_top_p}
+    new = {k: v for k, v in new.items() if v is not None}
+    if args.out is not None:  # before the work, so that a bad folder loses nothing
+        args.out.mkdir(parents=True, exist_ok=True)
+    if args.response_file is not None:
+        try:
+            response = args.response_file.read_text(encoding="utf-8")
+        except OSError as e:
+            raise FileNotFoundError(f"{args.response_file}: cannot read ({e.strerror})") from None
+    else:
+        response = args.response
+    lm = _load(args.model, args.dtype)
+    posts = abduct(
+        lm, args.observed_prompt, response, key=args.seed, sampler=sampler,
+        num_samples=args.samples, full_support=args.full_support,
+        max_new_tokens=args.max_new_tokens, chat=not args.no_chat, system=args.observed_system,
+    )  # fmt: skip
+    ivs = _interventions(args, lm, posts[0], ChangeSampler(**new) if new else None)
+    cfs = counterfactuals(lm, posts, [ivs] * len(posts))
+    summary = summarize(cfs, contains=args.contains)
+    console = Console()
+    console.print(f"[bold]{len(cfs)} counterfactuals, {len(summary.counts)} distinct[/bold]")
+    for text, count in summary.counts:
+        console.print(f"{count:>5}  {text!r}", markup=False, highlight=False)
+    if args.contains is not None:
+        console.print(f"{summary.share:.1%} contain {args.contains!r}", markup=False)
+    top = next(c for c in cfs if c.text == summary.counts[0][0])
+    left, right = present.terminal_diff(lm.tokenizer, posts[0], top)
+    console.print("\n[bold]observed[/bold]")
+    console.print(left)
+    console.print("\n[bold]most frequent counterfactual[/bold]")
+    console.print(right)
+    if args.out is not None:
+        for i, (post, cf) in enumerate(zip(posts, cfs, strict=True)):
+            post.to_json(args.out / f"sample-{i:03d}.json")
+            cf.to_json(args.out / f"counterfactual-{i:03d}.json")
+        print(f"traces: {args.out} ({2 * len(cfs)} files)", file=sys.stderr)
+    return 0
+
+
 def cmd_convert(args) -> int:
     """`cfjax convert SRC DST`."""
     from cfjax.weights import convert
@@ -223,6 +303,7 @@ def cmd_demo(args) -> int:
 COMMANDS = {
     "generate": cmd_generate,
     "counterfactual": cmd_counterfactual,
+    "abduct": cmd_abduct,
     "convert": cmd_convert,
     "models": cmd_models,
     "demo": cmd_demo,

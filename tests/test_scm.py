@@ -17,7 +17,7 @@ from conftest import ref_keep
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from cfjax.core import scm
+from cfjax.core import posterior, scm
 from cfjax.core.scm import Sampler
 
 V = 8
@@ -393,7 +393,7 @@ def _posterior_draws():
         def one(gk, ak):
             prior = scm.noise(gk, 0, V)
             token, _ = scm.choose(logits, gk, 0, POST)
-            return token, prior, scm.posterior_noise(logits, token, ak, POST, prior)
+            return token, prior, posterior.posterior_noise(logits, token, ak, POST, prior)
 
         return jax.vmap(one)(gen_keys, abd_keys)
 
@@ -436,7 +436,7 @@ def test_posterior_noise_has_the_right_law():
 def _posterior_for(k: int) -> np.ndarray:
     keys = jax.random.split(jax.random.key(24), 5_000)
     prior = jnp.zeros((V,), jnp.float32)
-    f = jax.vmap(lambda ak: scm.posterior_noise(LOGITS, k, ak, POST, prior))
+    f = jax.vmap(lambda ak: posterior.posterior_noise(LOGITS, k, ak, POST, prior))
     return np.asarray(jax.jit(f)(keys))
 
 
@@ -444,8 +444,8 @@ def test_posterior_noise_edge_cases():
     key, prior = jax.random.key(0), scm.noise(jax.random.key(1), 0, V)
     zm = scm.mask_logits(jnp.asarray(LOGITS), None, 0.5)
     outside = int(np.flatnonzero(~np.isfinite(zm))[0])
-    assert np.all(np.isnan(scm.posterior_noise(LOGITS, outside, key, Sampler(top_p=0.5), prior)))
-    greedy = scm.posterior_noise(LOGITS, 1, key, Sampler(temperature=0.0), prior)
+    assert np.all(np.isnan(posterior.posterior_noise(LOGITS, outside, key, Sampler(top_p=0.5), prior)))
+    greedy = posterior.posterior_noise(LOGITS, 1, key, Sampler(temperature=0.0), prior)
     np.testing.assert_array_equal(greedy, prior)
     with pytest.raises(ValueError, match="'gumbel' mechanism"):
-        scm.posterior_noise(LOGITS, 1, key, Sampler(mechanism="inverse-cdf"), prior)
+        posterior.posterior_noise(LOGITS, 1, key, Sampler(mechanism="inverse-cdf"), prior)

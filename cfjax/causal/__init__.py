@@ -4,6 +4,7 @@
 `cfjax.counterfactual`.)
 """
 
+from cfjax.causal.abduction import Summary, abduct, posterior_noise, summarize
 from cfjax.causal.factual import generate
 from cfjax.causal.interventions import (
     AutoIntervention,
@@ -29,9 +30,13 @@ __all__ = [
     "Intervention",
     "ReplaceText",
     "ReplaceTokens",
+    "Summary",
     "Trace",
+    "abduct",
     "counterfactual",
     "counterfactuals",
     "generate",
     "interventional",
+    "posterior_noise",
+    "summarize",
 ]

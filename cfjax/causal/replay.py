@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cfjax.causal.abduction import observed_steps
 from cfjax.causal.factual import text_of
 from cfjax.causal.interventions import Intervention, Plan, plan
 from cfjax.causal.trace import Trace
@@ -116,10 +117,25 @@ def _run_group(
     stop_tokens = traces[0].stop_tokens
     bucket = engine.bucket_length(max(len(p) for p in prompts))
     length = engine.cache_length(bucket, steps, chunk)
+    observed = None
+    if not fresh:  # abducted rows draw their noise from their observation's posterior
+        for t, p in zip(traces, plans, strict=True):
+            if t.posterior is not None and p.sampler.mechanism != "gumbel":
+                raise ValueError(
+                    "an abducted trace's noise is per token id: replay it with the 'gumbel' "
+                    f"mechanism, not {p.sampler.mechanism!r}"
+                )
+        observed = observed_steps(lm, traces, cache_steps=steps, chunk=chunk)
     resume = _resume(lm, traces, plans, bucket, length, chunk) if reuse_cache else None
     first = 0 if resume is None else resume.step
     request = engine.Request(
-        prompts, jnp.stack(keys), [p.sampler for p in plans], steps, forced, noise
+        prompts,
+        jnp.stack(keys),
+        [p.sampler for p in plans],
+        steps,
+        forced,
+        noise,
+        observed=observed,
     )
     out = engine.run(
         lm.config, params, request, stop_tokens=stop_tokens, chunk=chunk, resume=resume
@@ -150,6 +166,7 @@ def _run_group(
                     "aligned_to": p.aligned_to,
                     "fresh_noise": fresh,
                 },
+                posterior=None if fresh else t.posterior,
             )
         )
     if params is lm.params:  # so that a counterfactual of a counterfactual reuses this cache

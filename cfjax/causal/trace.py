@@ -48,6 +48,9 @@ class Trace:
     stop_tokens: tuple[int, ...] = ()
     interventions: list[dict] = dataclasses.field(default_factory=list)
     alignment: dict | None = None  # counterfactuals: {"edit_start", "resume_at", "aligned_to"}
+    # Abducted traces (and their counterfactuals): how the noise of the observed steps is made,
+    # {"key", "prompt_tokens", "tokens", "sampler", "full_support"}; see `cfjax.abduct`.
+    posterior: dict | None = None
 
     @property
     def stopped(self) -> bool:
@@ -77,6 +80,8 @@ class Trace:
         d["logprobs"] = [float("-inf") if x is None else x for x in d.get("logprobs", [])]
         d.setdefault("max_new_tokens", len(d["tokens"]))
         d.setdefault("noise_index", list(range(len(d["tokens"]))))
+        if d.get("posterior") is not None:
+            d["posterior"] = _check_posterior(d["posterior"])
         return cls(**d)
 
     def to_json(self, path: str | Path | None = None) -> str:
@@ -100,3 +105,27 @@ class Trace:
             return cls.from_dict(json.loads(text))
         except json.JSONDecodeError as e:
             raise ValueError(f"trace is not valid JSON: {e}") from None
+
+
+def _check_posterior(p: dict) -> dict:
+    """The `posterior` record of a trace, checked field by field (it decides the noise)."""
+    if not isinstance(p, dict):
+        raise ValueError(f"trace field posterior must be an object, got {type(p).__name__}")
+    fields = {"key", "prompt_tokens", "tokens", "sampler", "full_support"}
+    if set(p) - fields - {"requested_sampler"} or fields - set(p):
+        raise ValueError(
+            f"trace field posterior must have the fields {sorted(fields)}, got {sorted(p)}"
+        )
+    for name in ("key", "prompt_tokens", "tokens"):
+        v = p[name]
+        if (
+            not isinstance(v, list)
+            or not v
+            or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v)
+        ):
+            raise ValueError(f"trace field posterior.{name} must be a non-empty list of ints >= 0")
+    if not isinstance(p["full_support"], bool):
+        raise ValueError("trace field posterior.full_support must be true or false")
+    Sampler.from_dict(p["sampler"])
+    key_from_list(p["key"])
+    return p

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cfjax.core import model, scm
+from cfjax.core import model, posterior, scm
 from cfjax.core.cache import KVCache, init_cache
 from cfjax.core.config import LlamaConfig
 from cfjax.core.request import as_key
@@ -71,11 +71,13 @@ class Carry:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class Rows:
-    """What stays fixed per row during a decode: its key, first real slot and sampler values."""
+    """What stays fixed per row during a decode: its key, first real slot and sampler values,
+    and for rows that replay observed text, the steps their noise is abducted from."""
 
     key: jax.Array  # [B] typed keys
     start: jax.Array  # [B] int32
     sampler: scm.Sampler  # leaves [B]
+    observed: posterior.Observed | None = None
 
 
 def layout(prompt: jax.Array, prompt_length: jax.Array) -> tuple[jax.Array, ...]:
@@ -104,12 +106,17 @@ def prefill(config, params, prompt, prompt_length, length: int) -> tuple[Carry, 
     return Carry(last, cache, index, jnp.zeros(last.shape, bool)), start
 
 
-def step(config, stop_tokens, params, rows: Rows, carry: Carry, xs):
-    """One response step for every row: logits of `carry.last`, then choose or force a token."""
+def step(config, stop_tokens, params, rows: Rows, carry: Carry, xs, keep_logits=False):
+    """One response step for every row: logits of `carry.last`, then choose or force a token.
+
+    The outputs are (token, logprob, valid) per row, and with `keep_logits` the f32 logits too.
+    """
     forced, noise_index, noise, cos_sin = xs
     logits, cache = model.apply(
         config, params, carry.last[:, None], rows.start, carry.cache, carry.index, cos_sin
     )
+    if rows.observed is not None:
+        noise = posterior.step_noise(rows.observed, rows.key, noise_index)
     token, logprob = jax.vmap(scm.choose_or_force)(
         logits[:, 0], rows.key, noise_index, rows.sampler, noise, forced
     )
@@ -117,10 +124,14 @@ def step(config, stop_tokens, params, rows: Rows, carry: Carry, xs):
     token = jnp.where(valid, token, 0)
     logprob = jnp.where(valid, logprob, 0.0)
     done = carry.done | jnp.isin(token, jnp.asarray(stop_tokens, jnp.int32)) & valid
-    return Carry(token, cache, carry.index + 1, done), (token, logprob, valid)
+    out = (token, logprob, valid) + ((logits[:, 0].astype(jnp.float32),) if keep_logits else ())
+    return Carry(token, cache, carry.index + 1, done), out
 
 
-def loop(config, stop_tokens, params, rows, carry, forced, noise_index, noise, n, early_exit):
+def loop(
+    config, stop_tokens, params, rows, carry, forced, noise_index, noise, n, early_exit,
+    keep_logits=False,
+):  # fmt: skip
     """Up to `n` steps (<= the width of `forced` `[B, W]`) in one `lax.while_loop`.
 
     With `early_exit` the loop also ends once every row is done (the host path). `sample` runs
@@ -128,13 +139,13 @@ def loop(config, stop_tokens, params, rows, carry, forced, noise_index, noise, n
     unbatched (a batched condition would make every step select the whole cache).
     Steps not run come back as not valid.
     """
-    run_step = functools.partial(step, config, stop_tokens, params, rows)
+    run_step = functools.partial(step, config, stop_tokens, params, rows, keep_logits=keep_logits)
     batch, width = forced.shape
     outputs = (
         jnp.zeros((width, batch), jnp.int32),
         jnp.zeros((width, batch), jnp.float32),
         jnp.zeros((width, batch), bool),
-    )
+    ) + ((jnp.zeros((width, batch, config.vocab_size), jnp.float32),) if keep_logits else ())
     # RoPE of every step the loop may run (slot `index + i`), before the loop: see `rotation`.
     slots = carry.index + jnp.arange(width, dtype=jnp.int32)
     positions = model.positions(slots[:, None], rows.start[None, :])[..., None]  # [W, B, 1]
@@ -243,14 +254,16 @@ def _sample(config, stop_tokens, params, prompt, prompt_length, key, sampler, fo
 _prefill = jax.jit(prefill, static_argnums=(0, 4))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(4,))
-def _run_chunk(config, stop_tokens, params, rows, carry, forced, noise_index, noise, n):
+@functools.partial(jax.jit, static_argnums=(0, 1, 9), donate_argnums=(4,))
+def _run_chunk(config, stop_tokens, params, rows, carry, forced, noise_index, noise, n, logits):
     """Up to `n` steps (a traced count <= the chunk width), ending early once all rows are done.
 
     One compiled program serves a short last chunk, a run resumed mid-chunk and a batch whose
     rows all stopped, without running (or compiling for) steps nobody needs.
     """
-    return loop(config, stop_tokens, params, rows, carry, forced, noise_index, noise, n, True)
+    return loop(
+        config, stop_tokens, params, rows, carry, forced, noise_index, noise, n, True, logits
+    )
 
 
 @dataclasses.dataclass
@@ -264,6 +277,9 @@ class Request:
     forced: np.ndarray | None = None  # [B, <= steps] int32, NOT_FORCED = sample
     noise_index: np.ndarray | None = None  # [B, <= steps] int32, default: the step
     noise: Any = None  # [B, steps, V] float32 explicit Gumbel noise
+    observed: posterior.Observed | None = None  # rows whose noise is abducted (not with noise)
+    keep_logits: bool = False  # return every step's f32 logits (to score observed text)
+    cache_steps: int | None = None  # size the cache for this many steps (default `steps`)
 
 
 @dataclasses.dataclass
@@ -287,6 +303,7 @@ class Decoded:
     start: np.ndarray
     bucket: int
     index: int  # the slot the next step would write
+    logits: np.ndarray | None = None  # [B, steps - first, V] f32, with `Request.keep_logits`
 
 
 def run(
@@ -307,7 +324,9 @@ def run(
     """
     batch, steps = len(request.prompts), request.steps
     bucket = bucket_length(max(len(p) for p in request.prompts))
-    length = cache_length(bucket, steps, chunk)
+    if request.cache_steps is not None and request.cache_steps < steps:
+        raise ValueError(f"cache_steps {request.cache_steps} is below the {steps} steps to run")
+    length = cache_length(bucket, request.cache_steps or steps, chunk)
     first = 0 if resume is None else resume.step
     if resume is None:
         prompt = np.zeros((batch, bucket), np.int32)
@@ -336,10 +355,14 @@ def run(
     if request.noise_index is not None:
         noise_index[:, : request.noise_index.shape[1]] = request.noise_index
     noise = request.noise
+    if noise is not None and request.observed is not None:
+        raise ValueError("give explicit noise or observed steps to abduct it from, not both")
     if noise is not None:  # pad to whole chunks; padded steps are never run
         noise = jnp.pad(jnp.asarray(noise, jnp.float32), ((0, 0), (0, width - steps), (0, 0)))
     stops = _stop_tuple(stop_tokens)
-    rows = Rows(request.keys, start, scm.stack(request.samplers, config.vocab_size))
+    rows = Rows(
+        request.keys, start, scm.stack(request.samplers, config.vocab_size), request.observed
+    )
     rows = jax.tree_util.tree_map(jnp.asarray, rows)
     # jit keys its cache on whether arrays are committed to a device: commit the inputs now so
     # the first chunk and the later ones (which get jit outputs) share one compilation.
@@ -350,9 +373,9 @@ def run(
             config, stops, params, rows, carry,
             jnp.asarray(forced[:, s : s + chunk]), jnp.asarray(noise_index[:, s : s + chunk]),
             None if noise is None else noise[:, s : s + chunk],
-            jnp.asarray(min(chunk, steps - s), jnp.int32),
+            jnp.asarray(min(chunk, steps - s), jnp.int32), request.keep_logits,
         )  # fmt: skip
-        out.append(tuple(np.asarray(x).T for x in chunk_out))
+        out.append(tuple(np.swapaxes(np.asarray(x), 0, 1) for x in chunk_out))
         if on_chunk is not None:
             on_chunk(_rows([o[0] for o in out], [o[2] for o in out], steps - first))
         if bool(np.all(np.asarray(carry.done))):
@@ -360,6 +383,10 @@ def run(
     valid = [o[2] for o in out]
     tokens = _rows([o[0] for o in out], valid, steps - first)
     logprobs = _rows([o[1] for o in out], valid, steps - first)
+    logits = None
+    if request.keep_logits:  # steps not run (all rows stopped) are cut, as in `tokens`
+        run_steps = max(len(t) for t in tokens)
+        logits = np.concatenate([o[3] for o in out], axis=1)[:, :run_steps]
     return Decoded(
         tokens,
         [[float(x) for x in r] for r in logprobs],
@@ -367,6 +394,7 @@ def run(
         np.asarray(start),
         bucket,
         int(carry.index),
+        logits,
     )
 
 

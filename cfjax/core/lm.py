@@ -12,15 +12,16 @@ import jax.numpy as jnp
 from cfjax.core import model
 from cfjax.core.config import LlamaConfig
 from cfjax.core.request import check_tokens
-from cfjax.core.store import CacheStore
+from cfjax.core.store import ArrayStore, CacheStore
 
 
 @dataclasses.dataclass(frozen=True)
 class LM:
     """A model ready to run: `params` is a plain pytree usable with jit, vmap, grad and orbax.
 
-    `caches` keeps the final KV caches of recent runs (bounded, see `CacheStore`); copies made
-    with `replace` share it, and its entries are keyed by the params that filled them.
+    `caches` keeps the final KV caches of recent runs (bounded, see `CacheStore`) and
+    `observations` the scored logits of observed text (abduction, see `ArrayStore`); copies
+    made with `replace` share both, and their entries are keyed by the params that made them.
     """
 
     config: LlamaConfig
@@ -28,6 +29,9 @@ class LM:
     tokenizer: Any = None
     model_id: str = ""
     caches: CacheStore = dataclasses.field(default_factory=CacheStore, repr=False, compare=False)
+    observations: ArrayStore = dataclasses.field(
+        default_factory=ArrayStore, repr=False, compare=False
+    )
 
     @property
     def dtype(self) -> jnp.dtype:

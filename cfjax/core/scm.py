@@ -1,4 +1,4 @@
-"""The causal model of sampling: step-keyed noise, sampler masks, mechanisms, posterior noise.
+"""The causal model of sampling: step-keyed noise, sampler masks, mechanisms.
 
 Every generated token is a deterministic function of the logits and of exogenous noise that is
 itself a pure function of ``(key, step)`` (DESIGN.md §2). Replaying the noise on changed logits is
@@ -290,8 +290,8 @@ def _is_greedy(sampler: Sampler) -> jax.Array | bool:
     return t == 0.0 if isinstance(t, float) else jnp.asarray(t) == 0
 
 
-def _masked(logits: jax.Array, sampler: Sampler) -> jax.Array:
-    """Tempered, masked float32 logits.
+def sampler_logits(logits: jax.Array, sampler: Sampler) -> jax.Array:
+    """The tempered, masked float32 logits the sampler draws from (-inf outside its support).
 
     A traced greedy row (τ = 0) gets τ = 1 and no truncation: its masked logits are the model's
     own, whose argmax is the greedy token and whose log-softmax is the log-prob it reports.
@@ -318,7 +318,7 @@ def log_probs(logits: jax.Array, sampler: Sampler) -> jax.Array:
     point = lambda: jnp.where(_point_mass(logits), 0.0, -jnp.inf).astype(jnp.float32)
     if greedy is True:
         return point()
-    lp = jax.nn.log_softmax(_masked(logits, sampler), axis=-1)
+    lp = jax.nn.log_softmax(sampler_logits(logits, sampler), axis=-1)
     return lp if greedy is False else jnp.where(greedy[..., None], point(), lp)
 
 
@@ -329,7 +329,7 @@ def support(logits: jax.Array, sampler: Sampler) -> jax.Array:
     if greedy is True:
         return _point_mass(logits)
     # Finite, not just unmasked: a token whose logit is already -inf can never be drawn.
-    sup = jnp.isfinite(_masked(logits, sampler))
+    sup = jnp.isfinite(sampler_logits(logits, sampler))
     return sup if greedy is False else jnp.where(greedy[..., None], _point_mass(logits), sup)
 
 
@@ -386,7 +386,7 @@ def _draw(logits, key, step, sampler: Sampler, noise_value) -> tuple[jax.Array, 
         return argmax(logits), logits
     if noise_value is not None and sampler.mechanism == "inverse-cdf":
         raise ValueError("explicit noise is Gumbel noise: the inverse-cdf mechanism has none")
-    zm = _masked(logits, sampler)
+    zm = sampler_logits(logits, sampler)
     g = noise(key, step, v) if noise_value is None else jnp.asarray(noise_value, jnp.float32)
     if greedy is not False:
         # A traced greedy row: no noise, so the argmax below is the greedy token (its zm is its
@@ -412,40 +412,3 @@ def _draw(logits, key, step, sampler: Sampler, noise_value) -> tuple[jax.Array, 
     if greedy is not False and sampler.mechanism == "inverse-cdf":
         token = jnp.where(greedy, argmax(zm), token)
     return token, zm
-
-
-def posterior_noise(
-    logits: jax.Array,
-    token: jax.Array | int,
-    key: jax.Array,
-    sampler: Sampler,
-    prior_noise: jax.Array,
-) -> jax.Array:
-    """f32[V] Gumbel noise drawn from its posterior given that the gumbel mechanism chose `token`.
-
-    Exponential-race form (DESIGN §2): with ``p = softmax(z_masked)``, ``t ~ Exp(1)`` and
-    ``E_j ~ Exp(1)`` (both clamped to ``finfo.tiny``), ``g_j = -log(E_j + p_j t)`` for j ≠ k and
-    ``g_k = -log t - log p_k``. Tokens outside the support keep ``prior_noise`` (they took no part
-    in the race). `key` is the abduction key, independent of the generation key. If `token` is
-    outside the support the result is all NaN: check with `support` first.
-    """
-    if sampler.mechanism != "gumbel":
-        raise ValueError(
-            f"posterior_noise is defined for the 'gumbel' mechanism, not {sampler.mechanism!r}"
-        )
-    prior_noise = jnp.asarray(prior_noise, jnp.float32)
-    if _is_greedy(sampler) is True:
-        return prior_noise  # greedy ignores the noise, so observing the token says nothing
-    zm = _masked(logits, sampler)
-    logp = jax.nn.log_softmax(zm)
-    p = jnp.exp(logp)
-    key_t, key_e = jax.random.split(as_key(key))
-    tiny = jnp.finfo(jnp.float32).tiny
-    t = jnp.maximum(jax.random.exponential(key_t, (), jnp.float32), tiny)
-    e = jnp.maximum(jax.random.exponential(key_e, zm.shape, jnp.float32), tiny)
-    ids = jnp.arange(zm.shape[0])
-    token = jnp.asarray(token, jnp.int32)
-    # log p_k from log_softmax stays finite when p_k underflows in float32.
-    g = jnp.where(ids == token, -jnp.log(t) - logp[token], -jnp.log(e + p * t))
-    g = jnp.where(jnp.isfinite(zm), g, prior_noise)
-    return jnp.where(jnp.isfinite(zm[token]), g, jnp.nan)

@@ -97,3 +97,45 @@ class CacheStore:
         for k in keys:
             if self._rows.get(k) is not None and self._rows[k].stored is stored:
                 del self._rows[k]
+
+
+class ArrayStore:
+    """A bounded LRU of device values computed once per params and reused (default 1 GiB).
+
+    Holds the scored logits of observed text (abduction), so that every posterior sample and
+    every counterfactual of them reads one `[S, V]` array instead of scoring the text again.
+    Keys start with the params object that computed the value; `clear()` frees it all.
+    """
+
+    def __init__(self, max_bytes: int = 1 << 30):
+        self.max_bytes = max_bytes
+        self._items: collections.OrderedDict[tuple, tuple[Any, Any]] = collections.OrderedDict()
+
+    @property
+    def nbytes(self) -> int:
+        """Device bytes held now."""
+        return sum(x.nbytes for _, v in self._items.values() for x in jax.tree_util.tree_leaves(v))
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def put(self, params: Any, key: tuple, value: Any) -> None:
+        """Keep `value` (anything with an `nbytes`), computed by `params`, under `key`."""
+        if value.nbytes > self.max_bytes:
+            return
+        self._items[(id(params), *key)] = (params, value)
+        self._items.move_to_end((id(params), *key))
+        while self.nbytes > self.max_bytes:
+            self._items.popitem(last=False)
+
+    def get(self, params: Any, key: tuple) -> Any:
+        """The value `params` computed under `key`, if still kept (else None)."""
+        item = self._items.get((id(params), *key))
+        if item is None or item[0] is not params:  # an id reused by other params
+            return None
+        self._items.move_to_end((id(params), *key))
+        return item[1]
+
+    def clear(self) -> None:
+        """Drop every value."""
+        self._items.clear()
