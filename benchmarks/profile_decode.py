@@ -100,7 +100,7 @@ def profile(lm, batch: int, steps: int, chunk: int = engine.DEFAULT_CHUNK, promp
     hlo = engine._run_chunk.lower(
         c, (-1,), lm.params, jax.tree_util.tree_map(jnp.asarray, rows), carry,
         jnp.full((batch, width), engine.NOT_FORCED, jnp.int32),
-        jnp.zeros((batch, width), jnp.int32), None, jnp.int32(width),
+        jnp.zeros((batch, width), jnp.int32), None, jnp.int32(width), False,
     ).compile().as_text()  # fmt: skip
     shapes = op_shapes(hlo)
     rows: dict[str, list] = collections.defaultdict(lambda: [0.0, 0])
