@@ -389,3 +389,20 @@ def test_other_mechanisms_cannot_replay_abducted_noise(lm, observed):
     with pytest.raises(ValueError, match="replay it with the 'gumbel' mechanism"):
         counterfactual(lm, post, ChangeSampler(mechanism="gumbel-rank"))
 
+
+@pytest.mark.slow
+def test_smollm2_replays_posterior_samples_exactly():
+    """On the real model: every posterior sample replays the observed text, for each sampler
+    (truncating samplers on a text they wrote themselves, so that it lies in their support)."""
+    lm = cfjax.load("smollm2-135m-instruct")
+    prompt = "Tell me a short story about a ship captain named Ahab."
+    human = "Captain Ahab stood at the bow of his ship, staring at the sea."
+    for sampler in (Sampler(1.0), Sampler(0.7), Sampler(1.0, top_k=50), Sampler(0.8, top_p=0.9)):
+        text = human
+        if sampler.top_k is not None or sampler.top_p is not None:
+            text = generate(lm, prompt, key=4, sampler=sampler, max_new_tokens=32).tokens
+        posts = abduct(lm, prompt, text, key=0, sampler=sampler, num_samples=4)
+        null = counterfactuals(lm, posts, [_null(p) for p in posts])
+        assert [c.tokens for c in null] == [posts[0].tokens] * 4, sampler
+    cfs = counterfactuals(lm, posts, [ReplaceTokens(16, [posts[0].tokens[17]])] * 4)
+    assert all(c.tokens[:16] == posts[0].tokens[:16] for c in cfs)

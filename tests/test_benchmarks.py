@@ -36,6 +36,11 @@ COMMANDS = {
         *("--profile-steps", "8"),
     ],
     "profile": ["profile_decode.py", *("--config", "tiny", "--steps", "8")],
+    "abduction": [
+        "abduction.py",
+        *("--config", "tiny", "--observed", "24", "--samples", "4", "--reference-samples", "2"),
+        *("--repeats", "1"),
+    ],
 }
 
 
@@ -110,6 +115,16 @@ def test_counterfactual_json(outputs):
     assert r["cf_over_factual"] < 10 and r["cf_reuse_middle_over_factual"] < 10
     assert r["batch"] == 4 and r["sequential_timed"] == 2
     assert r["batched_matches_sequential"] is True
+
+
+def test_abduction_json(outputs):
+    out = outputs["abduction"]
+    for k in ("cfjax_s", "reference_s", "speedup", "reference_per_sample_s"):
+        assert _positive(out[k]), k
+    assert out["reference_samples_timed"] == 2 and out["samples"] == 4
+    # Both sides' noise explains the observation; the counterfactual samples differ.
+    assert out["reference_replay_misses"] == 0 and out["cfjax_replays_observation"] is True
+    assert out["distinct_counterfactuals"] > 1
 
 
 def test_gpu_check_json(outputs):

@@ -232,3 +232,36 @@ def test_a_bfloat16_trace_of_a_known_name_replays(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert Trace.from_json(null_path).tokens == fact.tokens
+
+
+def test_abduct_prints_counts_and_writes_replayable_traces(sources, tmp_path, capsys):
+    src = sources["meta"][0]  # a sentencepiece tokenizer: text round-trips
+    out = tmp_path / "abd"
+    args = ["abduct", "--model", src, "--prompt", "abc def", "--no-chat",
+            "--response", "ab cd ef gh ij kl mn op", "--replace", "ef=>mn", "--samples", "6",
+            "--seed", "2", "--contains", "mn", "--out", out]  # fmt: skip
+    rc = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "6 counterfactuals" in captured.out and "100.0% contain 'mn'" in captured.out
+    assert "most frequent counterfactual" in captured.out
+    assert len(list(out.glob("sample-*.json"))) == len(list(out.glob("counterfactual-*.json"))) == 6
+    # Each written sample replays (a fresh load: the observed text is scored again) to the
+    # counterfactual written beside it.
+    for i in (0, 5):
+        rc, err = _cli(capsys, "counterfactual", out / f"sample-00{i}.json", "--replace",
+                       "ef=>mn", "--out", tmp_path / "again.json")  # fmt: skip
+        assert rc == 0, err
+        want = Trace.from_json(out / f"counterfactual-00{i}.json")
+        assert Trace.from_json(tmp_path / "again.json").tokens == want.tokens
+
+
+def test_abduct_errors_are_one_line(sources, tmp_path, capsys):
+    src = sources["meta"][0]
+    base = ["abduct", "--model", src, "--prompt", "abc", "--no-chat", "--replace", "ab=>cd"]
+    rc, err = _cli(capsys, *base, "--response-file", tmp_path / "missing.txt")
+    assert rc == 1 and "missing.txt" in err and err.count("\n") == 1
+    rc, err = _cli(capsys, *base, "--response", "ab cd ef", "--top-k", "1")
+    assert rc == 1 and "outside the support" in err and "--full-support" in err
+    rc, err = _cli(capsys, *base, "--response", "ab cd", "--samples", "0")
+    assert rc == 1 and "num_samples must be" in err

@@ -444,7 +444,9 @@ def test_posterior_noise_edge_cases():
     key, prior = jax.random.key(0), scm.noise(jax.random.key(1), 0, V)
     zm = scm.mask_logits(jnp.asarray(LOGITS), None, 0.5)
     outside = int(np.flatnonzero(~np.isfinite(zm))[0])
-    assert np.all(np.isnan(posterior.posterior_noise(LOGITS, outside, key, Sampler(top_p=0.5), prior)))
+    assert np.all(
+        np.isnan(posterior.posterior_noise(LOGITS, outside, key, Sampler(top_p=0.5), prior))
+    )
     greedy = posterior.posterior_noise(LOGITS, 1, key, Sampler(temperature=0.0), prior)
     np.testing.assert_array_equal(greedy, prior)
     with pytest.raises(ValueError, match="'gumbel' mechanism"):
