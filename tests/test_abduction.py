@@ -36,6 +36,7 @@ SAMPLERS = {
     "t0.7": Sampler(0.7),
     "top_k": Sampler(1.0, top_k=8),
     "top_p": Sampler(0.8, top_p=0.8),
+    "top_k1": Sampler(1.0, top_k=1),  # every step's support is one token
 }
 REF_LEN = 128
 N = 4  # posterior samples per test
@@ -136,6 +137,7 @@ def test_posterior_noise_explains_the_observation_and_the_counterfactual(lm, obs
     sampler, tokens = SAMPLERS["top_k"], observed["top_k"]
     posts = _abduct(lm, tokens, sampler)
     g = np.asarray(posterior_noise(lm, posts))  # [N, S, V], the function the decode step calls
+    assert np.all(np.isfinite(g))
     n_prompt = len(posts[0].prompt_tokens)
     logits = ref_logits(lm, posts[0].prompt_tokens + tokens)
     for b, p in enumerate(posts):
@@ -300,6 +302,13 @@ def test_the_observed_token_wins_even_at_a_float32_near_tie():
         assert int(jnp.argmax(z + g)) == 3
     g = posterior.race(jnp.full((V,), 1e4, jnp.float32), 5, jax.random.key(0), jnp.zeros((V,)))
     assert int(jnp.argmax(1e4 + g)) == 5 and bool(jnp.all(jnp.isfinite(g)))
+    # A token alone in the support (top-p or top-k left one): no rival, finite noise, the prior
+    # for every other token.
+    alone = jnp.full((V,), -jnp.inf, jnp.float32).at[2].set(3.0)
+    prior = jax.random.gumbel(jax.random.key(1), (V,))
+    g = posterior.race(alone, 2, jax.random.key(2), prior)
+    assert bool(jnp.all(jnp.isfinite(g))) and int(jnp.argmax(alone + g)) == 2
+    np.testing.assert_array_equal(np.delete(g, 2), np.delete(prior, 2))
 
 
 # --- full support, greedy, summaries, records ----------------------------------------------------
@@ -352,6 +361,7 @@ def test_edit_prompt_on_an_abducted_trace(lm, observed):
         (lambda p: p.pop("key"), "posterior must have the fields"),
         (lambda p: p.update(full_support="yes"), "posterior.full_support"),
         (lambda p: p.update(sampler={"temp": 1}), "unknown Sampler fields"),
+        (lambda p: p.update(key=[1, 2, 3]), "posterior.key is not the raw data of a key"),
     ],
 )
 def test_a_corrupted_posterior_record_is_refused(lm, observed, change, message):

@@ -1,4 +1,4 @@
-"""The README's `cfjax.core.sample` example runs as shown, on the embedded SmolLM2."""
+"""The README's `cfjax.core.sample` and abduction examples run as shown, on the embedded SmolLM2."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 SECTION = "### `cfjax.core.sample`"
 
 
-def _blocks() -> tuple[str, list[str]]:
+def _blocks(heading: str = SECTION) -> tuple[str, list[str]]:
     """(the section's python code, the lines of the output block shown after it)."""
     text = README.read_text(encoding="utf-8")
-    section = text[text.index(SECTION) :]
+    section = text[text.index(heading) :]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     shown = re.search(r"```python\n.*?```\s*```\n(.*?)```", section, re.S).group(1)
     return code, shown.strip().splitlines()
@@ -34,5 +34,15 @@ def test_core_sample_example_runs_as_shown(capsys):
     # the sampled texts do only at float32 near-ties, which another CPU may round otherwise.
     assert printed[0].startswith("(64, 4, 32) distinct answers per temperature: [1, ")
     assert repr(printed[1]) == printed[3]  # the base model of the ensemble is the grid's row
+    differs = [i for i, (a, b) in enumerate(zip(printed, shown, strict=True)) if a != b]
+    assert len(differs) <= 1, f"the README shows other output than the example prints: {differs}"
+
+
+@pytest.mark.slow
+def test_abduction_example_runs_as_shown(capsys):
+    code, shown = _blocks("### Counterfactuals of observed text")
+    exec(compile(code, str(README), "exec"), {})
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert len(printed) == len(shown) and printed[0] == shown[0] == "True 26 observed tokens"
     differs = [i for i, (a, b) in enumerate(zip(printed, shown, strict=True)) if a != b]
     assert len(differs) <= 1, f"the README shows other output than the example prints: {differs}"

@@ -25,7 +25,7 @@ from cfjax.causal.factual import text_of
 from cfjax.causal.trace import Trace, key_from_list, key_to_list
 from cfjax.core import engine, scm
 from cfjax.core.lm import LM
-from cfjax.core.posterior import Observed
+from cfjax.core.posterior import Observed, step_noise
 from cfjax.core.request import check_request, check_tokens, prompt_tokens, row_keys
 from cfjax.core.scm import Sampler
 from cfjax.core.store import Stored
@@ -81,12 +81,12 @@ def observe(
         cache_steps=cache_steps,
     )
     out = engine.run(lm.config, lm.params, request, stop_tokens=stop_tokens, chunk=chunk)
-    lm.caches.put(Stored(out.cache, out.start, out.bucket, chunk, lm.params), [(prompt, tokens)])
     stacked = jax.tree_util.tree_map(
         lambda x: jnp.asarray(x[0]), scm.stack([sampler], lm.config.vocab_size)
     )
     z = _sampler_logits(jnp.asarray(out.logits[0]), stacked)
     _check_support(lm, np.asarray(out.logits[0]), np.asarray(z), tokens, sampler)
+    lm.caches.put(Stored(out.cache, out.start, out.bucket, chunk, lm.params), [(prompt, tokens)])
     found = Observation(z, out.logprobs[0])
     lm.observations.put(lm.params, store_key, found)
     return found
@@ -282,8 +282,6 @@ def observed_steps(
 def posterior_noise(lm: LM, traces: Sequence[Trace]) -> jax.Array:
     """f32 `[B, S, V]`: the noise each abducted trace uses at its observed steps 0..S-1, drawn
     by the function the decode loop calls (for inspection; replay never materialises it)."""
-    from cfjax.core.posterior import step_noise
-
     observed = observed_steps(lm, traces, cache_steps=max(t.max_new_tokens for t in traces),
                               chunk=engine.DEFAULT_CHUNK)  # fmt: skip
     if observed is None:

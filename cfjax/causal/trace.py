@@ -127,5 +127,6 @@ def _check_posterior(p: dict) -> dict:
     if not isinstance(p["full_support"], bool):
         raise ValueError("trace field posterior.full_support must be true or false")
     Sampler.from_dict(p["sampler"])
-    key_from_list(p["key"])
+    if len(p["key"]) != len(key_to_list(jax.random.key(0))) or max(p["key"]) >= 1 << 32:
+        raise ValueError("trace field posterior.key is not the raw data of a key")
     return p

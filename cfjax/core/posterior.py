@@ -49,9 +49,11 @@ def race(zm: jax.Array, token: jax.Array | int, key: jax.Array, prior_noise: jax
     g = jnp.where(is_token, -jnp.log(t) - logp[token], -jnp.log(e + jnp.exp(logp) * t))
     g = jnp.where(jnp.isfinite(zm), g, prior_noise)
     # In exact arithmetic the observed token wins; make sure it does in float32 too (_MARGIN).
+    # (A token alone in the support has no rival: `other` is -inf and nothing changes.)
     other = jnp.max(jnp.where(is_token, -jnp.inf, zm + g))
     zk, gk = zm[token], g[token]
-    scale = jnp.maximum(jnp.maximum(jnp.abs(other), jnp.abs(zk)), 1.0)
+    size = jnp.where(jnp.isfinite(other), jnp.abs(other), 0.0)
+    scale = jnp.maximum(jnp.maximum(size, jnp.abs(zk)), 1.0)
     lead = (other - zk) + scale * _MARGIN
     gk = jnp.where(zk + gk - other > scale * _MARGIN, gk, jnp.maximum(gk, lead))
     g = jnp.where(is_token, gk, g)
