@@ -95,7 +95,7 @@ def test_replaying_posterior_samples_reproduces_the_observation(lm, observed, na
         assert [c.tokens for c in null] == [tokens] * N
         np.testing.assert_allclose(null[0].logprobs, posts[0].logprobs, atol=1e-5)
     # A changed sampler is a real intervention on the same noise: the rows differ from it.
-    hot = counterfactuals(lm, posts, [ChangeSampler(temperature=2.0)] * N)
+    hot = counterfactuals(lm, posts, [ChangeSampler(temperature=2.0, top_k=None, top_p=None)] * N)
     assert any(c.tokens != tokens for c in hot)
 
 
