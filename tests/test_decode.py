@@ -545,7 +545,7 @@ def test_new_prompt_length_in_bucket_does_not_recompile(lm):
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(temperature=-0.5), "temperature must be a finite number >= 0"),
+        (dict(temperature=-0.5), "temperature must be 0 \\(greedy\\) or a finite number"),
         (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
         (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
         (dict(top_k=0), "top_k must be an integer >= 1"),

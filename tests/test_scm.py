@@ -325,14 +325,27 @@ def test_choose_accepts_raw_key_data_and_rejects_batches():
         scm.choose(np.stack([LOGITS, LOGITS]), key, 0, s)
 
 
+def test_a_tiny_traced_temperature_is_its_greedy_limit_never_nan():
+    """Traced values cannot be refused: τ below MIN_TEMPERATURE is raised to it, whose draw is
+    the greedy token (logits / 1e-40 would overflow float32 to inf and NaN)."""
+    logits = jnp.asarray(LOGITS * 30.0)
+    keys = jax.random.split(jax.random.key(0), 64)
+    draw = jax.jit(jax.vmap(lambda k, t: scm.choose(logits, k, 0, Sampler(t)), (0, None)))
+    for t in (1e-38, 1e-36, 1e-7):
+        tokens, logprobs = draw(keys, jnp.float32(t))
+        assert np.all(np.asarray(tokens) == np.argmax(LOGITS)), t
+        assert np.all(np.isfinite(np.asarray(logprobs))), t
+
+
 # --- Sampler -------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"temperature": -0.1}, "temperature must be a finite number >= 0"),
-        ({"temperature": float("nan")}, "temperature must be a finite number >= 0"),
+        ({"temperature": -0.1}, "temperature must be 0 \\(greedy\\) or a finite number"),
+        ({"temperature": float("nan")}, "temperature must be 0 \\(greedy\\) or a finite number"),
+        ({"temperature": 1e-40}, "below it logits / τ overflow float32"),
         ({"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
         ({"top_p": 1.5}, r"top_p must be in \(0, 1\]"),
         ({"top_p": -0.2}, r"top_p must be in \(0, 1\]"),

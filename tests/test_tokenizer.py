@@ -312,6 +312,9 @@ def test_hf_directory_matches_transformers(hf_smol, tmp_path):
     for messages in CHATS:
         expected = hf_smol.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         assert tok.chat(messages) == _ids(expected)
+    # Whether a plain prompt starts with BOS is the tokenizer's own setting, as transformers has it.
+    with_specials = hf_smol.encode(TEXTS[0], add_special_tokens=True)
+    assert tok.add_bos == (with_specials[:1] == [tok.bos_id]) == T.load(_smollm2_gguf()).add_bos
 
 
 # --- sentencepiece (Llama 2) ----------------------------------------------------------------------
@@ -417,6 +420,35 @@ def test_gguf_sentencepiece_vocab_matches_sentencepiece(sp, tmp_path):
         assert tok.decode(ids) == text
     dialog = [{"role": "system", "content": "be kind"}, {"role": "user", "content": "hello"}]
     assert tok.chat(dialog) == _meta_llama2_dialog(sp, dialog)  # built-in Llama 2 format
+
+
+def test_plain_prompts_start_with_bos_only_where_the_model_says_so(
+    smol, spm_tok, llama3, sp, tmp_path
+):
+    """GGUF `tokenizer.ggml.add_bos_token` (SmolLM2's is false), sentencepiece and Llama 3 add
+    one; `--no-chat` prompts follow it."""
+    import types
+
+    import gguf
+
+    from cfjax.core.request import prompt_tokens
+
+    assert (smol.add_bos, spm_tok.add_bos, llama3.add_bos) == (False, True, True)
+    assert prompt_tokens(types.SimpleNamespace(tokenizer=smol), "Hello", chat=False) == smol.encode(
+        "Hello"
+    )
+    assert prompt_tokens(types.SimpleNamespace(tokenizer=spm_tok), "Hello", chat=False)[0] == 1
+    for flag in (True, False):
+        writer = gguf.GGUFWriter(str(tmp_path / f"{flag}.gguf"), "llama")
+        writer.add_tokenizer_model("llama")
+        writer.add_token_list([sp.id_to_piece(i) for i in range(sp.get_piece_size())])
+        writer.add_token_scores([sp.get_score(i) for i in range(sp.get_piece_size())])
+        writer.add_bos_token_id(sp.bos_id())
+        writer.add_add_bos_token(flag)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.close()
+        assert T.from_gguf(tmp_path / f"{flag}.gguf").add_bos is flag
 
 
 # --- streaming and character spans ----------------------------------------------------------------

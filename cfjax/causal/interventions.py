@@ -324,6 +324,11 @@ def plan(
                 p.chat = False
             elif p.prompt is None:
                 raise ValueError("EditPrompt with text needs a trace made from a text prompt")
+            elif iv.system is not None and not p.chat:
+                raise ValueError(
+                    "EditPrompt(system=...): the trace's prompt has no chat template (made with "
+                    "chat=False / --no-chat), so a system message would change nothing"
+                )
             else:
                 p.prompt = iv.prompt if iv.prompt is not None else p.prompt
                 p.system = iv.system if iv.system is not None else p.system

@@ -16,11 +16,34 @@ import numpy as np
 def as_key(key: Any) -> jax.Array:
     """A typed PRNG key from an int seed, a typed key or raw uint32 key data (e.g. from JSON)."""
     if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
+        if not 0 <= int(key) < 1 << 32:
+            # jax keeps a seed's low 32 bits (without x64): a larger one would silently collide.
+            raise ValueError(f"seed {int(key)} is outside [0, 2**32): a seed is one 32-bit word")
         return jax.random.key(int(key))
-    key = jnp.asarray(key)
+    if isinstance(key, (bool, float, str, bytes, type(None))):
+        raise TypeError(
+            f"key must be an int seed, a typed PRNG key or raw uint32 key data, got {key!r}"
+        )
+    if not isinstance(key, jax.Array):
+        key = np.asarray(key)  # lists of Python ints: checked before any 32-bit conversion
     if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
         return key
-    return jax.random.wrap_key_data(key.astype(jnp.uint32))
+    words = _key_words()
+    if not jnp.issubdtype(key.dtype, jnp.integer) or key.ndim == 0 or key.shape[-1] != words:
+        raise ValueError(
+            f"raw key data must be unsigned 32-bit words of shape (..., {words}), got "
+            f"{key.dtype} {tuple(key.shape)}"
+        )
+    if not isinstance(key, jax.core.Tracer):
+        values = np.asarray(key).astype(np.int64)
+        if np.any(values < 0) or np.any(values >= 1 << 32):
+            raise ValueError(f"raw key data must hold words in [0, 2**32), got {values.tolist()}")
+    return jax.random.wrap_key_data(jnp.asarray(key).astype(jnp.uint32))
+
+
+def _key_words() -> int:
+    """Words of raw data in a key of the default PRNG implementation (threefry: 2)."""
+    return int(jax.random.key_data(jax.random.key(0)).shape[-1])
 
 
 def row_keys(key: Any, batch: int) -> jax.Array:
@@ -60,13 +83,21 @@ def prompt_tokens(
     if isinstance(prompt, str):
         if lm.tokenizer is None:
             raise ValueError("a text prompt needs a tokenizer: this model has none; pass token ids")
+        if system is not None and not chat:
+            raise ValueError(
+                "a system message needs the chat template: it cannot be given with chat=False "
+                "(--no-chat)"
+            )
         if chat:
             messages = ([{"role": "system", "content": system}] if system is not None else []) + [
                 {"role": "user", "content": prompt}
             ]
             return list(lm.tokenizer.chat(messages))
-        bos = getattr(lm.tokenizer, "bos_id", None)
+        # The model's own setting: a GGUF's add_bos_token, an HF tokenizer's post-processor.
+        bos = lm.tokenizer.bos_id if getattr(lm.tokenizer, "add_bos", True) else None
         return ([bos] if bos is not None else []) + list(lm.tokenizer.encode(prompt))
+    if system is not None:
+        raise ValueError("a system message applies to a text prompt; token ids are used as given")
     tokens = [int(t) for t in prompt]
     if not tokens:
         raise ValueError("the prompt is empty: give at least one token")

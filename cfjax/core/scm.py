@@ -30,6 +30,10 @@ from jax import lax
 from cfjax.core.request import as_key
 
 MECHANISMS = ("gumbel", "inverse-cdf", "gumbel-rank")
+# The smallest positive temperature: logits / τ stays far from float32 overflow (|logits| up to
+# ~1e30 would be needed), and below it sampling is greedy to float32 precision anyway. A concrete
+# τ in (0, MIN_TEMPERATURE) is refused; a traced one is raised to it (its limit, greedy, either way).
+MIN_TEMPERATURE = 1e-6
 
 
 def _concrete(x: Any) -> bool:
@@ -69,8 +73,9 @@ class Sampler:
         _check_values(
             "temperature",
             t,
-            lambda a: np.isfinite(a) & (a >= 0),
-            "a finite number >= 0 (0 = greedy)",
+            lambda a: np.isfinite(a) & ((a == 0) | (a >= MIN_TEMPERATURE)),
+            f"0 (greedy) or a finite number >= {MIN_TEMPERATURE:g} (below it logits / τ "
+            "overflow float32; the limit is greedy: use 0)",
         )
         if k is not None:
             if isinstance(k, float) or (
@@ -301,7 +306,8 @@ def sampler_logits(logits: jax.Array, sampler: Sampler) -> jax.Array:
     if isinstance(t, float):
         return mask_logits(z / jnp.float32(t), k, p)
     greedy = jnp.asarray(t) == 0
-    t = jnp.where(greedy, jnp.float32(1), jnp.asarray(t, jnp.float32))
+    t = jnp.maximum(jnp.asarray(t, jnp.float32), jnp.float32(MIN_TEMPERATURE))
+    t = jnp.where(greedy, jnp.float32(1), t)
     k = None if k is None else jnp.where(greedy, z.shape[-1], k)
     p = None if p is None else jnp.where(greedy, jnp.float32(1), p)
     return mask_logits(z / t, k, p)

@@ -29,6 +29,7 @@ class Tokenizer:
     vocab_size: int  # number of ids, specials included
     special_tokens: dict[str, int]  # strings kept as plain text by `encode` unless allowed
     bos_id: int | None
+    add_bos: bool  # the model's own setting: does a plain-text prompt start with bos_id?
     eos_id: int | None
     stop_tokens: tuple[int, ...]
     chat_template: str | None  # jinja source: the model's own template or a built-in format
@@ -45,10 +46,12 @@ class Tokenizer:
         stop_tokens: Iterable[int] = (),
         chat_template: str | None = None,
         template_vars: Mapping[str, str] | None = None,
+        add_bos: bool = True,
     ) -> None:
         self.name, self.spec, self.vocab_size = name, spec, vocab_size
         self.special_tokens = dict(special_tokens)
         self.bos_id, self.eos_id = bos_id, eos_id
+        self.add_bos = bool(add_bos) and bos_id is not None
         stops = [*stop_tokens, *([eos_id] if eos_id is not None else [])]
         self.stop_tokens = tuple(dict.fromkeys(stops))  # ordered, without duplicates
         self.chat_template = chat_template or chat_mod.builtin_template(self.special_tokens)

@@ -35,6 +35,7 @@ _KEYS = {
     "unk": "tokenizer.ggml.unknown_token_id",
     "pad": "tokenizer.ggml.padding_token_id",
     "add_space_prefix": "tokenizer.ggml.add_space_prefix",
+    "add_bos": "tokenizer.ggml.add_bos_token",
     "chat_template": "tokenizer.chat_template",
 }
 
@@ -113,6 +114,8 @@ def from_gguf(source: str | os.PathLike[str] | Any, *, spec: str | None = None) 
         eos_token=name_of("eos"),
         chat_template=meta.get("chat_template"),
         template_vars={"unk_token": name_of("unk"), "pad_token": name_of("pad")},
+        # GGUF says it outright; without the key llama.cpp adds one, and so does cfjax.
+        add_bos=bool(meta.get("add_bos", True)),
     )
 
 

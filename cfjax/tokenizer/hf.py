@@ -42,7 +42,11 @@ class HFTokenizer(Tokenizer):
         extra_stop_ids: Iterable[int] = (),
         chat_template: str | None = None,
         template_vars: Mapping[str, str] | None = None,
+        add_bos: bool | None = None,
     ) -> None:
+        if add_bos is None:  # the tokenizer's own post-processor says whether it adds a BOS
+            probe = tok.encode("a", add_special_tokens=True).ids
+            add_bos = bos_token is not None and probe[:1] == [tok.token_to_id(bos_token)]
         self._tok = tok
         # `encode` must keep special-token strings as text; `_encode_split` handles the specials.
         tok.encode_special_tokens = True
@@ -68,6 +72,7 @@ class HFTokenizer(Tokenizer):
             stop_tokens=stops,
             chat_template=chat_template,
             template_vars={"bos_token": bos_token, "eos_token": eos_token, **(template_vars or {})},
+            add_bos=add_bos,
         )
 
     def _encode_plain(self, text: str) -> list[int]:
@@ -183,6 +188,9 @@ def from_tokenizer_json(path: Path, *, spec: str) -> HFTokenizer:
         eos_token=token_content(config.get("eos_token")),
         extra_stop_ids=generation_stop_ids(folder),
         chat_template=dir_chat_template(folder, config),
+        add_bos=config.get("add_bos_token")
+        if isinstance(config.get("add_bos_token"), bool)
+        else None,
         template_vars={
             k: v
             for k in ("unk_token", "pad_token")
