@@ -11,6 +11,8 @@ import os
 import sys
 from pathlib import Path
 
+from cfjax.atomic import check_writable, write_text
+
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
@@ -24,9 +26,17 @@ def _sampler_args(p: argparse.ArgumentParser, defaults: bool) -> None:
     )
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a bad argument ending as every other error: one line, exit status 1."""
+
+    def error(self, message: str):
+        print(f"cfjax: error: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        raise SystemExit(1)
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cfjax", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="cfjax", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     g = sub.add_parser("generate", help="sample a response and save its trace")
     g.add_argument("--model", default=DEFAULT_MODEL, help="name, model dir or .gguf")
@@ -131,6 +141,8 @@ def cmd_generate(args) -> int:
     from cfjax.causal import generate
 
     sampler = _sampler(args)  # validate arguments before the (slow) model load
+    if args.out is not None:
+        check_writable(args.out)
     lm = _load(args.model, args.dtype)
     trace = generate(
         lm,
@@ -206,6 +218,13 @@ def cmd_counterfactual(args) -> int:
     from cfjax.causal import Trace, counterfactual, interventional
 
     trace = Trace.from_json(args.trace)
+    for out in (args.out, args.html):  # before the work, so that a bad path loses nothing
+        if out is not None:
+            check_writable(out, inputs=(args.trace,))
+    if args.out is not None and args.html is not None and args.out.resolve() == args.html.resolve():
+        raise ValueError(f"{args.out}: given as both --out and --html")
+    if args.interventional and args.resume_at is not None:
+        raise ValueError("--resume-at aligns the factual noise; --interventional draws fresh noise")
     lm = _replay_model(trace, args.model, args.dtype)
     ivs = _interventions(args, lm, trace)
     if args.interventional:
@@ -223,7 +242,7 @@ def cmd_counterfactual(args) -> int:
     if args.out:
         result.to_json(args.out)
     if args.html:
-        args.html.write_text(present.html_diff(lm.tokenizer, trace, {label: result}))
+        write_text(args.html, present.html_diff(lm.tokenizer, trace, {label: result}))
     return 0
 
 
@@ -318,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("cfjax: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError, OSError, KeyError) as e:
+    except (ValueError, TypeError, OSError, KeyError, ImportError) as e:
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"cfjax: error: {message}", file=sys.stderr)
         return 1

@@ -556,9 +556,10 @@ def _wrong_shape(params):
 
 
 BAD = {
-    "position_past": (lambda lm, tr, o: ReplaceTokens(STEPS, [5]), r"position 48 is past the response \(48 tokens\)"),
+    "position_past": (lambda lm, tr, o: ReplaceTokens(STEPS, [5]), r"position 48 is outside the response: positions are 0 to 47"),
+    "position_negative": (lambda lm, tr, o: ReplaceTokens(-1, [5]), r"position -1 is outside the response: positions are 0 to 47"),
     "span_past": (lambda lm, tr, o: ReplaceTokens(46, [5, 5, 5]), r"runs past the response \(48 tokens\)"),
-    "auto_past": (lambda lm, tr, o: AutoIntervention(STEPS + 3), r"position 51 is past the response"),
+    "auto_past": (lambda lm, tr, o: AutoIntervention(STEPS + 3), r"position 51 is outside the response"),
     "text_not_found": (lambda lm, tr, o: ReplaceText("zebra", "cat"), r"'zebra' occurs 0 time\(s\) in the response"),
     "occurrence": (lambda lm, tr, o: ReplaceText(o, "cat", occurrence=2), r"occurs 1 time\(s\) in the response, not 2"),
     "bad_token": (lambda lm, tr, o: ReplaceTokens(3, [256]), r"token id 256 .* outside the vocabulary"),

@@ -26,7 +26,7 @@ from cfjax.causal.trace import Trace, key_from_list, key_to_list
 from cfjax.core import engine, scm
 from cfjax.core.lm import LM
 from cfjax.core.posterior import Observed, step_noise
-from cfjax.core.request import check_request, check_tokens, prompt_tokens, row_keys
+from cfjax.core.request import check_request, check_tokens, count, prompt_tokens, row_keys
 from cfjax.core.scm import Sampler
 from cfjax.core.store import Stored
 
@@ -174,8 +174,7 @@ def abduct(
         raise ValueError(
             f"abduction needs the 'gumbel' mechanism (noise per token id), not {sampler.mechanism!r}"
         )
-    if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
-        raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
+    num_samples = count(num_samples, "num_samples")
     requested = sampler
     if full_support:
         if sampler.greedy:
@@ -192,8 +191,8 @@ def abduct(
             f"the observed response has stop token {observed[early[0]]} at step {early[0]}, "
             "before its end: a response ends at its first stop token"
         )
-    steps = len(observed) if max_new_tokens is None else max_new_tokens
-    if not isinstance(steps, int) or steps < len(observed):
+    steps = len(observed) if max_new_tokens is None else count(max_new_tokens)
+    if steps < len(observed):
         raise ValueError(
             f"max_new_tokens {max_new_tokens!r} is below the observed response's "
             f"{len(observed)} tokens"

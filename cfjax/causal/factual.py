@@ -8,7 +8,7 @@ from typing import Any
 from cfjax.causal.trace import Trace
 from cfjax.core import engine
 from cfjax.core.lm import LM
-from cfjax.core.request import check_request, is_batch, prompt_tokens, row_keys
+from cfjax.core.request import check_request, count, is_batch, prompt_tokens, row_keys
 from cfjax.core.scm import Sampler
 from cfjax.core.store import Stored
 
@@ -62,6 +62,7 @@ def generate(
     row 0's text as it is produced. The final KV cache is kept in `lm.caches` (bounded), so
     that a counterfactual of these traces skips the steps before its edit.
     """
+    max_new_tokens = count(max_new_tokens)
     batch = is_batch(prompt)
     prompts_in = list(prompt) if batch else [prompt]
     prompts = [prompt_tokens(lm, p, chat=chat, system=system) for p in prompts_in]

@@ -276,6 +276,8 @@ def plan(
             f"the trace was made by model {trace.model_id!r}, not by {lm.model_id!r}: "
             "load that model (or use ChangeModel to ask what another model would have done)"
         )
+    if trace.tokens:  # a hand-edited trace must not force ids the model does not have
+        check_tokens(np.asarray(trace.tokens), lm.config.vocab_size, "the trace's response")
     if isinstance(interventions, Intervention):
         interventions = [interventions]
     p = Plan(
@@ -296,7 +298,9 @@ def plan(
         if isinstance(iv, ReplaceTokens):
             count = len(iv.tokens) if iv.count is None else iv.count
             if not 0 <= iv.position < n:
-                raise ValueError(f"position {iv.position} is past the response ({n} tokens)")
+                raise ValueError(
+                    f"position {iv.position} is outside the response: positions are 0 to {n - 1}"
+                )
             if count < 0 or iv.position + count > n:
                 raise ValueError(
                     f"replacing {count} tokens at position {iv.position} runs past the "
@@ -313,7 +317,9 @@ def plan(
             edits.append(_text_edit(lm, trace, iv.text, "", iv.occurrence))
         elif isinstance(iv, AutoIntervention):
             if not 0 <= iv.position < n:
-                raise ValueError(f"position {iv.position} is past the response ({n} tokens)")
+                raise ValueError(
+                    f"position {iv.position} is outside the response: positions are 0 to {n - 1}"
+                )
             edits.append(_auto(lm, trace, iv))
             p.records.append({**iv.record(), "token": edits[-1][2][0]})
             continue

@@ -16,6 +16,8 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from cfjax.atomic import write_text
+from cfjax.core.request import as_key
 from cfjax.core.scm import Sampler
 
 
@@ -25,8 +27,10 @@ def key_to_list(key: jax.Array) -> list[int]:
 
 
 def key_from_list(data: list[int]) -> jax.Array:
-    """Typed (threefry) key from raw key data."""
-    return jax.random.wrap_key_data(np.asarray(data, np.uint32))
+    """Typed (threefry) key from raw key data, checked (shape and 32-bit words)."""
+    if not isinstance(data, list) or not all(_is_int(x) for x in data):
+        raise ValueError(f"raw key data must be a list of integers, got {data!r:.60}")
+    return as_key(data)
 
 
 @dataclasses.dataclass
@@ -74,12 +78,19 @@ class Trace:
         if missing:
             raise ValueError(f"not a cfjax trace: missing fields {sorted(missing)}")
         d = {k: v for k, v in d.items() if k in names}
-        d["key"] = key_from_list(d["key"])
-        d["sampler"] = Sampler.from_dict(d["sampler"])
-        d["stop_tokens"] = tuple(d.get("stop_tokens", ()))
-        d["logprobs"] = [float("-inf") if x is None else x for x in d.get("logprobs", [])]
         d.setdefault("max_new_tokens", len(d["tokens"]))
         d.setdefault("noise_index", list(range(len(d["tokens"]))))
+        _check_fields(d)
+        try:
+            d["key"] = key_from_list(d["key"])
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"trace field key: {e}") from None
+        try:
+            d["sampler"] = Sampler.from_dict(d["sampler"])
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"trace field sampler: {e}") from None
+        d["stop_tokens"] = tuple(d.get("stop_tokens", ()))
+        d["logprobs"] = [float("-inf") if x is None else float(x) for x in d.get("logprobs", [])]
         if d.get("posterior") is not None:
             d["posterior"] = _check_posterior(d["posterior"])
         return cls(**d)
@@ -88,14 +99,15 @@ class Trace:
         """Serialise; also write to `path` if given."""
         text = json.dumps(self.to_dict(), ensure_ascii=False, indent=1)
         if path is not None:
-            Path(path).write_text(text, encoding="utf-8")
+            write_text(path, text)
         return text
 
     @classmethod
     def from_json(cls, text_or_path: str | Path) -> Trace:
-        """Parse a JSON string or file written by `to_json`."""
+        """Parse a file written by `to_json` (a `Path`, or a str naming a file), or JSON text (a
+        str starting with "{")."""
         text = str(text_or_path)
-        if not text.lstrip().startswith("{"):
+        if isinstance(text_or_path, Path) or not text.lstrip().startswith("{"):
             path = Path(text_or_path)
             try:
                 text = path.read_text(encoding="utf-8")
@@ -105,6 +117,54 @@ class Trace:
             return cls.from_dict(json.loads(text))
         except json.JSONDecodeError as e:
             raise ValueError(f"trace is not valid JSON: {e}") from None
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _token_list(d: dict, name: str, *, empty: bool = True) -> None:
+    v = d[name]
+    if not isinstance(v, list) or not all(_is_int(t) and t >= 0 for t in v):
+        raise ValueError(f"trace field {name} must be a list of token ids >= 0, got {v!r:.80}")
+    if not v and not empty:
+        raise ValueError(f"trace field {name} is empty")
+
+
+def _check_fields(d: dict) -> None:
+    """Types, lengths and ranges of a trace's fields, each error naming its field (hand-edited
+    or truncated files must not replay as something else)."""
+    if not isinstance(d["model_id"], str) or not d["model_id"]:
+        raise ValueError("trace field model_id must name the model that made the trace")
+    _token_list(d, "prompt_tokens", empty=False)
+    _token_list(d, "tokens")
+    n = len(d["tokens"])
+    m = d["max_new_tokens"]
+    if not _is_int(m) or m < max(1, n):
+        raise ValueError(f"trace field max_new_tokens must be an integer >= {max(1, n)}, got {m!r}")
+    idx = d["noise_index"]
+    if not isinstance(idx, list) or len(idx) != n or not all(_is_int(i) and i >= 0 for i in idx):
+        raise ValueError(f"trace field noise_index must be {n} integers >= 0 (one per token)")
+    lp = d.get("logprobs", [])
+    if not isinstance(lp, list) or len(lp) not in (0, n):
+        raise ValueError(f"trace field logprobs must be a list of {n} numbers (or empty)")
+    if not all(x is None or (isinstance(x, (int, float)) and not isinstance(x, bool)) for x in lp):
+        raise ValueError("trace field logprobs must hold numbers (null for -inf)")
+    if "stop_tokens" in d:
+        _token_list(d, "stop_tokens")
+    for name in ("text",):
+        if name in d and not isinstance(d[name], str):
+            raise ValueError(f"trace field {name} must be a string")
+    for name in ("prompt", "system"):
+        if d.get(name) is not None and not isinstance(d[name], str):
+            raise ValueError(f"trace field {name} must be a string or null")
+    if "chat" in d and not isinstance(d["chat"], bool):
+        raise ValueError("trace field chat must be true or false")
+    ivs = d.get("interventions", [])
+    if not isinstance(ivs, list) or not all(isinstance(x, dict) for x in ivs):
+        raise ValueError("trace field interventions must be a list of objects")
+    if d.get("alignment") is not None and not isinstance(d["alignment"], dict):
+        raise ValueError("trace field alignment must be an object or null")
 
 
 def _check_posterior(p: dict) -> dict:
@@ -127,6 +187,8 @@ def _check_posterior(p: dict) -> dict:
     if not isinstance(p["full_support"], bool):
         raise ValueError("trace field posterior.full_support must be true or false")
     Sampler.from_dict(p["sampler"])
-    if len(p["key"]) != len(key_to_list(jax.random.key(0))) or max(p["key"]) >= 1 << 32:
-        raise ValueError("trace field posterior.key is not the raw data of a key")
+    try:
+        key_from_list(p["key"])
+    except ValueError as e:
+        raise ValueError(f"trace field posterior.key is not the raw data of a key: {e}") from None
     return p

@@ -32,7 +32,7 @@ import numpy as np
 from cfjax.core import model, posterior, scm
 from cfjax.core.cache import KVCache, init_cache
 from cfjax.core.config import LlamaConfig
-from cfjax.core.request import as_key
+from cfjax.core.request import as_key, count
 
 MIN_BUCKET = 32
 DEFAULT_CHUNK = 64
@@ -210,9 +210,7 @@ def sample(
     structure. Padding the prompt to `bucket_length(prompt_length)` gives the program shapes of
     `cfjax.generate`, whose tokens it equals.
     """
-    n = max_new_tokens
-    if not isinstance(n, int) or n < 1:
-        raise ValueError(f"max_new_tokens must be an integer >= 1, got {n!r}")
+    n = count(max_new_tokens)
     prompt = jnp.asarray(prompt, jnp.int32)
     if prompt.ndim != 1:
         raise ValueError(f"prompt must be int32 [P] (one row; vmap for more), got {prompt.shape}")

@@ -113,10 +113,16 @@ def is_batch(prompt: Any) -> bool:
     )
 
 
+def count(value: Any, name: str = "max_new_tokens") -> int:
+    """`value` as a Python int >= 1 (numpy integers too; bools and floats are refused)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return int(value)
+
+
 def check_request(lm: Any, prompts: list[list[int]], max_new_tokens: int) -> None:
     """Clear errors for empty or out-of-vocabulary prompts and overlong requests."""
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    max_new_tokens = count(max_new_tokens)
     for b, p in enumerate(prompts):
         if not p:
             raise ValueError(f"prompt of row {b} is empty: give at least one token")
