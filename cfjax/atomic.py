@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
+import shutil
+import signal
+import threading
 from pathlib import Path
 
 
@@ -36,3 +40,54 @@ def check_writable(path: str | os.PathLike, *, inputs: tuple = ()) -> Path:
         if src is not None and Path(src).expanduser().resolve() == path.resolve():
             raise ValueError(f"{path}: is the input; write the result to another file")
     return path
+
+
+@contextlib.contextmanager
+def deferred_interrupts():
+    """Hold SIGINT and SIGTERM until the block ends, then raise KeyboardInterrupt.
+
+    For writes that must not be cut mid-way (orbax's save threads abort the process when the
+    main thread is interrupted under them); the caller's cleanup then runs as for any error.
+    Only the main thread can set handlers: elsewhere the block runs as it is.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    old = {s: signal.signal(s, lambda n, _f: caught.append(n)) for s in _HELD}
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+    if caught:
+        raise KeyboardInterrupt
+
+
+_HELD = (signal.SIGINT, signal.SIGTERM)
+
+
+def remove_stale_partials(path: str | os.PathLike) -> None:
+    """Remove hidden `.NAME.partial-PID-*` siblings of `path` left by processes that are gone
+    (killed before they could clean up)."""
+    path = Path(path)
+    for tmp in path.parent.glob(f".{path.name}.partial-*-*"):
+        try:
+            pid = int(tmp.name.rsplit("-", 2)[-2])
+        except ValueError:
+            continue
+        if pid != os.getpid() and not _alive(pid):
+            if tmp.is_dir() and not tmp.is_symlink():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from cfjax.atomic import check_writable, write_text
@@ -332,6 +334,7 @@ COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `cfjax` console script."""
     args = _parser().parse_args(argv)
+    previous = _terminate_as_interrupt()
     try:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
@@ -341,6 +344,21 @@ def main(argv: list[str] | None = None) -> int:
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"cfjax: error: {message}", file=sys.stderr)
         return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _terminate_as_interrupt():
+    """SIGTERM ends a command as Ctrl-C does, so that its cleanup runs (a conversion removes
+    its partial folder); returns the handler it replaced (None off the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGTERM, interrupt)
 
 
 def use_compilation_cache() -> None:

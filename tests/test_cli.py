@@ -265,3 +265,54 @@ def test_abduct_errors_are_one_line(sources, tmp_path, capsys):
     assert rc == 1 and "outside the support" in err and "--full-support" in err
     rc, err = _cli(capsys, *base, "--response", "ab cd", "--samples", "0")
     assert rc == 1 and "num_samples must be" in err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_an_interrupted_conversion_prints_one_line_and_leaves_nothing(tmp_path, sig):
+    """The signal arrives while orbax writes the params (its partial folder exists)."""
+    import signal
+    import time
+
+    from cfjax.weights import KNOWN_MODELS
+
+    gguf = KNOWN_MODELS["smollm2-135m-instruct"].locate("smollm2-135m-instruct")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cfjax.cli", "convert", str(gguf), str(tmp_path / "out"),
+         "--dtype", "float32"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "CFJAX_COMPILATION_CACHE": ""},
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".out.partial-*/params")) and proc.poll() is None:
+        assert time.monotonic() < deadline, "the conversion never started writing"
+        time.sleep(0.02)
+    proc.send_signal(getattr(signal, sig))
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert err.strip() == "cfjax: interrupted"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_killed_conversions_partial_folder_is_removed_by_the_next(sources, tmp_path):
+    import cfjax
+
+    stale = tmp_path / ".out.partial-999999999-abcd"  # no such process
+    (stale / "params").mkdir(parents=True)
+    mine = tmp_path / f".out.partial-{os.getpid()}-abcd"  # a live process's: kept
+    mine.mkdir()
+    cfjax.convert(sources["hf"][0], tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [mine.name, "out"]
+
+
+def test_convert_into_an_unwritable_folder_names_it(sources, tmp_path, capsys):
+    if os.geteuid() == 0:
+        pytest.skip("root writes anywhere")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        rc, err = _cli(capsys, "convert", sources["hf"][0], locked / "out")
+    finally:
+        locked.chmod(0o700)
+    assert rc == 1 and str(locked / "out") in err and ".partial" not in err

@@ -12,7 +12,17 @@ import cfjax
 ROOT = Path(cfjax.__file__).resolve().parent
 # Each layer may import those before it in this list, never one after it (gguf_header is the
 # GGUF container reader that the tokenizer and the weights both read).
-LAYERS = ["core", "atomic", "gguf_header", "tokenizer", "weights", "causal", "present", "demo", "cli"]
+LAYERS = [
+    "core",
+    "atomic",
+    "gguf_header",
+    "tokenizer",
+    "weights",
+    "causal",
+    "present",
+    "demo",
+    "cli",
+]
 
 
 def _cfjax_imports(file: Path) -> set[str]:

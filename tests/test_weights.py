@@ -12,6 +12,7 @@ import importlib.util
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 
 import jax
@@ -469,18 +470,67 @@ def test_split_params_is_the_checkpoint_layout(tiny):
     assert jax.tree.all(jax.tree.map(np.array_equal, fused, lm.params))
 
 
-def test_convert_refuses_existing_and_force_replaces(tiny, tmp_path):
+def test_convert_refuses_existing_and_force_replaces_only_a_checkpoint(tiny, tmp_path):
     d, _, logits = tiny
     dst = tmp_path / "dst"
     dst.mkdir()
     (dst / "keep.txt").write_text("mine")
     with pytest.raises(FileExistsError, match=r"dst: already exists; use --force"):
         cfjax.weights.convert(d, dst)
+    # --force never deletes a folder that is not a cfjax checkpoint ...
+    with pytest.raises(FileExistsError, match=r"dst: exists and is not a cfjax checkpoint"):
+        cfjax.weights.convert(d, dst, force=True)
     assert (dst / "keep.txt").read_text() == "mine" and len(list(dst.iterdir())) == 1
-    cfjax.weights.convert(d, dst, force=True)
-    assert not (dst / "keep.txt").exists() and checkpoint.is_converted(dst)
-    np.testing.assert_allclose(forward(cfjax.load(dst)), logits, atol=1e-4, rtol=0)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["dst"]
+    # ... it replaces a converted checkpoint ...
+    conv = cfjax.weights.convert(d, tmp_path / "conv")
+    cfjax.weights.convert(d, conv, force=True, dtype="bfloat16")
+    assert (
+        checkpoint.read_meta(conv)["dtype"] == "bfloat16" and cfjax.load(conv).dtype == jnp.bfloat16
+    )
+    # ... unless the source lies inside it.
+    shutil.copytree(d, conv / "src")
+    with pytest.raises(
+        ValueError, match=r"conv: holds the source .*src; replacing it would delete"
+    ):
+        cfjax.weights.convert(conv / "src", conv, force=True)
+    assert (conv / "src" / "config.json").is_file() and checkpoint.is_converted(conv)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["conv", "dst"]
+
+
+def test_force_never_deletes_the_gguf_it_converts(tmp_path):
+    """The adversarial case: `cfjax convert pp/model.gguf pp --force`."""
+    state = {"model.embed_tokens.weight": np.zeros((8, 4), np.float32)}
+    pp = tmp_path / "pp"
+    pp.mkdir()
+    (pp / "model.gguf").write_bytes(b"GGUF")  # refused before the file is even read
+    (pp / "notes.txt").write_text("mine")
+    with pytest.raises((FileExistsError, ValueError)) as e:
+        cfjax.weights.convert(pp / "model.gguf", pp, force=True)
+    assert "replacing it would delete the source" in str(e.value) or "not a cfjax" in str(e.value)
+    assert sorted(p.name for p in pp.iterdir()) == ["model.gguf", "notes.txt"] and state
+
+
+@pytest.mark.parametrize("damage", ["overwrite", "truncate"])
+def test_a_damaged_checkpoint_is_refused_with_a_readable_message(tiny, tmp_path, damage):
+    d, _, _ = tiny
+    conv = cfjax.weights.convert(d, tmp_path / "conv")
+    assert set(checkpoint.read_meta(conv)["digests"]) >= {"['embed']['embedding']"}
+    files = sorted(
+        (conv / "params").rglob("*"), key=lambda f: f.stat().st_size if f.is_file() else 0
+    )
+    data = files[-1]  # the largest file holds tensor bytes
+    raw = bytearray(data.read_bytes())
+    if damage == "overwrite":  # bytes in the middle of the tensor data, the length kept
+        mid = len(raw) // 2
+        raw[mid : mid + 4096] = b"\xff" * len(raw[mid : mid + 4096])
+    else:
+        raw = raw[: len(raw) // 3]
+    data.write_bytes(bytes(raw))
+    with pytest.raises(ValueError) as e:
+        cfjax.load(conv)
+    message = str(e.value)
+    assert str(conv) in message and "<" not in message and "\n" not in message
+    assert "does not match the checksum" in message or "corrupt or incomplete" in message
 
 
 @pytest.mark.parametrize("stage", ["tensor stream", "metadata"])

@@ -14,11 +14,14 @@ layer keys, and bit-identical arrays when the dtype is unchanged (orbax casts ot
 from __future__ import annotations
 
 import json
+import re
+import zlib
 from pathlib import Path
 
 import jax
 import numpy as np
 
+from cfjax.atomic import deferred_interrupts
 from cfjax.core import model
 from cfjax.core.config import LlamaConfig
 from cfjax.weights.stream import expected_shapes
@@ -55,8 +58,29 @@ def write_meta(directory: Path, meta: dict) -> None:
     (directory / META).write_text(json.dumps(meta, indent=2) + "\n")
 
 
-def save_params(directory: Path, params: dict) -> None:
-    """Write the params pytree (jax arrays) as an orbax checkpoint under `directory`."""
+def digests(params: dict) -> dict[str, str]:
+    """CRC-32 of every param's bytes, by tree path: recorded at conversion, checked on load, so
+    that a damaged file names its tensor instead of loading as other weights."""
+    out = {}
+    for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
+        data = np.ascontiguousarray(np.asarray(x)).reshape(-1).view(np.uint8)
+        out[jax.tree_util.keystr(path)] = f"{zlib.crc32(data):08x}"
+    return out
+
+
+def verify(params: dict, expected: dict[str, str], directory: Path) -> None:
+    """Raise naming the first tensor whose bytes differ from those written at conversion."""
+    for name, digest in digests(params).items():
+        if expected.get(name) != digest:
+            raise ValueError(
+                f"{directory}: tensor {name} does not match the checksum recorded at conversion "
+                "(the checkpoint is damaged): convert it again"
+            )
+
+
+def save_params(directory: Path, params: dict) -> dict[str, str]:
+    """Write the params pytree (jax arrays) as an orbax checkpoint under `directory`; returns
+    their `digests`."""
     import orbax.checkpoint as ocp
 
     # Bounded in-flight bytes: orbax would otherwise stage a host copy of every array at once
@@ -65,24 +89,29 @@ def save_params(directory: Path, params: dict) -> None:
     handler = ocp.PyTreeCheckpointHandler(
         save_concurrent_gb=1, save_device_host_concurrent_gb=1, use_compression=False
     )
-    with ocp.Checkpointer(handler) as ckptr:
+    # An interrupt under orbax's writer threads aborts the process and leaves the folder
+    # behind: it is held until the save is done, then raised for the caller to clean up.
+    with deferred_interrupts(), ocp.Checkpointer(handler) as ckptr:
         ckptr.save((directory / PARAMS).resolve(), args=ocp.args.PyTreeSave(params))
+    return digests(params)
 
 
-def restore_params(
-    directory: str | Path, config: LlamaConfig, dtype, version: int = VERSION
-) -> dict:
+def restore_params(directory: str | Path, config: LlamaConfig, dtype, meta: dict) -> dict:
     """Restore params as jax arrays in `dtype` (on the default device), int layer keys kept.
 
-    `version` is the folder's format version (`read_meta(directory)["version"]`).
+    `meta` is the folder's `read_meta(directory)`: its version says the layout, and its
+    digests (folders converted since they were added) are checked against the bytes read, in
+    the stored dtype, before any cast.
     """
     import orbax.checkpoint as ocp
 
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    split = version < 2
+    split = meta.get("version", 1) < 2
+    expected = meta.get("digests")
+    read_as = np.dtype(meta["dtype"] if expected else dtype).name
     abstract = jax.tree.map(
         lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
-        expected_shapes(config, np.dtype(dtype).name, split=split),
+        expected_shapes(config, read_as, split=split),
     )
     restore = ocp.args.PyTreeRestore(
         abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract)
@@ -92,6 +121,15 @@ def restore_params(
         with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(restore_concurrent_gb=1)) as ckptr:
             params = ckptr.restore(path, args=restore)
     except Exception as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ValueError(f"{path}: corrupt or incomplete cfjax checkpoint ({msg})") from None
+        # The first line of orbax's / tensorstore's message, up to the object reprs it
+        # carries ("See full TensorStore details: <bound method ...>").
+        line = str(e).splitlines()[0] if str(e) else ""
+        msg = re.split(r"<|See full TensorStore", line)[0].strip(" .:")[:200]
+        raise ValueError(
+            f"{path}: corrupt or incomplete cfjax checkpoint ({type(e).__name__}: {msg})"
+        ) from None
+    if expected:
+        verify(params, expected, Path(directory))
+        if read_as != np.dtype(dtype).name:
+            params = jax.tree.map(lambda x: x.astype(dtype), params)
     return model.fuse_layers_in_place(params) if split else params

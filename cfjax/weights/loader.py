@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from cfjax.atomic import remove_stale_partials
 from cfjax.core.config import LlamaConfig
 from cfjax.core.lm import LM
 from cfjax.tokenizer import check_vocab
@@ -198,7 +199,7 @@ def _load_converted(directory: Path, dtype) -> LM:
     config = LlamaConfig.from_dict(meta["config"])
     stored = resolve_dtype(meta["dtype"], None)
     dtype = resolve_dtype(dtype, stored)
-    params = checkpoint.restore_params(directory, config, dtype, meta.get("version", 1))
+    params = checkpoint.restore_params(directory, config, dtype, meta)
     tok = meta.get("tokenizer")
     tokenizer = attach_tokenizer(str(directory / tok) if tok else None, config)
     model_id = _with_dtype(meta["model_id"], dtype, stored)
@@ -237,12 +238,28 @@ def load(spec: str | Path, dtype=None, *, progress: bool | None = None) -> LM:
     return LM(config=source.config, params=params, tokenizer=tokenizer, model_id=model_id)
 
 
+def _check_replaceable(dst: Path, source: Path) -> None:
+    """`force` replaces a converted checkpoint, never a source, a folder holding one, or
+    anything that is not a cfjax checkpoint."""
+    if dst.resolve() in source.resolve().parents:
+        raise ValueError(f"{dst}: holds the source {source}; replacing it would delete the source")
+    if not (dst.is_dir() and checkpoint.is_converted(dst)):
+        raise FileExistsError(
+            f"{dst}: exists and is not a cfjax checkpoint; --force (force=True) replaces only a "
+            "converted checkpoint folder"
+        )
+
+
 def _write_atomically(dst: Path, force: bool, write) -> None:
     # Everything is written into a hidden sibling and renamed into place at the end: an
     # interrupted or failed conversion leaves no DST, and the sibling is removed on any error.
     dst.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(dst)  # of conversions that were killed (SIGKILL cannot be caught)
     tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
-    tmp.mkdir()
+    try:
+        tmp.mkdir()
+    except OSError as e:
+        raise OSError(f"{dst}: cannot write in {dst.parent} ({e.strerror})") from None
     try:
         write(tmp)
         if dst.exists() or dst.is_symlink():
@@ -298,6 +315,8 @@ def convert(
     path = _resolve(src)
     if path.resolve() == dst.resolve():
         raise ValueError(f"{dst}: source and destination are the same folder")
+    if dst.exists() or dst.is_symlink():
+        _check_replaceable(dst, path)
     if checkpoint.is_converted(path):  # re-save another dtype: restore straight into it
         meta = checkpoint.read_meta(path)
         config = LlamaConfig.from_dict(meta["config"])
@@ -307,12 +326,14 @@ def convert(
         info["model_id"] = model_id or _with_dtype(meta["model_id"], target, stored)
 
         def write(tmp: Path) -> None:
-            version = meta.get("version", 1)
-            checkpoint.save_params(tmp, checkpoint.restore_params(path, config, target, version))
+            params = checkpoint.restore_params(path, config, target, meta)
+            sums = checkpoint.save_params(tmp, params)
             tok = _copy_tokenizer(path, meta.get("tokenizer"), tmp)
             checkpoint.write_meta(
-                tmp, {"config": config.to_dict(), "dtype": target.name, **info, "tokenizer": tok}
-            )
+                tmp,
+                {"config": config.to_dict(), "dtype": target.name, **info, "tokenizer": tok,
+                 "digests": sums},
+            )  # fmt: skip
     else:
         source = open_source(path)
         config = source.config
@@ -322,12 +343,14 @@ def convert(
 
         def write(tmp: Path) -> None:
             params = _assemble(source, path, target, progress)
-            checkpoint.save_params(tmp, params)
+            sums = checkpoint.save_params(tmp, params)
             del params
             tok = source.save_tokenizer(tmp)
             checkpoint.write_meta(
-                tmp, {"config": config.to_dict(), "dtype": target.name, **info, "tokenizer": tok}
-            )
+                tmp,
+                {"config": config.to_dict(), "dtype": target.name, **info, "tokenizer": tok,
+                 "digests": sums},
+            )  # fmt: skip
 
     _write_atomically(dst, force, write)
     return dst
