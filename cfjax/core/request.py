@@ -24,6 +24,8 @@ def as_key(key: Any) -> jax.Array:
         raise TypeError(
             f"key must be an int seed, a typed PRNG key or raw uint32 key data, got {key!r}"
         )
+    if isinstance(key, (list, tuple)) and any(isinstance(k, jax.Array) for k in key):
+        return jnp.stack([as_key(k) for k in key])  # a list of keys
     if not isinstance(key, jax.Array):
         key = np.asarray(key)  # lists of Python ints: checked before any 32-bit conversion
     if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
