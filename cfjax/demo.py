@@ -24,9 +24,13 @@ def run(seed: int | None = None, html: Path | None = None) -> int:
     from rich.panel import Panel
 
     from cfjax import present
+    from cfjax.atomic import check_writable, write_text
     from cfjax.causal import ReplaceText, counterfactual, generate, interventional
     from cfjax.core import Sampler
     from cfjax.weights import load
+
+    if html is not None:
+        check_writable(html)  # before the work
 
     console = Console()
     seed = SEED if seed is None else seed
@@ -72,8 +76,9 @@ def run(seed: int | None = None, html: Path | None = None) -> int:
         f"(reuses the factual KV cache), interventional {t4 - t3:.1f}s[/dim]"
     )
     if html:
-        html.write_text(
-            present.html_diff(lm.tokenizer, factual, {"counterfactual": cf, "interventional": iv})
+        write_text(
+            html,
+            present.html_diff(lm.tokenizer, factual, {"counterfactual": cf, "interventional": iv}),
         )
         console.print(f"side-by-side diff: {html}")
     return 0

@@ -416,3 +416,14 @@ def test_smollm2_replays_posterior_samples_exactly():
         assert [c.tokens for c in null] == [posts[0].tokens] * 4, sampler
     cfs = counterfactuals(lm, posts, [ReplaceTokens(16, [posts[0].tokens[17]])] * 4)
     assert all(c.tokens[:16] == posts[0].tokens[:16] for c in cfs)
+
+
+def test_interventional_on_an_abducted_trace_uses_fresh_noise(lm, observed):
+    from cfjax.causal import interventional
+
+    (post,) = _abduct(lm, observed["t1"], Sampler(1.0), num_samples=1)
+    edit = ReplaceTokens(12, [(observed["t1"][12] + 5) % 256])
+    fresh = interventional(lm, post, edit, key=9)
+    assert fresh.posterior is None and fresh.alignment["fresh_noise"] is True
+    assert fresh.tokens[:12] == observed["t1"][:12]
+    assert fresh.tokens != counterfactual(lm, post, edit).tokens
