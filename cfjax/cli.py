@@ -102,6 +102,14 @@ def _parser() -> argparse.ArgumentParser:
     for name, kind in (("temperature", float), ("top-k", int), ("top-p", float)):
         a.add_argument(f"--new-{name}", type=kind, default=None, help=f"intervention: {name}")
 
+    e = sub.add_parser("experiment", help="the paper's studies")
+    studies = e.add_subparsers(dest="study", required=True, parser_class=_Parser)
+    r = studies.add_parser("census-report", help="the census study's tables and figures")
+    r.add_argument("dir", nargs="?", type=Path, help="a census study folder (its rows.jsonl)")
+    r.add_argument("--paper-data", type=Path, help="the paper's *_cf_changes.json folder instead")
+    r.add_argument("--out", type=Path, default=None, help="write report.md and PNGs here")
+    r.add_argument("--json", action="store_true", help="print the income table as JSON rows")
+
     v = sub.add_parser("convert", help="convert a checkpoint to orbax + cfjax.json")
     v.add_argument("src")
     v.add_argument("dst", type=Path)
@@ -296,6 +304,24 @@ def cmd_abduct(args) -> int:
     return 0
 
 
+def cmd_experiment(args) -> int:
+    """`cfjax experiment census-report`."""
+    import json
+
+    from cfjax.experiments import census, report
+
+    if (args.dir is None) == (args.paper_data is None):
+        raise ValueError("give a study folder or --paper-data DIR (one of them)")
+    rows = census.read_rows(args.dir) if args.dir else census.read_paper_data(args.paper_data)
+    if args.json:
+        print(json.dumps(census.income_table(rows)))
+    if args.out is not None:
+        print(f"report: {report.write(rows, args.out)}", file=sys.stderr)
+    elif not args.json:
+        print(report.markdown(rows))
+    return 0
+
+
 def cmd_convert(args) -> int:
     """`cfjax convert SRC DST`."""
     from cfjax.weights import convert
@@ -325,6 +351,7 @@ COMMANDS = {
     "generate": cmd_generate,
     "counterfactual": cmd_counterfactual,
     "abduct": cmd_abduct,
+    "experiment": cmd_experiment,
     "convert": cmd_convert,
     "models": cmd_models,
     "demo": cmd_demo,

@@ -21,6 +21,7 @@ LAYERS = [
     "causal",
     "present",
     "demo",
+    "experiments",
     "cli",
 ]
 
