@@ -17,7 +17,7 @@ from cfjax.causal.interventions import (
     ReplaceText,
     ReplaceTokens,
 )
-from cfjax.causal.replay import counterfactual, counterfactuals, interventional
+from cfjax.causal.replay import counterfactual, counterfactuals, interventional, interventionals
 from cfjax.causal.trace import Trace
 
 __all__ = [
@@ -37,6 +37,7 @@ __all__ = [
     "counterfactuals",
     "generate",
     "interventional",
+    "interventionals",
     "posterior_noise",
     "summarize",
 ]

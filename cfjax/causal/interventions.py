@@ -235,6 +235,11 @@ def _auto(lm: LM, trace: Trace, iv: AutoIntervention) -> tuple[int, int, list[in
     return pos, pos + 1, [token]
 
 
+def auto_token(lm: LM, trace: Trace, iv: AutoIntervention) -> int:
+    """The token `iv` puts at its position (ValueError when the top-p set has no other)."""
+    return _auto(lm, trace, iv)[2][0]
+
+
 def _check_params(lm: LM, params: Any) -> Any:
     if isinstance(params, LM):
         if params.config != lm.config:

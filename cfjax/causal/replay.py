@@ -24,7 +24,7 @@ from cfjax.causal.interventions import Intervention, Plan, plan
 from cfjax.causal.trace import Trace
 from cfjax.core import engine
 from cfjax.core.lm import LM
-from cfjax.core.request import as_key, check_request
+from cfjax.core.request import as_key, check_request, row_keys
 from cfjax.core.store import Stored
 
 
@@ -255,3 +255,21 @@ def counterfactuals(
         raise ValueError(f"{len(traces)} traces but {len(interventions)} interventions")
     keys = [t.key for t in traces]
     return _batch(lm, traces, list(interventions), keys, False, resume_at, reuse_cache, chunk)
+
+
+def interventionals(
+    lm: LM,
+    traces: Sequence[Trace],
+    interventions: Sequence[Intervention | list[Intervention]],
+    *,
+    keys: Any,
+    reuse_cache: bool = True,
+    chunk: int | None = None,
+) -> list[Trace]:
+    """Many interventional runs as one batch: row b applies `interventions[b]` to `traces[b]`
+    with fresh noise from `keys[b]` (a `[B]` key array, or one key split into B)."""
+    traces = list(traces)
+    if len(traces) != len(interventions):
+        raise ValueError(f"{len(traces)} traces but {len(interventions)} interventions")
+    fresh = list(row_keys(keys, len(traces)))
+    return _batch(lm, traces, list(interventions), fresh, True, None, reuse_cache, chunk)

@@ -1,0 +1,283 @@
+"""The paper's stability study (§4.2, Figures 3 and 12): how far a counterfactual answer moves
+from the factual one after an automatic intervention, against an interventional answer.
+
+For every prompt and sampler: a factual answer; `interventions` positions stratified over it (the
+paper's rule: position i in [max(n·i/k, 1), min(n·(i+1)/k, n-2)), seeded); at each, the paper's
+automatic intervention (another token of the step's top-p 0.9 set); the counterfactual (same
+noise) and an interventional answer (fresh noise, the same edited token); the normalised
+Levenshtein distance of each to the factual answer: distance of the full strings / the longer of
+the two suffixes after the shared prefix (the text before the intervened token).
+
+Work is done in units of (a batch of prompts, one sampler mechanism): the factual answers of all
+its prompts and samplers are one batch, and so are all their counterfactuals (which reuse the
+factual KV caches) and all the interventional answers. Rows are appended to `DIR/rows.jsonl` as
+each unit finishes (flushed and synced), so a crash or Ctrl-C loses no finished row, and the same
+command resumes after the last finished unit; `DIR/config.json` records the settings, and a
+folder made with others is refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from cfjax.causal import AutoIntervention, ReplaceTokens, counterfactuals, generate
+from cfjax.causal.interventions import auto_token
+from cfjax.causal.replay import interventionals
+from cfjax.core.lm import LM
+from cfjax.core.scm import Sampler
+
+SYSTEM = "Keep your replies short and to the point."  # the paper's system prompt
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """What a study folder was made with (its `config.json`)."""
+
+    model_id: str
+    prompts_sha256: str
+    n_prompts: int
+    temperatures: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+    top_p: tuple[float, ...] = (0.75, 0.9, 0.95, 0.99, 0.999)
+    top_k: tuple[int, ...] = (2, 3, 5, 10, 100)
+    truncation_temperature: float = 0.6  # the paper's τ for the top-p / top-k grids
+    mechanisms: tuple[str, ...] = ("gumbel", "inverse-cdf")
+    interventions: int = 2
+    max_new_tokens: int = 128
+    seed: int = 42
+    batch_prompts: int = 8
+
+    def samplers(self, mechanism: str) -> list[Sampler]:
+        """The sampler grid of one mechanism (top-p / top-k with the gumbel mechanism only, as
+        in the paper: its inverse-cdf runs cover temperature alone)."""
+        grid = [Sampler(t, mechanism=mechanism) for t in self.temperatures]
+        if mechanism == "gumbel":
+            tau = self.truncation_temperature
+            grid += [Sampler(tau, top_p=p) for p in self.top_p]
+            grid += [Sampler(tau, top_k=k) for k in self.top_k]
+        return grid
+
+
+def read_prompts(path: str | Path | None) -> list[str]:
+    """One prompt per non-empty line of `path` (default: the 100 shipped questions)."""
+    if path is None:
+        from cfjax.experiments.questions import QUESTIONS
+
+        return list(QUESTIONS)
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        reason = getattr(e, "strerror", None) or str(e)
+        raise FileNotFoundError(f"{path}: cannot read the prompts file ({reason})") from None
+    prompts = [line.strip() for line in lines if line.strip()]
+    if not prompts:
+        raise ValueError(f"{path}: the prompts file has no prompt (one per line)")
+    return prompts
+
+
+def prompts_digest(prompts: Sequence[str]) -> str:
+    return hashlib.sha256("\n".join(prompts).encode()).hexdigest()
+
+
+def positions(n_tokens: int, k: int, rng: np.random.Generator) -> list[int]:
+    """The paper's stratified intervention positions over an answer of `n_tokens` tokens."""
+    out = []
+    for i in range(min(k, n_tokens)):
+        low = max(n_tokens * i // k, 1)
+        high = min(n_tokens * (i + 1) // k, n_tokens - 2)
+        out.append(int(rng.integers(low, high)) if low < high else i + 1)
+    return [p for p in out if p < n_tokens]
+
+
+def edit_distance(factual: str, other: str, prefix: int) -> float:
+    """The paper's normalised Levenshtein distance (0 when both suffixes are empty)."""
+    from rapidfuzz.distance import Levenshtein
+
+    longer = max(len(factual[prefix:]), len(other[prefix:]))
+    return Levenshtein.distance(factual, other) / longer if longer else 0.0
+
+
+def _open_folder(out: Path, settings: Settings) -> set[tuple]:
+    """Create or resume `out`; the (prompt_id, mechanism) units already finished."""
+    out.mkdir(parents=True, exist_ok=True)
+    config = out / "config.json"
+    mine = dataclasses.asdict(settings)
+    mine = json.loads(json.dumps(mine))  # tuples as lists, as read back
+    if config.exists():
+        theirs = json.loads(config.read_text(encoding="utf-8"))
+        if theirs != mine:
+            diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+            raise ValueError(
+                f"{out}: a study made with other settings ({', '.join(diff)} differ); use "
+                "another --out folder"
+            )
+    else:
+        from cfjax.atomic import write_text
+
+        write_text(config, json.dumps(mine, indent=1))
+    done = set()
+    rows = out / "rows.jsonl"
+    if rows.exists():
+        text = rows.read_text(encoding="utf-8")
+        complete = text[: text.rfind("\n") + 1]  # a line cut by a crash is dropped
+        if len(complete) != len(text):
+            rows.write_text(complete, encoding="utf-8")
+        for line in complete.splitlines():
+            r = json.loads(line)
+            done.add((r["prompt_id"], r["mechanism"]))
+    return done
+
+
+def run(
+    lm: LM,
+    prompts: Sequence[str],
+    settings: Settings,
+    out: str | Path,
+    *,
+    progress: bool | None = None,
+    on_unit: Callable[[int], None] | None = None,
+) -> Path:
+    """Run (or resume) the study into `out`; returns the rows file."""
+    from tqdm import tqdm
+
+    out = Path(out)
+    done = _open_folder(out, settings)
+    units = []
+    for mechanism in settings.mechanisms:
+        todo = [i for i in range(len(prompts)) if (i, mechanism) not in done]
+        for s in range(0, len(todo), settings.batch_prompts):
+            units.append((mechanism, todo[s : s + settings.batch_prompts]))
+    total = sum(len(ids) for _, ids in units)
+    bar = tqdm(total=total, desc="prompts x mechanisms", unit="prompt", disable=progress is False)
+    with open(out / "rows.jsonl", "a", encoding="utf-8") as f:
+        for n, (mechanism, ids) in enumerate(units):
+            rows = _unit(lm, prompts, ids, mechanism, settings)
+            f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+            f.flush()
+            os.fsync(f.fileno())
+            bar.update(len(ids))
+            if on_unit is not None:
+                on_unit(n)
+    bar.close()
+    return out / "rows.jsonl"
+
+
+def _unit(lm: LM, prompts: Sequence[str], ids: list[int], mechanism: str, settings: Settings):
+    samplers = settings.samplers(mechanism)
+    cells = [(i, s) for i in ids for s in samplers]
+    keys = [jax.random.fold_in(jax.random.key(settings.seed), i) for i, _ in cells]
+    factuals = generate(
+        lm, [prompts[i] for i, _ in cells], key=keys, sampler=[s for _, s in cells],
+        max_new_tokens=settings.max_new_tokens, system=SYSTEM,
+    )  # fmt: skip
+    plan = []  # (cell, factual, position, fresh key)
+    base = jax.random.key(settings.seed + 1)
+    for c, ((i, s), fact) in enumerate(zip(cells, factuals, strict=True)):
+        body = len(fact.tokens) - (1 if fact.stopped else 0)
+        rng = np.random.default_rng([settings.seed, i])
+        # The fresh noise of a row depends on its prompt, sampler and intervention alone, so a
+        # resumed study (other units) gives the rows an uninterrupted one gives.
+        cell_key = jax.random.fold_in(jax.random.fold_in(base, i), samplers.index(s))
+        plan += [
+            (c, fact, p, jax.random.fold_in(cell_key, j))
+            for j, p in enumerate(positions(body, settings.interventions, rng))
+        ]
+    if not plan:
+        return []
+    # The paper's automatic intervention: another token of the step's top-p 0.9 set, the same
+    # for the counterfactual and the interventional answer. A position whose set holds only the
+    # factual token has no intervention and is skipped.
+    edits, kept = [], []
+    for e in plan:
+        try:
+            token = auto_token(lm, e[1], AutoIntervention(e[2], seed=settings.seed))
+        except ValueError:
+            continue
+        edits.append(ReplaceTokens(e[2], [token]))
+        kept.append(e)
+    plan = kept
+    if not plan:
+        return []
+    cfs = counterfactuals(lm, [f for _, f, _, _ in plan], edits)
+    fresh = jax.numpy.stack([k for *_, k in plan])
+    ints = interventionals(lm, [f for _, f, _, _ in plan], edits, keys=fresh)
+    rows = []
+    for (c, fact, p, _), cf, iv in zip(plan, cfs, ints, strict=True):
+        i, s = cells[c]
+        prefix = len(lm.tokenizer.decode(fact.tokens[:p])) if lm.tokenizer is not None else 0
+        rows.append({
+            "prompt_id": i, "temperature": s.temperature, "top_k": s.top_k, "top_p": s.top_p,
+            "mechanism": mechanism, "position": p,
+            "cf_distance": edit_distance(fact.text, cf.text, prefix),
+            "int_distance": edit_distance(fact.text, iv.text, prefix),
+            "factual": fact.text, "counterfactual": cf.text, "interventional": iv.text,
+        })  # fmt: skip
+    return rows
+
+
+def plot(rows: Sequence[dict], out: str | Path) -> list[Path]:
+    """The paper's figures as PNG, mean normalised edit distance with 95% confidence intervals:
+    against τ (counterfactual vs interventional, gumbel vs inverse-cdf), against p and k."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out)
+    written = []
+
+    def series(select, key):
+        xs = sorted({r[key] for r in rows if select(r)})
+        for x in xs:
+            group = [r for r in rows if select(r) and r[key] == x]
+            yield x, group
+
+    def draw(ax, select, key, column, label, style):
+        points = [
+            (x, np.mean([r[column] for r in g]), 1.96 * np.std([r[column] for r in g]) / np.sqrt(len(g)))
+            for x, g in series(select, key)
+        ]  # fmt: skip
+        if points:
+            x, y, e = map(np.asarray, zip(*points, strict=True))
+            ax.errorbar(x, y, yerr=e, fmt=style, capsize=4, label=label)
+
+    vocab = lambda m: lambda r: r["mechanism"] == m and r["top_k"] is None and r["top_p"] is None  # noqa: E731
+    figs = {
+        "tau": ("temperature τ", "temperature", vocab("gumbel")),
+        "top_p": ("p (τ = 0.6)", "top_p", lambda r: r["top_p"] is not None),
+        "top_k": ("k (τ = 0.6)", "top_k", lambda r: r["top_k"] is not None),
+    }
+    for name, (xlabel, key, select) in figs.items():
+        if not any(select(r) for r in rows):
+            continue
+        fig, ax = plt.subplots(figsize=(6, 4))
+        draw(ax, select, key, "cf_distance", "counterfactual", "o-")
+        draw(ax, select, key, "int_distance", "interventional", "s--")
+        if key == "top_k":
+            ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("normalised edit distance")
+        ax.legend()
+        fig.tight_layout()
+        written.append(out / f"distance_vs_{name}.png")
+        fig.savefig(written[-1], dpi=120)
+        plt.close(fig)
+    if any(vocab("inverse-cdf")(r) for r in rows):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        draw(ax, vocab("gumbel"), "temperature", "cf_distance", "gumbel (counterfactual)", "o-")
+        draw(ax, vocab("inverse-cdf"), "temperature", "cf_distance", "inverse-cdf (counterfactual)", "^-")  # fmt: skip
+        ax.set_xlabel("temperature τ")
+        ax.set_ylabel("normalised edit distance")
+        ax.legend()
+        fig.tight_layout()
+        written.append(out / "mechanisms_vs_tau.png")
+        fig.savefig(written[-1], dpi=120)
+        plt.close(fig)
+    return written
