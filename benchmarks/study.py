@@ -103,6 +103,10 @@ def main() -> None:
         "rows": len(rows),
         "reference_prompts_timed": ref["prompts"],
         "reference_per_prompt_s": round(ref["per_prompt_s"], 3),
+        # Interventions made per prompt on each side (positions whose top-p set holds only the
+        # factual token are skipped by both), so that the two did comparable work.
+        "cfjax_interventions_per_prompt": round(len(rows) / len(prompts), 2),
+        "reference_interventions_per_prompt": round(ref["interventions_done"] / ref["prompts"], 2),
         "cfjax_compile_s": round(compile_s[0], 2),
         "model": lm.model_id,
         "jax": jax.__version__,

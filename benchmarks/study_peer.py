@@ -2,7 +2,7 @@
 
 Per prompt and temperature: a factual answer (greedy over logits / τ + Gumbel noise, the noise
 drawn up front, as the paper saves its random states); at each intervention position a token of
-the step's top-p 0.9 set other than the factual one; the counterfactual regenerated from the
+the step's top-p 0.9 set other than the factual one (none: the position is skipped, as in the study); the counterfactual regenerated from the
 prompt and the kept prefix with the saved noise, and an interventional one with fresh noise.
 
     python study_peer.py SPEC_JSON   ->  one JSON line {"seconds", "per_prompt_s", ...}
@@ -48,10 +48,10 @@ def worker(spec: dict) -> dict:
 
     rng = np.random.default_rng(0)
     gen_torch = torch.Generator().manual_seed(0)
-    tokens = 0
+    tokens = done = 0
 
     def study(prompt):
-        nonlocal tokens
+        nonlocal tokens, done
         for tau in spec["temperatures"]:
             noise = -torch.log(-torch.log(torch.rand(n, vocab, generator=gen_torch)))
             fact, scores = run(prompt, noise, tau, n)
@@ -65,13 +65,16 @@ def worker(spec: dict) -> dict:
                 probs = torch.softmax(scores[p] / tau, -1).numpy()
                 order = np.argsort(-probs)
                 keep = order[: max(1, int(np.searchsorted(np.cumsum(probs[order]), 0.9)) + 1)]
-                keep = [t for t in keep if t != fact[p]] or [int(order[1])]
+                keep = [t for t in keep if t != fact[p]]
+                if not keep:  # as the study does: no other token in the set, no intervention
+                    continue
                 new = int(rng.choice(keep))
                 prefix = prompt + fact[:p] + [new]
                 run(prefix, noise[p + 1 :], tau, n - p - 1)  # counterfactual: saved noise
                 fresh = -torch.log(-torch.log(torch.rand(n - p - 1, vocab, generator=gen_torch)))
                 run(prefix, fresh, tau, n - p - 1)  # interventional: fresh noise
                 tokens += 2 * (n - p - 1)
+                done += 1
 
     run(spec["prompts"][0], torch.zeros(4, vocab), 1.0, 4)  # warm-up
     start = time.perf_counter()
@@ -79,6 +82,7 @@ def worker(spec: dict) -> dict:
         study(prompt)
     seconds = time.perf_counter() - start
     return {"seconds": seconds, "prompts": len(spec["prompts"]), "tokens": tokens,
+            "interventions_done": done,
             "per_prompt_s": seconds / len(spec["prompts"]), "torch": torch.__version__}  # fmt: skip
 
 
