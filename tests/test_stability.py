@@ -66,7 +66,7 @@ def tiny(tmp_path_factory):
 def _settings(lm, prompts, **kw):
     texts = stability.read_prompts(prompts)
     base = dict(model_id=lm.model_id, prompts_sha256=stability.prompts_digest(texts),
-                n_prompts=len(texts), temperatures=(0.7, 1.0), top_p=(0.9,), top_k=(3,),
+                n_prompts=len(texts), temperatures=(1.0,), top_p=(0.9,), top_k=(),
                 mechanisms=("gumbel", "inverse-cdf"), interventions=2, max_new_tokens=10,
                 batch_prompts=2)  # fmt: skip
     return stability.Settings(**{**base, **kw}), texts
@@ -144,8 +144,8 @@ def test_stability_bad_inputs(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_stability_command_on_smollm2(tmp_path, capsys):
-    args = ["experiment", "stability", "--limit", "2", "--temperatures", "0.6,1.0",
-            "--top-p", "0.9", "--top-k", "5", "--max-new-tokens", "16", "--out",
+    args = ["experiment", "stability", "--limit", "2", "--temperatures", "1.0",
+            "--top-p", "0.9", "--top-k", "", "--max-new-tokens", "16", "--out",
             str(tmp_path), "--plot"]  # fmt: skip
     assert main(args) == 0
     rows = _rows(tmp_path / "rows.jsonl")
