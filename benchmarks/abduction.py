@@ -22,9 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -33,24 +30,11 @@ from common import (
     DEFAULT_MODEL,
     DEFAULT_PROMPT,
     CompileClock,
-    load_lm,
-    machine,
+    lm_with_hf_source,
     prompt_for,
-    tiny_hf_model,
+    provenance,
+    run_peer,
 )
-
-HERE = Path(__file__).resolve().parent
-
-
-def run_reference(source: dict, spec: dict) -> dict:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "TRANSFORMERS_VERBOSITY": "error", "TQDM_DISABLE": "1"}  # fmt: skip
-    spec = {**spec, "source": source, "threads": os.cpu_count() or 1}
-    proc = subprocess.run(
-        [sys.executable, str(HERE / "abduction_peer.py"), json.dumps(spec)],
-        stdout=subprocess.PIPE, env=env, check=True, text=True,
-    )  # fmt: skip
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -66,20 +50,12 @@ def main() -> None:
     ap.add_argument("--json", action="store_true", help="print the JSON object only")
     args = ap.parse_args()
 
-    import jax
-
     from cfjax import ReplaceTokens, Sampler, abduct, counterfactuals, generate
 
     started = time.perf_counter()
     clock = CompileClock()
     tmp = tempfile.TemporaryDirectory()
-    if args.config:  # random weights, saved as an HF folder that both sides load
-        import cfjax
-
-        path = tiny_hf_model(Path(tmp.name) / "hf", args.config)
-        lm, source = cfjax.load(path), {"path": str(path)}
-    else:
-        lm, source = load_lm(args.model)
+    lm, source = lm_with_hf_source(args.model, args.config, Path(tmp.name))
     prompt = prompt_for(lm, args.prompt, 40)
     n, mid = args.observed, args.observed // 2
     observed = generate(lm, prompt, key=7, sampler=Sampler(1.0), max_new_tokens=n, stop_tokens=())
@@ -109,7 +85,7 @@ def main() -> None:
 
     spec = {"prompt": prompt, "observed": tokens, "edit_at": mid, "new_token": new_token,
             "samples": min(args.reference_samples, args.samples)}  # fmt: skip
-    ref = run_reference(source, spec)
+    ref = run_peer("abduction_peer.py", {**spec, "source": source})
     reference_s = ref["per_sample_s"] * args.samples
     result = {
         "cfjax_s": round(cfjax_s, 3),
@@ -123,12 +99,7 @@ def main() -> None:
         "reference_replay_misses": ref["replay_misses"],
         "cfjax_replays_observation": bool(replays),
         "distinct_counterfactuals": distinct,
-        "cfjax_compile_s": round(compile_s[0], 2),
-        "model": lm.model_id,
-        "jax": jax.__version__,
-        "torch": ref["torch"],
-        "machine": machine(),
-        "wall_s": round(time.perf_counter() - started, 1),
+        **provenance(lm, ref, compile_s[0], started),
     }
     if args.json:
         print(json.dumps(result))

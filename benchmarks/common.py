@@ -297,3 +297,45 @@ def bytes_per_step(lm, batch: int, prompt_len: int, new_tokens: int) -> float:
     avg_len = prompt_len + (new_tokens - 1) / 2
     kv = 2 * c.n_layers * batch * avg_len * c.n_kv_heads * c.head_dim * lm.dtype.itemsize
     return tree_bytes(lm.params) + kv
+
+
+def lm_with_hf_source(model: str, config: str | None, folder: Path):
+    """(cfjax LM, transformers source) that both sides load: `model`, or random weights of a
+    preset saved as an HF folder under `folder` (so that the peer builds the same model)."""
+    if config is None:
+        return load_lm(model)
+    import cfjax
+
+    path = tiny_hf_model(folder / "hf", config)
+    return cfjax.load(path), {"path": str(path)}
+
+
+def run_peer(script: str, spec: dict) -> dict:
+    """Run `benchmarks/<script> SPEC_JSON` in a child process (offline, quiet, every core) and
+    return the JSON object of its last stdout line."""
+    import json
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "TRANSFORMERS_VERBOSITY": "error", "TQDM_DISABLE": "1"}  # fmt: skip
+    spec = {**spec, "threads": os.cpu_count() or 1}
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve().parent / script), json.dumps(spec)],
+        stdout=subprocess.PIPE, env=env, check=True, text=True,
+    )  # fmt: skip
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def provenance(lm, peer: dict, compile_s: float, started: float) -> dict:
+    """The fields every side-by-side JSON ends with: model, versions, machine, times."""
+    import jax
+
+    return {
+        "cfjax_compile_s": round(compile_s, 2),
+        "model": lm.model_id,
+        "jax": jax.__version__,
+        "torch": peer["torch"],
+        "machine": machine(),
+        "wall_s": round(time.perf_counter() - started, 1),
+    }

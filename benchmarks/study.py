@@ -18,16 +18,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from common import DEFAULT_MODEL, CompileClock, load_lm, machine, tiny_hf_model
-
-HERE = Path(__file__).resolve().parent
+from common import DEFAULT_MODEL, CompileClock, lm_with_hf_source, provenance, run_peer
 
 
 def main() -> None:
@@ -43,20 +38,13 @@ def main() -> None:
     ap.add_argument("--json", action="store_true", help="print the JSON object only")
     args = ap.parse_args()
 
-    import jax
-
-    import cfjax
     from cfjax.core.request import prompt_tokens
     from cfjax.experiments import stability
     from cfjax.experiments.questions import QUESTIONS
 
     started = time.perf_counter()
     tmp = tempfile.TemporaryDirectory()
-    if args.config:
-        path = tiny_hf_model(Path(tmp.name) / "hf", args.config)
-        lm, source = cfjax.load(path), {"path": str(path)}
-    else:
-        lm, source = load_lm(args.model)
+    lm, source = lm_with_hf_source(args.model, args.config, Path(tmp.name))
     temperatures = tuple(float(t) for t in args.temperatures.split(","))
     questions = list(QUESTIONS[: args.prompts])
     if lm.tokenizer is None:  # random weights without a tokenizer: token-id prompts
@@ -83,14 +71,9 @@ def main() -> None:
     cfjax_s = time.perf_counter() - t
     rows = [json.loads(line) for line in rows_file.read_text().splitlines()]
 
-    spec = {"source": source, "threads": os.cpu_count() or 1, "new_tokens": args.new_tokens,
-            "temperatures": temperatures, "interventions": args.interventions,
-            "prompts": ids[: args.reference_prompts]}  # fmt: skip
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "TRANSFORMERS_VERBOSITY": "error", "TQDM_DISABLE": "1"}  # fmt: skip
-    proc = subprocess.run([sys.executable, str(HERE / "study_peer.py"), json.dumps(spec)],
-                          stdout=subprocess.PIPE, env=env, check=True, text=True)  # fmt: skip
-    ref = json.loads(proc.stdout.strip().splitlines()[-1])
+    spec = {"source": source, "new_tokens": args.new_tokens, "temperatures": temperatures,
+            "interventions": args.interventions, "prompts": ids[: args.reference_prompts]}  # fmt: skip
+    ref = run_peer("study_peer.py", spec)
     paper_s = ref["per_prompt_s"] * len(prompts)
     result = {
         "cfjax_s": round(cfjax_s, 3),
@@ -107,12 +90,7 @@ def main() -> None:
         # factual token are skipped by both), so that the two did comparable work.
         "cfjax_interventions_per_prompt": round(len(rows) / len(prompts), 2),
         "reference_interventions_per_prompt": round(ref["interventions_done"] / ref["prompts"], 2),
-        "cfjax_compile_s": round(compile_s[0], 2),
-        "model": lm.model_id,
-        "jax": jax.__version__,
-        "torch": ref["torch"],
-        "machine": machine(),
-        "wall_s": round(time.perf_counter() - started, 1),
+        **provenance(lm, ref, compile_s[0], started),
     }
     if args.json:
         print(json.dumps(result))

@@ -165,10 +165,8 @@ def cmd_generate(args) -> int:
     return 0
 
 
-_FROM_ARGS = object()
-
-
-def _interventions(args, lm, trace, change=_FROM_ARGS) -> list:
+def _interventions(args, lm, trace, change) -> list:
+    """The interventions the arguments ask for; `change` is the sampler change (or None)."""
     from cfjax.causal import interventions as iv
 
     out: list = []
@@ -192,7 +190,6 @@ def _interventions(args, lm, trace, change=_FROM_ARGS) -> list:
         out.append(iv.EditPrompt(prompt=args.prompt, system=args.system))
     if args.auto_at is not None:
         out.append(iv.AutoIntervention(args.auto_at))
-    change = _sampler(args, base=trace.sampler) if change is _FROM_ARGS else change
     if change is not None:
         out.append(change)
     if not out:
@@ -230,7 +227,7 @@ def cmd_counterfactual(args) -> int:
     if args.interventional and args.resume_at is not None:
         raise ValueError("--resume-at aligns the factual noise; --interventional draws fresh noise")
     lm = _replay_model(trace, args.model, args.dtype)
-    ivs = _interventions(args, lm, trace)
+    ivs = _interventions(args, lm, trace, _sampler(args, base=trace.sampler))
     if args.interventional:
         result = interventional(lm, trace, ivs, key=args.seed)
         label = "interventional"

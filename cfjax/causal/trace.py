@@ -152,9 +152,8 @@ def _check_fields(d: dict) -> None:
         raise ValueError("trace field logprobs must hold numbers (null for -inf)")
     if "stop_tokens" in d:
         _token_list(d, "stop_tokens")
-    for name in ("text",):
-        if name in d and not isinstance(d[name], str):
-            raise ValueError(f"trace field {name} must be a string")
+    if "text" in d and not isinstance(d["text"], str):
+        raise ValueError("trace field text must be a string")
     for name in ("prompt", "system"):
         if d.get(name) is not None and not isinstance(d[name], str):
             raise ValueError(f"trace field {name} must be a string or null")

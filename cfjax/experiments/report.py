@@ -26,26 +26,24 @@ def _pct(x) -> str:
     return "–" if x is None else f"{x:.0%}"
 
 
+def _table(title: str, columns: Sequence[str], rows: list[tuple[dict, list[str]]]) -> list[str]:
+    """A markdown section: one line per intervention group, then the given cells."""
+    head = ["attribute", "effect", "from", "to", "n", *columns]
+    lines = [f"## {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r, cells in rows:
+        group = [r["attribute"], r["effect"], r["from"], r["to"], str(r["n"])]
+        lines.append("| " + " | ".join(group + cells) + " |")
+    return lines
+
+
 def markdown(rows: Sequence[dict]) -> str:
     """The report's text: median incomes, occupation changes, education changes by race."""
+    income = [(r, [_k(r[f"median_{c}"]) for c in census.COLUMNS]) for r in census.income_table(rows)]  # fmt: skip
+    changes = [(r, [_pct(r[f"changed_{c}"]) for c in census.COLUMNS[1:]])
+               for r in census.occupation_changes(rows)]  # fmt: skip
     out = ["# Census study report", ""]
-    out += ["## Median income (zero incomes dropped per column)", ""]
-    out += ["| attribute | effect | from | to | n | factual | counterfactual | interventional |"]
-    out += ["|---|---|---|---|---|---|---|---|"]
-    for r in census.income_table(rows):
-        out.append(
-            f"| {r['attribute']} | {r['effect']} | {r['from']} | {r['to']} | {r['n']} | "
-            f"{_k(r['median_factual'])} | {_k(r['median_counterfactual'])} | "
-            f"{_k(r['median_interventional'])} |"
-        )
-    out += ["", "## Share of records whose occupation changes", ""]
-    out += ["| attribute | effect | from | to | n | counterfactual | interventional |"]
-    out += ["|---|---|---|---|---|---|---|"]
-    for r in census.occupation_changes(rows):
-        out.append(
-            f"| {r['attribute']} | {r['effect']} | {r['from']} | {r['to']} | {r['n']} | "
-            f"{_pct(r['changed_counterfactual'])} | {_pct(r['changed_interventional'])} |"
-        )
+    out += _table("Median income (zero incomes dropped per column)", census.COLUMNS, income)
+    out += [""] + _table("Share of records whose occupation changes", census.COLUMNS[1:], changes)
     out += ["", "Figures: `education_by_race.png` (mean change of the education level, 0 = none",
             "to 5 = doctoral/professional, counterfactual minus factual, total Race effect) and",
             "`income_sex.png` (income histograms of the Sex interventions).", ""]  # fmt: skip
