@@ -34,7 +34,7 @@ from cfjax.causal.interventions import (
     ReplaceTokens,
     plan,
 )
-from cfjax.causal.replay import counterfactual, counterfactuals, interventional
+from cfjax.causal.replay import counterfactual, counterfactuals, interventional, interventionals
 from cfjax.causal.trace import Trace
 from cfjax.core import engine, scm
 from cfjax.core.model import init_params
@@ -367,6 +367,31 @@ def test_reuse_cache_equals_recompute(lm, fact, word, monkeypatch):
         assert calls == ["prefill", 0]
         same_result(reused, fresh)
         assert reused.tokens[edit_start + 1 :] != fact.tokens[edit_start + 1 :]
+
+
+def test_a_capped_counterfactual_is_a_prefix_of_the_full_one(lm, fact, monkeypatch):
+    ivs = [ReplaceTokens(20, [other_token(fact.tokens[20])]),
+           ReplaceTokens(30, [other_token(fact.tokens[30])])]  # fmt: skip
+    full = counterfactuals(lm, fact, ivs, chunk=CHUNK)
+    calls = _spy(monkeypatch)
+    capped = counterfactuals(lm, fact, ivs, chunk=CHUNK, max_new_tokens=[25, 41])
+    assert calls == [20], "a capped batch still resumes from the factual cache"
+    for f, c, cap in zip(full, capped, (25, 41), strict=True):
+        assert len(c.tokens) == cap and c.max_new_tokens == cap
+        assert c.tokens == f.tokens[:cap] and c.noise_index == f.noise_index[:cap]
+        np.testing.assert_allclose(c.logprobs, f.logprobs[:cap], rtol=1e-6, atol=1e-6)
+    fresh = interventionals(lm, [fact] * 2, ivs, keys=jax.random.key(5), chunk=CHUNK)
+    fresh_capped = interventionals(lm, [fact] * 2, ivs, keys=jax.random.key(5), chunk=CHUNK,
+                                   max_new_tokens=25)  # fmt: skip
+    # A cap below a row's forced prefix (31 tokens) keeps the prefix and one sampled token.
+    assert [len(t.tokens) for t in fresh_capped] == [25, 32]
+    assert [t.tokens[: len(c.tokens)] for t, c in zip(fresh, fresh_capped)] == [
+        c.tokens for c in fresh_capped
+    ]
+    with pytest.raises(ValueError, match="1 max_new_tokens values for 2 rows"):
+        counterfactuals(lm, fact, ivs, max_new_tokens=[4])
+    with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 1"):
+        counterfactual(lm, fact, ivs[0], max_new_tokens=0)
 
 
 def test_batched_interventions_equal_one_by_one(lm, fact, word):

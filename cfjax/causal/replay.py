@@ -24,7 +24,7 @@ from cfjax.causal.interventions import Intervention, Plan, plan
 from cfjax.causal.trace import Trace
 from cfjax.core import engine
 from cfjax.core.lm import LM
-from cfjax.core.request import as_key, check_request, row_keys
+from cfjax.core.request import as_key, check_request, count, row_keys
 from cfjax.core.store import Stored
 
 
@@ -101,13 +101,20 @@ def _run_group(
     fresh: bool,
     reuse_cache: bool,
     chunk: int,
+    caps: list[int | None],
 ) -> list[Trace]:
     """Run rows that share a mechanism and params as one batch (samplers may differ)."""
     params = plans[0].params
     # Each row keeps its own length limit (the batch runs to the longest and rows are cut), so a
-    # batched row equals its one-by-one result.
-    limits = [max(t.max_new_tokens, p.resume_at + 1) for t, p in zip(traces, plans, strict=True)]
+    # batched row equals its one-by-one result. A cap shortens a row (never below its forced
+    # prefix); decoding is causal, so a capped row is a prefix of the uncapped one.
+    limits = [
+        max(t.max_new_tokens if c is None else min(c, t.max_new_tokens), p.resume_at + 1)
+        for t, p, c in zip(traces, plans, caps, strict=True)
+    ]
     steps = max(limits)
+    # The cache keeps the factual run's size, so that a capped batch still resumes from it.
+    cache_steps = max(steps, *(t.max_new_tokens for t in traces))
     prompts = [p.prompt_tokens for p in plans]
     check_request(lm, prompts, steps)
     forced = np.full((len(plans), steps), engine.NOT_FORCED, np.int32)
@@ -116,7 +123,7 @@ def _run_group(
     noise = np.stack([_noise_map(t, p, steps, fresh) for t, p in zip(traces, plans, strict=True)])
     stop_tokens = traces[0].stop_tokens
     bucket = engine.bucket_length(max(len(p) for p in prompts))
-    length = engine.cache_length(bucket, steps, chunk)
+    length = engine.cache_length(bucket, cache_steps, chunk)
     observed = None
     if not fresh:  # abducted rows draw their noise from their observation's posterior
         for t, p in zip(traces, plans, strict=True):
@@ -125,7 +132,7 @@ def _run_group(
                     "an abducted trace's noise is per token id: replay it with the 'gumbel' "
                     f"mechanism, not {p.sampler.mechanism!r}"
                 )
-        observed = observed_steps(lm, traces, cache_steps=steps, chunk=chunk)
+        observed = observed_steps(lm, traces, cache_steps=cache_steps, chunk=chunk)
     resume = _resume(lm, traces, plans, bucket, length, chunk) if reuse_cache else None
     first = 0 if resume is None else resume.step
     request = engine.Request(
@@ -136,6 +143,7 @@ def _run_group(
         forced,
         noise,
         observed=observed,
+        cache_steps=cache_steps,
     )
     out = engine.run(
         lm.config, params, request, stop_tokens=stop_tokens, chunk=chunk, resume=resume
@@ -175,6 +183,19 @@ def _run_group(
     return results
 
 
+def _caps(max_new_tokens: int | Sequence[int] | None, rows: int) -> list[int | None]:
+    if max_new_tokens is None:
+        return [None] * rows
+    caps = (
+        [max_new_tokens] * rows
+        if isinstance(max_new_tokens, (int, np.integer))
+        else list(max_new_tokens)
+    )
+    if len(caps) != rows:
+        raise ValueError(f"{len(caps)} max_new_tokens values for {rows} rows")
+    return [count(c, "max_new_tokens") for c in caps]
+
+
 def _batch(
     lm: LM,
     traces: list[Trace],
@@ -184,7 +205,9 @@ def _batch(
     resume_at: int | None,
     reuse_cache: bool,
     chunk: int | None,
+    max_new_tokens: int | Sequence[int] | None = None,
 ) -> list[Trace]:
+    caps = _caps(max_new_tokens, len(traces))
     if chunk is None:  # the factual run's chunk, so that its stored cache can be reused
         hit = lm.caches.get(lm.params, traces[0].prompt_tokens, traces[0].tokens)
         chunk = hit.stored.chunk if hit is not None else engine.DEFAULT_CHUNK
@@ -204,6 +227,7 @@ def _batch(
             fresh,
             reuse_cache,
             chunk,
+            [caps[i] for i in idx],
         )
         for i, r in zip(idx, out, strict=True):
             results[i] = r
@@ -218,9 +242,16 @@ def counterfactual(
     resume_at: int | None = None,
     reuse_cache: bool = True,
     chunk: int | None = None,
+    max_new_tokens: int | None = None,
 ) -> Trace:
-    """What the model would have written under `intervention`, with the factual noise."""
-    return _batch(lm, [trace], [intervention], [trace.key], False, resume_at, reuse_cache, chunk)[0]
+    """What the model would have written under `intervention`, with the factual noise.
+
+    `max_new_tokens` stops the counterfactual earlier than the factual's budget (its tokens are
+    then a prefix of the full counterfactual's)."""
+    return _batch(
+        lm, [trace], [intervention], [trace.key], False, resume_at, reuse_cache, chunk,
+        max_new_tokens,
+    )[0]  # fmt: skip
 
 
 def interventional(
@@ -231,10 +262,13 @@ def interventional(
     key: Any,
     reuse_cache: bool = True,
     chunk: int | None = None,
+    max_new_tokens: int | None = None,
 ) -> Trace:
     """The same intervention with fresh noise drawn from `key` (the interventional baseline)."""
     fresh = as_key(key)
-    return _batch(lm, [trace], [intervention], [fresh], True, None, reuse_cache, chunk)[0]
+    return _batch(
+        lm, [trace], [intervention], [fresh], True, None, reuse_cache, chunk, max_new_tokens
+    )[0]
 
 
 def counterfactuals(
@@ -245,16 +279,21 @@ def counterfactuals(
     resume_at: int | None = None,
     reuse_cache: bool = True,
     chunk: int | None = None,
+    max_new_tokens: int | Sequence[int] | None = None,
 ) -> list[Trace]:
     """Many counterfactuals as one batch: N interventions of one trace, or one per trace.
 
     Each row keeps its own key, so the results equal one-by-one `counterfactual` calls.
+    `max_new_tokens` (one cap, or one per row) stops rows early, as in `counterfactual`.
     """
     traces = [trace] * len(interventions) if isinstance(trace, Trace) else list(trace)
     if len(traces) != len(interventions):
         raise ValueError(f"{len(traces)} traces but {len(interventions)} interventions")
     keys = [t.key for t in traces]
-    return _batch(lm, traces, list(interventions), keys, False, resume_at, reuse_cache, chunk)
+    return _batch(
+        lm, traces, list(interventions), keys, False, resume_at, reuse_cache, chunk,
+        max_new_tokens,
+    )  # fmt: skip
 
 
 def interventionals(
@@ -265,11 +304,15 @@ def interventionals(
     keys: Any,
     reuse_cache: bool = True,
     chunk: int | None = None,
+    max_new_tokens: int | Sequence[int] | None = None,
 ) -> list[Trace]:
     """Many interventional runs as one batch: row b applies `interventions[b]` to `traces[b]`
-    with fresh noise from `keys[b]` (a `[B]` key array, or one key split into B)."""
+    with fresh noise from `keys[b]` (a `[B]` key array, or one key split into B);
+    `max_new_tokens` as in `counterfactuals`."""
     traces = list(traces)
     if len(traces) != len(interventions):
         raise ValueError(f"{len(traces)} traces but {len(interventions)} interventions")
     fresh = list(row_keys(keys, len(traces)))
-    return _batch(lm, traces, list(interventions), fresh, True, None, reuse_cache, chunk)
+    return _batch(
+        lm, traces, list(interventions), fresh, True, None, reuse_cache, chunk, max_new_tokens
+    )

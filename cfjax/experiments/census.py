@@ -13,6 +13,7 @@ direct), `intervention` ([factual value, counterfactual value]) and `Income`, `O
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import statistics
@@ -45,19 +46,22 @@ COLUMNS = ("factual", "counterfactual", "interventional")
 # --- parsing census text --------------------------------------------------------------------
 
 
-def _body(text: str) -> str:
-    """The JSON part: inside the first ``` fence (a language tag dropped), else from the first '['."""
+def _body(text: str) -> int:
+    """Where the JSON part starts: inside the first ``` fence (a language tag dropped), else at
+    the first '['."""
     fence = re.search(r"```[a-zA-Z]*\s*\n?(.*?)(```|$)", text, re.S)
     if fence and "{" in fence.group(1):
-        return fence.group(1)
+        return fence.start(1)
     start = text.find("[")
-    return text[start:] if start >= 0 else text
+    return max(start, 0)
 
 
-def _objects(body: str) -> Iterable[str]:
-    """Each complete top-level {...} of `body` (strings respected), in order."""
-    depth, start, in_string, escaped = 0, None, False, False
-    for i, ch in enumerate(body):
+def _objects(text: str, start: int) -> Iterable[tuple[int, int]]:
+    """The [start, end) span of each complete top-level {...} of `text` from `start` on (strings
+    respected, a closing fence ends the search), in order."""
+    depth, begin, in_string, escaped = 0, 0, False, False
+    for i in range(start, len(text)):
+        ch = text[i]
         if in_string:
             escaped = not escaped and ch == "\\"
             if ch == '"' and not escaped:
@@ -65,14 +69,16 @@ def _objects(body: str) -> Iterable[str]:
             continue
         if ch == '"':
             in_string = True
+        elif ch == "`" and depth == 0 and text.startswith("```", i):
+            return
         elif ch == "{":
             if depth == 0:
-                start = i
+                begin = i
             depth += 1
         elif ch == "}" and depth:
             depth -= 1
             if depth == 0:
-                yield body[start : i + 1]
+                yield begin, i + 1
 
 
 def parse_income(value: Any) -> int | None:
@@ -88,15 +94,22 @@ def parse_income(value: Any) -> int | None:
     return int(number * 1000 if m.group(2) else number)
 
 
-def parse_people(text: str) -> list[dict]:
-    """The census records in `text` (keys stripped of spaces, incomes as ints).
+@dataclasses.dataclass(frozen=True)
+class Record:
+    """One census record: its [start, end) characters in the text and its fields (keys stripped
+    of spaces, the income as an int)."""
 
-    Raises ValueError when no record can be read.
-    """
-    people = []
-    for obj in _objects(_body(text)):
+    start: int
+    end: int
+    fields: dict
+
+
+def records(text: str) -> list[Record]:
+    """Every readable census record of `text`, in order (a damaged one is skipped, not fatal)."""
+    out = []
+    for a, b in _objects(text, _body(text)):
         try:
-            record = json.loads(obj)
+            record = json.loads(text[a:b])
         except json.JSONDecodeError:
             continue  # one damaged record does not lose the others
         if not isinstance(record, dict):
@@ -104,10 +117,36 @@ def parse_people(text: str) -> list[dict]:
         record = {str(k).strip(): v for k, v in record.items()}
         if "Income" in record:
             record["Income"] = parse_income(record["Income"])
-        people.append(record)
+        out.append(Record(a, b, record))
+    return out
+
+
+def parse_people(text: str) -> list[dict]:
+    """The census records in `text` (keys stripped of spaces, incomes as ints).
+
+    Raises ValueError when no record can be read.
+    """
+    people = [r.fields for r in records(text)]
     if not people:
         raise ValueError(f"no census record could be parsed from the text {text[:60]!r}...")
     return people
+
+
+def value_span(text: str, record: Record, key: str) -> tuple[int, int, int] | None:
+    """Where the string value of `key` in `record` starts and ends, and where the text after it
+    that closes the field (its quote, comma and newline: the paper's end-of-attribute token)
+    ends; None if the key is absent or its value is not a string."""
+    m = re.compile(r'"\s*' + re.escape(key) + r'\s*"\s*:\s*"([^"\\]*)(",?\n?)').search(
+        text, record.start, record.end
+    )
+    return (m.start(1), m.end(1), m.end(2)) if m else None
+
+
+def key_end(text: str, record: Record, key: str, after: int) -> int | None:
+    """Where the value of `key` starts in `record` (right after its colon), if the key comes
+    after character `after`: the direct effect forces the text up to there."""
+    m = re.compile(r'"\s*' + re.escape(key) + r'\s*"\s*:').search(text, after, record.end)
+    return m.end() if m else None
 
 
 # --- the report's tables --------------------------------------------------------------------
@@ -177,12 +216,18 @@ def income_table(rows: Sequence[dict]) -> list[dict]:
 
 
 def occupation_changes(rows: Sequence[dict]) -> list[dict]:
-    """Share of each group's records whose occupation differs from the factual one."""
+    """Share of each group's records whose occupation differs from the factual one (records
+    without an occupation on either side are left out)."""
     out = []
     for (attribute, effect, a, b), group in _groups(rows).items():
         row = {"attribute": attribute, "effect": effect, "from": a, "to": b, "n": len(group)}
         for col, name in ((1, "counterfactual"), (2, "interventional")):
-            pairs = [r["Occupation"] for r in group if len(r["Occupation"]) > col]
+            pairs = [
+                r["Occupation"]
+                for r in group
+                if len(r["Occupation"]) > col
+                and None not in (r["Occupation"][0], r["Occupation"][col])
+            ]
             row[f"changed_{name}"] = (
                 sum(_norm(p[0]) != _norm(p[col]) for p in pairs) / len(pairs) if pairs else None
             )
@@ -207,6 +252,8 @@ _LEVELS = (
 
 def education_level(text: Any) -> int | None:
     """An education description as a level 0 (none) .. 5 (doctoral / professional), or None."""
+    if text is None:  # a record without the field (not the word "none")
+        return None
     t = _norm(text)
     for words, level in _LEVELS:
         if any(w in t for w in words):

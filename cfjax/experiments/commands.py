@@ -1,4 +1,4 @@
-"""`cfjax experiment ...`: the paper's studies as commands (stability, census-report)."""
+"""`cfjax experiment ...`: the paper's studies as commands (stability, census, census-report)."""
 
 from __future__ import annotations
 
@@ -26,6 +26,19 @@ def add_experiment_parsers(sub, parser_class) -> None:
     st.add_argument("--batch-prompts", type=int, default=8, help="prompts per batch")
     st.add_argument("--out", type=Path, required=True)
     st.add_argument("--plot", action="store_true", help="draw the figures as PNG into --out")
+    c = studies.add_parser(
+        "census", help="census records and their Sex / Race counterfactuals (§4.3)"
+    )
+    c.add_argument("--model", default=DEFAULT_MODEL)
+    c.add_argument("--seeds", default="0,1,2", help="one census per seed")
+    c.add_argument("--people", type=int, default=50, help="people asked for in each census")
+    c.add_argument("--temperature", type=float, default=0.8)
+    c.add_argument("--max-new-tokens", type=int, default=None, help="default: 120 a person + 64")
+    c.add_argument("--attributes", default="Sex,Race")
+    c.add_argument("--effects", default="total,direct")
+    c.add_argument("--one-shot", action="store_true",
+                   help="begin the response with the paper's first record (for small models)")  # fmt: skip
+    c.add_argument("--out", type=Path, required=True)
     r = studies.add_parser("census-report", help="the census study's tables and figures")
     r.add_argument("dir", nargs="?", type=Path, help="a census study folder (its rows.jsonl)")
     r.add_argument("--paper-data", type=Path, help="the paper's *_cf_changes.json folder instead")
@@ -75,14 +88,44 @@ def cmd_stability(args) -> int:
     return 0
 
 
+def cmd_census(args) -> int:
+    """`cfjax experiment census`: run or resume the study."""
+    from cfjax.core.request import count
+    from cfjax.core.scm import MIN_TEMPERATURE
+    from cfjax.experiments import census_study
+
+    words = lambda text: tuple(w.strip() for w in text.split(",") if w.strip())  # noqa: E731
+    people = count(args.people, "--people")
+    if not args.temperature >= MIN_TEMPERATURE:
+        raise ValueError(f"--temperature must be > 0 (the study samples), got {args.temperature}")
+    max_new = count(args.max_new_tokens, "--max-new-tokens") if args.max_new_tokens else None
+    settings = dict(
+        seeds=_numbers(args.seeds, int, "seeds"), people=people, temperature=args.temperature,
+        max_new_tokens=max_new or 120 * people + 64, attributes=words(args.attributes),
+        effects=words(args.effects), one_shot=args.one_shot,
+    )  # fmt: skip
+    census_study.Settings(model_id="", **settings)  # validate before loading the model
+    from cfjax.weights import load
+
+    lm = load(args.model)
+    rows_file = census_study.run(
+        lm, census_study.Settings(model_id=lm.model_id, **settings), args.out
+    )
+    print(f"rows: {rows_file}", file=sys.stderr)
+    print(f"report: cfjax experiment census-report {args.out} --out {args.out}", file=sys.stderr)
+    return 0
+
+
 def run_experiment(args) -> int:
-    """`cfjax experiment census-report | stability`."""
+    """`cfjax experiment stability | census | census-report`."""
     import json
 
     from cfjax.experiments import census, report
 
     if args.study == "stability":
         return cmd_stability(args)
+    if args.study == "census":
+        return cmd_census(args)
 
     if (args.dir is None) == (args.paper_data is None):
         raise ValueError("give a study folder or --paper-data DIR (one of them)")

@@ -96,7 +96,8 @@ def figures(rows: Sequence[dict], out: Path) -> list[Path]:
                     ax.hist(values, bins=np.arange(0, 260, 20), histtype="step", lw=2, label=name)
             ax.set_title(f"{a} → {b} (n = {len(group)})")
             ax.set_xlabel("income (k$, zeros dropped)")
-            ax.legend()
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend()
         axes[0].set_ylabel("records")
         fig.tight_layout()
         written.append(out / "income_sex.png")

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -33,6 +31,7 @@ from cfjax.causal.interventions import auto_token
 from cfjax.causal.replay import interventionals
 from cfjax.core.lm import LM
 from cfjax.core.scm import Sampler
+from cfjax.experiments.folder import append_rows, open_study, row_writer
 
 SYSTEM = "Keep your replies short and to the point."  # the paper's system prompt
 
@@ -105,37 +104,6 @@ def edit_distance(factual: str, other: str, prefix: int) -> float:
     return Levenshtein.distance(factual, other) / longer if longer else 0.0
 
 
-def _open_folder(out: Path, settings: Settings) -> set[tuple]:
-    """Create or resume `out`; the (prompt_id, mechanism) units already finished."""
-    out.mkdir(parents=True, exist_ok=True)
-    config = out / "config.json"
-    mine = dataclasses.asdict(settings)
-    mine = json.loads(json.dumps(mine))  # tuples as lists, as read back
-    if config.exists():
-        theirs = json.loads(config.read_text(encoding="utf-8"))
-        if theirs != mine:
-            diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
-            raise ValueError(
-                f"{out}: a study made with other settings ({', '.join(diff)} differ); use "
-                "another --out folder"
-            )
-    else:
-        from cfjax.atomic import write_text
-
-        write_text(config, json.dumps(mine, indent=1))
-    done = set()
-    rows = out / "rows.jsonl"
-    if rows.exists():
-        text = rows.read_text(encoding="utf-8")
-        complete = text[: text.rfind("\n") + 1]  # a line cut by a crash is dropped
-        if len(complete) != len(text):
-            rows.write_text(complete, encoding="utf-8")
-        for line in complete.splitlines():
-            r = json.loads(line)
-            done.add((r["prompt_id"], r["mechanism"]))
-    return done
-
-
 def run(
     lm: LM,
     prompts: Sequence[str],
@@ -149,7 +117,7 @@ def run(
     from tqdm import tqdm
 
     out = Path(out)
-    done = _open_folder(out, settings)
+    done = {(r["prompt_id"], r["mechanism"]) for r in open_study(out, dataclasses.asdict(settings))}
     units = []
     for mechanism in settings.mechanisms:
         todo = [i for i in range(len(prompts)) if (i, mechanism) not in done]
@@ -157,12 +125,9 @@ def run(
             units.append((mechanism, todo[s : s + settings.batch_prompts]))
     total = sum(len(ids) for _, ids in units)
     bar = tqdm(total=total, desc="prompts x mechanisms", unit="prompt", disable=progress is False)
-    with open(out / "rows.jsonl", "a", encoding="utf-8") as f:
+    with row_writer(out) as f:
         for n, (mechanism, ids) in enumerate(units):
-            rows = _unit(lm, prompts, ids, mechanism, settings)
-            f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-            f.flush()
-            os.fsync(f.fileno())
+            append_rows(f, _unit(lm, prompts, ids, mechanism, settings))
             bar.update(len(ids))
             if on_unit is not None:
                 on_unit(n)

@@ -1,0 +1,56 @@
+"""A study's output folder: its settings (`config.json`) and its rows (`rows.jsonl`).
+
+Rows are appended as each unit of work finishes, flushed and synced, so a crash or Ctrl-C loses
+no finished row and the same command resumes after the last finished unit. A folder made with
+other settings is refused, naming what differs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
+
+
+def open_study(out: Path, settings: dict[str, Any]) -> list[dict]:
+    """Create or resume the study folder `out`; the rows it already holds."""
+    out.mkdir(parents=True, exist_ok=True)
+    config = out / "config.json"
+    mine = json.loads(json.dumps(settings))  # tuples as lists, as read back
+    if config.exists():
+        theirs = json.loads(config.read_text(encoding="utf-8"))
+        if theirs != mine:
+            diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+            raise ValueError(
+                f"{out}: a study made with other settings ({', '.join(diff)} differ); use "
+                "another --out folder"
+            )
+    else:
+        from cfjax.atomic import write_text
+
+        write_text(config, json.dumps(mine, indent=1))
+    rows = out / "rows.jsonl"
+    if not rows.exists():
+        return []
+    text = rows.read_text(encoding="utf-8")
+    complete = text[: text.rfind("\n") + 1]  # a line cut by a crash is dropped
+    if len(complete) != len(text):
+        rows.write_text(complete, encoding="utf-8")
+    return [json.loads(line) for line in complete.splitlines()]
+
+
+@contextmanager
+def row_writer(out: Path) -> Iterator[IO[str]]:
+    """`rows.jsonl` opened for appending."""
+    with open(out / "rows.jsonl", "a", encoding="utf-8") as f:
+        yield f
+
+
+def append_rows(f: IO[str], rows: list[dict]) -> None:
+    """Append one unit's rows, durably."""
+    f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    f.flush()
+    os.fsync(f.fileno())
