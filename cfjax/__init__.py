@@ -7,7 +7,8 @@
 
 Layers, each importing only those below it: `cfjax.core` (config, model, cache, the sampling
 SCM, the engine and `cfjax.core.sample`), `cfjax.tokenizer`, `cfjax.weights` (load, convert),
-`cfjax.causal` (traces, interventions, generate / counterfactual), then the CLI on top.
+`cfjax.causal` (traces, interventions, generate / counterfactual / coupled), `cfjax.models`
+(steering vectors, LoRA fine-tunes), then the experiments and the CLI on top.
 """
 
 from cfjax import core
@@ -20,16 +21,19 @@ from cfjax.causal import (
     InsertText,
     ReplaceText,
     ReplaceTokens,
+    Steer,
     Summary,
     Trace,
     abduct,
     counterfactual,
     counterfactuals,
+    coupled,
     generate,
     interventional,
     summarize,
 )
-from cfjax.core import LM, LlamaConfig, RopeScaling, Sampler, forward, preset
+from cfjax.core import LM, LlamaConfig, RopeScaling, Sampler, forward, preset, quantize
+from cfjax.models import FineTune, finetune, steering_vector
 from cfjax.weights import convert, list_models, load
 
 __all__ = [
@@ -42,9 +46,11 @@ __all__ = [
     "InsertText",
     "LlamaConfig",
     "ReplaceText",
+    "FineTune",
     "ReplaceTokens",
     "RopeScaling",
     "Sampler",
+    "Steer",
     "Summary",
     "Trace",
     "abduct",
@@ -52,11 +58,15 @@ __all__ = [
     "core",
     "counterfactual",
     "counterfactuals",
+    "coupled",
+    "finetune",
     "forward",
     "generate",
     "interventional",
     "list_models",
     "load",
     "preset",
+    "quantize",
+    "steering_vector",
     "summarize",
 ]

@@ -385,7 +385,7 @@ def test_a_capped_counterfactual_is_a_prefix_of_the_full_one(lm, fact, monkeypat
                                    max_new_tokens=25)  # fmt: skip
     # A cap below a row's forced prefix (31 tokens) keeps the prefix and one sampled token.
     assert [len(t.tokens) for t in fresh_capped] == [25, 32]
-    assert [t.tokens[: len(c.tokens)] for t, c in zip(fresh, fresh_capped)] == [
+    assert [t.tokens[: len(c.tokens)] for t, c in zip(fresh, fresh_capped, strict=True)] == [
         c.tokens for c in fresh_capped
     ]
     with pytest.raises(ValueError, match="1 max_new_tokens values for 2 rows"):

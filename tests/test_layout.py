@@ -19,6 +19,7 @@ LAYERS = [
     "tokenizer",
     "weights",
     "causal",
+    "models",
     "present",
     "demo",
     "experiments",

@@ -5,6 +5,7 @@
 """
 
 from cfjax.causal.abduction import Summary, abduct, posterior_noise, summarize
+from cfjax.causal.coupled import coupled
 from cfjax.causal.factual import generate
 from cfjax.causal.interventions import (
     AutoIntervention,
@@ -16,6 +17,7 @@ from cfjax.causal.interventions import (
     Intervention,
     ReplaceText,
     ReplaceTokens,
+    Steer,
 )
 from cfjax.causal.replay import counterfactual, counterfactuals, interventional, interventionals
 from cfjax.causal.trace import Trace
@@ -30,10 +32,12 @@ __all__ = [
     "Intervention",
     "ReplaceText",
     "ReplaceTokens",
+    "Steer",
     "Summary",
     "Trace",
     "abduct",
     "counterfactual",
+    "coupled",
     "counterfactuals",
     "generate",
     "interventional",

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cfjax.causal.trace import Trace
-from cfjax.core import scm
+from cfjax.core import quant, scm, steering
 from cfjax.core.engine import bucket_length
 from cfjax.core.lm import LM, forward
 from cfjax.core.request import check_tokens, prompt_tokens
@@ -124,6 +124,23 @@ class ChangeModel(Intervention):
     def record(self) -> dict:
         """Params are not serialised; the name identifies the edit."""
         return {"type": "ChangeModel", "name": self.name}
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Steer(Intervention):
+    """Add `scale * vector` to the residual stream after block `layer`: at the response steps
+    (`at="response"`) or at every position, the prompt's too (`at="all"`). Scale 0 is exactly
+    the unsteered model; several steerings add up."""
+
+    layer: int
+    vector: Any
+    scale: float = 1.0
+    at: str = "response"
+
+    def record(self) -> dict:
+        vector = np.asarray(self.vector, np.float32)
+        return {"type": "Steer", "layer": self.layer, "scale": float(self.scale), "at": self.at,
+                "vector": [float(x) for x in vector.ravel()]}  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -262,12 +279,14 @@ def _check_params(lm: LM, params: Any) -> Any:
                 "counterfactual must keep the token space"
             )
         params = params.params
-    want = jax.tree_util.tree_structure(lm.params)
-    if jax.tree_util.tree_structure(params) != want:
+    # Compared as the network sees them: a quantized or steered variant is the same model.
+    effective = lambda p: jax.eval_shape(lambda q: quant.dequantize(steering.split(q)[0]), p)  # noqa: E731
+    ours, theirs = effective(lm.params), effective(params)
+    if jax.tree_util.tree_structure(theirs) != jax.tree_util.tree_structure(ours):
         raise ValueError("ChangeModel: params do not have the structure of the model's params")
     for (path, a), b in zip(
-        jax.tree_util.tree_flatten_with_path(lm.params)[0],
-        jax.tree_util.tree_leaves(params),
+        jax.tree_util.tree_flatten_with_path(ours)[0],
+        jax.tree_util.tree_leaves(theirs),
         strict=True,
     ):
         if a.shape != b.shape:
@@ -304,6 +323,7 @@ def plan(
         chat=trace.chat,
     )
     edits: list[tuple[int, int, list[int]]] = []
+    steers: list[Steer] = []
     n = len(trace.tokens)
     for iv in interventions:
         if isinstance(iv, ReplaceTokens):
@@ -358,9 +378,16 @@ def plan(
             p.params = _check_params(lm, iv.params)
             p.model_changed = True
             p.model_id = f"{trace.model_id}+{iv.name}"
+        elif isinstance(iv, Steer):
+            steers.append(iv)
         else:
             raise TypeError(f"not an intervention: {iv!r}")
         p.records.append(iv.record())
+    for iv in steers:  # on top of any other params the interventions chose
+        p.params = steering.steer(p.params, iv.layer, iv.vector, iv.scale, iv.at)
+        p.model_changed = True
+    if steers:
+        p.model_id = f"{p.model_id}+steer"
     if edits:
         edits.sort(key=lambda e: e[0])
         for (_, end, _), (start, _, _) in zip(edits, edits[1:], strict=False):

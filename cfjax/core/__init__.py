@@ -7,8 +7,9 @@ noise, params) and inside a user's own jitted code.
 
 from cfjax.core.config import LlamaConfig, RopeScaling, preset
 from cfjax.core.engine import Sampled, bucket_length, sample
-from cfjax.core.lm import LM, forward
+from cfjax.core.lm import LM, forward, quantize
 from cfjax.core.scm import Sampler
+from cfjax.core.steering import steer
 
 __all__ = [
     "LM",
@@ -19,5 +20,7 @@ __all__ = [
     "bucket_length",
     "forward",
     "preset",
+    "quantize",
     "sample",
+    "steer",
 ]

@@ -99,9 +99,9 @@ def prefill(config, params, prompt, prompt_length, length: int) -> tuple[Carry, 
     """Fill a fresh cache of `length` slots (in the params' dtype) with the prompts; the carry
     is ready for step 0."""
     prefix, last, start = layout(prompt, prompt_length)
-    cache = init_cache(config, prompt.shape[0], length, params["embed"]["embedding"].dtype)
+    cache = init_cache(config, prompt.shape[0], length, model.compute_dtype(params))
     # Only the cache is kept, so XLA drops the unused LM head of the prompt positions.
-    cache = model.apply(config, params, prefix, start, cache, 0)[1]
+    cache = model.apply(config, params, prefix, start, cache, 0, prompt=True)[1]
     index = jnp.asarray(prompt.shape[1], jnp.int32)
     return Carry(last, cache, index, jnp.zeros(last.shape, bool)), start
 

@@ -9,7 +9,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from cfjax.core import model
+from cfjax.core import model, quant
 from cfjax.core.config import LlamaConfig
 from cfjax.core.request import check_tokens
 from cfjax.core.store import ArrayStore, CacheStore
@@ -35,8 +35,8 @@ class LM:
 
     @property
     def dtype(self) -> jnp.dtype:
-        """Parameter dtype."""
-        return self.params["embed"]["embedding"].dtype
+        """The dtype the model computes in (its float params' dtype, also when quantized)."""
+        return model.compute_dtype(self.params)
 
     def replace(self, **changes: Any) -> LM:
         """A copy with some fields changed (e.g. other params: a fine-tune or a weight edit)."""
@@ -60,3 +60,15 @@ def forward(lm: LM, tokens: Any) -> jax.Array:
             f"{lm.config.max_seq_len}"
         )
     return _forward(lm.config, lm.params, tokens)
+
+
+def quantize(lm: LM, kind: str) -> LM:
+    """The `kind` variant of `lm`: "int8" (weight-only, per-channel scales, see `quant`) or
+    "bfloat16". A model of its own (its id gets `@int8` / `@bfloat16`) that runs through the
+    same decode step, and usable as `ChangeModel(variant.params)` of `lm`."""
+    if kind not in quant.KINDS:
+        raise ValueError(f"unknown quantization {kind!r}; valid: {', '.join(quant.KINDS)}")
+    # A fresh LM: the stored caches and observations belong to other params.
+    return LM(
+        lm.config, quant.quantize_params(lm.params, kind), lm.tokenizer, f"{lm.model_id}@{kind}"
+    )

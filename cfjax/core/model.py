@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from cfjax.core import quant, steering
 from cfjax.core.cache import KEY_SLOT_AXIS, VALUE_SLOT_AXIS, KVCache, write
 from cfjax.core.config import LlamaConfig
 
@@ -215,11 +216,41 @@ class Llama(nnx.Module):
         cache: KVCache | None = None,
         index: jax.Array | int = 0,
         cos_sin: tuple[jax.Array, jax.Array] | None = None,
+        steer: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         """Logits `[B, T, V]` float32 for `tokens` written at slots `[index, index + T)`.
 
         `cos_sin`, if given, is `rotation(positions of these tokens)`, computed by the caller.
+        `steer` `[n_layers, dim]`, if given, is added to the residual stream after each block.
         """
+        x, cos_sin, visible = self._inputs(tokens, start, cache, index, cos_sin)
+        new_k, new_v = [], []
+        for i, layer in enumerate(self.layers):
+            lk = None if cache is None else cache.k[i]
+            lv = None if cache is None else cache.v[i]
+            x, lk, lv = layer(x, cos_sin, visible, lk, lv, index)
+            if steer is not None:
+                x = x + steer[i].astype(x.dtype)
+            new_k.append(lk)
+            new_v.append(lv)
+        x = self.final_norm(x)
+        # Contract against the embedding's feature axis directly (no transposed copy of [V, D]).
+        if self.config.tie_embeddings:
+            head, spec = self.embed.embedding[...], "btd,vd->btv"
+        else:
+            head, spec = self.lm_head.kernel[...], "btd,dv->btv"
+        logits = einsum_f32(spec, x, head.astype(x.dtype))
+        return logits, (None if cache is None else KVCache(new_k, new_v))
+
+    def residual(self, tokens: jax.Array, start: jax.Array, layer: int) -> jax.Array:
+        """The residual stream `[B, T, dim]` (float32) after block `layer`, without a cache."""
+        x, cos_sin, visible = self._inputs(tokens, start, None, 0, None)
+        for block in self.layers[: layer + 1]:
+            x = block(x, cos_sin, visible, None, None, 0)[0]
+        return x.astype(jnp.float32)
+
+    def _inputs(self, tokens, start, cache, index, cos_sin):
+        """(embedded tokens, RoPE rotation, the visibility mask [B, T, S]) of a forward."""
         b, t = tokens.shape
         slots = jnp.asarray(index, jnp.int32) + jnp.arange(t, dtype=jnp.int32)  # [T]
         token_positions = positions(slots[None, :], start[:, None])  # [B, T]
@@ -237,22 +268,7 @@ class Llama(nnx.Module):
         )  # [B, T, S]
         if cos_sin is None:
             cos_sin = rotation(token_positions, rope_frequencies(self.config))
-        x = self.embed(tokens)
-        new_k, new_v = [], []
-        for i, layer in enumerate(self.layers):
-            lk = None if cache is None else cache.k[i]
-            lv = None if cache is None else cache.v[i]
-            x, lk, lv = layer(x, cos_sin, visible, lk, lv, index)
-            new_k.append(lk)
-            new_v.append(lv)
-        x = self.final_norm(x)
-        # Contract against the embedding's feature axis directly (no transposed copy of [V, D]).
-        if self.config.tie_embeddings:
-            head, spec = self.embed.embedding[...], "btd,vd->btv"
-        else:
-            head, spec = self.lm_head.kernel[...], "btd,dv->btv"
-        logits = einsum_f32(spec, x, head.astype(x.dtype))
-        return logits, (None if cache is None else KVCache(new_k, new_v))
+        return self.embed(tokens), cos_sin, visible
 
 
 @functools.lru_cache(maxsize=32)
@@ -337,8 +353,10 @@ def split_shapes(config: LlamaConfig, dtype=jnp.float32) -> dict:
     return jax.eval_shape(functools.partial(split_params, config), param_shapes(config, dtype))
 
 
-def _params_dtype(params: dict) -> str:
-    return str(params["embed"]["embedding"].dtype)
+def compute_dtype(params: dict) -> jnp.dtype:
+    """The dtype the network computes (and caches keys and values) in: the params' float dtype,
+    which the norm scales keep when the matrices are quantized."""
+    return params["final_norm"]["scale"].dtype
 
 
 def apply(
@@ -349,14 +367,34 @@ def apply(
     cache: KVCache | None = None,
     index: jax.Array | int = 0,
     cos_sin: tuple[jax.Array, jax.Array] | None = None,
+    prompt: bool = False,
 ) -> tuple[jax.Array, KVCache | None]:
     """Functional forward: `(logits [B, T, V] f32, updated cache)` from a params pytree.
 
     `cos_sin`: `rotation(positions)` of the tokens, if the caller has it (see `rotation`).
+    `prompt`: these are prompt tokens (the prefill), which a steering of the response skips
+    (see `steering`). Quantized params (see `quant`) are dequantized here.
     """
     if start is None:
         start = jnp.zeros((tokens.shape[0],), jnp.int32)
-    gdef = graphdef(config, _params_dtype(params))
+    model, steer = _network(config, params)
+    if steer is not None:
+        steer = steer["delta"] * steer["prompt"] if prompt else steer["delta"]
+    return model(tokens, start, cache, index, cos_sin, steer)
+
+
+def _network(config: LlamaConfig, params) -> tuple[Llama, dict | None]:
+    """The NNX network of float params (quantized ones widened) and the steering, if any."""
+    params, steer = steering.split(params)
+    params = quant.dequantize(params)
+    gdef = graphdef(config, str(compute_dtype(params)))
     state = nnx.State(params) if not isinstance(params, nnx.State) else params
-    model = nnx.merge(gdef, state)
-    return model(tokens, start, cache, index, cos_sin)
+    return nnx.merge(gdef, state), steer
+
+
+def residual(config: LlamaConfig, params: dict, tokens: jax.Array, layer: int) -> jax.Array:
+    """The residual stream `[B, T, dim]` (float32) after block `layer` of a causal forward of
+    `tokens` (no cache, no padding), as a steering vector is added to it."""
+    model, _ = _network(config, params)
+    start = jnp.zeros((tokens.shape[0],), jnp.int32)
+    return model.residual(tokens, start, layer)

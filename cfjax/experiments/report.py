@@ -19,7 +19,7 @@ RACE_SHORT = {
 
 
 def _k(x) -> str:
-    return "–" if x is None else f"{x / 1000:g}k"
+    return "–" if x is None else f"{round(x / 1000, 1):g}k"
 
 
 def _pct(x) -> str:

@@ -21,7 +21,7 @@ import numpy as np
 
 from cfjax.atomic import remove_stale_partials
 from cfjax.core.config import LlamaConfig
-from cfjax.core.lm import LM
+from cfjax.core.lm import LM, quantize
 from cfjax.tokenizer import check_vocab
 from cfjax.tokenizer import load as load_tokenizer
 from cfjax.weights import checkpoint
@@ -224,9 +224,15 @@ def _assemble(source: Source, path: Path, dtype, progress: bool | None) -> dict:
 def load(spec: str | Path, dtype=None, *, progress: bool | None = None) -> LM:
     """Load a model from a path or known name; params in `dtype` (default: the source's own).
 
+    `NAME@int8` (any name, path or id) is the weight-only int8 variant of that model
+    (`cfjax.quantize`); `NAME@bfloat16` its bfloat16 copy.
+
     The source's own dtype is bfloat16 for bf16 checkpoints and float32 otherwise (float32,
     float16 and dequantised GGUF tensors). `progress` shows a bar (default: on a terminal).
     """
+    head, sep, tail = str(spec).rpartition("@")
+    if sep and tail == "int8" and not Path(spec).expanduser().exists():
+        return quantize(load(head, dtype, progress=progress), "int8")
     if dtype is None and not Path(spec).expanduser().exists():
         dtype = model_location(str(spec))[1]  # a model id names its dtype
     path = _resolve(spec)
