@@ -34,7 +34,7 @@ from cfjax.causal import (
 )
 from cfjax.core import LM, LlamaConfig, RopeScaling, Sampler, forward, preset, quantize
 from cfjax.models import FineTune, finetune, steering_vector
-from cfjax.weights import convert, list_models, load
+from cfjax.weights import convert, list_models, load, save
 
 __all__ = [
     "LM",
@@ -67,6 +67,7 @@ __all__ = [
     "load",
     "preset",
     "quantize",
+    "save",
     "steering_vector",
     "summarize",
 ]

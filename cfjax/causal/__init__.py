@@ -5,7 +5,7 @@
 """
 
 from cfjax.causal.abduction import Summary, abduct, posterior_noise, summarize
-from cfjax.causal.coupled import coupled
+from cfjax.causal.coupling import coupled
 from cfjax.causal.factual import generate
 from cfjax.causal.interventions import (
     AutoIntervention,

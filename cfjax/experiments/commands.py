@@ -1,4 +1,4 @@
-"""`cfjax experiment ...`: the paper's studies as commands (stability, census, census-report)."""
+"""`cfjax experiment ...`: the studies as commands (stability, census, census-report, coupled)."""
 
 from __future__ import annotations
 
@@ -39,6 +39,18 @@ def add_experiment_parsers(sub, parser_class) -> None:
     c.add_argument("--one-shot", action="store_true",
                    help="begin the response with the paper's first record (for small models)")  # fmt: skip
     c.add_argument("--out", type=Path, required=True)
+    cp = studies.add_parser("coupled", help="coupled evaluation of several models (Benz et al.)")
+    cp.add_argument("--models", nargs="+", required=True,
+                    help="names, paths or ids: NAME@bfloat16, NAME@int8, a saved fine-tune")  # fmt: skip
+    cp.add_argument("--questions", type=Path, default=None, help="JSON lines (default: shipped)")
+    cp.add_argument("--limit", type=int, default=None, help="the first N questions only")
+    cp.add_argument("--samples", type=int, default=10, help="answers per question and noise")
+    cp.add_argument("--temperature", type=float, default=1.0)
+    cp.add_argument("--max-new-tokens", type=int, default=4)
+    cp.add_argument("--seed", type=int, default=0)
+    cp.add_argument("--batch-questions", type=int, default=10)
+    cp.add_argument("--out", type=Path, required=True)
+    cp.add_argument("--json", action="store_true", help="print the summary as JSON")
     r = studies.add_parser("census-report", help="the census study's tables and figures")
     r.add_argument("dir", nargs="?", type=Path, help="a census study folder (its rows.jsonl)")
     r.add_argument("--paper-data", type=Path, help="the paper's *_cf_changes.json folder instead")
@@ -116,8 +128,42 @@ def cmd_census(args) -> int:
     return 0
 
 
+def cmd_coupled(args) -> int:
+    """`cfjax experiment coupled`: run or resume, then write and print the report."""
+    import json
+
+    from cfjax.atomic import write_text
+    from cfjax.core.request import count
+    from cfjax.core.scm import MIN_TEMPERATURE
+    from cfjax.experiments import coupled_eval
+
+    if len(args.models) < 2:
+        raise ValueError("--models: give at least two models to compare")
+    questions = coupled_eval.read_questions(args.questions)[: args.limit]
+    samples = count(args.samples, "--samples")
+    if not args.temperature >= MIN_TEMPERATURE:
+        raise ValueError(f"--temperature must be > 0 (the answers are sampled), got {args.temperature}")  # fmt: skip
+    settings = coupled_eval.Settings(
+        models=tuple(args.models), questions_sha256=coupled_eval.questions_digest(questions),
+        n_questions=len(questions), samples=samples, temperature=args.temperature,
+        max_new_tokens=count(args.max_new_tokens, "--max-new-tokens"), seed=args.seed,
+        batch_questions=count(args.batch_questions, "--batch-questions"),
+    )  # fmt: skip
+    from cfjax.weights import load
+
+    models = [load(m) for m in args.models]
+    rows_file = coupled_eval.run(models, questions, settings, args.out)
+    from cfjax.experiments.census import read_rows
+
+    summary = coupled_eval.summarize(read_rows(rows_file), args.models)
+    write_text(args.out / "summary.json", json.dumps(summary, indent=1))
+    write_text(args.out / "report.md", coupled_eval.markdown(summary))
+    print(json.dumps(summary) if args.json else coupled_eval.markdown(summary))
+    return 0
+
+
 def run_experiment(args) -> int:
-    """`cfjax experiment stability | census | census-report`."""
+    """`cfjax experiment stability | census | census-report | coupled`."""
     import json
 
     from cfjax.experiments import census, report
@@ -126,6 +172,8 @@ def run_experiment(args) -> int:
         return cmd_stability(args)
     if args.study == "census":
         return cmd_census(args)
+    if args.study == "coupled":
+        return cmd_coupled(args)
 
     if (args.dir is None) == (args.paper_data is None):
         raise ValueError("give a study folder or --paper-data DIR (one of them)")

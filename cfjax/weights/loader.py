@@ -394,3 +394,51 @@ def list_models() -> list[dict]:
                     }
                 )
     return rows
+
+
+def save(
+    lm: LM, dst: str | Path, *, force: bool = False, tokenizer_from: str | None = None
+) -> Path:
+    """Write `lm` (e.g. `lm.replace(params=finetune.params, model_id="my-ft")`) as a converted
+    checkpoint that `load(dst)` reads, atomically like `convert`.
+
+    The tokenizer files are copied from `tokenizer_from` (a name, path or model id; default:
+    the model `lm.model_id` names, its `+edit` suffixes dropped). Quantized params are saved
+    dequantized (they are a variant: `load("DST@int8")` makes it again).
+    """
+    from cfjax.core import quant, steering
+
+    dst = Path(dst).expanduser()
+    if (dst.exists() or dst.is_symlink()) and not force:
+        raise FileExistsError(f"{dst}: already exists; use force=True to replace it")
+    if (dst.exists() or dst.is_symlink()) and not checkpoint.is_converted(dst):
+        raise FileExistsError(f"{dst}: exists and is not a cfjax checkpoint; not replaced")
+    base, steer = steering.split(lm.params)
+    if steer is not None:
+        raise ValueError("save: a steered model is params plus a steering; save the base model")
+    params = quant.dequantize(base)
+    origin = tokenizer_from or lm.model_id.split("+")[0].removesuffix("@int8")
+    try:
+        src = _resolve(origin) if origin else None
+    except FileNotFoundError:
+        if tokenizer_from is not None:
+            raise
+        src = None  # a model of random or edited params with no source: no tokenizer
+    dtype = np.dtype(params["final_norm"]["scale"].dtype)
+
+    def write(tmp: Path) -> None:
+        sums = checkpoint.save_params(tmp, params)
+        tok = None
+        if src is not None and checkpoint.is_converted(src):
+            tok = _copy_tokenizer(src, checkpoint.read_meta(src).get("tokenizer"), tmp)
+        elif src is not None:
+            tok = open_source(src).save_tokenizer(tmp)
+        checkpoint.write_meta(
+            tmp,
+            {"config": lm.config.to_dict(), "dtype": dtype.name, "model_id": lm.model_id or dst.name,
+             "source": str(src.resolve()) if src is not None else None,
+             "source_format": "cfjax", "tokenizer": tok, "digests": sums},
+        )  # fmt: skip
+
+    _write_atomically(dst, force, write)
+    return dst

@@ -1,0 +1,242 @@
+"""Coupled evaluation (Benz et al., "coupled autoregressive generation", AISTATS 2026): several
+models answer each multiple-choice question N times under coupled noise (the same key for every
+model, per question and sample) and N times under independent noise (a key per model too).
+
+Coupling leaves each model's accuracy estimate as it was (each model still samples from its own
+distribution) but makes the models' errors move together, so the paired difference of two
+models' accuracies has a smaller variance and needs fewer samples to be told apart. The report
+gives, per model, the accuracy with a 95% interval; per pair, the agreement rate and the paired
+difference with its interval under each kind of noise, and the number of answers each kind would
+need for its 95% interval to exclude zero.
+
+Work is done a batch of questions at a time (all samples of all models, coupled and
+independent); rows stream to `DIR/rows.jsonl` and a run resumes like the other studies.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from cfjax.causal.coupling import check_shared_vocabulary, coupled
+from cfjax.core.lm import LM
+from cfjax.core.scm import Sampler
+from cfjax.experiments.choices import LETTERS, QUESTIONS
+from cfjax.experiments.folder import append_rows, open_study, row_writer
+
+SYSTEM = "Answer with the letter of the correct option only."
+MODES = ("coupled", "independent")
+
+
+@dataclasses.dataclass(frozen=True)
+class Question:
+    question: str
+    options: tuple[str, ...]
+    answer: str  # a letter
+
+    def prompt(self) -> str:
+        lines = [self.question] + [f"{LETTERS[i]}) {o}" for i, o in enumerate(self.options)]
+        return "\n".join(lines) + "\nAnswer:"
+
+
+def shipped_questions() -> list[Question]:
+    """The shipped questions, options rotated so that the answers are A, B, C, D in turn."""
+    out = []
+    for i, (q, options, a) in enumerate(QUESTIONS):
+        shift = (a - i % 4) % 4
+        out.append(Question(q, tuple(options[shift:] + options[:shift]), LETTERS[i % 4]))
+    return out
+
+
+def read_questions(path: str | Path | None) -> list[Question]:
+    """Questions from a JSON-lines file ({"question", "options", "answer"}), or the shipped."""
+    if path is None:
+        return shipped_questions()
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        reason = getattr(e, "strerror", None) or str(e)
+        raise FileNotFoundError(f"{path}: cannot read the questions file ({reason})") from None
+    out = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            d = json.loads(line)
+            options = tuple(str(o) for o in d["options"])
+            answer = str(d["answer"]).strip().upper()
+            if not 2 <= len(options) <= len(LETTERS) or answer not in LETTERS[: len(options)]:
+                raise ValueError("needs 2-4 options and an answer letter among them")
+            out.append(Question(str(d["question"]), options, answer))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{path}:{n}: not a question line ({e})") from None
+    if not out:
+        raise ValueError(f"{path}: the questions file has no question")
+    return out
+
+
+def parse_answer(text: str, n_options: int = 4) -> str | None:
+    """The first option letter the response gives ("B", "B)", "(B", "Answer: B"), or None."""
+    m = re.search(r"(?<![A-Za-z])([" + LETTERS[:n_options] + r"])(?![a-z])", text)
+    return m.group(1) if m else None
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """What a coupled-evaluation folder was made with (its `config.json`)."""
+
+    models: tuple[str, ...]
+    questions_sha256: str
+    n_questions: int
+    samples: int = 10
+    temperature: float = 1.0
+    max_new_tokens: int = 4
+    seed: int = 0
+    batch_questions: int = 10
+
+
+def questions_digest(questions: Sequence[Question]) -> str:
+    blob = json.dumps([dataclasses.asdict(q) for q in questions], ensure_ascii=False)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _keys(settings: Settings, mode: str, model: int, question: int) -> jax.Array:
+    """One key per sample: shared by the models when coupled, the model's own otherwise."""
+    base = jax.random.key(settings.seed)
+    base = jax.random.fold_in(base, MODES.index(mode))
+    if mode == "independent":
+        base = jax.random.fold_in(base, 1 + model)
+    base = jax.random.fold_in(base, question)
+    return jax.random.split(base, settings.samples)
+
+
+def _unit(models: list[LM], questions: list[Question], ids: list[int], s: Settings) -> list[dict]:
+    sampler = Sampler(s.temperature)
+    prompts = [questions[i].prompt() for i in ids for _ in range(s.samples)]
+    rows = []
+    for mode in MODES:
+        if mode == "coupled":
+            keys = jax.numpy.concatenate([_keys(s, mode, 0, i) for i in ids])
+            answers = coupled(models, prompts, key=keys, sampler=sampler,
+                              max_new_tokens=s.max_new_tokens, system=SYSTEM)  # fmt: skip
+        else:
+            answers = []
+            for m_i, m in enumerate(models):
+                keys = jax.numpy.concatenate([_keys(s, mode, m_i, i) for i in ids])
+                answers += coupled([m], prompts, key=keys, sampler=sampler,
+                                   max_new_tokens=s.max_new_tokens, system=SYSTEM)  # fmt: skip
+        for r, (q_id, sample) in enumerate((i, j) for i in ids for j in range(s.samples)):
+            q = questions[q_id]
+            letters = [parse_answer(per_model[r].text, len(q.options)) for per_model in answers]
+            rows.append({
+                "question_id": q_id, "sample": sample, "mode": mode, "answers": letters,
+                "correct": [a == q.answer for a in letters],
+                "texts": [per_model[r].text for per_model in answers],
+            })  # fmt: skip
+    return rows
+
+
+def run(
+    models: list[LM],
+    questions: list[Question],
+    settings: Settings,
+    out: str | Path,
+    *,
+    progress: bool | None = None,
+    on_unit: Callable[[int], None] | None = None,
+) -> Path:
+    """Run (or resume) the evaluation into `out`; returns the rows file."""
+    from tqdm import tqdm
+
+    check_shared_vocabulary(models)
+    out = Path(out)
+    done = {r["question_id"] for r in open_study(out, dataclasses.asdict(settings))}
+    todo = [i for i in range(len(questions)) if i not in done]
+    units = [todo[k : k + settings.batch_questions] for k in range(0, len(todo), settings.batch_questions)]  # fmt: skip
+    bar = tqdm(total=len(todo), desc="questions", unit="question", disable=progress is False)
+    with row_writer(out) as f:
+        for n, ids in enumerate(units):
+            append_rows(f, _unit(models, questions, ids, settings))
+            bar.update(len(ids))
+            if on_unit is not None:
+                on_unit(n)
+    bar.close()
+    return out / "rows.jsonl"
+
+
+# --- the report -----------------------------------------------------------------------------
+
+
+def _mean_ci(x: np.ndarray) -> tuple[float, float]:
+    """Mean and the half-width of its 95% normal interval."""
+    if len(x) < 2:
+        return float(np.mean(x)) if len(x) else math.nan, math.nan
+    return float(np.mean(x)), float(1.96 * np.std(x, ddof=1) / math.sqrt(len(x)))
+
+
+def samples_to_separate(d: np.ndarray) -> float:
+    """Paired answers needed for the 95% interval of the mean of `d` to exclude zero:
+    (1.96 · sd / |mean|)²; infinite when the mean is zero."""
+    mean, sd = float(np.mean(d)), float(np.std(d, ddof=1)) if len(d) > 1 else math.nan
+    return math.inf if mean == 0 else (1.96 * sd / abs(mean)) ** 2
+
+
+def summarize(rows: Sequence[dict], models: Sequence[str]) -> dict:
+    """Accuracies, agreement and paired differences under each kind of noise (JSON-ready)."""
+    out: dict = {"models": list(models), "accuracy": {}, "pairs": []}
+    by_mode = {m: [r for r in rows if r["mode"] == m] for m in MODES}
+    for mode, rs in by_mode.items():
+        correct = np.asarray([r["correct"] for r in rs], float).reshape(len(rs), len(models))
+        out["accuracy"][mode] = [
+            dict(zip(("mean", "ci95"), _mean_ci(correct[:, i]), strict=True)) | {"n": len(rs)}
+            for i in range(len(models))
+        ]
+    for i in range(len(models)):
+        for j in range(i + 1, len(models)):
+            pair = {"a": models[i], "b": models[j]}
+            for mode, rs in by_mode.items():
+                ci = np.asarray([r["correct"][i] for r in rs], float)
+                cj = np.asarray([r["correct"][j] for r in rs], float)
+                d = ci - cj
+                mean, half = _mean_ci(d)
+                pair[mode] = {
+                    "agreement": float(np.mean([r["answers"][i] == r["answers"][j] for r in rs])),
+                    "difference": mean, "ci95": half,
+                    "variance": float(np.var(d, ddof=1)) if len(d) > 1 else math.nan,
+                    "samples_to_separate": samples_to_separate(d),
+                }  # fmt: skip
+            pair["variance_ratio"] = pair["coupled"]["variance"] / pair["independent"]["variance"] if pair["independent"]["variance"] else math.nan  # fmt: skip
+            out["pairs"].append(pair)
+    return out
+
+
+def markdown(summary: dict) -> str:
+    """The report as markdown tables."""
+    lines = ["# Coupled evaluation", "", "## Accuracy (95% interval)", "",
+             "| model | coupled | independent |", "|---|---|---|"]  # fmt: skip
+    for i, name in enumerate(summary["models"]):
+        cells = [f"{a['mean']:.3f} ± {a['ci95']:.3f} (n = {a['n']})"
+                 for a in (summary["accuracy"][m][i] for m in MODES)]  # fmt: skip
+        lines.append(f"| {name} | {' | '.join(cells)} |")
+    lines += ["", "## Pairs", "",
+              "| a | b | noise | agreement | difference (95%) | variance | answers to separate |",
+              "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for p in summary["pairs"]:
+        for mode in MODES:
+            x = p[mode]
+            n = x["samples_to_separate"]
+            lines.append(
+                f"| {p['a']} | {p['b']} | {mode} | {x['agreement']:.3f} | "
+                f"{x['difference']:+.3f} ± {x['ci95']:.3f} | {x['variance']:.4f} | "
+                f"{'∞' if math.isinf(n) else f'{n:.0f}'} |"
+            )
+    lines.append("")
+    return "\n".join(lines)
