@@ -241,3 +241,37 @@ def test_coupled_equals_generate_per_model(hf):
     small = cfjax.LM(cfjax.preset("tiny"), model.init_params(cfjax.preset("tiny"), jax.random.key(0)))  # fmt: skip
     with pytest.raises(ValueError, match="coupled models must share the vocabulary"):
         coupled([lm, small], prompts, key=0)
+
+
+def test_a_saved_finetune_loads_as_a_model(hf, tmp_path):
+    _, lm = hf
+    tune = cfjax.finetune(lm, [PROMPT * 2], steps=3, batch_size=1, progress=False)
+    path = cfjax.save(lm.replace(params=tune.params, model_id="tiny-lora"), tmp_path / "ft")
+    back = cfjax.load(path)
+    assert back.model_id == "tiny-lora"
+    for a, b in zip(jax.tree_util.tree_leaves(tune.params), jax.tree_util.tree_leaves(back.params), strict=True):  # fmt: skip
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(FileExistsError, match="already exists"):
+        cfjax.save(back, path)
+    with pytest.raises(ValueError, match="a steered model"):
+        cfjax.save(back.replace(params=steering.steer(back.params, 0, np.ones(64))), tmp_path / "s")  # fmt: skip
+    assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.slow
+def test_int8_smollm2_is_close_to_float32():
+    """The stated bound (README): on SmolLM2, int8 logits within 3.5 of float32 (logits span
+    ±32), mean KL below 0.02 nats, the same argmax at 85% of the positions or more."""
+    lm = cfjax.load("smollm2-135m-instruct")
+    q = cfjax.load("smollm2-135m-instruct@int8")
+    text = ("The quick brown fox jumps over the lazy dog. In 1905, Albert Einstein published "
+            "four papers that changed physics, among them special relativity.")  # fmt: skip
+    tokens = np.asarray([[lm.tokenizer.bos_id, *lm.tokenizer.encode(text)]])
+    a, b = np.asarray(cfjax.forward(lm, tokens)), np.asarray(cfjax.forward(q, tokens))
+    la, lb = jax.nn.log_softmax(a, -1), jax.nn.log_softmax(b, -1)
+    kl = float((np.exp(la) * (la - lb)).sum(-1).mean())
+    agree = float((a.argmax(-1) == b.argmax(-1)).mean())
+    print(
+        f"int8 vs float32: max |dlogit| {np.abs(a - b).max():.3f}, KL {kl:.4f}, argmax {agree:.3f}"
+    )
+    assert np.abs(a - b).max() < 3.5 and kl < 0.02 and agree >= 0.85

@@ -28,7 +28,11 @@ def _is_quantized_leaf(d: Any) -> bool:
 
 def is_quantized(params: dict) -> bool:
     """Whether any matrix of `params` is stored as int8."""
-    return _is_quantized_leaf(params.get("embed"))
+
+    def any_quantized(d: Any) -> bool:
+        return isinstance(d, dict) and ("qscale" in d or any(map(any_quantized, d.values())))
+
+    return any_quantized(params)
 
 
 def quantize_int8(params: dict) -> dict:
