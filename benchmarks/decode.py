@@ -144,11 +144,20 @@ def main() -> None:
         default=[64],
         help="batch sizes at which to also time jit(vmap(cfjax.core.sample)) (%(default)s)",
     )
+    ap.add_argument(
+        "--int8-batches",
+        type=int,
+        nargs="*",
+        default=[1, 64],
+        help="batch sizes at which to also time the int8 variant (cfjax.quantize) (%(default)s)",
+    )
     ap.add_argument("--copy-mib", type=int, default=1024, help="copy-bandwidth array size")
     ap.add_argument("--json", action="store_true", help="print the rows as JSON only")
     args = ap.parse_args()
 
     import jax
+
+    import cfjax
 
     started = time.perf_counter()
     clock = CompileClock()
@@ -159,8 +168,6 @@ def main() -> None:
     # them (saved as a transformers model that cfjax then loads), so this process needs no torch.
     with tempfile.TemporaryDirectory() as tmp:
         if args.config:
-            import cfjax
-
             vocab = cfjax.preset(args.config).vocab_size
             prompt = np.random.default_rng(0).integers(0, vocab, args.prompt_len).tolist()
             hf_dir = Path(tmp) / f"{args.config}-hf"
@@ -190,6 +197,14 @@ def main() -> None:
             cf[batch] = cfjax_decode(lm, prompt, batch, args.new_tokens, clock, args.repeats)
             if not args.json:
                 print(f"  cfjax batch {batch}: {cf[batch]['tok_s']:.1f} tok/s", file=sys.stderr)
+        int8 = {}
+        int8_batches = sorted(set(args.int8_batches) & set(args.batches))
+        if int8_batches:
+            lm8 = cfjax.quantize(lm, "int8")
+            for batch in int8_batches:
+                int8[batch] = cfjax_decode(lm8, prompt, batch, args.new_tokens, clock, args.repeats)  # fmt: skip
+                if not args.json:
+                    print(f"  cfjax int8 batch {batch}: {int8[batch]['tok_s']:.1f} tok/s", file=sys.stderr)  # fmt: skip
         core_sample = {}
         for batch in sorted(set(args.sample_batches) & set(args.batches)):
             core_sample[batch] = sample_decode(lm, prompt, batch, args.new_tokens, args.repeats)
@@ -247,6 +262,12 @@ def main() -> None:
                 bool(np.array_equal(cs["tokens"], c["tokens"])) if cs else None
             ),
             "core_sample_compile_s": round(cs["compile_s"], 2) if cs else None,
+            # The weight-only int8 variant through the same decode path (its own tokens).
+            "int8_tok_s": round(int8[batch]["tok_s"], 2) if batch in int8 else None,
+            "int8_over_float32": round(int8[batch]["tok_s"] / c["tok_s"], 3)
+            if batch in int8
+            else None,  # fmt: skip
+            "int8_peak_rss_mb": round(int8[batch]["peak_rss_mb"]) if batch in int8 else None,
             "achieved_gb_s": round(achieved / 1e9, 2),
             "copy_gb_s": round(bw["best"] / 1e9, 2),
             # Against a one-thread copy (what one core streams): the weaker yardstick.
@@ -300,6 +321,7 @@ def main() -> None:
         "matmul floor tok/s",
         "cfjax / floor",
         "core.sample tok/s",
+        "int8 tok/s",
         "GB/s",
         "bw fraction",
         "roofline tok/s",
@@ -319,6 +341,7 @@ def main() -> None:
         "matmul_floor_tok_s",
         "cfjax_over_matmul_floor",
         "core_sample_tok_s",
+        "int8_tok_s",
         "achieved_gb_s",
         "bandwidth_fraction",
         "roofline_tok_s",

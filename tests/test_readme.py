@@ -1,4 +1,5 @@
-"""The README's `cfjax.core.sample` and abduction examples run as shown, on the embedded SmolLM2."""
+"""The README's `cfjax.core.sample`, abduction and model-intervention examples run as shown, on
+the embedded SmolLM2."""
 
 from __future__ import annotations
 
@@ -44,5 +45,19 @@ def test_abduction_example_runs_as_shown(capsys):
     exec(compile(code, str(README), "exec"), {})
     printed = capsys.readouterr().out.strip().splitlines()
     assert len(printed) == len(shown) and printed[0] == shown[0] == "True 26 observed tokens"
+    differs = [i for i, (a, b) in enumerate(zip(printed, shown, strict=True)) if a != b]
+    assert len(differs) <= 1, f"the README shows other output than the example prints: {differs}"
+
+
+@pytest.mark.slow
+def test_model_interventions_example_runs_as_shown(capsys):
+    import cfjax
+
+    code, shown = _blocks("### Interventions on the model")
+    lm = cfjax.load("smollm2-135m-instruct")
+    exec(compile(code, str(README), "exec"), {"cfjax": cfjax, "lm": lm})
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert len(printed) == len(shown)
+    assert printed[0].split()[1:] == printed[4].split()[1:]  # the int8 variant kept the answer
     differs = [i for i, (a, b) in enumerate(zip(printed, shown, strict=True)) if a != b]
     assert len(differs) <= 1, f"the README shows other output than the example prints: {differs}"
