@@ -11,7 +11,7 @@ SCM, the engine and `cfjax.core.sample`), `cfjax.tokenizer`, `cfjax.weights` (lo
 (steering vectors, LoRA fine-tunes), then the experiments and the CLI on top.
 """
 
-from cfjax import core
+from cfjax import core, sharding
 from cfjax.causal import (
     AutoIntervention,
     ChangeModel,
@@ -68,6 +68,7 @@ __all__ = [
     "preset",
     "quantize",
     "save",
+    "sharding",
     "steering_vector",
     "summarize",
 ]

@@ -14,6 +14,7 @@ ROOT = Path(cfjax.__file__).resolve().parent
 # GGUF container reader that the tokenizer and the weights both read).
 LAYERS = [
     "core",
+    "sharding",
     "atomic",
     "gguf_header",
     "tokenizer",

@@ -28,8 +28,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
-from cfjax.core import model, posterior, scm
+from cfjax.core import model, posterior, scm, spec
 from cfjax.core.cache import KVCache, init_cache
 from cfjax.core.config import LlamaConfig
 from cfjax.core.request import as_key, count
@@ -100,8 +101,10 @@ def prefill(config, params, prompt, prompt_length, length: int) -> tuple[Carry, 
     is ready for step 0."""
     prefix, last, start = layout(prompt, prompt_length)
     cache = init_cache(config, prompt.shape[0], length, model.compute_dtype(params))
+    cache = spec.constrain_cache(cache, config)  # under a mesh: sharded by the rules
     # Only the cache is kept, so XLA drops the unused LM head of the prompt positions.
     cache = model.apply(config, params, prefix, start, cache, 0, prompt=True)[1]
+    cache = spec.constrain_cache(cache, config)
     index = jnp.asarray(prompt.shape[1], jnp.int32)
     return Carry(last, cache, index, jnp.zeros(last.shape, bool)), start
 
@@ -318,8 +321,26 @@ def run(
 
     Chunking never changes a token: noise is keyed by step, and every chunk runs the same
     compiled step. Stops early once every row has emitted a stop token. `on_chunk(rows)` gets
-    the tokens so far after each chunk.
+    the tokens so far after each chunk. Params sharded over a mesh run under it (the rows are
+    placed on it and the cache pinned to the rules of `spec`).
     """
+    mesh = spec.mesh_of(params)
+    if mesh is None:
+        return _run(config, params, request, stop_tokens, chunk, resume, on_chunk, None)
+    with jax.set_mesh(mesh):
+        return _run(config, params, request, stop_tokens, chunk, resume, on_chunk, mesh)
+
+
+def _run(
+    config: LlamaConfig,
+    params: dict,
+    request: Request,
+    stop_tokens: Sequence[int],
+    chunk: int,
+    resume: Resume | None,
+    on_chunk: Callable[[list[list[int]]], None] | None,
+    mesh: Any,
+) -> Decoded:
     batch, steps = len(request.prompts), request.steps
     bucket = bucket_length(max(len(p) for p in request.prompts))
     if request.cache_steps is not None and request.cache_steps < steps:
@@ -364,7 +385,13 @@ def run(
     rows = jax.tree_util.tree_map(jnp.asarray, rows)
     # jit keys its cache on whether arrays are committed to a device: commit the inputs now so
     # the first chunk and the later ones (which get jit outputs) share one compilation.
-    rows, carry = jax.tree_util.tree_map(lambda x: jax.device_put(x, x.sharding), (rows, carry))
+    if mesh is None:
+        rows, carry = jax.tree_util.tree_map(lambda x: jax.device_put(x, x.sharding), (rows, carry))  # fmt: skip
+    else:  # everything but the (sharded) cache replicated over the params' mesh
+        replicated = NamedSharding(mesh, PartitionSpec())
+        put = lambda x: jax.device_put(x, replicated)  # noqa: E731
+        rows = jax.tree_util.tree_map(put, rows)
+        carry = Carry(put(carry.last), carry.cache, put(carry.index), put(carry.done))
     out: list[tuple[np.ndarray, ...]] = []
     for s in range(first, steps, chunk):
         carry, chunk_out = _run_chunk(

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cfjax.core import quant, steering
+from cfjax.core import quant, spec, steering
 from cfjax.core.cache import KEY_SLOT_AXIS, VALUE_SLOT_AXIS, KVCache, write
 from cfjax.core.config import LlamaConfig
 
@@ -279,9 +279,9 @@ def graphdef(config: LlamaConfig, dtype_name: str = "float32"):
 
 
 def param_shapes(config: LlamaConfig, dtype=jnp.float32) -> dict:
-    """Pytree of `jax.ShapeDtypeStruct` with the exact structure of a model's params."""
-    abstract = nnx.eval_shape(lambda: Llama(config, dtype=jnp.dtype(dtype), rngs=nnx.Rngs(0)))
-    return _pure(nnx.state(abstract, nnx.Param))
+    """Pytree of `jax.ShapeDtypeStruct` with the exact structure of a model's params (from the
+    leaf descriptions of `spec`, which the network's own structure is tested against)."""
+    return spec.shapes(spec.param_spec(config, dtype))
 
 
 def init_params(config: LlamaConfig, key: jax.Array, dtype=jnp.float32, scale: float = 1.0) -> dict:

@@ -17,6 +17,7 @@ import json
 import re
 import zlib
 from pathlib import Path
+from typing import Any
 
 import jax
 import numpy as np
@@ -96,8 +97,11 @@ def save_params(directory: Path, params: dict) -> dict[str, str]:
     return digests(params)
 
 
-def restore_params(directory: str | Path, config: LlamaConfig, dtype, meta: dict) -> dict:
-    """Restore params as jax arrays in `dtype` (on the default device), int layer keys kept.
+def restore_params(
+    directory: str | Path, config: LlamaConfig, dtype, meta: dict, mesh: Any = None
+) -> dict:
+    """Restore params as jax arrays in `dtype` (on the default device, or with a `mesh` each
+    read straight onto its shards by the rules of `cfjax.sharding`), int layer keys kept.
 
     `meta` is the folder's `read_meta(directory)`: its version says the layout, and its
     digests (folders converted since they were added) are checked against the bytes read, in
@@ -109,9 +113,15 @@ def restore_params(directory: str | Path, config: LlamaConfig, dtype, meta: dict
     split = meta.get("version", 1) < 2
     expected = meta.get("digests")
     read_as = np.dtype(meta["dtype"] if expected else dtype).name
+    shapes = expected_shapes(config, read_as, split=split)
+    if mesh is not None and not split:
+        from cfjax.sharding import param_shardings
+
+        placed = param_shardings(config, shapes, mesh)
+    else:
+        placed = jax.tree.map(lambda _: sharding, shapes)
     abstract = jax.tree.map(
-        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
-        expected_shapes(config, read_as, split=split),
+        lambda s, where: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=where), shapes, placed
     )
     restore = ocp.args.PyTreeRestore(
         abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract)
@@ -132,4 +142,10 @@ def restore_params(directory: str | Path, config: LlamaConfig, dtype, meta: dict
         verify(params, expected, Path(directory))
         if read_as != np.dtype(dtype).name:
             params = jax.tree.map(lambda x: x.astype(dtype), params)
-    return model.fuse_layers_in_place(params) if split else params
+    if split:  # a version-1 (split layout) folder: fused here, then placed
+        params = model.fuse_layers_in_place(params)
+        if mesh is not None:
+            from cfjax.sharding import shard_params
+
+            params = shard_params(config, params, mesh)
+    return params

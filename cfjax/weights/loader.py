@@ -22,6 +22,7 @@ import numpy as np
 from cfjax.atomic import remove_stale_partials
 from cfjax.core.config import LlamaConfig
 from cfjax.core.lm import LM, quantize
+from cfjax.sharding import placer, shard_params
 from cfjax.tokenizer import check_vocab
 from cfjax.tokenizer import load as load_tokenizer
 from cfjax.weights import checkpoint
@@ -196,19 +197,19 @@ def attach_tokenizer(spec: str | None, config: LlamaConfig) -> Any:
     return tokenizer
 
 
-def _load_converted(directory: Path, dtype) -> LM:
+def _load_converted(directory: Path, dtype, mesh=None) -> LM:
     meta = checkpoint.read_meta(directory)
     config = LlamaConfig.from_dict(meta["config"])
     stored = resolve_dtype(meta["dtype"], None)
     dtype = resolve_dtype(dtype, stored)
-    params = checkpoint.restore_params(directory, config, dtype, meta)
+    params = checkpoint.restore_params(directory, config, dtype, meta, mesh)
     tok = meta.get("tokenizer")
     tokenizer = attach_tokenizer(str(directory / tok) if tok else None, config)
     model_id = _with_dtype(meta["model_id"], dtype, stored)
     return LM(config=config, params=params, tokenizer=tokenizer, model_id=model_id)
 
 
-def _assemble(source: Source, path: Path, dtype, progress: bool | None) -> dict:
+def _assemble(source: Source, path: Path, dtype, progress: bool | None, mesh=None) -> dict:
     """Stream a source's tensors into a params pytree (shared by load and convert)."""
     return assemble(
         source.config,
@@ -218,29 +219,34 @@ def _assemble(source: Source, path: Path, dtype, progress: bool | None) -> dict:
         expected_name=source.expected_name,
         total=source.n_tensors,
         progress=progress,
+        place=None if mesh is None else placer(source.config, mesh),
     )
 
 
-def load(spec: str | Path, dtype=None, *, progress: bool | None = None) -> LM:
+def load(spec: str | Path, dtype=None, *, progress: bool | None = None, mesh=None) -> LM:
     """Load a model from a path or known name; params in `dtype` (default: the source's own).
 
     `NAME@int8` (any name, path or id) is the weight-only int8 variant of that model
-    (`cfjax.quantize`); `NAME@bfloat16` its bfloat16 copy.
+    (`cfjax.quantize`); `NAME@bfloat16` its bfloat16 copy. With a `mesh`
+    (`cfjax.sharding.mesh`), each tensor is placed on its shards as it is read.
 
     The source's own dtype is bfloat16 for bf16 checkpoints and float32 otherwise (float32,
     float16 and dequantised GGUF tensors). `progress` shows a bar (default: on a terminal).
     """
     head, sep, tail = str(spec).rpartition("@")
     if sep and tail == "int8" and not Path(spec).expanduser().exists():
-        return quantize(load(head, dtype, progress=progress), "int8")
+        variant = quantize(load(head, dtype, progress=progress, mesh=mesh), "int8")
+        if mesh is not None:
+            variant = variant.replace(params=shard_params(variant.config, variant.params, mesh))
+        return variant
     if dtype is None and not Path(spec).expanduser().exists():
         dtype = model_location(str(spec))[1]  # a model id names its dtype
     path = _resolve(spec)
     if checkpoint.is_converted(path):
-        return _load_converted(path, dtype)
+        return _load_converted(path, dtype, mesh)
     source = open_source(path)
     dtype = resolve_dtype(dtype, source.dtype)
-    params = _assemble(source, path, dtype, progress)
+    params = _assemble(source, path, dtype, progress, mesh)
     tokenizer = attach_tokenizer(source.tokenizer_spec, source.config)
     model_id = _with_dtype(source.model_id, dtype, source.dtype)
     return LM(config=source.config, params=params, tokenizer=tokenizer, model_id=model_id)

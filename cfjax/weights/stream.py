@@ -16,7 +16,7 @@ import functools
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -130,15 +130,22 @@ def assemble(
     expected_name: Callable[[tuple], str] | None = None,
     total: int | None = None,
     progress: bool | None = False,
+    place: Callable[[tuple, np.ndarray], Any] | None = None,
 ) -> dict:
     """Build a params pytree from a tensor stream, checking every shape as it arrives.
 
-    Leaves are jax arrays on the default device. `expected_name` maps a param path back to the
-    source's name for "missing" errors; `progress` shows a bar (None: on a terminal).
+    `place(path, array)` puts each host tensor on its device(s) (default: `jax.device_put`, the
+    default device; `cfjax.sharding.placer` puts it on its shards). The parts of a fused kernel
+    (q, k, v; gate, up) wait on the host until their layer has all of them, then are fused and
+    placed: the host holds at most one layer's parts beyond the tensor being read.
+    `expected_name` maps a param path back to the source's name for "missing" errors;
+    `progress` shows a bar (None: on a terminal).
     """
+    place = place or (lambda _path, array: jax.device_put(array))
     target = np.dtype(jnp.dtype(dtype))
     expected = expected_shapes(config, target.name, split=True)
     params: dict = {}
+    pending: dict[tuple, dict[str, np.ndarray]] = {}  # fused kernels waiting for their parts
     seen: dict[tuple, str] = {}
     bar = _progress(total, progress, f"loading {Path(source).name or 'weights'}")
     try:
@@ -168,8 +175,19 @@ def assemble(
                 array = array.T
             # Always an owned, contiguous copy: never a view that pins a memory-mapped file.
             array = np.array(array, dtype=target, order="C")
-            _set(params, t.path, jax.device_put(array))
             seen[t.path] = t.name
+            group = _fused_group(t.path)
+            if group is None:
+                _set(params, t.path, place(t.path, array))
+                continue
+            parts = pending.setdefault(group, {})
+            parts[t.path[3]] = array
+            names = model.FUSED[group[2:]]
+            if len(parts) == len(names):  # the layer's q, k, v (or gate, up) are all here
+                fused_path = (*group, "kernel")
+                fused = np.concatenate([parts[n] for n in names], axis=1)
+                _set(params, fused_path, place(fused_path, fused))
+                del pending[group], parts, fused
     finally:
         if bar is not None:
             bar.close()
@@ -185,4 +203,13 @@ def assemble(
         )
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise ValueError(f"{source}: missing tensor {listed}{more}")
-    return model.fuse_layers_in_place(params)
+    return params
+
+
+def _fused_group(path: tuple) -> tuple | None:
+    """("layers", i, module, fused name) for a part of a fused kernel, else None."""
+    if len(path) == 5 and path[0] == "layers":
+        for (mod, fused), names in model.FUSED.items():
+            if path[2] == mod and path[3] in names:
+                return ("layers", path[1], mod, fused)
+    return None

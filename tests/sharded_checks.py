@@ -1,0 +1,167 @@
+"""Sharded runs on 8 fake CPU devices, against the same runs on one device (issue 18).
+
+Run by tests/test_sharding.py in a child process (the device count is fixed when jax starts):
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/sharded_checks.py OUT.json
+Every check asserts; OUT.json records what was measured (logit differences, token flips).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+
+import cfjax
+from cfjax import sharding
+from cfjax.causal import ReplaceTokens
+from cfjax.core import spec
+
+sys.path.insert(0, str(Path(__file__).parent))
+from conftest import hf_llama  # noqa: E402
+
+# Eight heads and eight KV heads, so that (1, 8), (2, 4) and (8, 1) meshes all split them.
+HF = dict(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+          num_attention_heads=8, num_key_value_heads=8, tie_word_embeddings=False)  # fmt: skip
+PROMPTS = [[1, 5 + b, 17, 33, 64, 9 + 3 * b] for b in range(8)]
+
+
+def expected_partition(config, path, leaf):
+    """The rule table's PartitionSpec of a params leaf (an independent transcription)."""
+    name = "/".join(map(str, path))
+    if name.endswith("qkv/kernel") or name.endswith("gate_up/kernel"):
+        return jax.sharding.PartitionSpec(None, "model")
+    if name.endswith("o/kernel") or name.endswith("down/kernel"):
+        return jax.sharding.PartitionSpec("model", None)
+    if name == "embed/embedding":
+        return jax.sharding.PartitionSpec("model", None)
+    if name == "lm_head/kernel":
+        return jax.sharding.PartitionSpec(None, "model")
+    return jax.sharding.PartitionSpec(None)
+
+
+def check_placement(lm, mesh, report):
+    for kp, x in jax.tree_util.tree_flatten_with_path(lm.params)[0]:
+        path = tuple(k.key for k in kp)
+        want = expected_partition(lm.config, path, x)
+        assert x.sharding.is_equivalent_to(NamedSharding(mesh, want), x.ndim), (
+            path,
+            x.sharding,
+            want,
+        )
+        # No device holds a whole copy of a split leaf: each shard is its share.
+        sizes = dict(zip(mesh.axis_names, mesh.devices.shape, strict=True))
+        for shard in x.addressable_shards:
+            want_shape = tuple(
+                n // (sizes[a] if a else 1)
+                for n, a in zip(x.shape, tuple(want) + (None,) * x.ndim, strict=False)  # fmt: skip
+            )
+            assert shard.data.shape == want_shape, (path, shard.data.shape, want_shape)
+    report.setdefault("placement_checked", []).append(dict(sizes))
+
+
+def check_cache(lm, trace, mesh, batch):
+    hit = lm.caches.get(lm.params, trace.prompt_tokens, trace.tokens)
+    assert hit is not None, "the sharded run stored no cache"
+    data = mesh.shape["data"]
+    rows = "data" if data > 1 and batch % data == 0 else None
+    want = NamedSharding(mesh, jax.sharding.PartitionSpec(rows, "model", None, None))
+    for x in hit.stored.cache.k + hit.stored.cache.v:
+        assert x.sharding.is_equivalent_to(want, 4), (x.sharding, want)
+
+
+def first_flip(a, b):
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), None)
+
+
+def main(out: str) -> None:
+    assert jax.device_count() == 8, jax.devices()
+    report = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        hf_llama(Path(tmp) / "hf", init_std=0.3, **HF)
+        one = cfjax.load(Path(tmp) / "hf")  # one device
+        sampler = cfjax.Sampler(0.9, top_k=50)
+        ref = cfjax.generate(one, PROMPTS, key=3, sampler=sampler, max_new_tokens=24, stop_tokens=())  # fmt: skip
+        iv = [ReplaceTokens(4, [7]), ReplaceTokens(10, [99])] * 4
+        ref_cfs = cfjax.counterfactuals(one, ref, iv)
+        ref_cf = cfjax.counterfactual(one, ref[0], ReplaceTokens(6, [3]))
+        tokens = np.random.default_rng(0).integers(0, 256, size=(2, 48))
+        ref_logits = np.asarray(cfjax.forward(one, tokens))
+
+        def sample(params):
+            prompt = jnp.zeros((8, 16), jnp.int32).at[:, :6].set(jnp.asarray(PROMPTS))
+            run = lambda p, k: cfjax.core.sample(
+                one.config, params, p, 6, k, sampler, max_new_tokens=16
+            )  # noqa: E731
+            return np.asarray(jax.jit(jax.vmap(run))(prompt, jax.random.split(jax.random.key(8), 8)).tokens)  # fmt: skip
+
+        ref_sample = sample(one.params)
+        two = one.replace(
+            params=jax.tree_util.tree_map(lambda x: x * 0.9, one.params), model_id="b"
+        )
+        ref_coupled = cfjax.coupled([one, two], PROMPTS[:4], key=2, sampler=sampler, max_new_tokens=12, stop_tokens=())  # fmt: skip
+        observed = ref[1].tokens[:12]
+        ref_abducted = cfjax.abduct(
+            one, PROMPTS[1], observed, key=4, sampler=sampler, num_samples=4
+        )
+        ref_abducted_cf = cfjax.counterfactuals(one, ref_abducted, [ReplaceTokens(3, [11])] * 4)
+        long_ref = cfjax.generate(one, PROMPTS[:2], key=5, sampler=cfjax.Sampler(1.0), max_new_tokens=200, stop_tokens=())  # fmt: skip
+        cfjax.save(one, Path(tmp) / "converted")
+
+        for data, model in ((8, 1), (2, 4), (1, 8)):
+            mesh = sharding.mesh(data=data, model=model)
+            # Read onto the shards: from the HF safetensors stream and from the orbax copy.
+            lm = cfjax.load(Path(tmp) / "hf", mesh=mesh)
+            check_placement(lm, mesh, report)
+            check_placement(cfjax.load(Path(tmp) / "converted", mesh=mesh), mesh, report)
+            diff = float(np.abs(np.asarray(cfjax.forward(lm, tokens)) - ref_logits).max())
+            report[f"logits_max_diff_{data}x{model}"] = diff
+            report["logits_max_abs"] = float(np.abs(ref_logits).max())
+            assert diff <= 1e-5 * max(1.0, report["logits_max_abs"]), diff
+            got = cfjax.generate(lm, PROMPTS, key=3, sampler=sampler, max_new_tokens=24, stop_tokens=())  # fmt: skip
+            check_cache(lm, got[0], mesh, len(PROMPTS))
+            cfs = cfjax.counterfactuals(lm, got, iv)
+            cf = cfjax.counterfactual(lm, got[0], ReplaceTokens(6, [3]))
+            long = cfjax.generate(lm, PROMPTS[:2], key=5, sampler=cfjax.Sampler(1.0), max_new_tokens=200, stop_tokens=())  # fmt: skip
+            sampled = sample(lm.params)
+            lm_b = lm.replace(
+                params=sharding.shard_params(lm.config, two.params, mesh), model_id="b"
+            )
+            pair = cfjax.coupled([lm, lm_b], PROMPTS[:4], key=2, sampler=sampler, max_new_tokens=12, stop_tokens=())  # fmt: skip
+            abducted = cfjax.abduct(lm, PROMPTS[1], observed, key=4, sampler=sampler, num_samples=4)
+            abducted_cf = cfjax.counterfactuals(lm, abducted, [ReplaceTokens(3, [11])] * 4)
+            flips = [first_flip(a.tokens, b.tokens) for a, b in zip(long, long_ref, strict=True)]
+            report[f"flips_200_tokens_{data}x{model}"] = flips
+            same = {
+                "generate": [t.tokens for t in got] == [t.tokens for t in ref],
+                "counterfactuals": [t.tokens for t in cfs] == [t.tokens for t in ref_cfs],
+                "counterfactual": cf.tokens == ref_cf.tokens,
+                "core.sample": bool((sampled == ref_sample).all()),
+                "coupled": [[t.tokens for t in r] for r in pair]
+                == [[t.tokens for t in r] for r in ref_coupled],  # fmt: skip
+                "abduct": [t.tokens for t in abducted_cf] == [t.tokens for t in ref_abducted_cf],
+                "200 tokens": all(f is None for f in flips),
+            }
+            report[f"same_{data}x{model}"] = same
+            assert all(same.values()), (data, model, same, flips)
+        # Bad input: a model axis that does not divide the KV heads, an unknown axis.
+        tiny = cfjax.LM(cfjax.preset("tiny"), cfjax.core.model.init_params(cfjax.preset("tiny"), jax.random.key(0)))  # fmt: skip
+        try:
+            sharding.shard_params(tiny.config, tiny.params, sharding.mesh(data=2, model=4))
+            raise AssertionError("a model axis of 4 split 2 KV heads")
+        except ValueError as e:
+            assert "model axis (4) does not divide the 2 KV heads" in str(e), e
+            report["kv_error"] = str(e)
+        assert spec.RULES["kv_heads"] == "model"
+    Path(out).write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    main(sys.argv[1])

@@ -1,0 +1,77 @@
+"""Sharding (issue 18): the mesh and its errors, the memory table, and the sharded runs on 8
+fake CPU devices (in a child process: jax fixes its device count when it starts)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+import cfjax
+from cfjax import sharding
+from cfjax.core import model, spec
+
+HERE = Path(__file__).resolve().parent
+
+
+def test_the_spec_is_the_networks_structure():
+    from flax import nnx
+
+    for name in ("tiny", "smollm2-135m", "llama3-8b"):
+        config = cfjax.preset(name)
+        abstract = nnx.eval_shape(lambda c=config: model.Llama(c, rngs=nnx.Rngs(0)))
+        ours = model.param_shapes(config)
+        theirs = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
+        assert jax.tree_util.tree_structure(ours) == jax.tree_util.tree_structure(theirs)
+        for a, b in zip(jax.tree_util.tree_leaves(ours), jax.tree_util.tree_leaves(theirs), strict=True):  # fmt: skip
+            assert (a.shape, a.dtype) == (b.shape, b.dtype)
+
+
+def test_mesh_errors():
+    with pytest.raises(ValueError, match="unknown mesh axis 'tensor': the axes are data, model"):
+        sharding.mesh(tensor=2)
+    with pytest.raises(ValueError, match="needs 8 devices; 1 are present"):
+        sharding.mesh(data=2, model=4)
+    with pytest.raises(ValueError, match="model must be an integer >= 1"):
+        sharding.mesh(model=0)
+    with pytest.raises(
+        ValueError, match="model axis \\(4\\) does not divide the 2 KV heads of tiny"
+    ):
+        spec.check_divisible(cfjax.preset("tiny"), 4)
+    m = sharding.mesh()
+    assert m.axis_names == ("data", "model") and m.devices.shape == (jax.device_count(), 1)
+
+
+def test_memory_counts_shards_by_the_rules():
+    c = cfjax.preset("llama3-8b")
+    one = sharding.memory(c, batch=1, context=8192, dtype="bfloat16")
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(model.param_shapes(c)))
+    assert one["params_bytes"] == 2 * n_params  # 8.03e9 parameters in bfloat16
+    assert one["cache_bytes"] == 2 * 2 * c.n_layers * c.n_kv_heads * c.head_dim * 8192  # k, v
+    eight = sharding.memory(c, batch=64, context=8192, dtype="bfloat16", model=8)
+    assert eight["cache_bytes"] == 64 * one["cache_bytes"] // 8  # KV heads split 8 ways
+    norms = 2 * c.dim * (2 * c.n_layers + 1)  # replicated: whole on every device
+    assert eight["params_bytes"] == (one["params_bytes"] - norms) // 8 + norms
+    data = sharding.memory(c, batch=64, context=8192, dtype="bfloat16", data=8)
+    assert data["params_bytes"] == one["params_bytes"] and data["cache_bytes"] == eight["cache_bytes"]  # fmt: skip
+
+
+def test_sharded_runs_on_eight_devices(tmp_path):
+    """generate, counterfactual(s) and core.sample on (8, 1), (2, 4) and (1, 8) meshes equal the
+    one-device runs; every leaf is placed by the rules; loads read onto the shards."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    out = tmp_path / "report.json"
+    run = subprocess.run([sys.executable, str(HERE / "sharded_checks.py"), str(out)], env=env,
+                         capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(out.read_text())
+    for mesh in ("8x1", "2x4", "1x8"):
+        assert all(report[f"same_{mesh}"].values()), report
+    assert report["logits_max_diff_8x1"] == 0.0
+    print(json.dumps({k: v for k, v in report.items() if "diff" in k or "flips" in k}))
