@@ -7,7 +7,8 @@ distribution) but makes the models' errors move together, so the paired differen
 models' accuracies has a smaller variance and needs fewer samples to be told apart. The report
 gives, per model, the accuracy with a 95% interval; per pair, the agreement rate and the paired
 difference with its interval under each kind of noise, and the number of answers each kind would
-need for its 95% interval to exclude zero.
+need for its 95% interval around the pooled difference (both kinds estimate the same one) to
+exclude zero; their ratio is the ratio of the variances.
 
 Work is done a batch of questions at a time (all samples of all models, coupled and
 independent); rows stream to `DIR/rows.jsonl` and a run resumes like the other studies.
@@ -182,11 +183,11 @@ def _mean_ci(x: np.ndarray) -> tuple[float, float]:
     return float(np.mean(x)), float(1.96 * np.std(x, ddof=1) / math.sqrt(len(x)))
 
 
-def samples_to_separate(d: np.ndarray) -> float:
-    """Paired answers needed for the 95% interval of the mean of `d` to exclude zero:
-    (1.96 · sd / |mean|)²; infinite when the mean is zero."""
-    mean, sd = float(np.mean(d)), float(np.std(d, ddof=1)) if len(d) > 1 else math.nan
-    return math.inf if mean == 0 else (1.96 * sd / abs(mean)) ** 2
+def samples_to_separate(d: np.ndarray, difference: float) -> float:
+    """Paired answers with the spread of `d` needed for a 95% interval around `difference` to
+    exclude zero: (1.96 · sd(d) / |difference|)²; infinite when the difference is zero."""
+    sd = float(np.std(d, ddof=1)) if len(d) > 1 else math.nan
+    return math.inf if difference == 0 else (1.96 * sd / abs(difference)) ** 2
 
 
 def summarize(rows: Sequence[dict], models: Sequence[str]) -> dict:
@@ -201,17 +202,22 @@ def summarize(rows: Sequence[dict], models: Sequence[str]) -> dict:
         ]
     for i in range(len(models)):
         for j in range(i + 1, len(models)):
-            pair = {"a": models[i], "b": models[j]}
+            diffs = {
+                mode: np.asarray([r["correct"][i] - r["correct"][j] for r in rs], float)
+                for mode, rs in by_mode.items()
+            }
+            # Both kinds of noise estimate the same difference: the pooled one is the yardstick
+            # against which each kind's spread says how many answers it needs.
+            pooled = float(np.mean(np.concatenate(list(diffs.values()))))
+            pair = {"a": models[i], "b": models[j], "difference": pooled}
             for mode, rs in by_mode.items():
-                ci = np.asarray([r["correct"][i] for r in rs], float)
-                cj = np.asarray([r["correct"][j] for r in rs], float)
-                d = ci - cj
+                d = diffs[mode]
                 mean, half = _mean_ci(d)
                 pair[mode] = {
                     "agreement": float(np.mean([r["answers"][i] == r["answers"][j] for r in rs])),
                     "difference": mean, "ci95": half,
                     "variance": float(np.var(d, ddof=1)) if len(d) > 1 else math.nan,
-                    "samples_to_separate": samples_to_separate(d),
+                    "samples_to_separate": samples_to_separate(d, pooled),
                 }  # fmt: skip
             pair["variance_ratio"] = pair["coupled"]["variance"] / pair["independent"]["variance"] if pair["independent"]["variance"] else math.nan  # fmt: skip
             out["pairs"].append(pair)
@@ -227,6 +233,8 @@ def markdown(summary: dict) -> str:
                  for a in (summary["accuracy"][m][i] for m in MODES)]  # fmt: skip
         lines.append(f"| {name} | {' | '.join(cells)} |")
     lines += ["", "## Pairs", "",
+              "Answers to separate: how many paired answers with that noise's spread would put "
+              "a 95% interval around the pooled difference clear of zero.", "",
               "| a | b | noise | agreement | difference (95%) | variance | answers to separate |",
               "|---|---|---|---|---|---|---|"]  # fmt: skip
     for p in summary["pairs"]:
