@@ -81,7 +81,7 @@ def param_shardings(config: LlamaConfig, params: Any, mesh: Mesh) -> Any:
 
 def shard_params(config: LlamaConfig, params: Any, mesh: Mesh) -> Any:
     """`params` placed on `mesh` by the rules (a copy per shard, never a whole one per device)."""
-    return jax.tree_util.tree_map(jax.device_put, params, param_shardings(config, params, mesh))
+    return jax.tree_util.tree_map(spec.put, params, param_shardings(config, params, mesh))
 
 
 def placer(config: LlamaConfig, mesh: Mesh):
@@ -100,7 +100,7 @@ def placer(config: LlamaConfig, mesh: Mesh):
             info = spec.ArrayInfo(array.shape, array.dtype, split[tuple(path[2:4])])
         else:
             info = spec.leaf_info(table, path)
-        return jax.device_put(array, NamedSharding(mesh, info.partition()))
+        return spec.put(array, NamedSharding(mesh, info.partition()))
 
     return place
 
@@ -133,10 +133,14 @@ def memory(
             "total_bytes": params + cache}  # fmt: skip
 
 
-def initialize(**kwargs: Any) -> None:
+def initialize(*, cpu: bool = False, **kwargs: Any) -> None:
     """Start a multi-host run: `jax.distributed.initialize(**kwargs)` (on TPU pods and SLURM or
-    Open MPI GPU clusters the arguments are found in the environment). Call it before anything
-    else touches jax; then `mesh()` spans the devices of every process."""
+    Open MPI GPU clusters the arguments are found in the environment; elsewhere give
+    `coordinator_address`, `num_processes` and `process_id`). Call it before anything else
+    touches jax; then `mesh()` spans the devices of every process. `cpu=True` selects gloo for
+    the collectives between CPU processes (XLA:CPU has none by default)."""
+    if cpu:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(**kwargs)
 
 

@@ -75,3 +75,44 @@ def test_sharded_runs_on_eight_devices(tmp_path):
         assert all(report[f"same_{mesh}"].values()), report
     assert report["logits_max_diff_8x1"] == 0.0
     print(json.dumps({k: v for k, v in report.items() if "diff" in k or "flips" in k}))
+
+
+def test_two_processes_generate_what_one_does(tmp_path):
+    """A two-process `jax.distributed` run on localhost (gloo collectives between the CPU
+    processes, one device each) gives the tokens of one process."""
+    import socket
+
+    from conftest import hf_llama
+
+    hf_llama(tmp_path / "m", vocab_size=256, hidden_size=128, intermediate_size=256,
+             num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=8)  # fmt: skip
+    lm = cfjax.load(tmp_path / "m")
+    traces = cfjax.generate(lm, [[1, 5, 17, 33], [1, 6, 17, 34]], key=3, max_new_tokens=20, stop_tokens=())  # fmt: skip
+    cf = cfjax.counterfactual(lm, traces[0], cfjax.ReplaceTokens(4, [7]))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    worker = str(HERE / "distributed_worker.py")
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                worker,
+                str(i),
+                port,
+                str(tmp_path / "m"),
+                str(tmp_path / f"{i}.json"),
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        for i in (0, 1)
+    ]
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), logs[0][-2000:] + logs[1][-2000:]
+    for i in (0, 1):
+        got = json.loads((tmp_path / f"{i}.json").read_text())
+        assert got["tokens"] == [t.tokens for t in traces] and got["cf"] == cf.tokens

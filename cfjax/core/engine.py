@@ -389,7 +389,7 @@ def _run(
         rows, carry = jax.tree_util.tree_map(lambda x: jax.device_put(x, x.sharding), (rows, carry))  # fmt: skip
     else:  # everything but the (sharded) cache replicated over the params' mesh
         replicated = NamedSharding(mesh, PartitionSpec())
-        put = lambda x: jax.device_put(x, replicated)  # noqa: E731
+        put = lambda x: spec.put(x, replicated)  # noqa: E731
         rows = jax.tree_util.tree_map(put, rows)
         carry = Carry(put(carry.last), carry.cache, put(carry.index), put(carry.done))
     out: list[tuple[np.ndarray, ...]] = []
@@ -400,10 +400,10 @@ def _run(
             None if noise is None else noise[:, s : s + chunk],
             jnp.asarray(min(chunk, steps - s), jnp.int32), request.keep_logits,
         )  # fmt: skip
-        out.append(tuple(np.swapaxes(np.asarray(x), 0, 1) for x in chunk_out))
+        out.append(tuple(np.swapaxes(spec.fetch(x), 0, 1) for x in chunk_out))
         if on_chunk is not None:
             on_chunk(_rows([o[0] for o in out], [o[2] for o in out], steps - first))
-        if bool(np.all(np.asarray(carry.done))):
+        if bool(np.all(spec.fetch(carry.done))):
             break
     valid = [o[2] for o in out]
     tokens = _rows([o[0] for o in out], valid, steps - first)
@@ -416,9 +416,9 @@ def _run(
         tokens,
         [[float(x) for x in r] for r in logprobs],
         carry.cache,
-        np.asarray(start),
+        spec.fetch(start),
         bucket,
-        int(carry.index),
+        int(spec.fetch(carry.index)),
         logits,
     )
 

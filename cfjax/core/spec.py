@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from cfjax.core.config import LlamaConfig
@@ -134,6 +135,29 @@ def mesh_of(tree: Any) -> Any:
     if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1:
         return sharding.mesh
     return None
+
+
+def put(x: Any, sharding: Any) -> jax.Array:
+    """`x` placed by `sharding`, also one that spans other processes' devices (every process
+    passes the same value; each supplies its own devices' shards)."""
+    if sharding.is_fully_addressable:
+        return jax.device_put(x, sharding)
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:  # already global: reshard
+        return jax.jit(lambda a: a, out_shardings=sharding)(x)
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):  # typed keys travel as their key data
+        data = put(jax.random.key_data(x), sharding)
+        return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def fetch(x: Any) -> np.ndarray:
+    """A device array as a host numpy array, also one spread over several processes."""
+    if getattr(x, "is_fully_addressable", True) or x.is_fully_replicated:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def constrain_cache(cache: Any, config: LlamaConfig) -> Any:
