@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from cfjax.core.config import LlamaConfig
+from cfjax.core.spec import cache_spec
 
 # Where the slots lie in a layer's key and value arrays (see KVCache).
 KEY_SLOT_AXIS = 3
@@ -48,12 +49,11 @@ class KVCache:
 
 
 def init_cache(config: LlamaConfig, batch: int, length: int, dtype=jnp.float32) -> KVCache:
-    """Zeroed cache for `batch` rows of `length` slots."""
-    keys = (batch, config.n_kv_heads, config.head_dim, length)
-    values = (batch, config.n_kv_heads, length, config.head_dim)
+    """Zeroed cache for `batch` rows of `length` slots (the leaves `spec.cache_spec` describes)."""
+    leaves = cache_spec(config, batch, length, dtype)
     return KVCache(
-        k=[jnp.zeros(keys, dtype) for _ in range(config.n_layers)],
-        v=[jnp.zeros(values, dtype) for _ in range(config.n_layers)],
+        k=[jnp.zeros(i.shape, i.dtype) for i in leaves["k"]],
+        v=[jnp.zeros(i.shape, i.dtype) for i in leaves["v"]],
     )
 
 
