@@ -267,7 +267,6 @@ def main() -> None:
             "int8_over_float32": round(int8[batch]["tok_s"] / c["tok_s"], 3)
             if batch in int8
             else None,  # fmt: skip
-            "int8_peak_rss_mb": round(int8[batch]["peak_rss_mb"]) if batch in int8 else None,
             "achieved_gb_s": round(achieved / 1e9, 2),
             "copy_gb_s": round(bw["best"] / 1e9, 2),
             # Against a one-thread copy (what one core streams): the weaker yardstick.
