@@ -37,7 +37,7 @@ from cfjax.core.lm import LM
 from cfjax.core.request import prompt_tokens
 from cfjax.core.scm import Sampler
 from cfjax.experiments import census
-from cfjax.experiments.folder import append_rows, open_study, row_writer
+from cfjax.experiments.folder import open_study, process
 
 VALUES = {"Sex": census.SEXES, "Race": census.RACES}
 OUTCOME = {"Sex": "Income", "Race": "Occupation"}  # where a direct effect resumes (paper's)
@@ -223,8 +223,6 @@ def run(
     on_unit: Callable[[int], None] | None = None,
 ) -> Path:
     """Run (or resume) the study into `out`; returns the rows file."""
-    from tqdm import tqdm
-
     from cfjax.atomic import write_text
 
     out = Path(out)
@@ -246,12 +244,7 @@ def run(
         )
     for seed in unreadable:
         print(f"census {seed}: no readable record, skipped", file=sys.stderr)
-    bar = tqdm(total=len(units), desc="people", unit="person", disable=progress is False)
-    with row_writer(out) as f:
-        for n, (seed, j, record) in enumerate(units):
-            append_rows(f, _person_rows(lm, factuals[seed], seed, j, record, settings))
-            bar.update()
-            if on_unit is not None:
-                on_unit(n)
-    bar.close()
-    return out / "rows.jsonl"
+    return process(
+        out, units, lambda u: _person_rows(lm, factuals[u[0]], *u, settings),
+        desc="people", unit="person", progress=progress, on_unit=on_unit,
+    )  # fmt: skip

@@ -31,7 +31,7 @@ from cfjax.causal.coupling import check_shared_vocabulary, coupled
 from cfjax.core.lm import LM
 from cfjax.core.scm import Sampler
 from cfjax.experiments.choices import LETTERS, QUESTIONS
-from cfjax.experiments.folder import append_rows, open_study, row_writer
+from cfjax.experiments.folder import open_study, process
 
 SYSTEM = "Answer with the letter of the correct option only."
 MODES = ("coupled", "independent")
@@ -155,22 +155,15 @@ def run(
     on_unit: Callable[[int], None] | None = None,
 ) -> Path:
     """Run (or resume) the evaluation into `out`; returns the rows file."""
-    from tqdm import tqdm
-
     check_shared_vocabulary(models)
     out = Path(out)
     done = {r["question_id"] for r in open_study(out, dataclasses.asdict(settings))}
     todo = [i for i in range(len(questions)) if i not in done]
     units = [todo[k : k + settings.batch_questions] for k in range(0, len(todo), settings.batch_questions)]  # fmt: skip
-    bar = tqdm(total=len(todo), desc="questions", unit="question", disable=progress is False)
-    with row_writer(out) as f:
-        for n, ids in enumerate(units):
-            append_rows(f, _unit(models, questions, ids, settings))
-            bar.update(len(ids))
-            if on_unit is not None:
-                on_unit(n)
-    bar.close()
-    return out / "rows.jsonl"
+    return process(
+        out, units, lambda ids: _unit(models, questions, ids, settings), size=len,
+        desc="questions", unit="question", progress=progress, on_unit=on_unit,
+    )  # fmt: skip
 
 
 # --- the report -----------------------------------------------------------------------------

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 
 def open_study(out: Path, settings: dict[str, Any]) -> list[dict]:
@@ -42,15 +41,31 @@ def open_study(out: Path, settings: dict[str, Any]) -> list[dict]:
     return [json.loads(line) for line in complete.splitlines()]
 
 
-@contextmanager
-def row_writer(out: Path) -> Iterator[IO[str]]:
-    """`rows.jsonl` opened for appending."""
+def process(
+    out: Path,
+    units: Sequence[Any],
+    work: Callable[[Any], list[dict]],
+    *,
+    size: Callable[[Any], int] = lambda _unit: 1,
+    desc: str,
+    unit: str,
+    progress: bool | None = None,
+    on_unit: Callable[[int], None] | None = None,
+) -> Path:
+    """Do each unit of work and append its rows to `out/rows.jsonl` durably as it finishes,
+    with a progress bar counting `size(unit)` items of each; returns the rows file.
+    `on_unit(n)` is called after unit n (a test's hook to interrupt a run)."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=sum(map(size, units)), desc=desc, unit=unit, disable=progress is False)
     with open(out / "rows.jsonl", "a", encoding="utf-8") as f:
-        yield f
-
-
-def append_rows(f: IO[str], rows: list[dict]) -> None:
-    """Append one unit's rows, durably."""
-    f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    f.flush()
-    os.fsync(f.fileno())
+        for n, u in enumerate(units):
+            rows = work(u)
+            f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+            f.flush()
+            os.fsync(f.fileno())
+            bar.update(size(u))
+            if on_unit is not None:
+                on_unit(n)
+    bar.close()
+    return out / "rows.jsonl"

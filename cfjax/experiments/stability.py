@@ -31,7 +31,7 @@ from cfjax.causal.interventions import auto_token
 from cfjax.causal.replay import interventionals
 from cfjax.core.lm import LM
 from cfjax.core.scm import Sampler
-from cfjax.experiments.folder import append_rows, open_study, row_writer
+from cfjax.experiments.folder import open_study, process
 
 SYSTEM = "Keep your replies short and to the point."  # the paper's system prompt
 
@@ -114,8 +114,6 @@ def run(
     on_unit: Callable[[int], None] | None = None,
 ) -> Path:
     """Run (or resume) the study into `out`; returns the rows file."""
-    from tqdm import tqdm
-
     out = Path(out)
     done = {(r["prompt_id"], r["mechanism"]) for r in open_study(out, dataclasses.asdict(settings))}
     units = []
@@ -123,16 +121,10 @@ def run(
         todo = [i for i in range(len(prompts)) if (i, mechanism) not in done]
         for s in range(0, len(todo), settings.batch_prompts):
             units.append((mechanism, todo[s : s + settings.batch_prompts]))
-    total = sum(len(ids) for _, ids in units)
-    bar = tqdm(total=total, desc="prompts x mechanisms", unit="prompt", disable=progress is False)
-    with row_writer(out) as f:
-        for n, (mechanism, ids) in enumerate(units):
-            append_rows(f, _unit(lm, prompts, ids, mechanism, settings))
-            bar.update(len(ids))
-            if on_unit is not None:
-                on_unit(n)
-    bar.close()
-    return out / "rows.jsonl"
+    return process(
+        out, units, lambda u: _unit(lm, prompts, u[1], u[0], settings), size=lambda u: len(u[1]),
+        desc="prompts x mechanisms", unit="prompt", progress=progress, on_unit=on_unit,
+    )  # fmt: skip
 
 
 def _unit(lm: LM, prompts: Sequence[str], ids: list[int], mechanism: str, settings: Settings):
