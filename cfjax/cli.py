@@ -110,6 +110,11 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--dtype", default=None, choices=["float32", "bfloat16"])
     v.add_argument("--force", action="store_true", help="overwrite an existing DST")
 
+    sv = sub.add_parser("serve", help="the counterfactual explorer in the browser")
+    sv.add_argument("--model", default=DEFAULT_MODEL)
+    sv.add_argument("--host", default="127.0.0.1", help="loopback by default")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--max-new-tokens", type=int, default=512, help="the most a request may ask")
     sub.add_parser("models", help="list known model names and converted copies")
     d = sub.add_parser("demo", help="rename the captain in a story, on the embedded model")
     d.add_argument("--seed", type=int, default=None)
@@ -320,6 +325,28 @@ def cmd_demo(args) -> int:
     return run(seed=args.seed, html=args.html)
 
 
+def cmd_serve(args) -> int:
+    """`cfjax serve`: load the model, then serve the explorer until Ctrl-C."""
+    if not 0 < args.port < 65536:
+        raise ValueError(f"--port must be in 1..65535, got {args.port}")
+    try:
+        import uvicorn
+
+        from cfjax.serve.app import create_app
+    except ImportError as e:
+        raise ImportError(
+            f"cfjax serve needs the web extra: pip install 'cfjax[serve]' ({e})"
+        ) from None
+    from cfjax.core.request import count
+
+    app = create_app(
+        _load(args.model), max_new_tokens=count(args.max_new_tokens, "--max-new-tokens")
+    )
+    print(f"cfjax explorer: http://{args.host}:{args.port}/", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
 COMMANDS = {
     "generate": cmd_generate,
     "counterfactual": cmd_counterfactual,
@@ -328,6 +355,7 @@ COMMANDS = {
     "convert": cmd_convert,
     "models": cmd_models,
     "demo": cmd_demo,
+    "serve": cmd_serve,
 }
 
 

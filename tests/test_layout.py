@@ -24,6 +24,7 @@ LAYERS = [
     "present",
     "demo",
     "experiments",
+    "serve",
     "cli",
 ]
 

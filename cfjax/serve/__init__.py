@@ -1,0 +1,1 @@
+"""`cfjax serve`: the counterfactual explorer in the browser (FastAPI; see `app`)."""

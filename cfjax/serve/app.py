@@ -1,0 +1,324 @@
+"""The explorer's web API (FastAPI) over one loaded model.
+
+Every browser gets a session (a random cookie); its traces live server-side in that session
+only, so a reload restores them (`GET /api/state`) and a second user never sees the first's.
+Model calls run in FastAPI's thread pool, one at a time per model (a lock: the CPU has no
+spare cores to run two), so a long generation never blocks the page, the state or an export;
+`/api/generate` streams the text as it is produced (NDJSON lines). Bad input is a 4xx with a
+one-line `detail`, never a stack trace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import difflib
+import json
+import queue
+import secrets
+import threading
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from fastapi import FastAPI, HTTPException, Query, Request, Response
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, StreamingResponse
+from pydantic import BaseModel, Field
+
+import cfjax
+from cfjax.causal import ChangeSampler, EditPrompt, ReplaceText, ReplaceTokens, Trace
+from cfjax.core import scm
+from cfjax.core.engine import bucket_length
+from cfjax.core.lm import LM, forward
+from cfjax.present import _pieces, html_diff
+
+STATIC = Path(__file__).parent / "static"
+COOKIE = "cfjax_session"
+
+
+class SamplerFields(BaseModel):
+    temperature: float = Field(1.0, ge=0, le=10)
+    top_k: int | None = Field(None, ge=1)
+    top_p: float | None = Field(None, gt=0, le=1)
+
+    def sampler(self) -> cfjax.Sampler:
+        return cfjax.Sampler(self.temperature, top_k=self.top_k, top_p=self.top_p)
+
+
+class GenerateBody(SamplerFields):
+    prompt: str
+    system: str | None = None
+    seed: int = Field(0, ge=0, lt=2**32)
+    max_new_tokens: int = Field(64, ge=1)
+    stream: bool = False
+
+
+class Edit(BaseModel):
+    """What the counterfactual world changes: a token, the prompt, the system, the sampler."""
+
+    position: int | None = Field(None, ge=0)
+    token_id: int | None = None
+    text: str | None = None  # replaces the token at `position` by this text
+    prompt: str | None = None
+    system: str | None = None
+    temperature: float | None = Field(None, ge=0, le=10)
+    top_k: int | None = Field(None, ge=1)
+    top_p: float | None = Field(None, gt=0, le=1)
+
+
+class CounterfactualBody(Edit):
+    trace_id: str
+    samples: int = Field(1, ge=0, le=16)  # interventional samples beside the counterfactual
+    seed: int = Field(1, ge=0, lt=2**32)
+
+
+class AbductBody(SamplerFields):
+    prompt: str
+    system: str | None = None
+    observed: str
+    seed: int = Field(0, ge=0, lt=2**32)
+    samples: int = Field(16, ge=1, le=256)
+    old: str  # the intervention on the observed text: replace `old` by `new`
+    new: str
+
+
+class Sessions:
+    """Server-side traces per browser session (bounded: oldest sessions and traces go first)."""
+
+    def __init__(self, max_sessions: int = 200, max_traces: int = 500):
+        self.data: collections.OrderedDict[str, dict] = collections.OrderedDict()
+        self.lock = threading.Lock()
+        self.max_sessions, self.max_traces = max_sessions, max_traces
+
+    def get(self, sid: str) -> dict:
+        with self.lock:
+            if sid not in self.data:
+                self.data[sid] = {"traces": collections.OrderedDict(), "view": None}
+                while len(self.data) > self.max_sessions:
+                    self.data.popitem(last=False)
+            self.data.move_to_end(sid)
+            return self.data[sid]
+
+    def add(self, sid: str, trace: Trace) -> str:
+        session = self.get(sid)
+        tid = secrets.token_hex(6)
+        with self.lock:
+            session["traces"][tid] = trace
+            while len(session["traces"]) > self.max_traces:
+                session["traces"].popitem(last=False)
+        return tid
+
+    def trace(self, sid: str, tid: str) -> Trace:
+        trace = self.get(sid)["traces"].get(tid)
+        if trace is None:
+            raise HTTPException(404, f"no trace {tid!r} in this session")
+        return trace
+
+
+def create_app(lm: LM, *, max_new_tokens: int = 512) -> FastAPI:
+    """The explorer app for `lm`; requests may ask for at most `max_new_tokens` tokens."""
+    if lm.tokenizer is None:
+        raise ValueError("cfjax serve shows text: the model needs a tokenizer")
+    app = FastAPI(title="cfjax explorer", docs_url=None, redoc_url=None)
+    sessions = Sessions()
+    model_lock = threading.Lock()
+    tok = lm.tokenizer
+
+    @app.exception_handler(ValueError)
+    async def bad_value(_request: Request, e: ValueError):
+        return JSONResponse({"detail": str(e).splitlines()[0] if str(e) else "bad input"}, 400)
+
+    @app.middleware("http")
+    async def session_cookie(request: Request, call_next):
+        sid = request.cookies.get(COOKIE) or secrets.token_urlsafe(16)
+        request.state.sid = sid
+        response = await call_next(request)
+        if request.cookies.get(COOKIE) != sid:
+            response.set_cookie(COOKIE, sid, httponly=True, samesite="strict")
+        return response
+
+    def view(tid: str, trace: Trace, factual: Trace | None = None) -> dict:
+        """A trace as the page shows it: tokens with their text and probability, and for a
+        counterfactual which tokens changed and where it first diverges."""
+        pieces = _pieces(tok, trace.tokens, trace.stop_tokens)
+        tokens = [{"i": i, "id": int(t), "text": pieces[i], "p": float(np.exp(trace.logprobs[i]))}
+                  for i, t in enumerate(trace.tokens[: len(pieces)])]  # fmt: skip
+        out = {"id": tid, "text": trace.text, "tokens": tokens, "prompt": trace.prompt,
+               "system": trace.system, "interventions": trace.interventions}  # fmt: skip
+        if factual is not None:
+            matcher = difflib.SequenceMatcher(a=factual.tokens, b=trace.tokens, autojunk=False)
+            changed = set(range(len(trace.tokens)))
+            for block in matcher.get_matching_blocks():
+                changed -= set(range(block.b, block.b + block.size))
+            for t in tokens:
+                t["changed"] = t["i"] in changed
+            out["first_divergence"] = next(
+                (i for i, (a, b) in enumerate(zip(factual.tokens, trace.tokens, strict=False)) if a != b),
+                min(len(factual.tokens), len(trace.tokens)),
+            )  # fmt: skip
+        return out
+
+    def check_length(n: int) -> None:
+        if n > max_new_tokens:
+            raise ValueError(f"max_new_tokens {n} is over this server's limit of {max_new_tokens}")
+
+    def check_prompt(prompt: str) -> None:
+        if not prompt.strip():
+            raise ValueError("the prompt is empty")
+
+    @app.get("/", response_class=HTMLResponse)
+    def page():
+        return FileResponse(STATIC / "index.html")
+
+    @app.get("/static/{name}")
+    def static(name: str):
+        file = STATIC / name
+        if name not in {"app.js", "style.css"} or not file.is_file():
+            raise HTTPException(404, f"no static file {name!r}")
+        return FileResponse(file)
+
+    @app.get("/api/info")
+    def info():
+        return {"model": lm.model_id, "max_new_tokens": max_new_tokens,
+                "vocab_size": lm.config.vocab_size}  # fmt: skip
+
+    @app.get("/api/state")
+    def state(request: Request):
+        session = sessions.get(request.state.sid)
+        return {"view": session["view"]}
+
+    def remember(request: Request, payload: dict) -> dict:
+        sessions.get(request.state.sid)["view"] = payload
+        return payload
+
+    def run_generate(body: GenerateBody, emit=None) -> Trace:
+        with model_lock:
+            return cfjax.generate(lm, body.prompt, key=body.seed, sampler=body.sampler(),
+                                  max_new_tokens=body.max_new_tokens, system=body.system,
+                                  stream=emit)  # fmt: skip
+
+    @app.post("/api/generate")
+    def generate(body: GenerateBody, request: Request):
+        check_prompt(body.prompt)
+        check_length(body.max_new_tokens)
+        body.sampler()  # validate before any work
+        sid = request.state.sid
+        if not body.stream:
+            trace = run_generate(body)
+            tid = sessions.add(sid, trace)
+            return remember(request, {"factual": view(tid, trace)})
+        lines: queue.Queue = queue.Queue()
+
+        def work():
+            try:
+                trace = run_generate(body, emit=lambda text: lines.put({"text": text}))
+                tid = sessions.add(sid, trace)
+                lines.put(remember(request, {"factual": view(tid, trace)}))
+            except Exception as e:  # noqa: BLE001 (reported to the page as a line)
+                lines.put({"error": str(e).splitlines()[0] if str(e) else type(e).__name__})
+            lines.put(None)
+
+        threading.Thread(target=work, daemon=True).start()
+
+        async def stream():
+            while (line := await asyncio.to_thread(lines.get)) is not None:
+                yield json.dumps(line) + "\n"
+
+        return StreamingResponse(stream(), media_type="application/x-ndjson")
+
+    @app.get("/api/candidates")
+    def candidates(request: Request, trace_id: str, position: int, k: int = 10):
+        trace = sessions.trace(request.state.sid, trace_id)
+        if not 0 <= position < len(trace.tokens):
+            raise ValueError(f"position {position} is outside the response (0 to {len(trace.tokens) - 1})")  # fmt: skip
+        k = max(1, min(int(k), 50))
+        seq = trace.prompt_tokens + trace.tokens[:position]
+        padded = np.zeros((1, min(bucket_length(len(seq)), lm.config.max_seq_len)), np.int32)
+        padded[0, : len(seq)] = seq
+        with model_lock:
+            logits = forward(lm, padded)[0, len(seq) - 1]
+        sampler = scm.Sampler(trace.sampler.temperature or 1.0)  # greedy: the model's own
+        probs = np.asarray(jnp.exp(scm.log_probs(logits, sampler)))
+        top = np.argsort(-probs)[:k]
+        return {"position": position, "factual": int(trace.tokens[position]),
+                "candidates": [{"id": int(t), "text": tok.decode([int(t)]), "p": float(probs[t])} for t in top]}  # fmt: skip
+
+    def interventions(body: Edit, trace: Trace) -> list:
+        out = []
+        if body.position is not None:
+            if not 0 <= body.position < len(trace.tokens):
+                raise ValueError(f"position {body.position} is outside the response (0 to {len(trace.tokens) - 1})")  # fmt: skip
+            if body.token_id is not None:
+                if not 0 <= body.token_id < lm.config.vocab_size:
+                    raise ValueError(f"unknown token id {body.token_id} (the vocabulary has {lm.config.vocab_size})")  # fmt: skip
+                out.append(ReplaceTokens(body.position, [body.token_id]))
+            elif body.text:
+                out.append(ReplaceTokens(body.position, list(tok.encode(body.text)), count=1))
+            else:
+                raise ValueError("a token edit needs token_id or text")
+        if body.prompt is not None or body.system is not None:
+            if body.prompt is not None:
+                check_prompt(body.prompt)
+            out.append(EditPrompt(prompt=body.prompt, system=body.system))
+        changes = {k: getattr(body, k) for k in ("temperature", "top_k", "top_p") if getattr(body, k) is not None}  # fmt: skip
+        if changes:
+            out.append(ChangeSampler(**changes))
+        if not out:
+            raise ValueError("no intervention: edit a token, the prompt, the system or the sampler")
+        return out
+
+    @app.post("/api/counterfactual")
+    def counterfactual(body: CounterfactualBody, request: Request):
+        sid = request.state.sid
+        factual = sessions.trace(sid, body.trace_id)
+        ivs = interventions(body, factual)
+        with model_lock:
+            cf = cfjax.counterfactual(lm, factual, ivs)
+            keys = jax.random.split(jax.random.key(body.seed), max(body.samples, 1))[: body.samples]
+            ints = cfjax.causal.interventionals(lm, [factual] * body.samples, [ivs] * body.samples, keys=keys) if body.samples else []  # fmt: skip
+        payload = {"factual": view(body.trace_id, factual),
+                   "counterfactual": view(sessions.add(sid, cf), cf, factual),
+                   "interventional": [view(sessions.add(sid, t), t, factual) for t in ints]}  # fmt: skip
+        return remember(request, payload)
+
+    @app.post("/api/abduct")
+    def abduct(body: AbductBody, request: Request):
+        check_prompt(body.prompt)
+        if not body.observed.strip():
+            raise ValueError("the observed text is empty")
+        if body.old not in body.observed:
+            raise ValueError(f"{body.old!r} does not occur in the observed text")
+        check_length(len(tok.encode(body.observed)) + 1)
+        sid = request.state.sid
+        with model_lock:
+            posts = cfjax.abduct(lm, body.prompt, body.observed, key=body.seed, sampler=body.sampler(),
+                                 num_samples=body.samples, system=body.system)  # fmt: skip
+            cfs = cfjax.counterfactuals(lm, posts, [ReplaceText(body.old, body.new)] * len(posts))
+        counts = collections.Counter(t.text for t in cfs)
+        first = {}
+        for t in cfs:
+            first.setdefault(t.text, t)
+        return remember(request, {
+            "observed": view(sessions.add(sid, posts[0]), posts[0]),
+            "abducted": [{"text": text, "count": n, "trace": view(sessions.add(sid, first[text]), first[text], posts[0])}
+                         for text, n in counts.most_common()],
+            "samples": len(cfs),
+        })  # fmt: skip
+
+    @app.get("/api/traces/{trace_id}.json")
+    def export_json(trace_id: str, request: Request):
+        trace = sessions.trace(request.state.sid, trace_id)
+        return Response(trace.to_json(), media_type="application/json",
+                        headers={"Content-Disposition": f'attachment; filename="{trace_id}.json"'})  # fmt: skip
+
+    @app.get("/api/diff.html", response_class=HTMLResponse)
+    def export_diff(request: Request, factual: str, other: list[str] | None = Query(None)):  # noqa: B008
+        sid = request.state.sid
+        base = sessions.trace(sid, factual)
+        others = {f"trace {o}": sessions.trace(sid, o) for o in (other or [])}
+        if not others:
+            raise ValueError("give at least one other trace to compare (other=ID)")
+        return HTMLResponse(html_diff(tok, base, others))
+
+    return app

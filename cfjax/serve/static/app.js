@@ -1,0 +1,171 @@
+// The cfjax explorer page: talks to the JSON API of cfjax/serve/app.py.
+"use strict";
+const $ = (id) => document.getElementById(id);
+let state = { factual: null, counterfactual: null, interventional: [], edit: null };
+
+function showError(message) { $("error").textContent = message || ""; }
+
+async function api(path, body) {
+  const response = await fetch(path, body === undefined ? {} : {
+    method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
+  });
+  const data = await response.json().catch(() => ({ detail: response.statusText }));
+  if (!response.ok) {
+    const detail = Array.isArray(data.detail) ? data.detail.map((d) => `${d.loc.slice(-1)[0]}: ${d.msg}`).join("; ") : data.detail;
+    throw new Error(detail || `request failed (${response.status})`);
+  }
+  return data;
+}
+
+function number(id) { const v = $(id).value; return v === "" ? null : Number(v); }
+
+function sampler() {
+  return { temperature: number("temperature") ?? 1, top_k: number("top_k"), top_p: number("top_p") };
+}
+
+function renderTokens(el, view, { clickable = false, chosen = null } = {}) {
+  el.textContent = "";
+  if (!view) return;
+  view.tokens.forEach((t) => {
+    if (view.first_divergence === t.i && t.changed) {
+      const mark = document.createElement("span");
+      mark.className = "divergence"; mark.textContent = "▍"; mark.title = `first divergence at token ${t.i}`;
+      el.appendChild(mark);
+    }
+    const span = document.createElement("span");
+    span.className = "tok" + (t.changed ? " changed" : "") + (chosen === t.i ? " chosen" : "");
+    span.textContent = t.text;
+    span.title = `token ${t.i} (id ${t.id}): p = ${t.p.toFixed(3)}`;
+    span.dataset.i = t.i;
+    if (clickable) span.addEventListener("click", () => openPicker(t));
+    el.appendChild(span);
+  });
+}
+
+function links(el, view, factual) {
+  el.textContent = "";
+  if (!view) return;
+  const json = document.createElement("a");
+  json.href = `/api/traces/${view.id}.json`; json.textContent = "JSON trace"; json.download = `${view.id}.json`;
+  el.appendChild(json);
+  if (factual && factual.id !== view.id) {
+    const diff = document.createElement("a");
+    diff.href = `/api/diff.html?factual=${factual.id}&other=${view.id}`; diff.textContent = "HTML diff"; diff.target = "_blank";
+    el.appendChild(diff);
+  }
+}
+
+function render() {
+  renderTokens($("factual"), state.factual, { clickable: true, chosen: state.edit });
+  links($("factual-links"), state.factual);
+  renderTokens($("counterfactual"), state.counterfactual);
+  links($("cf-links"), state.counterfactual, state.factual);
+  const box = $("interventional"); box.textContent = "";
+  state.interventional.forEach((view) => {
+    const div = document.createElement("div"); div.className = "sample tokens";
+    renderTokens(div, view); box.appendChild(div);
+  });
+}
+
+function apply(payload) {
+  if (payload.factual) state.factual = payload.factual;
+  state.counterfactual = payload.counterfactual || null;
+  state.interventional = payload.interventional || [];
+  render();
+  if (payload.abducted) renderAbducted(payload);
+}
+
+async function generate() {
+  showError(""); state = { factual: null, counterfactual: null, interventional: [], edit: null }; render();
+  const body = { prompt: $("prompt").value, system: $("system").value || null, seed: number("seed") ?? 0,
+    max_new_tokens: number("max_new_tokens") ?? 48, stream: true, ...sampler() };
+  try {
+    const response = await fetch("/api/generate", { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) });
+    if (!response.ok) { const data = await response.json(); throw new Error(typeof data.detail === "string" ? data.detail : JSON.stringify(data.detail)); }
+    const reader = response.body.getReader(); const decoder = new TextDecoder(); let buffer = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      buffer += decoder.decode(value, { stream: true });
+      let nl;
+      while ((nl = buffer.indexOf("\n")) >= 0) {
+        const line = JSON.parse(buffer.slice(0, nl)); buffer = buffer.slice(nl + 1);
+        if (line.error) throw new Error(line.error);
+        if (line.text !== undefined) $("factual").textContent += line.text;
+        if (line.factual) apply(line);
+      }
+    }
+  } catch (e) { showError(e.message); }
+}
+
+async function openPicker(token) {
+  showError("");
+  try {
+    const data = await api(`/api/candidates?trace_id=${state.factual.id}&position=${token.i}`);
+    $("picker-title").textContent = `Replace token ${token.i} (${JSON.stringify(token.text)}) by`;
+    const box = $("candidates"); box.textContent = "";
+    data.candidates.filter((c) => c.id !== data.factual).forEach((c) => {
+      const b = document.createElement("button"); b.className = "candidate";
+      b.textContent = `${JSON.stringify(c.text)}  p = ${c.p.toFixed(3)}`; b.dataset.id = c.id;
+      b.addEventListener("click", () => intervene({ position: token.i, token_id: c.id }));
+      box.appendChild(b);
+    });
+    $("use-text").onclick = () => intervene({ position: token.i, text: $("replacement").value });
+    $("picker").hidden = false;
+  } catch (e) { showError(e.message); }
+}
+
+async function intervene(edit, samples = 1) {
+  $("picker").hidden = true; showError("");
+  state.edit = edit.position ?? null; state.lastEdit = edit;
+  try {
+    apply(await api("/api/counterfactual", { trace_id: state.factual.id, samples, seed: number("seed") ?? 0, ...edit }));
+  } catch (e) { showError(e.message); }
+}
+
+async function rerun() {
+  if (!state.factual) { showError("generate a factual response first"); return; }
+  const edit = { prompt: $("prompt").value, system: $("system").value || null, ...sampler() };
+  await intervene(edit);
+}
+
+async function more() {
+  if (!state.lastEdit) { showError("make a counterfactual first"); return; }
+  const seed = (number("seed") ?? 0) + state.interventional.length + 1;
+  try {
+    const data = await api("/api/counterfactual", { trace_id: state.factual.id, samples: 4, seed, ...state.lastEdit });
+    state.interventional = state.interventional.concat(data.interventional); render();
+  } catch (e) { showError(e.message); }
+}
+
+function renderAbducted(payload) {
+  const box = $("abducted"); box.textContent = "";
+  const head = document.createElement("p");
+  head.textContent = `${payload.abducted.length} distinct counterfactuals of ${payload.samples} posterior samples:`;
+  box.appendChild(head);
+  payload.abducted.forEach((a) => {
+    const row = document.createElement("div"); row.className = "sample tokens abducted";
+    const n = document.createElement("span"); n.className = "count"; n.textContent = `${a.count}x`;
+    row.appendChild(n);
+    const body = document.createElement("span"); renderTokens(body, a.trace); row.appendChild(body);
+    box.appendChild(row);
+  });
+}
+
+async function abduct() {
+  showError("");
+  try {
+    const data = await api("/api/abduct", { prompt: $("prompt").value, system: $("system").value || null,
+      observed: $("observed").value, old: $("old").value, new: $("new").value,
+      samples: number("samples") ?? 16, seed: number("seed") ?? 0, ...sampler() });
+    renderAbducted(data);
+  } catch (e) { showError(e.message); }
+}
+
+$("generate").addEventListener("click", generate);
+$("rerun").addEventListener("click", rerun);
+$("more").addEventListener("click", more);
+$("abduct").addEventListener("click", abduct);
+$("close-picker").addEventListener("click", () => { $("picker").hidden = true; });
+api("/api/info").then((i) => { $("model").textContent = i.model; }).catch(() => {});
+api("/api/state").then((s) => { if (s.view) apply(s.view); }).catch(() => {});

@@ -1,0 +1,240 @@
+"""`cfjax serve` (issue 19): every API endpoint with good and bad input, sessions kept apart,
+and the page in Debian's Chromium driven by Playwright."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import pytest
+
+import cfjax
+from cfjax.core.model import init_params
+
+fastapi = pytest.importorskip("fastapi")
+from fastapi.testclient import TestClient  # noqa: E402
+
+from cfjax.serve.app import create_app  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory):
+    from test_counterfactual import _train_spm
+
+    config = cfjax.preset("tiny")
+    tok = _train_spm(tmp_path_factory.mktemp("spm"), seed=0)
+    return cfjax.LM(config, init_params(config, jax.random.key(0), scale=4.0), tok, "tiny")
+
+
+@pytest.fixture(scope="module")
+def app(lm):
+    return create_app(lm, max_new_tokens=64)
+
+
+def _client(app):
+    return TestClient(app)
+
+
+GEN = {"prompt": "the captain sailed", "seed": 3, "temperature": 1.0, "max_new_tokens": 24}
+
+
+def test_generate_matches_the_library(app, lm):
+    c = _client(app)
+    r = c.post("/api/generate", json=GEN)
+    assert r.status_code == 200, r.text
+    view = r.json()["factual"]
+    want = cfjax.generate(lm, GEN["prompt"], key=3, sampler=cfjax.Sampler(1.0), max_new_tokens=24)
+    assert [t["id"] for t in view["tokens"]] == want.tokens[: len(view["tokens"])]
+    assert "".join(t["text"] for t in view["tokens"]) == want.text
+    assert all(0 < t["p"] <= 1 for t in view["tokens"])
+    # Streamed: text lines as produced, then the same view.
+    lines = [
+        json.loads(x)
+        for x in c.post("/api/generate", json={**GEN, "stream": True}).text.splitlines()
+    ]
+    assert "".join(x.get("text", "") for x in lines[:-1]) == want.text
+    assert [t["id"] for t in lines[-1]["factual"]["tokens"]] == [t["id"] for t in view["tokens"]]
+
+
+def test_counterfactual_and_interventional(app, lm):
+    c = _client(app)
+    fact = c.post("/api/generate", json=GEN).json()["factual"]
+    cands = c.get("/api/candidates", params={"trace_id": fact["id"], "position": 5}).json()
+    assert cands["factual"] == fact["tokens"][5]["id"] and len(cands["candidates"]) == 10
+    ps = [x["p"] for x in cands["candidates"]]
+    assert ps == sorted(ps, reverse=True) and sum(ps) <= 1.0 + 1e-5
+    choice = next(x["id"] for x in cands["candidates"] if x["id"] != cands["factual"])
+    r = c.post("/api/counterfactual", json={"trace_id": fact["id"], "position": 5, "token_id": choice, "samples": 2})  # fmt: skip
+    assert r.status_code == 200, r.text
+    body = r.json()
+    cf = body["counterfactual"]
+    assert [t["id"] for t in cf["tokens"][:5]] == [t["id"] for t in fact["tokens"][:5]]
+    assert (
+        cf["tokens"][5]["id"] == choice
+        and cf["tokens"][5]["changed"]
+        and cf["first_divergence"] == 5
+    )
+    assert not any(t["changed"] for t in cf["tokens"][:5])
+    # The same as the library's counterfactual of the same trace.
+    trace = cfjax.Trace.from_json(c.get(f"/api/traces/{fact['id']}.json").text)
+    want = cfjax.counterfactual(lm, trace, cfjax.ReplaceTokens(5, [choice]))
+    assert [t["id"] for t in cf["tokens"]] == want.tokens[: len(cf["tokens"])]
+    assert len(body["interventional"]) == 2
+    html = c.get("/api/diff.html", params={"factual": fact["id"], "other": cf["id"]}).text
+    assert "<html>" in html and "diverges at token 5" in html
+    # A prompt and sampler edit, and a reload: the state comes back.
+    r = c.post("/api/counterfactual", json={"trace_id": fact["id"], "prompt": "a calm sea", "temperature": 0.5, "samples": 0})  # fmt: skip
+    assert (
+        r.status_code == 200
+        and r.json()["counterfactual"]["interventions"][0]["type"] == "EditPrompt"
+    )
+    assert (
+        c.get("/api/state").json()["view"]["counterfactual"]["id"]
+        == r.json()["counterfactual"]["id"]
+    )
+
+
+def test_abduct_counts_distinct_counterfactuals(app):
+    c = _client(app)
+    r = c.post("/api/abduct", json={"prompt": "the captain sailed", "observed": "the sea was calm and the dog slept",
+                                    "old": "calm", "new": "wild", "samples": 8, "seed": 1})  # fmt: skip
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["samples"] == 8 and sum(a["count"] for a in body["abducted"]) == 8
+    assert all("wild" in a["text"] for a in body["abducted"])
+    assert body["observed"]["text"] == "the sea was calm and the dog slept"
+
+
+@pytest.mark.parametrize(
+    "path, payload, status, message",
+    [
+        ("/api/generate", {**GEN, "prompt": "  "}, 400, "the prompt is empty"),
+        ("/api/generate", {**GEN, "max_new_tokens": 10_000}, 400, "over this server's limit of 64"),
+        ("/api/generate", {**GEN, "temperature": -1}, 422, "temperature"),
+        ("/api/generate", {**GEN, "seed": 2**40}, 422, "seed"),
+        ("/api/counterfactual", {"trace_id": "nope", "position": 1, "token_id": 3}, 404, "no trace 'nope'"),
+        ("/api/abduct", {"prompt": "x", "observed": "a b", "old": "zzz", "new": "y"}, 400, "does not occur"),
+    ],
+)  # fmt: skip
+def test_bad_input_is_a_4xx_with_a_message(app, path, payload, status, message):
+    r = _client(app).post(path, json=payload)
+    assert r.status_code == status and message in json.dumps(r.json()), r.text
+
+
+def test_bad_edits_and_malformed_json(app):
+    c = _client(app)
+    fact = c.post("/api/generate", json=GEN).json()["factual"]
+    for edit, message in (({"position": 999, "token_id": 3}, "outside the response"),
+                          ({"position": 2, "token_id": 10**6}, "unknown token id"),
+                          ({}, "no intervention")):  # fmt: skip
+        r = c.post("/api/counterfactual", json={"trace_id": fact["id"], **edit})
+        assert r.status_code == 400 and message in r.json()["detail"], r.text
+    r = c.post("/api/generate", content=b"{not json", headers={"Content-Type": "application/json"})
+    assert r.status_code == 422
+    assert (
+        c.get("/api/candidates", params={"trace_id": fact["id"], "position": -1}).status_code == 400
+    )
+    assert c.get("/static/../app.py").status_code == 404
+
+
+def test_sessions_do_not_see_each_other(app):
+    a, b = _client(app), _client(app)
+    fact = a.post("/api/generate", json=GEN).json()["factual"]
+    assert a.get(f"/api/traces/{fact['id']}.json").status_code == 200
+    assert b.get(f"/api/traces/{fact['id']}.json").status_code == 404
+    assert b.get("/api/state").json()["view"] is None
+    assert b.post("/api/counterfactual", json={"trace_id": fact["id"], "position": 1, "token_id": 3}).status_code == 404  # fmt: skip
+
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+@pytest.fixture(scope="module")
+def server(app):
+    """The app on a free loopback port, in a thread (uvicorn)."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
+    srv = uvicorn.Server(config)
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not srv.started and time.time() < deadline:
+        time.sleep(0.05)
+    assert srv.started, "the server did not start"
+    yield f"http://127.0.0.1:{port}"
+    srv.should_exit = True
+    thread.join(timeout=10)
+
+
+def test_the_page_in_chromium(server, tmp_path):
+    """Generate, click a token, pick a replacement: the counterfactual panel keeps the prefix,
+    shows the chosen token and highlights what the API says changed; observed text gets counts;
+    a reload restores the panels. A screenshot is saved (tests/artifacts/serve.png)."""
+    from pathlib import Path
+
+    from playwright.sync_api import expect, sync_playwright
+
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: apt-get install chromium (.ci/run installs it)")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--headless=new"])  # fmt: skip
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        page.goto(server)
+        page.fill("#prompt", "the captain sailed")
+        page.fill("#seed", "3")
+        page.fill("#max_new_tokens", "24")
+        page.click("#generate")
+        tokens = page.locator("#factual .tok")
+        expect(tokens.first).to_be_visible(timeout=60_000)
+        factual = tokens.all_inner_texts()
+        assert tokens.nth(5).get_attribute("title").startswith("token 5 (id ")
+        tokens.nth(5).click()
+        first = page.locator("#candidates .candidate").first
+        expect(first).to_be_visible(timeout=30_000)
+        chosen_id = int(first.get_attribute("data-id"))
+        first.click()
+        cf = page.locator("#counterfactual .tok")
+        expect(cf.first).to_be_visible(timeout=60_000)
+        # What the API reports for this counterfactual, from the same session's state.
+        state = page.evaluate("fetch('/api/state').then(r => r.json())")["view"]
+        api_cf = state["counterfactual"]
+        assert api_cf["tokens"][5]["id"] == chosen_id
+        shown = cf.all_inner_texts()
+        assert shown[:5] == factual[:5]  # the kept prefix, unchanged
+        assert shown[5] == api_cf["tokens"][5]["text"]
+        highlighted = [int(x) for x in page.eval_on_selector_all("#counterfactual .tok.changed", "els => els.map(e => e.dataset.i)")]  # fmt: skip
+        assert (
+            highlighted == [t["i"] for t in api_cf["tokens"] if t["changed"]] and 5 in highlighted
+        )
+        assert page.locator("#counterfactual .divergence").count() == 1
+        assert page.locator("#interventional .sample").count() == 1
+        out = Path(__file__).parent / "artifacts"
+        out.mkdir(exist_ok=True)
+        page.screenshot(path=str(out / "serve.png"), full_page=True)
+        # A reload keeps the traces (server-side session).
+        page.reload()
+        expect(page.locator("#counterfactual .tok").first).to_be_visible(timeout=30_000)
+        assert page.locator("#counterfactual .tok").all_inner_texts() == shown
+        # Observed text: distinct counterfactuals with their counts.
+        page.fill("#observed", "the sea was calm and the dog slept")
+        page.fill("#old", "calm")
+        page.fill("#new", "wild")
+        page.fill("#samples", "6")
+        page.click("#abduct")
+        rows = page.locator("#abducted .abducted")
+        expect(rows.first).to_be_visible(timeout=60_000)
+        counts = [int(x.split("x")[0]) for x in page.locator("#abducted .count").all_inner_texts()]
+        assert sum(counts) == 6
+        # Bad input: a readable message in the page, no stack trace.
+        page.fill("#prompt", "   ")
+        page.click("#generate")
+        expect(page.locator("#error")).to_have_text("the prompt is empty", timeout=30_000)
+        browser.close()
