@@ -238,3 +238,24 @@ def test_the_page_in_chromium(server, tmp_path):
         page.click("#generate")
         expect(page.locator("#error")).to_have_text("the prompt is empty", timeout=30_000)
         browser.close()
+
+
+def test_concurrent_sessions_get_their_own_results(app, lm):
+    """Two users at once (threads, as the server runs requests): each gets the library's
+    answer for its own request, and neither sees the other's trace."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    bodies = [{**GEN, "seed": s, "max_new_tokens": 40} for s in (11, 12)]
+
+    def one(body):
+        c = _client(app)
+        view = c.post("/api/generate", json=body).json()["factual"]
+        return c, view
+
+    with ThreadPoolExecutor(2) as pool:
+        (ca, va), (cb, vb) = pool.map(one, bodies)
+    for body, view in zip(bodies, (va, vb), strict=True):
+        want = cfjax.generate(lm, GEN["prompt"], key=body["seed"], sampler=cfjax.Sampler(1.0), max_new_tokens=40)  # fmt: skip
+        assert [t["id"] for t in view["tokens"]] == want.tokens[: len(view["tokens"])]
+    assert ca.get(f"/api/traces/{vb['id']}.json").status_code == 404
+    assert cb.get(f"/api/traces/{va['id']}.json").status_code == 404

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -50,6 +52,17 @@ def row_key(params: Any, prompt_tokens: Sequence[int], tokens: Sequence[int]) ->
     return (id(params), tuple(int(t) for t in prompt_tokens), tuple(int(t) for t in tokens))
 
 
+def _locked(method):
+    """Run a store method under the store's lock."""
+
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return locked
+
+
 class CacheStore:
     """A bounded LRU store of final KV caches (default 1 GiB of device memory)."""
 
@@ -59,6 +72,7 @@ class CacheStore:
             collections.OrderedDict()
         )
         self._rows: dict[tuple, Hit] = {}
+        self._lock = threading.RLock()  # a server runs requests in threads
 
     @property
     def nbytes(self) -> int:
@@ -68,6 +82,7 @@ class CacheStore:
     def __len__(self) -> int:
         return len(self._batches)
 
+    @_locked
     def put(self, stored: Stored, rows: Sequence[tuple[Sequence[int], Sequence[int]]]) -> None:
         """Keep `stored`, its row b holding `rows[b]` = (prompt tokens, response tokens)."""
         if stored.nbytes > self.max_bytes:
@@ -79,6 +94,7 @@ class CacheStore:
         while self.nbytes > self.max_bytes:
             self._evict(next(iter(self._batches)))
 
+    @_locked
     def get(self, params: Any, prompt_tokens: Sequence[int], tokens: Sequence[int]) -> Hit | None:
         """The stored row filled by `params` with this prompt and response, if still kept."""
         hit = self._rows.get(row_key(params, prompt_tokens, tokens))
@@ -87,6 +103,7 @@ class CacheStore:
         self._batches.move_to_end(id(hit.stored))
         return hit
 
+    @_locked
     def clear(self) -> None:
         """Drop every stored cache."""
         self._batches.clear()
@@ -110,6 +127,7 @@ class ArrayStore:
     def __init__(self, max_bytes: int = 1 << 30):
         self.max_bytes = max_bytes
         self._items: collections.OrderedDict[tuple, tuple[Any, Any]] = collections.OrderedDict()
+        self._lock = threading.RLock()
 
     @property
     def nbytes(self) -> int:
@@ -119,6 +137,7 @@ class ArrayStore:
     def __len__(self) -> int:
         return len(self._items)
 
+    @_locked
     def put(self, params: Any, key: tuple, value: Any) -> None:
         """Keep `value` (anything with an `nbytes`), computed by `params`, under `key`."""
         if value.nbytes > self.max_bytes:
@@ -128,6 +147,7 @@ class ArrayStore:
         while self.nbytes > self.max_bytes:
             self._items.popitem(last=False)
 
+    @_locked
     def get(self, params: Any, key: tuple) -> Any:
         """The value `params` computed under `key`, if still kept (else None)."""
         item = self._items.get((id(params), *key))
@@ -136,6 +156,7 @@ class ArrayStore:
         self._items.move_to_end((id(params), *key))
         return item[1]
 
+    @_locked
     def clear(self) -> None:
         """Drop every value."""
         self._items.clear()

@@ -2,8 +2,8 @@
 
 Every browser gets a session (a random cookie); its traces live server-side in that session
 only, so a reload restores them (`GET /api/state`) and a second user never sees the first's.
-Model calls run in FastAPI's thread pool, one at a time per model (a lock: the CPU has no
-spare cores to run two), so a long generation never blocks the page, the state or an export;
+Model calls run in FastAPI's thread pool (JAX releases the GIL while it computes, and the
+model's cache stores are locked), so a long generation blocks no other request;
 `/api/generate` streams the text as it is produced (NDJSON lines). Bad input is a 4xx with a
 one-line `detail`, never a stack trace.
 """
@@ -122,7 +122,6 @@ def create_app(lm: LM, *, max_new_tokens: int = 512) -> FastAPI:
         raise ValueError("cfjax serve shows text: the model needs a tokenizer")
     app = FastAPI(title="cfjax explorer", docs_url=None, redoc_url=None)
     sessions = Sessions()
-    model_lock = threading.Lock()
     tok = lm.tokenizer
 
     @app.exception_handler(ValueError)
@@ -193,8 +192,7 @@ def create_app(lm: LM, *, max_new_tokens: int = 512) -> FastAPI:
         return payload
 
     def run_generate(body: GenerateBody, emit=None) -> Trace:
-        with model_lock:
-            return cfjax.generate(lm, body.prompt, key=body.seed, sampler=body.sampler(),
+        return cfjax.generate(lm, body.prompt, key=body.seed, sampler=body.sampler(),
                                   max_new_tokens=body.max_new_tokens, system=body.system,
                                   stream=emit)  # fmt: skip
 
@@ -236,8 +234,7 @@ def create_app(lm: LM, *, max_new_tokens: int = 512) -> FastAPI:
         seq = trace.prompt_tokens + trace.tokens[:position]
         padded = np.zeros((1, min(bucket_length(len(seq)), lm.config.max_seq_len)), np.int32)
         padded[0, : len(seq)] = seq
-        with model_lock:
-            logits = forward(lm, padded)[0, len(seq) - 1]
+        logits = forward(lm, padded)[0, len(seq) - 1]
         sampler = scm.Sampler(trace.sampler.temperature or 1.0)  # greedy: the model's own
         probs = np.asarray(jnp.exp(scm.log_probs(logits, sampler)))
         top = np.argsort(-probs)[:k]
@@ -273,10 +270,9 @@ def create_app(lm: LM, *, max_new_tokens: int = 512) -> FastAPI:
         sid = request.state.sid
         factual = sessions.trace(sid, body.trace_id)
         ivs = interventions(body, factual)
-        with model_lock:
-            cf = cfjax.counterfactual(lm, factual, ivs)
-            keys = jax.random.split(jax.random.key(body.seed), max(body.samples, 1))[: body.samples]
-            ints = cfjax.causal.interventionals(lm, [factual] * body.samples, [ivs] * body.samples, keys=keys) if body.samples else []  # fmt: skip
+        cf = cfjax.counterfactual(lm, factual, ivs)
+        keys = jax.random.split(jax.random.key(body.seed), max(body.samples, 1))[: body.samples]
+        ints = cfjax.causal.interventionals(lm, [factual] * body.samples, [ivs] * body.samples, keys=keys) if body.samples else []  # fmt: skip
         payload = {"factual": view(body.trace_id, factual),
                    "counterfactual": view(sessions.add(sid, cf), cf, factual),
                    "interventional": [view(sessions.add(sid, t), t, factual) for t in ints]}  # fmt: skip
@@ -291,10 +287,9 @@ def create_app(lm: LM, *, max_new_tokens: int = 512) -> FastAPI:
             raise ValueError(f"{body.old!r} does not occur in the observed text")
         check_length(len(tok.encode(body.observed)) + 1)
         sid = request.state.sid
-        with model_lock:
-            posts = cfjax.abduct(lm, body.prompt, body.observed, key=body.seed, sampler=body.sampler(),
-                                 num_samples=body.samples, system=body.system)  # fmt: skip
-            cfs = cfjax.counterfactuals(lm, posts, [ReplaceText(body.old, body.new)] * len(posts))
+        posts = cfjax.abduct(lm, body.prompt, body.observed, key=body.seed, sampler=body.sampler(),
+                             num_samples=body.samples, system=body.system)  # fmt: skip
+        cfs = cfjax.counterfactuals(lm, posts, [ReplaceText(body.old, body.new)] * len(posts))
         counts = collections.Counter(t.text for t in cfs)
         first = {}
         for t in cfs:
