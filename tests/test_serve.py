@@ -233,6 +233,7 @@ def test_the_page_in_chromium(server, tmp_path):
         expect(rows.first).to_be_visible(timeout=60_000)
         counts = [int(x.split("x")[0]) for x in page.locator("#abducted .count").all_inner_texts()]
         assert sum(counts) == 6
+        assert page.locator("#abducted a", has_text="HTML diff").count() == len(counts)
         # Bad input: a readable message in the page, no stack trace.
         page.fill("#prompt", "   ")
         page.click("#generate")

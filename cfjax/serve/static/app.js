@@ -148,6 +148,8 @@ function renderAbducted(payload) {
     const n = document.createElement("span"); n.className = "count"; n.textContent = `${a.count}x`;
     row.appendChild(n);
     const body = document.createElement("span"); renderTokens(body, a.trace); row.appendChild(body);
+    const exports = document.createElement("div"); exports.className = "links";
+    links(exports, a.trace, payload.observed); row.appendChild(exports);
     box.appendChild(row);
   });
 }
