@@ -120,7 +120,8 @@ def _edits(text: str, offset: int, record: census.Record, settings: Settings) ->
     """Every intervention of one person; `text` is the census text, of which the response is
     the part from `offset` on (edits inside the prompt's example are not possible)."""
     out = []
-    for a_i, attribute in enumerate(settings.attributes):
+    for attribute in settings.attributes:
+        a_i = list(VALUES).index(attribute)  # key paths do not depend on which were chosen
         span = census.value_span(text, record, attribute)
         if span is None or span[0] < offset:
             continue  # no such field (or it is in the example): nothing to intervene on
@@ -130,7 +131,8 @@ def _edits(text: str, offset: int, record: census.Record, settings: Settings) ->
         for v_i, value in enumerate(VALUES[attribute]):
             if _same(old, value):
                 continue
-            for e_i, effect in enumerate(settings.effects):
+            for effect in settings.effects:
+                e_i = EFFECTS.index(effect)
                 # As in the paper, the field is forced up to its end (`",\n`): a total effect
                 # resumes at the next field, a direct one at the outcome's value, the
                 # mediators between kept at their factual text.
