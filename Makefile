@@ -32,7 +32,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check cfjax tests benchmarks
 
 test: $(STAMP) lint
-	$(VENV)/bin/pytest -q tests
+	$(VENV)/bin/pytest -q -n 2 tests
 
 test-fast: $(STAMP)
 	$(VENV)/bin/pytest -q -m "not slow" tests
