@@ -54,16 +54,17 @@ def mesh(data: int | None = None, model: int = 1, *, devices: Any = None, **axes
     return Mesh(grid, spec.MESH_AXES, axis_types=auto)
 
 
-def _info_at(config: LlamaConfig, tree: dict, path: tuple, leaf: Any) -> spec.ArrayInfo:
-    """The logical axes of a params leaf, quantization scales and steerings included."""
+def _info_at(table: dict, path: tuple, leaf: Any) -> spec.ArrayInfo:
+    """The logical axes of a params leaf (`table`: `spec.param_spec`), quantization scales and
+    steerings included."""
     if path[0] == "steer":  # [n_layers, dim] deltas and a flag: small, replicated
         return spec.ArrayInfo(leaf.shape, leaf.dtype, ("layers", "embed")[: leaf.ndim])
     if path[-1] == "qscale":  # the scale of its sibling matrix's output channels
         sibling = "embedding" if path[-2] == "embed" else "kernel"
-        axes = spec.leaf_info(spec.param_spec(config), (*path[:-1], sibling)).axes
+        axes = spec.leaf_info(table, (*path[:-1], sibling)).axes
         axes = (axes[0], "channel") if sibling == "embedding" else ("channel", axes[1])
         return spec.ArrayInfo(leaf.shape, leaf.dtype, axes)
-    return spec.leaf_info(spec.param_spec(config), path)
+    return spec.leaf_info(table, path)
 
 
 def _path(key_path) -> tuple:
@@ -73,9 +74,9 @@ def _path(key_path) -> tuple:
 def param_shardings(config: LlamaConfig, params: Any, mesh: Mesh) -> Any:
     """A `NamedSharding` for every leaf of `params` (float, quantized or steered)."""
     spec.check_divisible(config, mesh.shape["model"])
+    table = spec.param_spec(config)
     return jax.tree_util.tree_map_with_path(
-        lambda kp, x: NamedSharding(mesh, _info_at(config, params, _path(kp), x).partition()),
-        params,
+        lambda kp, x: NamedSharding(mesh, _info_at(table, _path(kp), x).partition()), params
     )
 
 

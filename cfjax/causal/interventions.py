@@ -235,18 +235,24 @@ def _text_edit(lm: LM, trace: Trace, old: str, new: str, occurrence: int):
     )
 
 
-def _auto(lm: LM, trace: Trace, iv: AutoIntervention) -> tuple[int, int, list[int]]:
-    """Draw a different token from the top-p set of the factual distribution at `position`."""
-    pos = iv.position
+def step_log_probs(lm: LM, trace: Trace, position: int, top_p: float | None = None) -> jax.Array:
+    """Log-probabilities `[V]` of response step `position` given the factual prefix, at the
+    trace's temperature (a greedy trace's point mass replaced by the model's own τ = 1) and,
+    if given, within the top-p set."""
     # Right-padded to a power of two (a causal forward: padding after a position changes
-    # nothing before it), so that interventions at many positions share a few compilations.
-    seq = trace.prompt_tokens + trace.tokens[:pos]
+    # nothing before it), so that many positions share a few compilations.
+    seq = trace.prompt_tokens + trace.tokens[:position]
     padded = np.zeros((1, min(bucket_length(len(seq)), lm.config.max_seq_len)), np.int32)
     padded[0, : len(seq)] = seq
     logits = forward(lm, padded)[0, len(seq) - 1]
-    # A greedy trace (τ = 0) has a point-mass distribution: use the model's own (τ = 1) instead.
-    sampler = scm.Sampler(temperature=trace.sampler.temperature or 1.0, top_p=iv.top_p)
-    logp = scm.log_probs(logits, sampler)
+    sampler = scm.Sampler(temperature=trace.sampler.temperature or 1.0, top_p=top_p)
+    return scm.log_probs(logits, sampler)
+
+
+def _auto(lm: LM, trace: Trace, iv: AutoIntervention) -> tuple[int, int, list[int]]:
+    """Draw a different token from the top-p set of the factual distribution at `position`."""
+    pos = iv.position
+    logp = step_log_probs(lm, trace, pos, iv.top_p)
     logp = logp.at[trace.tokens[pos]].set(-jnp.inf)
     if not bool(jnp.isfinite(logp).any()):
         raise ValueError(

@@ -22,6 +22,7 @@ factual trace is written to `DIR/census-{seed}.json`.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import json
 import sys
@@ -167,24 +168,26 @@ def _factuals(lm: LM, settings: Settings, seeds: list[int]) -> list[Trace]:
     )  # fmt: skip
 
 
-def _record_end_step(lm: LM, trace: Trace, char: int) -> int:
-    """The response step after the token that holds character `char - 1` of the response."""
+def _token_ends(lm: LM, trace: Trace) -> list[int]:
+    """Where each response token ends, in characters of the response text (non-decreasing)."""
     from cfjax.tokenizer import token_char_spans
 
     body = trace.tokens[:-1] if trace.stopped else trace.tokens
-    spans = token_char_spans(lm.tokenizer, body)
-    return next((i + 1 for i, (_, e) in enumerate(spans) if e >= char), len(body))
+    return [e for _, e in token_char_spans(lm.tokenizer, body)]
 
 
 def _person_rows(
-    lm: LM, factual: Trace, seed: int, person: int, record: census.Record, settings: Settings
-) -> list[dict]:
+    lm: LM, factual: Trace, token_ends: list[int], seed: int, person: int,
+    record: census.Record, settings: Settings,
+) -> list[dict]:  # fmt: skip
     start = settings.response_start
     text = start + factual.text
     edits = _edits(text, len(start), record, settings)
     if not edits:
         return []
-    cap = _record_end_step(lm, factual, record.end - len(start)) + RECORD_SLACK
+    # The step after the token holding the record's last character, plus the slack.
+    end = min(bisect.bisect_left(token_ends, record.end - len(start)) + 1, len(token_ends))
+    cap = end + RECORD_SLACK
     ivs = [e.intervention for e in edits]
     cfs = counterfactuals(lm, [factual] * len(edits), ivs, max_new_tokens=cap)
     base = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), 1), person)
@@ -233,6 +236,7 @@ def run(
     done = {(r["census_id"], r["person_id"]) for r in open_study(out, dataclasses.asdict(settings))}
     factuals = dict(zip(settings.seeds, _factuals(lm, settings, list(settings.seeds)), strict=True))
     units, unreadable = [], []
+    ends = {seed: _token_ends(lm, factual) for seed, factual in factuals.items()}
     for seed, factual in factuals.items():
         write_text(out / f"census-{seed}.json", factual.to_json())
         people = _people(settings, factual)
@@ -247,6 +251,6 @@ def run(
     for seed in unreadable:
         print(f"census {seed}: no readable record, skipped", file=sys.stderr)
     return process(
-        out, units, lambda u: _person_rows(lm, factuals[u[0]], *u, settings),
+        out, units, lambda u: _person_rows(lm, factuals[u[0]], ends[u[0]], *u, settings),
         desc="people", unit="person", progress=progress, on_unit=on_unit,
     )  # fmt: skip

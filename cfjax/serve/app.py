@@ -20,7 +20,6 @@ import threading
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from fastapi import FastAPI, HTTPException, Query, Request, Response
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, StreamingResponse
@@ -28,9 +27,8 @@ from pydantic import BaseModel, Field
 
 import cfjax
 from cfjax.causal import ChangeSampler, EditPrompt, ReplaceText, ReplaceTokens, Trace
-from cfjax.core import scm
-from cfjax.core.engine import bucket_length
-from cfjax.core.lm import LM, forward
+from cfjax.causal.interventions import step_log_probs
+from cfjax.core.lm import LM
 from cfjax.present import _pieces, html_diff
 
 STATIC = Path(__file__).parent / "static"
@@ -231,12 +229,7 @@ def create_app(lm: LM, *, max_new_tokens: int = 512) -> FastAPI:
         if not 0 <= position < len(trace.tokens):
             raise ValueError(f"position {position} is outside the response (0 to {len(trace.tokens) - 1})")  # fmt: skip
         k = max(1, min(int(k), 50))
-        seq = trace.prompt_tokens + trace.tokens[:position]
-        padded = np.zeros((1, min(bucket_length(len(seq)), lm.config.max_seq_len)), np.int32)
-        padded[0, : len(seq)] = seq
-        logits = forward(lm, padded)[0, len(seq) - 1]
-        sampler = scm.Sampler(trace.sampler.temperature or 1.0)  # greedy: the model's own
-        probs = np.asarray(jnp.exp(scm.log_probs(logits, sampler)))
+        probs = np.exp(np.asarray(step_log_probs(lm, trace, position)))
         top = np.argsort(-probs)[:k]
         return {"position": position, "factual": int(trace.tokens[position]),
                 "candidates": [{"id": int(t), "text": tok.decode([int(t)]), "p": float(probs[t])} for t in top]}  # fmt: skip

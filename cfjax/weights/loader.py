@@ -413,6 +413,7 @@ def save(
     dequantized (they are a variant: `load("DST@int8")` makes it again).
     """
     from cfjax.core import quant, steering
+    from cfjax.core.model import compute_dtype
 
     dst = Path(dst).expanduser()
     if (dst.exists() or dst.is_symlink()) and not force:
@@ -430,7 +431,7 @@ def save(
         if tokenizer_from is not None:
             raise
         src = None  # a model of random or edited params with no source: no tokenizer
-    dtype = np.dtype(params["final_norm"]["scale"].dtype)
+    dtype = np.dtype(compute_dtype(params))
 
     def write(tmp: Path) -> None:
         sums = checkpoint.save_params(tmp, params)
