@@ -33,6 +33,40 @@ def test_the_spec_is_the_networks_structure():
             assert (a.shape, a.dtype) == (b.shape, b.dtype)
 
 
+def test_random_params_are_drawn_by_the_spec():
+    """`init_params` is the spec's initializers: every leaf with the spec's shape and dtype,
+    kernels `[in, out]` of std 1/sqrt(in) (truncated normal: 0.8796 of it, jax's lecun_normal),
+    the embedding of std 1/sqrt(dim), norm scales 1, leaves independent, `scale` on matrices;
+    the same under jit and in bfloat16; and no leaf without an initializer is accepted."""
+    config = cfjax.preset("tiny")
+    table = spec.param_spec(config)
+    params = model.init_params(config, jax.random.key(0))
+    flat = dict(jax.tree_util.tree_leaves_with_path(params))
+    infos = dict(jax.tree_util.tree_leaves_with_path(table, is_leaf=lambda x: isinstance(x, spec.ArrayInfo)))  # fmt: skip
+    assert flat.keys() == infos.keys()
+    for path, x in flat.items():
+        info, name = infos[path], jax.tree_util.keystr(path)
+        assert (x.shape, x.dtype) == (info.shape, info.dtype), name
+        x = np.asarray(x, np.float64)
+        if name.endswith("['scale']"):
+            np.testing.assert_array_equal(x, 1.0)
+        elif "embedding" in name:
+            np.testing.assert_allclose(x.std(), 1 / np.sqrt(config.dim), rtol=0.05)
+        else:  # lecun_normal: a normal truncated at 2 sigma, rescaled to std 1/sqrt(fan in)
+            np.testing.assert_allclose(x.std(), 1 / np.sqrt(x.shape[0]), rtol=0.08)
+            assert np.abs(x).max() <= 2 / np.sqrt(x.shape[0]) / 0.87962566 + 1e-6
+    kernels = [np.asarray(v).ravel()[:64] for k, v in flat.items() if "kernel" in jax.tree_util.keystr(k)]  # fmt: skip
+    assert len({k.tobytes() for k in kernels}) == len(kernels)  # each leaf its own key
+    jitted = jax.jit(lambda k: model.init_params(config, k, scale=3.0))(jax.random.key(0))
+    for path, x in jax.tree_util.tree_leaves_with_path(jitted):
+        factor = 1.0 if jax.tree_util.keystr(path).endswith("['scale']") else 3.0
+        np.testing.assert_allclose(x, flat[path] * factor, rtol=1e-6)
+    half = model.init_params(config, jax.random.key(0), dtype=jax.numpy.bfloat16)
+    assert {x.dtype for x in jax.tree_util.tree_leaves(half)} == {jax.numpy.dtype("bfloat16")}
+    with pytest.raises(ValueError, match=r"\['w'\] has no initializer"):
+        spec.initialize({"w": spec.ArrayInfo((2, 2), np.float32, ("embed", "embed"))}, jax.random.key(0))  # fmt: skip
+
+
 def test_mesh_errors():
     with pytest.raises(ValueError, match="unknown mesh axis 'tensor': the axes are data, model"):
         sharding.mesh(tensor=2)

@@ -6,7 +6,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from cfjax.causal.trace import Trace
-from cfjax.core import engine
+from cfjax.core import engine, speculative
 from cfjax.core.lm import LM
 from cfjax.core.request import check_request, count, is_batch, prompt_tokens, row_keys
 from cfjax.core.scm import Sampler
@@ -53,6 +53,8 @@ def generate(
     stop_tokens: Sequence[int] | None = None,
     chunk: int = engine.DEFAULT_CHUNK,
     stream: Callable[[str], None] | None = None,
+    draft: LM | None = None,
+    lookahead: int = speculative.DEFAULT_LOOKAHEAD,
 ) -> Trace | list[Trace]:
     """Sample a response; a batch of prompts returns one `Trace` per row.
 
@@ -61,6 +63,10 @@ def generate(
     one sampler or one per row (rows of one mechanism share the batch). `stream(text)` receives
     row 0's text as it is produced. The final KV cache is kept in `lm.caches` (bounded), so
     that a counterfactual of these traces skips the steps before its edit.
+
+    `draft`: a model of the same vocabulary (e.g. `cfjax.quantize(lm, "int8")`, or a smaller
+    one) that proposes `lookahead` tokens per round with the same noise; `lm` scores them in
+    one pass and keeps its own choice (see `core.speculative`): the tokens of plain decoding.
     """
     max_new_tokens = count(max_new_tokens)
     batch = is_batch(prompt)
@@ -76,8 +82,9 @@ def generate(
     streamer = _Streamer(lm, stop_tokens, stream) if stream else None
     request = engine.Request(prompts, keys, samplers, max_new_tokens)
     out = engine.run(
-        lm.config, lm.params, request, stop_tokens=stop_tokens, chunk=chunk, on_chunk=streamer
-    )
+        lm.config, lm.params, request, stop_tokens=stop_tokens, chunk=chunk, on_chunk=streamer,
+        draft=draft_for(lm, draft, lookahead),
+    )  # fmt: skip
     lm.caches.put(
         Stored(out.cache, out.start, out.bucket, chunk, lm.params),
         list(zip(prompts, out.tokens, strict=True)),
@@ -103,6 +110,18 @@ def generate(
     if streamer is not None:
         streamer.finish(traces[0].text)
     return traces if batch else traces[0]
+
+
+def draft_for(lm: LM, draft: LM | None, lookahead: int) -> speculative.Draft | None:
+    """The engine's draft of `draft` for `lm` (checked to share its vocabulary), or None."""
+    if draft is None:
+        return None
+    if draft.config.vocab_size != lm.config.vocab_size:
+        raise ValueError(
+            f"draft {draft.model_id or 'model'} has {draft.config.vocab_size} tokens, "
+            f"{lm.model_id or 'the model'} {lm.config.vocab_size}: a draft must share the vocabulary"
+        )
+    return speculative.Draft(draft.config, draft.params, lookahead)
 
 
 def _samplers(sampler: Sampler | Sequence[Sampler] | None, batch: int) -> list[Sampler]:

@@ -19,10 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from cfjax.causal.abduction import observed_steps
-from cfjax.causal.factual import text_of
+from cfjax.causal.factual import draft_for, text_of
 from cfjax.causal.interventions import Intervention, Plan, plan
 from cfjax.causal.trace import Trace
-from cfjax.core import engine
+from cfjax.core import engine, speculative
 from cfjax.core.lm import LM
 from cfjax.core.request import as_key, check_request, count, row_keys
 from cfjax.core.store import Stored
@@ -102,6 +102,7 @@ def _run_group(
     reuse_cache: bool,
     chunk: int,
     caps: list[int | None],
+    draft: speculative.Draft | None,
 ) -> list[Trace]:
     """Run rows that share a mechanism and params as one batch (samplers may differ)."""
     params = plans[0].params
@@ -123,7 +124,7 @@ def _run_group(
     noise = np.stack([_noise_map(t, p, steps, fresh) for t, p in zip(traces, plans, strict=True)])
     stop_tokens = traces[0].stop_tokens
     bucket = engine.bucket_length(max(len(p) for p in prompts))
-    length = engine.cache_length(bucket, cache_steps, chunk)
+    length = engine.cache_length(bucket, cache_steps, chunk, engine.spare_for(draft))
     observed = None
     if not fresh:  # abducted rows draw their noise from their observation's posterior
         for t, p in zip(traces, plans, strict=True):
@@ -146,8 +147,9 @@ def _run_group(
         cache_steps=cache_steps,
     )
     out = engine.run(
-        lm.config, params, request, stop_tokens=stop_tokens, chunk=chunk, resume=resume
-    )
+        lm.config, params, request, stop_tokens=stop_tokens, chunk=chunk, resume=resume,
+        draft=draft,
+    )  # fmt: skip
     results = []
     for b, (t, p) in enumerate(zip(traces, plans, strict=True)):
         tokens = (list(t.tokens[:first]) + out.tokens[b])[: limits[b]]
@@ -206,8 +208,11 @@ def _batch(
     reuse_cache: bool,
     chunk: int | None,
     max_new_tokens: int | Sequence[int] | None = None,
+    draft: LM | None = None,
+    lookahead: int = speculative.DEFAULT_LOOKAHEAD,
 ) -> list[Trace]:
     caps = _caps(max_new_tokens, len(traces))
+    engine_draft = draft_for(lm, draft, lookahead)
     if chunk is None:  # the factual run's chunk, so that its stored cache can be reused
         hit = lm.caches.get(lm.params, traces[0].prompt_tokens, traces[0].tokens)
         chunk = hit.stored.chunk if hit is not None else engine.DEFAULT_CHUNK
@@ -228,6 +233,7 @@ def _batch(
             reuse_cache,
             chunk,
             [caps[i] for i in idx],
+            engine_draft,
         )
         for i, r in zip(idx, out, strict=True):
             results[i] = r
@@ -243,14 +249,18 @@ def counterfactual(
     reuse_cache: bool = True,
     chunk: int | None = None,
     max_new_tokens: int | None = None,
+    draft: LM | None = None,
+    lookahead: int = speculative.DEFAULT_LOOKAHEAD,
 ) -> Trace:
     """What the model would have written under `intervention`, with the factual noise.
 
     `max_new_tokens` stops the counterfactual earlier than the factual's budget (its tokens are
-    then a prefix of the full counterfactual's)."""
+    then a prefix of the full counterfactual's). `draft` / `lookahead`: speculative decoding,
+    as in `generate` (the same tokens; the factual's stored cache is reused when it was made
+    with the same lookahead)."""
     return _batch(
         lm, [trace], [intervention], [trace.key], False, resume_at, reuse_cache, chunk,
-        max_new_tokens,
+        max_new_tokens, draft, lookahead,
     )[0]  # fmt: skip
 
 
@@ -263,12 +273,15 @@ def interventional(
     reuse_cache: bool = True,
     chunk: int | None = None,
     max_new_tokens: int | None = None,
+    draft: LM | None = None,
+    lookahead: int = speculative.DEFAULT_LOOKAHEAD,
 ) -> Trace:
     """The same intervention with fresh noise drawn from `key` (the interventional baseline)."""
     fresh = as_key(key)
     return _batch(
-        lm, [trace], [intervention], [fresh], True, None, reuse_cache, chunk, max_new_tokens
-    )[0]
+        lm, [trace], [intervention], [fresh], True, None, reuse_cache, chunk, max_new_tokens,
+        draft, lookahead,
+    )[0]  # fmt: skip
 
 
 def counterfactuals(
@@ -280,11 +293,14 @@ def counterfactuals(
     reuse_cache: bool = True,
     chunk: int | None = None,
     max_new_tokens: int | Sequence[int] | None = None,
+    draft: LM | None = None,
+    lookahead: int = speculative.DEFAULT_LOOKAHEAD,
 ) -> list[Trace]:
     """Many counterfactuals as one batch: N interventions of one trace, or one per trace.
 
     Each row keeps its own key, so the results equal one-by-one `counterfactual` calls.
-    `max_new_tokens` (one cap, or one per row) stops rows early, as in `counterfactual`.
+    `max_new_tokens` (one cap, or one per row) stops rows early, and `draft` / `lookahead`
+    decode speculatively, as in `counterfactual`.
     """
     traces = [trace] * len(interventions) if isinstance(trace, Trace) else list(trace)
     if len(traces) != len(interventions):
@@ -292,7 +308,7 @@ def counterfactuals(
     keys = [t.key for t in traces]
     return _batch(
         lm, traces, list(interventions), keys, False, resume_at, reuse_cache, chunk,
-        max_new_tokens,
+        max_new_tokens, draft, lookahead,
     )  # fmt: skip
 
 
@@ -305,14 +321,17 @@ def interventionals(
     reuse_cache: bool = True,
     chunk: int | None = None,
     max_new_tokens: int | Sequence[int] | None = None,
+    draft: LM | None = None,
+    lookahead: int = speculative.DEFAULT_LOOKAHEAD,
 ) -> list[Trace]:
     """Many interventional runs as one batch: row b applies `interventions[b]` to `traces[b]`
     with fresh noise from `keys[b]` (a `[B]` key array, or one key split into B);
-    `max_new_tokens` as in `counterfactuals`."""
+    `max_new_tokens`, `draft` and `lookahead` as in `counterfactuals`."""
     traces = list(traces)
     if len(traces) != len(interventions):
         raise ValueError(f"{len(traces)} traces but {len(interventions)} interventions")
     fresh = list(row_keys(keys, len(traces)))
     return _batch(
-        lm, traces, list(interventions), fresh, True, None, reuse_cache, chunk, max_new_tokens
-    )
+        lm, traces, list(interventions), fresh, True, None, reuse_cache, chunk, max_new_tokens,
+        draft, lookahead,
+    )  # fmt: skip

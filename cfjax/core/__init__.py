@@ -9,9 +9,11 @@ from cfjax.core.config import LlamaConfig, RopeScaling, preset
 from cfjax.core.engine import Sampled, bucket_length, sample
 from cfjax.core.lm import LM, forward, quantize
 from cfjax.core.scm import Sampler
+from cfjax.core.speculative import Draft
 from cfjax.core.steering import steer
 
 __all__ = [
+    "Draft",
     "LM",
     "LlamaConfig",
     "RopeScaling",

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from cfjax.core import model, posterior, scm, spec
+from cfjax.core import model, posterior, scm, spec, speculative
 from cfjax.core.cache import KVCache, init_cache
 from cfjax.core.config import LlamaConfig
 from cfjax.core.request import as_key, count
@@ -45,14 +45,15 @@ def bucket_length(n: int) -> int:
     return max(MIN_BUCKET, 1 << max(n - 1, 0).bit_length())
 
 
-def cache_length(bucket: int, steps: int, chunk: int = DEFAULT_CHUNK) -> int:
-    """Slots for a prompt bucket plus `steps` response steps, rounded up to whole chunks.
+def cache_length(bucket: int, steps: int, chunk: int = DEFAULT_CHUNK, spare: int = 0) -> int:
+    """Slots for a prompt bucket plus `steps` response steps (and `spare` more), rounded up to
+    whole chunks.
 
     Step i writes slot `bucket + i`, so `bucket + steps` slots suffice; rounding up lets nearby
     lengths share one compiled program. Every decode step attends over all slots (masked past
     the current one), so each spare slot costs attention time at every step.
     """
-    return bucket + math.ceil(steps / chunk) * chunk
+    return bucket + math.ceil((steps + spare) / chunk) * chunk
 
 
 # --- the traced pieces ---------------------------------------------------------------------
@@ -202,6 +203,7 @@ def sample(
     forced: jax.Array | None = None,
     noise_index: jax.Array | None = None,
     noise: jax.Array | None = None,
+    draft: speculative.Draft | None = None,
 ) -> Sampled:
     """Sample one response: a pure function of its inputs, usable under `jit` and `vmap`.
 
@@ -211,7 +213,8 @@ def sample(
     index of each step, default 0..N-1) and `noise` float32 `[N, V]` (Gumbel noise replacing the
     key-derived noise). Static: `config`, `max_new_tokens`, `stop_tokens` and the sampler's
     structure. Padding the prompt to `bucket_length(prompt_length)` gives the program shapes of
-    `cfjax.generate`, whose tokens it equals.
+    `cfjax.generate`, whose tokens it equals. `draft` (a `speculative.Draft`, its params traced)
+    decodes by speculative rounds: the same tokens, fewer passes over the weights.
     """
     n = count(max_new_tokens)
     prompt = jnp.asarray(prompt, jnp.int32)
@@ -230,22 +233,32 @@ def sample(
         raise ValueError(f"prompt_length {prompt_length} is outside [1, {prompt.shape[0]}]")
     stops = _stop_tuple(stop_tokens)
     sampler = scm.as_arrays(sampler)
-    return _sample(config, stops, params, prompt, prompt_length, as_key(key), sampler,
+    statics = None if draft is None else (draft.config, draft.lookahead)
+    return _sample(config, stops, statics, params, None if draft is None else draft.params,
+                   prompt, prompt_length, as_key(key), sampler,
                    jnp.asarray(forced, jnp.int32), jnp.asarray(noise_index, jnp.int32),
                    None if noise is None else jnp.asarray(noise, jnp.float32))  # fmt: skip
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _sample(config, stop_tokens, params, prompt, prompt_length, key, sampler, forced, index, noise):
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _sample(config, stop_tokens, draft_static, params, draft_params, prompt, prompt_length, key,
+            sampler, forced, index, noise):  # fmt: skip
     batch1 = lambda x: None if x is None else jnp.asarray(x)[None]
     n = forced.shape[0]
-    length = cache_length(prompt.shape[0], n)
+    draft = None if draft_static is None else speculative.Draft(draft_static[0], draft_params, draft_static[1])  # fmt: skip
+    length = cache_length(prompt.shape[0], n, spare=spare_for(draft))
     carry, start = prefill(config, params, prompt[None], batch1(prompt_length), length)
     rows = Rows(key[None], start, jax.tree_util.tree_map(batch1, sampler))
-    _, (tokens, logprobs, valid) = loop(
-        config, stop_tokens, params, rows, carry, forced[None], index[None], batch1(noise), n,
-        early_exit=False,
-    )  # fmt: skip
+    xs = (forced[None], index[None], batch1(noise), n)
+    if draft is None:
+        _, (tokens, logprobs, valid) = loop(config, stop_tokens, params, rows, carry, *xs, False)
+    else:
+        prefix = layout(prompt[None], batch1(prompt_length))[0]
+        draft_carry = speculative.start(draft.config, draft.params, prefix, start, length,
+                                        jnp.zeros((1, 0), jnp.int32), 0)  # fmt: skip
+        _, _, (tokens, logprobs, valid), _ = speculative.loop(
+            config, stop_tokens, params, rows, carry, *xs, False, False, draft, draft_carry
+        )
     return Sampled(tokens[:, 0], logprobs[:, 0], jnp.sum(valid[:, 0], dtype=jnp.int32))
 
 
@@ -305,6 +318,7 @@ class Decoded:
     bucket: int
     index: int  # the slot the next step would write
     logits: np.ndarray | None = None  # [B, steps - first, V] f32, with `Request.keep_logits`
+    rounds: int | None = None  # speculative rounds run (with a draft)
 
 
 def run(
@@ -316,19 +330,23 @@ def run(
     chunk: int = DEFAULT_CHUNK,
     resume: Resume | None = None,
     on_chunk: Callable[[list[list[int]]], None] | None = None,
+    draft: speculative.Draft | None = None,
 ) -> Decoded:
     """Decode a batch: prefill (or resume), then jitted chunks of up to `chunk` steps.
 
     Chunking never changes a token: noise is keyed by step, and every chunk runs the same
     compiled step. Stops early once every row has emitted a stop token. `on_chunk(rows)` gets
     the tokens so far after each chunk. Params sharded over a mesh run under it (the rows are
-    placed on it and the cache pinned to the rules of `spec`).
+    placed on it and the cache pinned to the rules of `spec`). With a `draft`, the chunks run
+    by speculative rounds (see `speculative`): the same tokens, fewer passes over the weights.
     """
     mesh = spec.mesh_of(params)
     if mesh is None:
-        return _run(config, params, request, stop_tokens, chunk, resume, on_chunk, None)
+        return _run(config, params, request, stop_tokens, chunk, resume, on_chunk, None, draft)
+    if draft is not None:
+        raise ValueError("speculative decoding (draft=) runs on one device: give unsharded params")
     with jax.set_mesh(mesh):
-        return _run(config, params, request, stop_tokens, chunk, resume, on_chunk, mesh)
+        return _run(config, params, request, stop_tokens, chunk, resume, on_chunk, mesh, None)
 
 
 def _run(
@@ -340,18 +358,19 @@ def _run(
     resume: Resume | None,
     on_chunk: Callable[[list[list[int]]], None] | None,
     mesh: Any,
+    draft: speculative.Draft | None,
 ) -> Decoded:
     batch, steps = len(request.prompts), request.steps
     bucket = bucket_length(max(len(p) for p in request.prompts))
     if request.cache_steps is not None and request.cache_steps < steps:
         raise ValueError(f"cache_steps {request.cache_steps} is below the {steps} steps to run")
-    length = cache_length(bucket, request.cache_steps or steps, chunk)
+    length = cache_length(bucket, request.cache_steps or steps, chunk, spare_for(draft))
     first = 0 if resume is None else resume.step
+    prompt = np.zeros((batch, bucket), np.int32)
+    for b, p in enumerate(request.prompts):
+        prompt[b, : len(p)] = p
+    lengths = np.asarray([len(p) for p in request.prompts], np.int32)
     if resume is None:
-        prompt = np.zeros((batch, bucket), np.int32)
-        for b, p in enumerate(request.prompts):
-            prompt[b, : len(p)] = p
-        lengths = np.asarray([len(p) for p in request.prompts], np.int32)
         carry, start = _prefill(config, params, prompt, lengths, length)
     else:
         if (resume.bucket, resume.cache.length) != (bucket, length):
@@ -392,14 +411,24 @@ def _run(
         put = lambda x: spec.put(x, replicated)  # noqa: E731
         rows = jax.tree_util.tree_map(put, rows)
         carry = Carry(put(carry.last), carry.cache, put(carry.index), put(carry.done))
+    if draft is not None:
+        draft_carry = _start_draft(draft, prompt, lengths, length, forced, first, chunk)
+        rounds = 0
     out: list[tuple[np.ndarray, ...]] = []
     for s in range(first, steps, chunk):
-        carry, chunk_out = _run_chunk(
-            config, stops, params, rows, carry,
+        xs = (
             jnp.asarray(forced[:, s : s + chunk]), jnp.asarray(noise_index[:, s : s + chunk]),
             None if noise is None else noise[:, s : s + chunk],
             jnp.asarray(min(chunk, steps - s), jnp.int32), request.keep_logits,
         )  # fmt: skip
+        if draft is None:
+            carry, chunk_out = _run_chunk(config, stops, params, rows, carry, *xs)
+        else:
+            carry, draft_carry, chunk_out, chunk_rounds = speculative.run_chunk(
+                config, stops, params, rows, carry, *xs,
+                (draft.config, draft.lookahead), draft.params, draft_carry,
+            )  # fmt: skip
+            rounds += int(chunk_rounds)
         out.append(tuple(np.swapaxes(spec.fetch(x), 0, 1) for x in chunk_out))
         if on_chunk is not None:
             on_chunk(_rows([o[0] for o in out], [o[2] for o in out], steps - first))
@@ -420,6 +449,30 @@ def _run(
         bucket,
         int(spec.fetch(carry.index)),
         logits,
+        rounds if draft is not None else None,
+    )
+
+
+def spare_for(draft: speculative.Draft | None) -> int:
+    """Cache slots a run needs past its last step: a speculative round writes `lookahead`
+    slots ahead of its first."""
+    return 0 if draft is None else draft.lookahead
+
+
+def _start_draft(draft, prompt, lengths, length, forced, first, chunk) -> speculative.DraftCarry:
+    """The draft's cache for a run that starts (or resumes) at step `first`: the prompt, then
+    the tokens fed before it (the last prompt token and the response's forced steps), padded to
+    whole chunks so that resumes at nearby steps share one program."""
+    prefix, last, start = layout(jnp.asarray(prompt), jnp.asarray(lengths))
+    width = math.ceil(first / chunk) * chunk
+    fed = np.zeros((prompt.shape[0], width), np.int32)
+    if first:
+        if (forced[:, : first - 1] < 0).any():
+            raise ValueError("a resumed speculative run needs the response before its resume step")
+        fed[:, 0] = np.asarray(last)
+        fed[:, 1:first] = forced[:, : first - 1]
+    return speculative.start_jit(
+        draft.config, draft.params, prefix, start, length, jnp.asarray(fed), jnp.int32(first)
     )
 
 

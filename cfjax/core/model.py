@@ -159,6 +159,17 @@ class Attention(nnx.Module):
             probs = jax.nn.softmax(scores, axis=-1)
             out = (probs[..., None] * values[:, :, None].astype(jnp.float32)).sum(-2)
             out = out[:, None].astype(x.dtype)  # [B, 1, KV, G, D]
+        elif layer_k is not None and not isinstance(index, int):
+            # The few tokens of a speculative scoring pass: the same multiply-and-sums, with the
+            # queries as one more axis.
+            qf = q.astype(jnp.float32).transpose(0, 2, 3, 1, 4)  # [B, KV, G, T, D]
+            kf = keys[:, :, None, None].astype(jnp.float32)  # [B, KV, 1, 1, D, S]
+            scores = (qf[..., None] * kf).sum(-2)  # [B, KV, G, T, S]
+            scores = jnp.where(visible[:, None, None], scores * scale, _NEG)
+            probs = jax.nn.softmax(scores, axis=-1)
+            vf = values[:, :, None, None].astype(jnp.float32)  # [B, KV, 1, 1, S, D]
+            out = (probs[..., None] * vf).sum(-2)  # [B, KV, G, T, D]
+            out = out.transpose(0, 3, 1, 2, 4).astype(x.dtype)  # [B, T, KV, G, D]
         else:
             scores = einsum_f32("btkgd,bkds->bkgts", q, keys.astype(q.dtype)) * scale
             scores = jnp.where(visible[:, None, None, :, :], scores, _NEG)

@@ -1,7 +1,7 @@
-"""One description of every param and KV-cache leaf: shape, dtype and logical axes.
+"""One description of every param and KV-cache leaf: shape, dtype, logical axes, initializer.
 
-In the manner of jax-llm-examples' llama3 (`ArrayInfo` per leaf): `param_shapes`, the loaders'
-expected shapes and the shardings derive from it. Logical axes name what an axis is ("embed",
+In the manner of jax-llm-examples' llama3 (`ArrayInfo` per leaf): `init_params`, `param_shapes`,
+the loaders' expected shapes and the shardings derive from it. Logical axes name what an axis is ("embed",
 "heads", "ffn", "vocab", "batch", ...); one rule table (`RULES`) maps them to the axes of a
 device mesh ("data", "model"), so the whole placement of a run is that table.
 """
@@ -9,6 +9,7 @@ device mesh ("data", "model"), so the whole placement of a run is that table.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -38,47 +39,58 @@ RULES: dict[str, str | None] = {
 }
 
 
+# Initializers of random params (`model.init_params`), one object each so that two specs compare
+# equal: the usual fan-in scaling, i.e. unit-variance activations at every layer's input.
+KERNEL_INIT = jax.nn.initializers.lecun_normal(in_axis=0, out_axis=1)  # [in, out]
+EMBED_INIT = jax.nn.initializers.variance_scaling(1.0, "fan_in", "normal", in_axis=1, out_axis=0)
+ONES_INIT = jax.nn.initializers.ones
+
+
 @dataclasses.dataclass(frozen=True)
 class ArrayInfo:
-    """One leaf: its shape, dtype and the logical name of each axis."""
+    """One leaf: its shape, dtype, the logical name of each axis, and (for a param) the
+    initializer `init(key, shape, dtype)` of a random model."""
 
     shape: tuple[int, ...]
     dtype: Any
     axes: tuple[str, ...]
+    init: Callable | None = None
 
     def partition(self, rules: dict[str, str | None] = RULES) -> PartitionSpec:
         """Its `PartitionSpec` under `rules`."""
         return PartitionSpec(*(rules[a] for a in self.axes))
 
 
-def _leaf(shape, dtype, *axes) -> ArrayInfo:
-    return ArrayInfo(tuple(int(s) for s in shape), jnp.dtype(dtype), tuple(axes))
+def _leaf(shape, dtype, *axes, init: Callable | None = None) -> ArrayInfo:
+    return ArrayInfo(tuple(int(s) for s in shape), jnp.dtype(dtype), tuple(axes), init)
 
 
 def param_spec(config: LlamaConfig, dtype: Any = jnp.float32) -> dict:
     """The params pytree (fused layout, as `model.init_params` makes it) as `ArrayInfo`s."""
     c = config
     q, kv = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
-    norm = lambda: {"scale": _leaf((c.dim,), dtype, "embed")}  # noqa: E731
+    norm = lambda: {"scale": _leaf((c.dim,), dtype, "embed", init=ONES_INIT)}  # noqa: E731
+    kernel = lambda shape, *axes: {"kernel": _leaf(shape, dtype, *axes, init=KERNEL_INIT)}  # noqa: E731
     layer = {
         "attn_norm": norm(),
         "attn": {
-            "qkv": {"kernel": _leaf((c.dim, q + 2 * kv), dtype, "embed", "qkv")},
-            "o": {"kernel": _leaf((q, c.dim), dtype, "heads", "embed")},
+            "qkv": kernel((c.dim, q + 2 * kv), "embed", "qkv"),
+            "o": kernel((q, c.dim), "heads", "embed"),
         },
         "mlp_norm": norm(),
         "mlp": {
-            "gate_up": {"kernel": _leaf((c.dim, 2 * c.ffn_dim), dtype, "embed", "gate_up")},
-            "down": {"kernel": _leaf((c.ffn_dim, c.dim), dtype, "ffn", "embed")},
+            "gate_up": kernel((c.dim, 2 * c.ffn_dim), "embed", "gate_up"),
+            "down": kernel((c.ffn_dim, c.dim), "ffn", "embed"),
         },
     }
+    embedding = _leaf((c.vocab_size, c.dim), dtype, "vocab", "embed", init=EMBED_INIT)
     spec = {
-        "embed": {"embedding": _leaf((c.vocab_size, c.dim), dtype, "vocab", "embed")},
+        "embed": {"embedding": embedding},
         "layers": {i: jax.tree_util.tree_map(lambda x: x, layer) for i in range(c.n_layers)},
         "final_norm": norm(),
     }
     if not c.tie_embeddings:
-        spec["lm_head"] = {"kernel": _leaf((c.dim, c.vocab_size), dtype, "embed", "vocab")}
+        spec["lm_head"] = kernel((c.dim, c.vocab_size), "embed", "vocab")
     return spec
 
 
@@ -94,6 +106,19 @@ def shapes(spec: Any) -> Any:
     """`jax.ShapeDtypeStruct`s of a spec tree."""
     return jax.tree_util.tree_map(
         lambda i: jax.ShapeDtypeStruct(i.shape, i.dtype), spec, is_leaf=_is_info
+    )
+
+
+def initialize(spec: Any, key: jax.Array) -> Any:
+    """Random arrays of a spec tree: each leaf's initializer with its own key (split from `key`
+    in the tree's leaf order)."""
+    leaves, tree = jax.tree_util.tree_flatten_with_path(spec, is_leaf=_is_info)
+    for path, info in leaves:
+        if info.init is None:
+            raise ValueError(f"spec leaf {jax.tree_util.keystr(path)} has no initializer")
+    keys = jax.random.split(key, len(leaves))
+    return tree.unflatten(
+        [i.init(k, i.shape, i.dtype) for (_, i), k in zip(leaves, keys, strict=True)]
     )
 
 
