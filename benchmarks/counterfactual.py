@@ -3,8 +3,10 @@
 SmolLM2-135M-Instruct float32 (cfjax's embedded default), the decode benchmark's chat prompt,
 temperature-1 sampling with no stop token, so the factual trace and every counterfactual have
 exactly `--new-tokens` steps (128 by default, not the decode benchmark's 256, so that both
-benchmarks together finish within 12 minutes on a 2-core CPU). All timings are warm (one
-untimed run of each kind first) and the best of `--repeats`.
+benchmarks together finish within 10 minutes on a 2-core CPU). All timings are warm (one
+untimed run of each kind first). Every ratio is the median over `--repeats` (default 5) rounds
+in which each kind runs once, interleaved, so each round's ratio compares runs seconds apart
+(single runs on this VM move by ±9% between rounds); the seconds shown are the medians too.
 
 - cf / factual: an edit at response step 0 (a different first token), a full replay of the same
   length (no cache to reuse before step 0). Also reported: a null edit at the middle (the factual
@@ -13,8 +15,8 @@ untimed run of each kind first) and the best of `--repeats`.
   cache, so only the steps from the edit on run.
 - batched speedup: `counterfactuals(lm, trace, [64 edits])` (64 different tokens at the middle,
   one batch) against 64 one-by-one `counterfactual` calls. The one-by-one side times a subset
-  (`--sequential`, default 8) and scales it to 64, as the output says. Both sides are timed
-  `--repeats` times, interleaved, and the best of each is kept.
+  (`--sequential`, default 4) and scales it to 64, as the output says; each round times both
+  sides, and the speedup is the median of the rounds' speedups.
 
     python benchmarks/counterfactual.py            # table
     python benchmarks/counterfactual.py --json     # {"cf_over_factual", ...}
@@ -26,6 +28,8 @@ from __future__ import annotations
 import argparse
 import json
 import time
+
+import numpy as np
 
 from common import (
     DEFAULT_MODEL,
@@ -47,8 +51,10 @@ def main() -> None:
     ap.add_argument("--config", help="random weights of this preset instead (e.g. tiny)")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--batch", type=int, default=64, help="counterfactuals in the batched run")
-    ap.add_argument("--sequential", type=int, default=8, help="one-by-one runs timed (scaled)")
-    ap.add_argument("--repeats", type=int, default=2, help="timed runs of each kind (best kept)")
+    ap.add_argument("--sequential", type=int, default=4, help="one-by-one runs timed (scaled)")
+    ap.add_argument(
+        "--repeats", type=int, default=5, help="interleaved rounds (medians reported)"
+    )
     ap.add_argument("--prompt", default=DEFAULT_PROMPT)
     ap.add_argument("--prompt-len", type=int, default=40, help="random prompt length (--config)")
     ap.add_argument("--json", action="store_true", help="print the JSON object only")
@@ -96,27 +102,34 @@ def main() -> None:
     with clock.measure() as cf_compile_s:
         for fn in kinds.values():
             fn()  # warm-up
-    seconds = {}
+    rounds = {name: [] for name in kinds}
     for _ in range(args.repeats):  # interleaved, so a load change hits every kind alike
         for name, fn in kinds.items():
             out, s = best_time(fn, 1)
-            seconds[name] = min(seconds.get(name, float("inf")), s)
+            rounds[name].append(s)
             if name != "factual" and len(out.tokens) != n:
                 raise RuntimeError(f"{name} produced {len(out.tokens)} tokens, not {n}")
+    seconds = {name: float(np.median(v)) for name, v in rounds.items()}
+    over_factual = {  # each round's ratio to the factual run of the same round, then the median
+        name: float(np.median(np.asarray(v) / np.asarray(rounds["factual"])))
+        for name, v in rounds.items()
+    }
     log("batch-1 kinds: " + ", ".join(f"{k} {v:.2f} s" for k, v in seconds.items()))
 
     edits = [ReplaceTokens(mid, [other(trace.tokens[mid], i)]) for i in range(args.batch)]
     with clock.measure() as batch_compile_s:
         counterfactuals(lm, trace, edits)  # warm-up (compiles the batch shape)
     subset = min(args.sequential, args.batch)
-    batched_s = subset_s = float("inf")
-    for _ in range(args.repeats):  # interleaved, best of each, as for the batch-1 kinds
+    batched_runs, subset_runs = [], []
+    for _ in range(args.repeats):  # interleaved rounds, as for the batch-1 kinds
         batched, s = best_time(lambda: counterfactuals(lm, trace, edits), 1)
-        batched_s = min(batched_s, s)
+        batched_runs.append(s)
         one_by_one, s = best_time(
             lambda: [counterfactual(lm, trace, iv) for iv in edits[:subset]], 1
         )
-        subset_s = min(subset_s, s)
+        subset_runs.append(s)
+    batched_s, subset_s = float(np.median(batched_runs)), float(np.median(subset_runs))
+    speedups = np.asarray(subset_runs) * args.batch / subset / np.asarray(batched_runs)
     log(f"batched {args.batch}: {batched_s:.2f} s")
     sequential_s = subset_s * args.batch / subset
     log(f"one by one: {subset} in {subset_s:.2f} s -> {args.batch} in {sequential_s:.2f} s")
@@ -124,10 +137,13 @@ def main() -> None:
 
     f = seconds["factual"]
     result = {
-        "cf_over_factual": round(seconds["cf_edit0"] / f, 3),
-        "cf_reuse_middle_over_factual": round(seconds["cf_reuse_middle"] / f, 3),
-        "batched64_speedup": round(sequential_s / batched_s, 2),
-        "cf_null_middle_over_factual": round(seconds["cf_null_middle"] / f, 3),
+        "cf_over_factual": round(over_factual["cf_edit0"], 3),
+        "cf_reuse_middle_over_factual": round(over_factual["cf_reuse_middle"], 3),
+        "batched64_speedup": round(float(np.median(speedups)), 2),
+        "cf_null_middle_over_factual": round(over_factual["cf_null_middle"], 3),
+        # Every round's ratio, to show the spread the medians summarise.
+        "cf_over_factual_rounds": [round(x, 3) for x in np.asarray(rounds["cf_edit0"]) / np.asarray(rounds["factual"])],  # noqa: E501
+        "batched64_speedup_rounds": [round(float(x), 2) for x in speedups],
         "factual_s": round(f, 3),
         "cf_edit0_s": round(seconds["cf_edit0"], 3),
         "cf_null_middle_s": round(seconds["cf_null_middle"], 3),
@@ -159,7 +175,8 @@ def main() -> None:
         f"{r['date']}"
     )
     if n != 256:
-        print(f"({n} tokens, not 256, to keep both CPU benchmarks within 12 minutes)")
+        print(f"({n} tokens, not 256, to keep both CPU benchmarks within 10 minutes)")
+    print(f"medians of {args.repeats} interleaved rounds")
     print("measure | seconds | / factual")
     print(f"factual ({n} steps) | {f:.3f} | 1")
     print(f"cf, edit at step 0, full replay | {r['cf_edit0_s']} | {r['cf_over_factual']}")

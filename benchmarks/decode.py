@@ -2,8 +2,8 @@
 
 Same weights (SmolLM2-135M-Instruct float32: cfjax's embedded default, and transformers reading
 the very same GGUF file), same chat prompt, temperature-1 sampling with no stop token so every
-row runs every step, batch 1 / 16 / 64. Reports tokens/s of both (cfjax warm: its compile time is
-measured separately from JAX's compile events), the ratio, the achieved memory bandwidth
+row runs every step, batch 1 and 64 (`--batches`). Reports tokens/s of both (cfjax warm: its
+compile time is measured separately from JAX's compile events), the ratio, the achieved memory bandwidth
 (bytes read per step: params + KV cache at the average length, times steps/s) against a copy
 bandwidth measured in the same run, and the peak RSS of each side (transformers runs in a child
 process, so each side's peak is its own). At the `--plain-batches` sizes (default 1) it also times
@@ -13,7 +13,12 @@ cfjax's tokens: what the counterfactual engine costs over plain generation in JA
 and the same matmuls in torch, in transformers' process: how fast the peer's own matrix-vector
 products stream, hence the ratio cfjax would show if it ran exactly at XLA's floor. At the
 `--sample-batches` sizes (default 64) it times `jax.jit(jax.vmap(cfjax.core.sample))` over the
-same keys, beside `generate`, and checks that it sampled the same tokens.
+same keys, beside `generate`, and checks that it sampled the same tokens. At the
+`--speculative-batches` sizes (default 1) it times speculative decoding (`draft=`, `--draft`:
+the int8 variant by default, or `firstN`, the model's first N layers with its head) against
+plain decoding of the same rows, as the median over `--speculative-pairs` interleaved pairs of
+`--speculative-tokens` steps, with the draft's acceptance rate and the number of rows whose
+tokens differ from plain decoding (flips: 0 when exact).
 
     python benchmarks/decode.py                      # table
     python benchmarks/decode.py --json               # [{"batch", "cfjax_tok_s", ...}, ...]
@@ -115,6 +120,61 @@ def cfjax_decode(
     }
 
 
+def first_layers(lm, n: int):
+    """A draft of `lm`: its first `n` layers, final norm and head (no training needed)."""
+    import dataclasses
+
+    import cfjax
+
+    config = dataclasses.replace(lm.config, n_layers=n, name=f"{lm.config.name}-first{n}")
+    params = {**lm.params, "layers": {i: lm.params["layers"][i] for i in range(n)}}
+    return cfjax.LM(config, params, lm.tokenizer, f"{lm.model_id}@first{n}")
+
+
+def speculative_decode(lm, draft, prompt, batch, new_tokens, lookahead, pairs) -> dict:
+    """Plain and speculative decoding of the same rows, interleaved: medians, acceptance, flips."""
+    from cfjax.causal.factual import draft_for
+    from cfjax.core import engine
+    from cfjax.core.request import row_keys
+    from cfjax.core.scm import Sampler
+
+    request = engine.Request([prompt] * batch, row_keys(1, batch), [Sampler()] * batch, new_tokens)
+    spec_draft = draft_for(lm, draft, lookahead)
+    plain = lambda: engine.run(lm.config, lm.params, request, stop_tokens=())  # noqa: E731
+    spec = lambda: engine.run(lm.config, lm.params, request, stop_tokens=(), draft=spec_draft)  # noqa: E731,E501
+    plain(), spec()  # compile both
+    plain_s, spec_s = [], []
+    for _ in range(pairs):
+        p, s = best_time(plain, 1), best_time(spec, 1)
+        plain_s.append(p[1])
+        spec_s.append(s[1])
+    p, s = p[0], s[0]
+    emitted = max(len(t) for t in s.tokens)
+    return {
+        "draft": draft.model_id,
+        "lookahead": lookahead,
+        "tok_s": batch * new_tokens / float(np.median(spec_s)),
+        "plain_tok_s": batch * new_tokens / float(np.median(plain_s)),
+        "over_plain": float(np.median(np.asarray(plain_s) / np.asarray(spec_s))),
+        # Draft tokens kept per token proposed; a round emits the kept ones plus the target's.
+        "acceptance_rate": (emitted - s.rounds) / (s.rounds * lookahead),
+        "tokens_per_round": emitted / s.rounds,
+        "flips": sum(a != b for a, b in zip(s.tokens, p.tokens, strict=True)),
+        "pairs": pairs,
+        "new_tokens": new_tokens,
+    }
+
+
+def _speculative_fields(r: dict | None) -> dict:
+    keys = ("speculative_tok_s", "speculative_over_plain", "acceptance_rate",
+            "tokens_per_round", "speculative_flips", "speculative_draft", "speculative_lookahead")  # fmt: skip
+    if r is None:
+        return dict.fromkeys(keys)
+    values = (round(r["tok_s"], 2), round(r["over_plain"], 3), round(r["acceptance_rate"], 3),
+              round(r["tokens_per_round"], 2), r["flips"], r["draft"], r["lookahead"])  # fmt: skip
+    return dict(zip(keys, values, strict=True))
+
+
 def main() -> None:
     """Run both sides for every batch size; print the table (or the JSON rows)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -122,7 +182,7 @@ def main() -> None:
         "--model", default=DEFAULT_MODEL, help="model name or path (default: %(default)s)"
     )
     ap.add_argument("--config", help="random weights of this preset instead (e.g. tiny)")
-    ap.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 64])
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--prompt", default=DEFAULT_PROMPT)
     ap.add_argument("--prompt-len", type=int, default=40, help="random prompt length (--config)")
@@ -148,9 +208,20 @@ def main() -> None:
         "--int8-batches",
         type=int,
         nargs="*",
-        default=[1, 64],
+        default=[1],
         help="batch sizes at which to also time the int8 variant (cfjax.quantize) (%(default)s)",
     )
+    ap.add_argument(
+        "--speculative-batches",
+        type=int,
+        nargs="*",
+        default=[1],
+        help="batch sizes at which to also time speculative decoding (%(default)s)",
+    )
+    ap.add_argument("--draft", default="int8", help="the draft: int8 or firstN (%(default)s)")
+    ap.add_argument("--lookahead", type=int, default=4, help="draft tokens per round")
+    ap.add_argument("--speculative-tokens", type=int, default=128)
+    ap.add_argument("--speculative-pairs", type=int, default=3)
     ap.add_argument("--copy-mib", type=int, default=1024, help="copy-bandwidth array size")
     ap.add_argument("--json", action="store_true", help="print the rows as JSON only")
     args = ap.parse_args()
@@ -214,6 +285,25 @@ def main() -> None:
                     f"{core_sample[batch]['tok_s']:.1f} tok/s",
                     file=sys.stderr,
                 )
+        speculative = {}
+        spec_batches = sorted(set(args.speculative_batches) & set(args.batches))
+        if spec_batches:
+            if args.draft == "int8":
+                draft = cfjax.quantize(lm, "int8")
+            elif args.draft.startswith("first") and args.draft[5:].isdigit():
+                draft = first_layers(lm, int(args.draft[5:]))
+            else:
+                raise SystemExit(f"--draft: int8 or firstN, not {args.draft!r}")
+            for batch in spec_batches:
+                speculative[batch] = speculative_decode(
+                    lm, draft, prompt, batch, args.speculative_tokens, args.lookahead,
+                    args.speculative_pairs,
+                )  # fmt: skip
+                if not args.json:
+                    r = speculative[batch]
+                    print(f"  speculative batch {batch}: {r['tok_s']:.1f} tok/s, "
+                          f"x{r['over_plain']:.3f} plain, acceptance {r['acceptance_rate']:.2f}, "
+                          f"flips {r['flips']}", file=sys.stderr)  # fmt: skip
         plain = {}
         for batch in yardstick_batches:
             plain[batch] = plain_decode(lm, [prompt] * batch, args.new_tokens, args.repeats)
@@ -267,6 +357,8 @@ def main() -> None:
             "int8_over_float32": round(int8[batch]["tok_s"] / c["tok_s"], 3)
             if batch in int8
             else None,  # fmt: skip
+            # Speculative decoding (`draft=`) against plain decoding of the same rows.
+            **_speculative_fields(speculative.get(batch)),
             "achieved_gb_s": round(achieved / 1e9, 2),
             "copy_gb_s": round(bw["best"] / 1e9, 2),
             # Against a one-thread copy (what one core streams): the weaker yardstick.

@@ -23,7 +23,8 @@ COMMANDS = {
     "decode": [
         "decode.py",
         *("--config", "tiny", "--batches", "1", "--new-tokens", "8", "--copy-mib", "32"),
-        *("--sample-batches", "1"),
+        *("--sample-batches", "1", "--speculative-tokens", "12", "--speculative-pairs", "1"),
+        *("--lookahead", "3"),
     ],
     "counterfactual": [
         "counterfactual.py",
@@ -110,6 +111,11 @@ def test_decode_json(outputs):
         assert r["matmul_floor_over_transformers"] == pytest.approx(
             r["matmul_floor_tok_s"] / r["transformers_tok_s"], rel=0.01, abs=1e-3
         )
+        # Speculative decoding with the int8 draft: the plain tokens, its acceptance reported.
+        assert r["speculative_draft"].endswith("@int8") and r["speculative_lookahead"] == 3
+        assert r["speculative_flips"] == 0
+        assert 0 <= r["acceptance_rate"] <= 1 and 1 <= r["tokens_per_round"] <= 4
+        assert _positive(r["speculative_tok_s"]) and _positive(r["speculative_over_plain"])
 
 
 def test_counterfactual_json(outputs):
@@ -120,6 +126,7 @@ def test_counterfactual_json(outputs):
     assert r["cf_over_factual"] < 10 and r["cf_reuse_middle_over_factual"] < 10
     assert r["batch"] == 4 and r["sequential_timed"] == 2
     assert r["batched_matches_sequential"] is True
+    assert len(r["cf_over_factual_rounds"]) == len(r["batched64_speedup_rounds"]) == 1
 
 
 def test_abduction_json(outputs):

@@ -61,3 +61,17 @@ def test_model_interventions_example_runs_as_shown(capsys):
     assert printed[0].split()[1:] == printed[4].split()[1:]  # the int8 variant kept the answer
     differs = [i for i, (a, b) in enumerate(zip(printed, shown, strict=True)) if a != b]
     assert len(differs) <= 1, f"the README shows other output than the example prints: {differs}"
+
+
+@pytest.mark.slow
+def test_speculative_example_runs_as_shown(capsys):
+    import cfjax
+
+    code, shown = _blocks("### Speculative decoding")
+    lm = cfjax.load("smollm2-135m-instruct")
+    exec(compile(code, str(README), "exec"), {"cfjax": cfjax, "lm": lm})
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert printed[0] == "same tokens: True" and printed[2] == "same counterfactual: True"
+    assert len(printed) == len(shown)
+    differs = [i for i, (a, b) in enumerate(zip(printed, shown, strict=True)) if a != b]
+    assert len(differs) <= 1, f"the README shows other output than the example prints: {differs}"

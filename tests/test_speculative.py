@@ -71,24 +71,30 @@ def test_sample_with_a_draft_gives_the_tokens_of_plain_sampling(lm, drafts):
         np.testing.assert_allclose(spec.logprobs, plain.logprobs, atol=1e-4)
 
 
-def _run(lm, prompts, keys, samplers, steps, draft=None, **kw):
+def _run(lm, prompts, keys, samplers, steps, draft=None, stop_tokens=STOP, **kw):
     request = engine.Request(prompts, keys, samplers, steps, **kw)
-    return engine.run(lm.config, lm.params, request, stop_tokens=STOP, draft=draft)
+    return engine.run(lm.config, lm.params, request, stop_tokens=stop_tokens, draft=draft)
 
 
 def test_a_speculative_batch_equals_the_plain_batch(lm, drafts):
-    """Rows of different prompt lengths and samplers, across a chunk boundary, some stopping."""
+    """Rows of different prompt lengths and samplers, across a chunk boundary, some stopping:
+    the same tokens, log-probs and (kept) logits as the plain batch."""
     prompts = [PROMPT, [5, 6], PROMPT[:4] * 3, [11] * 20]
     keys = jax.random.split(jax.random.key(2), 4)
     samplers = [SAMPLERS["t1"], SAMPLERS["topp"], SAMPLERS["topk-greedy"], cfjax.Sampler(top_k=8)]
-    plain = _run(lm, prompts, keys, samplers, 80)
-    spec = _run(lm, prompts, keys, samplers, 80, cfjax.core.Draft(lm.config, drafts["int8"].params, 3))  # fmt: skip
+    stops = tuple(range(2, 12))  # frequent enough that rows stop at different steps
+    plain = _run(lm, prompts, keys, samplers, 80, stop_tokens=stops, keep_logits=True)
+    draft = cfjax.core.Draft(lm.config, drafts["int8"].params, 3)
+    spec = _run(lm, prompts, keys, samplers, 80, draft, stop_tokens=stops, keep_logits=True)
     assert spec.tokens == plain.tokens
+    assert len({len(t) for t in plain.tokens}) > 1  # some rows stop before others
     np.testing.assert_allclose(
         np.concatenate([np.asarray(r, float) for r in spec.logprobs]),
         np.concatenate([np.asarray(r, float) for r in plain.logprobs]),
         atol=1e-4,
     )
+    for b, row in enumerate(plain.tokens):  # the logits of each row's own steps
+        np.testing.assert_allclose(spec.logits[b, : len(row)], plain.logits[b, : len(row)], atol=1e-4)  # fmt: skip
     assert spec.rounds is not None and plain.rounds is None
 
 
@@ -104,16 +110,6 @@ def test_the_target_as_its_own_draft_keeps_every_proposal(lm, drafts):
         assert spec.rounds == math.ceil(64 / (k + 1)) + math.ceil(36 / (k + 1))
     else:  # stopped early: at most one round per k + 1 tokens, plus the chunk's cut
         assert spec.rounds <= math.ceil(n / (k + 1)) + 1
-
-
-def test_keep_logits_through_speculative_rounds(lm, drafts):
-    prompts = [PROMPT, [9, 8, 7]]
-    keys = jax.random.split(jax.random.key(8), 2)
-    samplers = [SAMPLERS["t1"]] * 2
-    plain = _run(lm, prompts, keys, samplers, 30, keep_logits=True)
-    spec = _run(lm, prompts, keys, samplers, 30, cfjax.core.Draft(lm.config, drafts["int8"].params, 3), keep_logits=True)  # fmt: skip
-    assert spec.tokens == plain.tokens
-    np.testing.assert_allclose(spec.logits, plain.logits, atol=1e-4)
 
 
 @pytest.fixture(scope="module")
