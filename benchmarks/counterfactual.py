@@ -30,7 +30,6 @@ import json
 import time
 
 import numpy as np
-
 from common import (
     DEFAULT_MODEL,
     DEFAULT_PROMPT,
@@ -52,9 +51,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--batch", type=int, default=64, help="counterfactuals in the batched run")
     ap.add_argument("--sequential", type=int, default=4, help="one-by-one runs timed (scaled)")
-    ap.add_argument(
-        "--repeats", type=int, default=5, help="interleaved rounds (medians reported)"
-    )
+    ap.add_argument("--repeats", type=int, default=5, help="interleaved rounds (medians reported)")
     ap.add_argument("--prompt", default=DEFAULT_PROMPT)
     ap.add_argument("--prompt-len", type=int, default=40, help="random prompt length (--config)")
     ap.add_argument("--json", action="store_true", help="print the JSON object only")
@@ -142,7 +139,9 @@ def main() -> None:
         "batched64_speedup": round(float(np.median(speedups)), 2),
         "cf_null_middle_over_factual": round(over_factual["cf_null_middle"], 3),
         # Every round's ratio, to show the spread the medians summarise.
-        "cf_over_factual_rounds": [round(x, 3) for x in np.asarray(rounds["cf_edit0"]) / np.asarray(rounds["factual"])],  # noqa: E501
+        "cf_over_factual_rounds": [
+            round(x, 3) for x in np.asarray(rounds["cf_edit0"]) / np.asarray(rounds["factual"])
+        ],  # noqa: E501
         "batched64_speedup_rounds": [round(float(x), 2) for x in speedups],
         "factual_s": round(f, 3),
         "cf_edit0_s": round(seconds["cf_edit0"], 3),

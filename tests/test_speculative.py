@@ -154,7 +154,9 @@ def test_draft_errors(lm):
     with pytest.raises(ValueError, match="lookahead"):
         cfjax.core.Draft(lm.config, lm.params, 0)
     other_vocab = dataclasses.replace(lm.config, vocab_size=128)
-    draft = cfjax.LM(other_vocab, model.init_params(other_vocab, jax.random.key(1)), model_id="v128")
+    draft = cfjax.LM(
+        other_vocab, model.init_params(other_vocab, jax.random.key(1)), model_id="v128"
+    )
     with pytest.raises(ValueError, match="share the vocabulary"):
         cfjax.generate(lm, PROMPT, max_new_tokens=4, draft=draft)
 

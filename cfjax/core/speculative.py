@@ -93,7 +93,9 @@ def loop(
     batch, width = forced.shape
     stops = jnp.asarray(stop_tokens, jnp.int32)
     # A round reads the inputs of up to k + 1 steps past its first: pad them (never emitted).
-    pad = lambda x, value: jnp.pad(x, ((0, 0), (0, k + 1)) + ((0, 0),) * (x.ndim - 2), constant_values=value)  # noqa: E731,E501
+    pad = lambda x, value: jnp.pad(
+        x, ((0, 0), (0, k + 1)) + ((0, 0),) * (x.ndim - 2), constant_values=value
+    )  # noqa: E731,E501
     forced = pad(forced, -1)
     noise_index = jnp.concatenate(
         [noise_index, noise_index[:, -1:] + 1 + jnp.arange(k + 1, dtype=jnp.int32)[None]], axis=1
@@ -103,7 +105,9 @@ def loop(
         jnp.zeros((width + k + 1, batch), jnp.int32),
         jnp.zeros((width + k + 1, batch), jnp.float32),
         jnp.zeros((width + k + 1, batch), bool),
-    ) + ((jnp.zeros((width + k + 1, batch, config.vocab_size), jnp.float32),) if keep_logits else ())
+    ) + (
+        (jnp.zeros((width + k + 1, batch, config.vocab_size), jnp.float32),) if keep_logits else ()
+    )
     at = lambda x, i, j: jax.lax.dynamic_index_in_dim(x, i + j, axis=1, keepdims=False)  # noqa: E731
     noise_at = lambda i, j: None if noise is None else at(noise, i, j)  # noqa: E731
 
@@ -111,7 +115,9 @@ def loop(
         """The draft's k tokens for steps i..i+k-1, and its carry."""
         two = jnp.stack([dc.before, carry.last], axis=1)
         logits, cache = model.apply(draft.config, draft.params, two, rows.start, dc.cache, carry.index - 1)  # fmt: skip
-        token = _choose(rows, logits[:, 1], at(forced, i, 0), at(noise_index, i, 0), noise_at(i, 0))[0]
+        token = _choose(
+            rows, logits[:, 1], at(forced, i, 0), at(noise_index, i, 0), noise_at(i, 0)
+        )[0]
         proposals = [token]
         for j in range(1, k):
             logits, cache = model.apply(
