@@ -8,10 +8,12 @@ target's y_j is taken instead (and when all k agree, the target's y_k comes free
 emitted is the target's own choice given the target's own prefix, so the tokens are those of
 plain decoding: counterfactuals stay counterfactuals, forced tokens stay forced.
 
-The target scores each position bit for bit as a plain decode step does (`model.row_matmul`,
-and attention whose per-query sums do not depend on how many queries there are), so this is
-exact in floating point too, not only in exact arithmetic; `tests/test_speculative.py` checks it
-on every sampler.
+In floating point the pass over k + 1 tokens rounds a logit differently from the one-token
+step (different matmul kernels and reductions: up to ~1e-4 on SmolLM2's logits), so a choice
+at a near-tie could in principle differ from plain decoding. XLA:CPU gives no shape-independent
+rounding to build on (its row reductions and matmuls change kernels with the number of rows),
+so this is measured, not prevented: `benchmarks/decode.py` counts flips against plain decoding
+(none so far), and the tests check equality on every sampler.
 
 Rows of a batch advance together by the fewest tokens any unfinished row accepted, so the cache
 keeps one write slot per batch (see `cache`); a row that accepted more re-proposes the rest.
@@ -92,10 +94,11 @@ def loop(
     k = draft.lookahead
     batch, width = forced.shape
     stops = jnp.asarray(stop_tokens, jnp.int32)
+
     # A round reads the inputs of up to k + 1 steps past its first: pad them (never emitted).
-    pad = lambda x, value: jnp.pad(
-        x, ((0, 0), (0, k + 1)) + ((0, 0),) * (x.ndim - 2), constant_values=value
-    )  # noqa: E731,E501
+    def pad(x, value):
+        return jnp.pad(x, ((0, 0), (0, k + 1)) + ((0, 0),) * (x.ndim - 2), constant_values=value)
+
     forced = pad(forced, -1)
     noise_index = jnp.concatenate(
         [noise_index, noise_index[:, -1:] + 1 + jnp.arange(k + 1, dtype=jnp.int32)[None]], axis=1
