@@ -12,8 +12,10 @@ cfjax's tokens: what the counterfactual engine costs over plain generation in JA
 `matmul_floor.py`, the same steps' weight matmuls alone: the most any XLA decode step could gain;
 and the same matmuls in torch, in transformers' process: how fast the peer's own matrix-vector
 products stream, hence the ratio cfjax would show if it ran exactly at XLA's floor. At the
-`--sample-batches` sizes (default 64) it times `jax.jit(jax.vmap(cfjax.core.sample))` over the
-same keys, beside `generate`, and checks that it sampled the same tokens. At the
+`--sample-batches` sizes (none by default; e.g. 64) it times `jax.jit(jax.vmap(cfjax.core.sample))`
+over the same keys, beside `generate`, and checks that it sampled the same tokens; at the
+`--int8-batches` sizes (none by default) the int8 variant. Both are off by default so that this
+and `counterfactual.py` finish within 10 minutes here. At the
 `--speculative-batches` sizes (default 1) it times speculative decoding (`draft=`, `--draft`:
 the int8 variant by default, or `firstN`, the model's first N layers with its head) against
 plain decoding of the same rows, as the median over `--speculative-pairs` interleaved pairs of
@@ -31,7 +33,6 @@ temporary folder and loaded by both sides), so it needs no model download.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
@@ -59,27 +60,13 @@ from common import (
 from peer import run_transformers
 
 
-class _StopWarmup(Exception):
-    pass
-
-
-def _stop_after(chunks: int):
-    """A `stream` callback that ends the run after `chunks` decode chunks."""
-    seen = [0]
-
-    def callback(_text: str) -> None:
-        seen[0] += 1
-        if seen[0] >= chunks:
-            raise _StopWarmup
-
-    return callback
-
-
 def cfjax_decode(
     lm, prompt: list[int], batch: int, new_tokens: int, clock: CompileClock, repeats: int
 ) -> dict:
     """Warm cfjax `generate` tokens/s at one batch size, and the compile time it needed."""
     from cfjax.causal.factual import generate
+    from cfjax.core import engine
+    from cfjax.core.request import row_keys
     from cfjax.core.scm import Sampler
 
     prompts = [prompt] * batch
@@ -95,14 +82,14 @@ def cfjax_decode(
             **kw,
         )
 
-    # Warm-up with the timed run's exact shapes. Streaming calls back after each decode chunk;
-    # stopping after the first has compiled the prefill and the chunk program every chunk runs
-    # (a recompile in a later chunk would show in the timed run's `recompile_s`) but skips the
-    # other steps. Without a tokenizer nothing streams and the warm-up simply runs in full.
+    # Warm-up with the timed run's exact shapes: one step of a request whose cache is sized for
+    # all of them compiles the prefill and the chunk program every chunk runs (a recompile in
+    # the timed run would show in its `recompile_s`) without running the other steps.
+    warm = engine.Request(prompts, row_keys(1, batch), [Sampler(temperature=1.0)] * batch, 1,
+                          cache_steps=new_tokens)  # fmt: skip
     t = time.perf_counter()
     with clock.measure() as compile_s:
-        with contextlib.suppress(_StopWarmup):
-            run(stream=_stop_after(1))
+        engine.run(lm.config, lm.params, warm, stop_tokens=())
     warmup_s = time.perf_counter() - t
     with clock.measure() as recompile_s:
         traces, seconds = best_time(run, timed_runs(batch, repeats))
@@ -133,6 +120,8 @@ def first_layers(lm, n: int):
 
 def speculative_decode(lm, draft, prompt, batch, new_tokens, lookahead, pairs) -> dict:
     """Plain and speculative decoding of the same rows, interleaved: medians, acceptance, flips."""
+    import dataclasses
+
     from cfjax.causal.factual import draft_for
     from cfjax.core import engine
     from cfjax.core.request import row_keys
@@ -142,7 +131,10 @@ def speculative_decode(lm, draft, prompt, batch, new_tokens, lookahead, pairs) -
     spec_draft = draft_for(lm, draft, lookahead)
     plain = lambda: engine.run(lm.config, lm.params, request, stop_tokens=())  # noqa: E731
     spec = lambda: engine.run(lm.config, lm.params, request, stop_tokens=(), draft=spec_draft)  # noqa: E731,E501
-    plain(), spec()  # compile both
+    # Compile both with one step of a request of the same shapes (its cache sized for them all).
+    warm = dataclasses.replace(request, steps=1, cache_steps=new_tokens)
+    engine.run(lm.config, lm.params, warm, stop_tokens=())
+    engine.run(lm.config, lm.params, warm, stop_tokens=(), draft=spec_draft)
     plain_s, spec_s = [], []
     for _ in range(pairs):
         p, s = best_time(plain, 1), best_time(spec, 1)
@@ -201,14 +193,14 @@ def main() -> None:
         "--sample-batches",
         type=int,
         nargs="*",
-        default=[64],
+        default=[],
         help="batch sizes at which to also time jit(vmap(cfjax.core.sample)) (%(default)s)",
     )
     ap.add_argument(
         "--int8-batches",
         type=int,
         nargs="*",
-        default=[1],
+        default=[],
         help="batch sizes at which to also time the int8 variant (cfjax.quantize) (%(default)s)",
     )
     ap.add_argument(
@@ -222,7 +214,7 @@ def main() -> None:
     ap.add_argument("--lookahead", type=int, default=4, help="draft tokens per round")
     ap.add_argument("--speculative-tokens", type=int, default=128)
     ap.add_argument("--speculative-pairs", type=int, default=3)
-    ap.add_argument("--copy-mib", type=int, default=1024, help="copy-bandwidth array size")
+    ap.add_argument("--copy-mib", type=int, default=512, help="copy-bandwidth array size")
     ap.add_argument("--json", action="store_true", help="print the rows as JSON only")
     args = ap.parse_args()
 
