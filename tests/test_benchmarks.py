@@ -154,6 +154,9 @@ def test_gpu_check_json(outputs):
     assert _positive(first["plain_scan_tok_s"]) and _positive(first["matmul_floor_tok_s"])
     assert 0 <= first["plain_scan_same_first_tokens"] <= 24
     assert "plain_scan_tok_s" not in r["rows"][1]
+    # Speculative decoding with the int8 variant of the same weights as the draft.
+    assert first["speculative_flips"] == 0 and 0 <= first["acceptance_rate"] <= 1
+    assert _positive(first["speculative_tok_s"]) and _positive(first["speculative_over_plain"])
     assert all(_positive(row["tok_s"]) for row in r["rows"])
     p = r["profile"]  # the per-op trace of batch-1 steps that follows the timings
     assert p["batch"] == 1 and p["steps"] == 8 and 0 < len(p["ops"]) <= 25
