@@ -7,7 +7,8 @@ a batch, chunked so that it can stream, stop early and resume from a stored cach
 Every token that is chosen (sampled or forced) comes out of the same single-token decode step:
 the prefill only fills the cache with `prompt[:-1]`, and step 0 feeds the last prompt token.
 So a factual run, a counterfactual that forces an edited prefix, and a run that resumes from a
-stored cache all compute each step's logits with identical shapes and rounding.
+stored cache all compute each step's logits with identical shapes and rounding. (With a draft,
+`speculative` scores several steps per pass instead: the same tokens, see there.)
 
 Slot layout of one row (prompt of length n in a buffer of P = bucket slots, left-padded):
   [pad ... pad | prompt[0] ... prompt[n-2]] [prompt[n-1] | resp[0] | resp[1] | ...]
