@@ -231,21 +231,21 @@ def tree_bytes(tree) -> int:
     return sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree))
 
 
-def compiled_tok_s(jitted, lm, args: tuple, batch: int, steps: int, repeats: int) -> dict:
-    """Tokens/s of `jitted(lm.config, *args, steps)`, compiled ahead of time, timed like cfjax."""
+def compiled_run(jitted, lm, args: tuple, steps: int) -> tuple:
+    """(a call of `jitted(lm.config, *args, steps)` compiled ahead of time that waits for its
+    numpy result, the compile seconds)."""
     import jax
 
     t = time.perf_counter()
     compiled = jitted.lower(lm.config, *args, steps).compile()
     compile_s = time.perf_counter() - t
-    run = lambda: np.asarray(jax.block_until_ready(compiled(*args)))  # noqa: E731
-    out, seconds = best_time(run, timed_runs(batch, repeats))
-    return {"out": out, "tok_s": batch * steps / seconds, "compile_s": compile_s}
+    return (lambda: np.asarray(jax.block_until_ready(compiled(*args)))), compile_s
 
 
-def plain_decode(lm, prompts: list[list[int]], steps: int, repeats: int) -> dict:
-    """`plain_scan.generate` (textbook JAX decode) with `cfjax_decode`'s keys (`key=1`), and the
-    matmul floor (`matmul_floor.run`: the same steps' weight matmuls alone) at the same batch."""
+def plain_runs(lm, prompts: list[list[int]], steps: int) -> dict:
+    """{"plain": (run, compile s), "floor": (run, compile s)}: `plain_scan.generate` (textbook
+    JAX decode) with `cfjax_decode`'s keys (`key=1`), and the matmul floor (`matmul_floor.run`:
+    the same steps' weight matmuls alone) at the same batch, compiled."""
     import jax.numpy as jnp
     import matmul_floor
     import plain_scan
@@ -254,14 +254,42 @@ def plain_decode(lm, prompts: list[list[int]], steps: int, repeats: int) -> dict
 
     batch = len(prompts)
     plain_args = (lm.params, jnp.asarray(prompts, jnp.int32), row_keys(1, batch))
-    plain = compiled_tok_s(plain_scan.generate, lm, plain_args, batch, steps, repeats)
     floor_args = (lm.params, matmul_floor.inputs(lm.config, lm.params, batch))
-    floor = compiled_tok_s(matmul_floor.run, lm, floor_args, batch, steps, repeats)
     return {
-        "tokens": plain["out"],
-        "tok_s": plain["tok_s"],
-        "compile_s": plain["compile_s"],
-        "floor_tok_s": floor["tok_s"],
+        "plain": compiled_run(plain_scan.generate, lm, plain_args, steps),
+        "floor": compiled_run(matmul_floor.run, lm, floor_args, steps),
+    }
+
+
+def interleaved(runs: dict, rounds: int) -> tuple[dict, dict]:
+    """({name: last output}, {name: wall seconds per round}) of `runs` (name -> call) over
+    `rounds` rounds in which they take turns: a slow spell of this shared VM falls on all of
+    them alike, so the ratio of two runs' times within a round is paired (take its median)."""
+    outs, times = {}, {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, fn in runs.items():
+            t = time.perf_counter()
+            outs[name] = fn()
+            times[name].append(time.perf_counter() - t)
+    return outs, {name: np.asarray(t) for name, t in times.items()}
+
+
+def paired_ratio(numerator: np.ndarray, denominator: np.ndarray) -> float:
+    """The median over rounds of `numerator[i] / denominator[i]` (times from `interleaved`)."""
+    return float(np.median(np.asarray(numerator) / np.asarray(denominator)))
+
+
+def plain_decode(lm, prompts: list[list[int]], steps: int, repeats: int) -> dict:
+    """The textbook decode and the matmul floor (`plain_runs`), each the best of its runs at
+    batch 1 (`timed_runs`), taking turns."""
+    runs = plain_runs(lm, prompts, steps)
+    outs, times = interleaved({k: r[0] for k, r in runs.items()}, timed_runs(len(prompts), repeats))
+    tok_s = {k: len(prompts) * steps / t.min() for k, t in times.items()}
+    return {
+        "tokens": outs["plain"],
+        "tok_s": tok_s["plain"],
+        "compile_s": runs["plain"][1],
+        "floor_tok_s": tok_s["floor"],
     }
 
 

@@ -11,7 +11,9 @@ process, so each side's peak is its own). At the `--plain-batches` sizes (defaul
 cfjax's tokens: what the counterfactual engine costs over plain generation in JAX;
 `matmul_floor.py`, the same steps' weight matmuls alone: the most any XLA decode step could gain;
 and the same matmuls in torch, in transformers' process: how fast the peer's own matrix-vector
-products stream, hence the ratio cfjax would show if it ran exactly at XLA's floor. At the
+products stream, hence the ratio cfjax would show if it ran exactly at XLA's floor. There
+cfjax and the two JAX yardsticks take turns over `--repeats` rounds, and cfjax over each is the
+median of the rounds' paired ratios (single runs on this VM move by up to 25%). At the
 `--sample-batches` sizes (none by default; e.g. 64) it times `jax.jit(jax.vmap(cfjax.core.sample))`
 over the same keys, beside `generate`, and checks that it sampled the same tokens; at the
 `--int8-batches` sizes (none by default) the int8 variant. Both are off by default so that this
@@ -48,10 +50,12 @@ from common import (
     best_time,
     bytes_per_step,
     copy_bandwidth,
+    interleaved,
     load_lm,
     machine,
+    paired_ratio,
     peak_rss_mb,
-    plain_decode,
+    plain_runs,
     prompt_for,
     read_bandwidth,
     sample_decode,
@@ -60,10 +64,8 @@ from common import (
 from peer import run_transformers
 
 
-def cfjax_decode(
-    lm, prompt: list[int], batch: int, new_tokens: int, clock: CompileClock, repeats: int
-) -> dict:
-    """Warm cfjax `generate` tokens/s at one batch size, and the compile time it needed."""
+def cfjax_warm(lm, prompt: list[int], batch: int, new_tokens: int, clock: CompileClock):
+    """(a call of cfjax `generate` at one batch size, its compile figures), compiled."""
     from cfjax.causal.factual import generate
     from cfjax.core import engine
     from cfjax.core.request import row_keys
@@ -71,7 +73,7 @@ def cfjax_decode(
 
     prompts = [prompt] * batch
 
-    def run(**kw):
+    def run():
         return generate(
             lm,
             prompts,
@@ -79,7 +81,6 @@ def cfjax_decode(
             sampler=Sampler(temperature=1.0),
             max_new_tokens=new_tokens,
             stop_tokens=(),
-            **kw,
         )
 
     # Warm-up with the timed run's exact shapes: one step of a request whose cache is sized for
@@ -90,9 +91,11 @@ def cfjax_decode(
     t = time.perf_counter()
     with clock.measure() as compile_s:
         engine.run(lm.config, lm.params, warm, stop_tokens=())
-    warmup_s = time.perf_counter() - t
-    with clock.measure() as recompile_s:
-        traces, seconds = best_time(run, timed_runs(batch, repeats))
+    return run, {"compile_s": compile_s[0], "warmup_s": time.perf_counter() - t}
+
+
+def cfjax_result(traces, seconds: float, batch: int, new_tokens: int, compiled: dict) -> dict:
+    """The figures of cfjax's timed runs: `traces` of the last, the best `seconds`."""
     lengths = {len(tr.tokens) for tr in traces}
     if lengths != {new_tokens}:
         raise RuntimeError(f"cfjax rows produced {sorted(lengths)} tokens, not {new_tokens}")
@@ -100,10 +103,40 @@ def cfjax_decode(
         "tokens": np.array([list(tr.tokens) for tr in traces]),
         "seconds": seconds,
         "tok_s": batch * new_tokens / seconds,
-        "compile_s": compile_s[0],
-        "warmup_s": warmup_s,
-        "recompile_s": recompile_s[0],
+        **compiled,
         "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+def cfjax_decode(lm, prompt, batch: int, new_tokens: int, clock: CompileClock, repeats: int):
+    """Warm cfjax `generate` tokens/s at one batch size (best of its timed runs), and the
+    compile time it needed."""
+    run, compiled = cfjax_warm(lm, prompt, batch, new_tokens, clock)
+    with clock.measure() as recompile_s:
+        traces, seconds = best_time(run, timed_runs(batch, repeats))
+    return cfjax_result(traces, seconds, batch, new_tokens, {**compiled, "recompile_s": recompile_s[0]})  # fmt: skip
+
+
+def with_yardsticks(lm, prompt, batch: int, new_tokens: int, clock: CompileClock, rounds: int):
+    """(cfjax's figures as `cfjax_decode`'s, the yardsticks'): cfjax `generate`, the textbook
+    decode and the matmul floor (`plain_runs`) taking turns over `rounds` rounds; tokens/s
+    are each one's best run, and cfjax over each yardstick is the median of the rounds' paired
+    ratios (single runs here move by up to 25%)."""
+    run, compiled = cfjax_warm(lm, prompt, batch, new_tokens, clock)
+    yard = plain_runs(lm, [prompt] * batch, new_tokens)
+    runs = {"cfjax": run, "plain": yard["plain"][0], "floor": yard["floor"][0]}
+    with clock.measure() as recompile_s:  # only cfjax's compiles count here (jit, not AOT)
+        outs, times = interleaved(runs, rounds)
+    compiled["recompile_s"] = recompile_s[0]
+    cf = cfjax_result(outs["cfjax"], times["cfjax"].min(), batch, new_tokens, compiled)
+    return cf, {
+        "tokens": outs["plain"],
+        "tok_s": batch * new_tokens / times["plain"].min(),
+        "compile_s": yard["plain"][1],
+        "floor_tok_s": batch * new_tokens / times["floor"].min(),
+        "cfjax_over_plain": paired_ratio(times["plain"], times["cfjax"]),
+        "cfjax_over_floor": paired_ratio(times["floor"], times["cfjax"]),
+        "cfjax_over_floor_rounds": (times["floor"] / times["cfjax"]).round(3).tolist(),
     }
 
 
@@ -180,7 +213,11 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=40, help="random prompt length (--config)")
     ap.add_argument("--no-transformers", action="store_true", help="time cfjax only")
     ap.add_argument(
-        "--repeats", type=int, default=2, help="timed runs at batch 1, best kept (%(default)s)"
+        "--repeats",
+        type=int,
+        default=3,
+        help="timed runs at batch 1, best kept; at --plain-batches sizes, rounds in which cfjax "
+        "and the yardsticks take turns (%(default)s)",
     )
     ap.add_argument(
         "--plain-batches",
@@ -255,11 +292,20 @@ def main() -> None:
                 lm = cfjax.load(hf_dir).replace(model_id=f"random-{args.config}")
             else:
                 lm = load_lm(args.model, args.config)[0]
-        cf = {}
+        cf, plain = {}, {}
         for batch in args.batches:
-            cf[batch] = cfjax_decode(lm, prompt, batch, args.new_tokens, clock, args.repeats)
+            if batch in yardstick_batches:
+                cf[batch], plain[batch] = with_yardsticks(
+                    lm, prompt, batch, args.new_tokens, clock, timed_runs(batch, args.repeats)
+                )
+            else:
+                cf[batch] = cfjax_decode(lm, prompt, batch, args.new_tokens, clock, args.repeats)
             if not args.json:
                 print(f"  cfjax batch {batch}: {cf[batch]['tok_s']:.1f} tok/s", file=sys.stderr)
+                if batch in plain:
+                    pl = plain[batch]
+                    print(f"  plain scan batch {batch}: {pl['tok_s']:.1f} tok/s, matmul floor "
+                          f"{pl['floor_tok_s']:.1f} tok/s", file=sys.stderr)  # fmt: skip
         int8 = {}
         int8_batches = sorted(set(args.int8_batches) & set(args.batches))
         if int8_batches:
@@ -296,14 +342,6 @@ def main() -> None:
                     print(f"  speculative batch {batch}: {r['tok_s']:.1f} tok/s, "
                           f"x{r['over_plain']:.3f} plain, acceptance {r['acceptance_rate']:.2f}, "
                           f"flips {r['flips']}", file=sys.stderr)  # fmt: skip
-        plain = {}
-        for batch in yardstick_batches:
-            plain[batch] = plain_decode(lm, [prompt] * batch, args.new_tokens, args.repeats)
-            if not args.json:
-                print(
-                    f"  plain scan batch {batch}: {plain[batch]['tok_s']:.1f} tok/s",
-                    file=sys.stderr,
-                )
     bw = copy_bandwidth(args.copy_mib << 20)
     read = read_bandwidth(args.copy_mib << 20)
     where = machine()
@@ -320,14 +358,16 @@ def main() -> None:
             "bandwidth_fraction": round(achieved / bw["best"], 3),
             # What the counterfactual engine costs over plain generation, on the same tokens.
             "plain_scan_tok_s": round(pl["tok_s"], 2) if pl else None,
-            "cfjax_over_plain_scan": round(c["tok_s"] / pl["tok_s"], 3) if pl else None,
+            "cfjax_over_plain_scan": round(pl["cfjax_over_plain"], 3) if pl else None,
             "plain_scan_same_tokens": bool(np.array_equal(pl["tokens"], c["tokens"]))
             if pl
             else None,
             "plain_scan_compile_s": round(pl["compile_s"], 2) if pl else None,
             # The floor: the same steps' weight matmuls alone (benchmarks/matmul_floor.py).
             "matmul_floor_tok_s": round(pl["floor_tok_s"], 2) if pl else None,
-            "cfjax_over_matmul_floor": round(c["tok_s"] / pl["floor_tok_s"], 3) if pl else None,
+            # Both ratios: medians of rounds in which cfjax and the yardsticks took turns.
+            "cfjax_over_matmul_floor": round(pl["cfjax_over_floor"], 3) if pl else None,
+            "cfjax_over_matmul_floor_rounds": pl["cfjax_over_floor_rounds"] if pl else None,
             # The peer's own floor (the same matmuls in torch): how fast its matrix-vector
             # products stream, and the ratio cfjax would show if it ran exactly at XLA's floor.
             "torch_matmul_floor_tok_s": round(t["floor_tok_s"], 2) if t and pl else None,

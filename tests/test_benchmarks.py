@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,7 +25,7 @@ COMMANDS = {
         "decode.py",
         *("--config", "tiny", "--batches", "1", "--new-tokens", "8", "--copy-mib", "32"),
         *("--sample-batches", "1", "--speculative-tokens", "12", "--speculative-pairs", "1"),
-        *("--lookahead", "3"),
+        *("--lookahead", "3", "--repeats", "2"),
     ],
     "counterfactual": [
         "counterfactual.py",
@@ -97,6 +98,10 @@ def test_decode_json(outputs):
         # The textbook JAX decode beside it sampled the very same tokens.
         assert r["plain_scan_same_tokens"] is True and _positive(r["cfjax_over_plain_scan"])
         assert _positive(r["matmul_floor_tok_s"]) and _positive(r["cfjax_over_matmul_floor"])
+        # cfjax over its yardsticks: the median of rounds in which they took turns.
+        rounds = r["cfjax_over_matmul_floor_rounds"]
+        assert len(rounds) == 2 and all(_positive(x) for x in rounds)
+        assert r["cfjax_over_matmul_floor"] == pytest.approx(np.median(rounds), abs=2e-3)
         # jit(vmap(core.sample)) beside generate, on the same keys: the same tokens.
         assert r["core_sample_same_tokens"] is True and _positive(r["core_sample_tok_s"])
         assert r["core_sample_over_generate"] == pytest.approx(
