@@ -2,7 +2,8 @@
 counterfactual / factual cost, and token flips of a null intervention in bfloat16; at the first
 batch size also a textbook JAX decode and the weight matmuls alone, timed on the same weights,
 and speculative decoding with the int8 variant of those weights as the draft (speed over plain
-decoding, acceptance, flips).
+decoding, acceptance, flips); then the first batch's compile time split into the prefill's and
+the decode chunk's, each lowered and compiled apart (what a scan over layers would shrink).
 
 Random weights of a named config (no download): on a GPU `--config llama3-8b`; on this CPU the
 same script runs with `--config tiny` so it stays tested. Prints a table and, with --json, JSON.
@@ -26,7 +27,7 @@ from profile_decode import print_table, profile
 
 import cfjax
 from cfjax import ReplaceTokens, Sampler, counterfactual, generate
-from cfjax.core import engine, model
+from cfjax.core import engine, model, scm
 
 # Peak HBM bandwidth by device kind (bytes/s), for the roofline; others use a measured copy.
 PEAK_BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}
@@ -151,6 +152,7 @@ def main() -> None:
         "init_run_s": round(init_run_s, 1),
         "rows": rows,
     }
+    result["compile_split"] = compile_split(lm, args.batches[0], args.prompt_len, args.new_tokens)
     if args.profile_steps:
         result["profile"] = decode_profile(lm, args.profile_steps, args.prompt_len)
     if args.json:
@@ -160,6 +162,8 @@ def main() -> None:
     print(
         f"params {result['param_gb']} GB, bandwidth {result['bandwidth_gb_s']} GB/s ({bw_source})"
     )
+    split = result["compile_split"]
+    print("compile split:", "  ".join(f"{k}={v}" for k, v in split.items()))
     if "ops" in result.get("profile", {}):
         print(f"batch 1, {args.profile_steps} steps traced:")
         print_table(result["profile"], 25)
@@ -213,6 +217,48 @@ def speculative(lm, prompts, steps: int, tok_s: float, tokens, lookahead: int = 
         "speculative_flips": int(sum(a != b for a, b in zip(out.tokens[0], tokens, strict=True))),
         "speculative_compile_s": round(first_s - warm_s, 1),
     }
+
+
+def compile_split(lm, batch: int, prompt_len: int, steps: int) -> dict:
+    """Where a batch's compile time goes: the prefill and the decode chunk program, each traced
+    and lowered (`lower_s`) and compiled by XLA (`compile_s`) apart, from abstract arguments of
+    the run's shapes. JAX's caches are cleared first, so nothing is a cache hit. The chunk's
+    XLA compile is the part a `lax.scan` over stacked layers would shrink."""
+    try:
+        jax.clear_caches()
+        c = lm.config
+        bucket = engine.bucket_length(prompt_len)
+        length = engine.cache_length(bucket, steps)
+        shape = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)  # noqa: E731
+        params = jax.tree_util.tree_map(shape, lm.params)
+        prompt = jax.ShapeDtypeStruct((batch, bucket), jnp.int32)
+        lengths = jax.ShapeDtypeStruct((batch,), jnp.int32)
+        out = {}
+        lowered, out["prefill_lower_s"] = timed(
+            lambda: engine._prefill.lower(c, params, prompt, lengths, length)
+        )
+        _, out["prefill_compile_s"] = timed(lowered.compile)
+        carry, start = jax.eval_shape(
+            lambda p, t, n: engine.prefill(c, p, t, n, length), params, prompt, lengths
+        )
+        rows = jax.eval_shape(
+            lambda n: engine.Rows(
+                jax.random.split(jax.random.key(0), batch), n,
+                scm.stack([Sampler(temperature=1.0)] * batch, c.vocab_size),
+            ),
+            start,
+        )  # fmt: skip
+        forced = jax.ShapeDtypeStruct((batch, min(engine.DEFAULT_CHUNK, steps)), jnp.int32)
+        count = jax.ShapeDtypeStruct((), jnp.int32)
+        lowered, out["chunk_lower_s"] = timed(
+            lambda: engine._run_chunk.lower(
+                c, (-1,), params, rows, carry, forced, forced, None, count, False
+            )
+        )
+        _, out["chunk_compile_s"] = timed(lowered.compile)
+    except Exception as e:  # noqa: BLE001 (the checks above must still be printed)
+        return {"error": f"{type(e).__name__}: {e}"}
+    return {"batch": batch, **{k: round(v, 2) for k, v in out.items()}}
 
 
 def decode_profile(lm, steps: int, prompt_len: int) -> dict:

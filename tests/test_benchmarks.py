@@ -163,6 +163,10 @@ def test_gpu_check_json(outputs):
     assert first["speculative_flips"] == 0 and 0 <= first["acceptance_rate"] <= 1
     assert _positive(first["speculative_tok_s"]) and _positive(first["speculative_over_plain"])
     assert all(_positive(row["tok_s"]) for row in r["rows"])
+    split = r["compile_split"]  # the prefill and the chunk program, lowered and compiled apart
+    assert split["batch"] == 1
+    for part in ("prefill_lower_s", "prefill_compile_s", "chunk_lower_s", "chunk_compile_s"):
+        assert _positive(split[part]), (part, split)
     p = r["profile"]  # the per-op trace of batch-1 steps that follows the timings
     assert p["batch"] == 1 and p["steps"] == 8 and 0 < len(p["ops"]) <= 25
     assert {o["op"].split()[0] for o in p["ops"]} & {"dot", "ynn_fusion"}
