@@ -66,6 +66,8 @@ from peer import run_transformers
 
 def cfjax_warm(lm, prompt: list[int], batch: int, new_tokens: int, clock: CompileClock):
     """(a call of cfjax `generate` at one batch size, its compile figures), compiled."""
+    import dataclasses
+
     from cfjax.causal.factual import generate
     from cfjax.core import engine
     from cfjax.core.request import row_keys
@@ -85,12 +87,19 @@ def cfjax_warm(lm, prompt: list[int], batch: int, new_tokens: int, clock: Compil
 
     # Warm-up with the timed run's exact shapes: one step of a request whose cache is sized for
     # all of them compiles the prefill and the chunk program every chunk runs (a recompile in
-    # the timed run would show in its `recompile_s`) without running the other steps.
+    # the timed run would show in its `recompile_s`) without running the other steps; where
+    # the cache grows a chunk at a time (`engine.grows`), one step resumed at each chunk's
+    # first step compiles that chunk's program.
     warm = engine.Request(prompts, row_keys(1, batch), [Sampler(temperature=1.0)] * batch, 1,
                           cache_steps=new_tokens)  # fmt: skip
     t = time.perf_counter()
     with clock.measure() as compile_s:
-        engine.run(lm.config, lm.params, warm, stop_tokens=())
+        done = engine.run(lm.config, lm.params, warm, stop_tokens=())
+        later = range(engine.DEFAULT_CHUNK, new_tokens, engine.DEFAULT_CHUNK)
+        for step in later if engine.grows(batch, None, None) else ():
+            resume = engine.Resume(done.cache, done.start, done.bucket, step, [prompt[-1]] * batch)
+            request = dataclasses.replace(warm, steps=step + 1)
+            done = engine.run(lm.config, lm.params, request, stop_tokens=(), resume=resume)
     return run, {"compile_s": compile_s[0], "warmup_s": time.perf_counter() - t}
 
 

@@ -313,6 +313,59 @@ def test_array_prompts(lm, base, batch):
     assert [t.tokens for t in gen(lm, rows, key=batch[1])] == [t.tokens for t in batch[0]]
 
 
+# --- a growing cache (batches of GROW_MIN_BATCH rows or more on the CPU) ----------------------
+
+
+WIDE = engine.GROW_MIN_BATCH
+
+
+def _wide_request(steps=N, **kw):
+    """WIDE rows of different prompt lengths (one bucket) and keys."""
+    prompts = [PROMPT[: 2 + i % 6] for i in range(WIDE)]
+    return engine.Request(prompts, jax.random.split(KEY, WIDE), [Sampler()] * WIDE, steps, **kw)
+
+
+def test_a_growing_cache_changes_no_token(lm, monkeypatch):
+    """A wide batch grows its cache a chunk before each chunk needs it: the tokens of attending
+    over every slot from the first step, and the stored cache has every slot."""
+    sizes, resize = [], engine._resize
+    monkeypatch.setattr(engine, "_resize", lambda carry, n: sizes.append(n) or resize(carry, n))
+    grown = engine.run(lm.config, lm.params, _wide_request(), stop_tokens=(), chunk=CHUNK)
+    b = grown.bucket
+    assert sizes == [b + 2 * CHUNK, b + 3 * CHUNK]  # the prefill made b + CHUNK slots
+    monkeypatch.setattr(engine, "GROW_MIN_BATCH", 10**9)
+    sizes.clear()
+    full = engine.run(lm.config, lm.params, _wide_request(), stop_tokens=(), chunk=CHUNK)
+    assert sizes == [] and grown.tokens == full.tokens
+    # Another cache length is another XLA program: logits may round differently (seen: 1.4e-5).
+    np.testing.assert_allclose(grown.logprobs, full.logprobs, atol=1e-4)
+    assert grown.cache.length == full.cache.length == engine.cache_length(b, N, CHUNK)
+    np.testing.assert_allclose(grown.cache.k[0], full.cache.k[0], atol=1e-5)
+    # A cache sized for more steps than run is padded to all of them at the end.
+    more = engine.run(
+        lm.config, lm.params, _wide_request(steps=20, cache_steps=N), stop_tokens=(), chunk=CHUNK
+    )
+    assert more.cache.length == engine.cache_length(b, N, CHUNK)
+    assert [t[:20] for t in grown.tokens] == more.tokens
+
+
+def test_a_run_resumed_from_a_grown_cache_repeats_the_factual_steps_exactly(lm):
+    """Resumed mid-chunk from the stored cache, a wide batch computes each step with the cache
+    length the factual run had at that step: the same tokens and bit-equal log-probs."""
+    factual = engine.run(lm.config, lm.params, _wide_request(), stop_tokens=(), chunk=CHUNK)
+    first = CHUNK + 5
+    resume = engine.Resume(
+        jax.tree_util.tree_map(jnp.copy, factual.cache), factual.start, factual.bucket, first,
+        [t[first - 1] for t in factual.tokens],
+    )  # fmt: skip
+    again = engine.run(
+        lm.config, lm.params, _wide_request(), stop_tokens=(), chunk=CHUNK, resume=resume
+    )
+    assert again.tokens == [t[first:] for t in factual.tokens]
+    np.testing.assert_array_equal(again.logprobs, [p[first:] for p in factual.logprobs])
+    assert again.cache.length == factual.cache.length and again.index == factual.index
+
+
 # --- stop tokens and padding --------------------------------------------------------------------
 
 

@@ -15,7 +15,10 @@ Slot layout of one row (prompt of length n in a buffer of P = bucket slots, left
    0            start = P - (n - 1)        P-1   P        P+1       P+2
 Step i writes its input token at slot P + i and chooses response token i. The cache has
 `cache_length(P, steps)` slots, a function of the two static sizes alone, so `sample` on a prompt
-padded to `bucket_length(n)` runs exactly the program shapes `generate` runs.
+padded to `bucket_length(n)` runs exactly the program shapes `generate` runs. The one exception:
+a batch of `GROW_MIN_BATCH` rows or more on the CPU starts with the slots of its first chunk
+and grows the cache (one copy) before each chunk (see `grows`); its stored cache still has
+every slot, and a run resumed from it computes every step with the factual run's shapes.
 """
 
 from __future__ import annotations
@@ -32,13 +35,15 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from cfjax.core import model, posterior, scm, spec, speculative
-from cfjax.core.cache import KVCache, init_cache
+from cfjax.core.cache import KEY_SLOT_AXIS, VALUE_SLOT_AXIS, KVCache, init_cache
 from cfjax.core.config import LlamaConfig
 from cfjax.core.request import as_key, count
 
 MIN_BUCKET = 32
 DEFAULT_CHUNK = 64
 NOT_FORCED = -1
+# From this many rows on, a run on the CPU grows its cache a chunk at a time (see `_run`).
+GROW_MIN_BATCH = 16
 
 
 def bucket_length(n: int) -> int:
@@ -367,12 +372,18 @@ def _run(
         raise ValueError(f"cache_steps {request.cache_steps} is below the {steps} steps to run")
     length = cache_length(bucket, request.cache_steps or steps, chunk, spare_for(draft))
     first = 0 if resume is None else resume.step
+    grow = grows(batch, mesh, draft)
+    starts = _chunk_starts(first, steps, chunk, grow)
+    # The slots the chunk from step `s` attends over: all of them, or when the cache grows,
+    # those its last step can reach (a function of the step alone, so a resumed run computes
+    # each step with the shapes the factual run had).
+    slots = lambda s: min(length, bucket + (s // chunk + 1) * chunk) if grow else length  # noqa: E731
     prompt = np.zeros((batch, bucket), np.int32)
     for b, p in enumerate(request.prompts):
         prompt[b, : len(p)] = p
     lengths = np.asarray([len(p) for p in request.prompts], np.int32)
     if resume is None:
-        carry, start = _prefill(config, params, prompt, lengths, length)
+        carry, start = _prefill(config, params, prompt, lengths, slots(first))
     else:
         if (resume.bucket, resume.cache.length) != (bucket, length):
             raise ValueError(
@@ -386,7 +397,9 @@ def _run(
             jnp.asarray(bucket + first, jnp.int32),
             jnp.zeros((batch,), bool),
         )
-    width = first + math.ceil((steps - first) / chunk) * chunk
+        if grow:  # the stored cache holds every slot; this run starts with the first chunk's
+            carry = _resize(carry, slots(first))
+    width = starts[-1] + chunk if starts else first
     forced = np.full((batch, width), NOT_FORCED, np.int32)
     noise_index = np.broadcast_to(np.arange(width, dtype=np.int32), (batch, width)).copy()
     if request.forced is not None:
@@ -416,11 +429,13 @@ def _run(
         draft_carry = _start_draft(draft, prompt, lengths, length, forced, first, chunk)
         rounds = 0
     out: list[tuple[np.ndarray, ...]] = []
-    for s in range(first, steps, chunk):
+    for s, end in zip(starts, [*starts[1:], steps], strict=True):
+        if carry.cache.length < slots(s):
+            carry = _resize(carry, slots(s))
         xs = (
             jnp.asarray(forced[:, s : s + chunk]), jnp.asarray(noise_index[:, s : s + chunk]),
             None if noise is None else noise[:, s : s + chunk],
-            jnp.asarray(min(chunk, steps - s), jnp.int32), request.keep_logits,
+            jnp.asarray(end - s, jnp.int32), request.keep_logits,
         )  # fmt: skip
         if draft is None:
             carry, chunk_out = _run_chunk(config, stops, params, rows, carry, *xs)
@@ -430,11 +445,14 @@ def _run(
                 (draft.config, draft.lookahead), draft.params, draft_carry,
             )  # fmt: skip
             rounds += int(chunk_rounds)
-        out.append(tuple(np.swapaxes(spec.fetch(x), 0, 1) for x in chunk_out))
+        # Only the chunk's own steps: a resumed run's first chunk ends before its width.
+        out.append(tuple(np.swapaxes(spec.fetch(x), 0, 1)[:, : end - s] for x in chunk_out))
         if on_chunk is not None:
             on_chunk(_rows([o[0] for o in out], [o[2] for o in out], steps - first))
         if bool(np.all(spec.fetch(carry.done))):
             break
+    if carry.cache.length < length:  # a stored cache serves any later run: every slot
+        carry = _resize(carry, length)
     valid = [o[2] for o in out]
     tokens = _rows([o[0] for o in out], valid, steps - first)
     logprobs = _rows([o[1] for o in out], valid, steps - first)
@@ -452,6 +470,48 @@ def _run(
         logits,
         rounds if draft is not None else None,
     )
+
+
+def grows(batch: int, mesh: Any, draft: speculative.Draft | None) -> bool:
+    """Whether a run grows its cache a chunk at a time instead of attending over every slot
+    from the first step: for batches of `GROW_MIN_BATCH` rows or more on the CPU, unsharded,
+    without a draft.
+
+    Each decode step attends over the whole cache (masked past the current slot), and on
+    XLA:CPU that pass costs in proportion to the slots (a shorter slice of the cache is copied,
+    which costs more; see benchmarks/RESULTS.md). SmolLM2, batch 64, 256 steps: 225 -> 204 ms a
+    step, the same tokens in every row. The price is one compiled chunk program per cache length
+    (4 instead of 1 for 256 steps), worth it only where the attention is a large part of a step;
+    at batch 1 a step is the weights' matmuls, and on a GPU it is unmeasured.
+    """
+    plain = mesh is None and draft is None  # (sharded caches and a draft's: not built)
+    return batch >= GROW_MIN_BATCH and plain and jax.default_backend() == "cpu"
+
+
+def _chunk_starts(first: int, steps: int, chunk: int, aligned: bool) -> list[int]:
+    """The first step of each chunk of steps `[first, steps)`: every `chunk` steps from
+    `first`, or when `aligned` (a growing cache) at the multiples of `chunk`, the first chunk
+    of a resumed run ending at the next one."""
+    if not aligned:
+        return list(range(first, steps, chunk))
+    return [first, *range((first // chunk + 1) * chunk, steps, chunk)] if first < steps else []
+
+
+@functools.partial(jax.jit, static_argnums=(1,))  # (a new shape: no buffer to donate into)
+def _resize(carry: Carry, length: int) -> Carry:
+    """The carry with its cache cut or zero-padded to `length` slots (the slots kept hold
+    the same keys and values; new ones are masked until a step writes them)."""
+
+    def fit(x, axis):
+        if x.shape[axis] >= length:
+            return jax.lax.slice_in_dim(x, 0, length, axis=axis)
+        pad = [(0, 0)] * x.ndim
+        pad[axis] = (0, length - x.shape[axis])
+        return jnp.pad(x, pad)
+
+    k = [fit(x, KEY_SLOT_AXIS) for x in carry.cache.k]
+    v = [fit(x, VALUE_SLOT_AXIS) for x in carry.cache.v]
+    return dataclasses.replace(carry, cache=KVCache(k, v))
 
 
 def spare_for(draft: speculative.Draft | None) -> int:
