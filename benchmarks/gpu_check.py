@@ -248,7 +248,7 @@ def compile_split(lm, batch: int, prompt_len: int, steps: int) -> dict:
             ),
             start,
         )  # fmt: skip
-        forced = jax.ShapeDtypeStruct((batch, min(engine.DEFAULT_CHUNK, steps)), jnp.int32)
+        forced = jax.ShapeDtypeStruct((batch, engine.DEFAULT_CHUNK), jnp.int32)  # as `run`'s
         count = jax.ShapeDtypeStruct((), jnp.int32)
         lowered, out["chunk_lower_s"] = timed(
             lambda: engine._run_chunk.lower(
