@@ -362,7 +362,7 @@ COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `cfjax` console script."""
     args = _parser().parse_args(argv)
-    previous = _terminate_as_interrupt()
+    previous = _signals_interrupt()
     try:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
@@ -373,20 +373,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cfjax: error: {message}", file=sys.stderr)
         return 1
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
-def _terminate_as_interrupt():
-    """SIGTERM ends a command as Ctrl-C does, so that its cleanup runs (a conversion removes
-    its partial folder); returns the handler it replaced (None off the main thread)."""
+def _signals_interrupt() -> dict:
+    """SIGINT and SIGTERM end a command as Ctrl-C does, so that its cleanup runs (a conversion
+    removes its partial folder). SIGINT too, because a process started with SIGINT ignored (a
+    background job of a non-interactive shell, some CI runners) would otherwise finish a
+    conversion it was told to stop. Returns the handlers it replaced (none off the main thread).
+    """
     if threading.current_thread() is not threading.main_thread():
-        return None
+        return {}
 
     def interrupt(signum, frame):
         raise KeyboardInterrupt
 
-    return signal.signal(signal.SIGTERM, interrupt)
+    return {s: signal.signal(s, interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
 
 
 def use_compilation_cache() -> None:

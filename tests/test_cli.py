@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -267,31 +268,42 @@ def test_abduct_errors_are_one_line(sources, tmp_path, capsys):
     assert rc == 1 and "num_samples must be" in err
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
-def test_an_interrupted_conversion_prints_one_line_and_leaves_nothing(tmp_path, sig):
-    """The signal arrives while orbax writes the params (its partial folder exists)."""
+@pytest.mark.parametrize(
+    "point, sig",
+    [("read", "SIGINT"), ("save", "SIGINT"), ("meta", "SIGINT"), ("save", "SIGTERM")],
+)
+def test_an_interrupted_conversion_prints_one_line_and_leaves_nothing(
+    sources, tmp_path, point, sig
+):
+    """Ctrl-C (or SIGTERM) at a known point of a conversion: exit 130, one line, no folder.
+
+    The child pauses at `point` and waits for the signal (no race with the clock), and starts
+    with SIGINT ignored as a background job of a non-interactive shell does; before the fix a
+    SIGINT after orbax's save was ignored there and the conversion finished with exit 0."""
     import signal
     import time
 
-    from cfjax.weights import KNOWN_MODELS
-
-    gguf = KNOWN_MODELS["smollm2-135m-instruct"].locate("smollm2-135m-instruct")
+    work = tmp_path / "work"
+    work.mkdir()
+    ready, go = tmp_path / "ready", tmp_path / "go"
+    child = Path(__file__).with_name("interrupt_child.py")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cfjax.cli", "convert", str(gguf), str(tmp_path / "out"),
-         "--dtype", "float32"],
+        [sys.executable, str(child), point, str(ready), str(go), "--",
+         "convert", str(sources["hf"][0]), str(work / "out")],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "CFJAX_COMPILATION_CACHE": ""},
     )  # fmt: skip
-    deadline = time.monotonic() + 120
-    while not list(tmp_path.glob(".out.partial-*/params")) and proc.poll() is None:
-        assert time.monotonic() < deadline, "the conversion never started writing"
-        time.sleep(0.02)
+    deadline = time.monotonic() + 300
+    while not ready.exists():
+        assert proc.poll() is None, proc.communicate()[1]
+        assert time.monotonic() < deadline, "the conversion never reached the pause"
+        time.sleep(0.01)
     proc.send_signal(getattr(signal, sig))
-    _, err = proc.communicate(timeout=120)
+    go.touch()
+    _, err = proc.communicate(timeout=300)
     assert proc.returncode == 130, err
     assert err.strip() == "cfjax: interrupted"
-    assert list(tmp_path.iterdir()) == []
+    assert list(work.iterdir()) == []
 
 
 def test_a_killed_conversions_partial_folder_is_removed_by_the_next(sources, tmp_path):
