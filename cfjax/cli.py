@@ -15,6 +15,7 @@ from pathlib import Path
 
 from cfjax.atomic import check_writable, write_text
 from cfjax.experiments.commands import add_experiment_parsers, run_experiment
+from cfjax.present import printable
 from cfjax.weights.loader import DEFAULT_MODEL
 
 
@@ -32,7 +33,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse, with a bad argument ending as every other error: one line, exit status 1."""
 
     def error(self, message: str):
-        print(f"cfjax: error: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        print(f"cfjax: error: {printable(message)} (see `{self.prog} --help`)", file=sys.stderr)
         raise SystemExit(1)
 
 
@@ -161,7 +162,7 @@ def cmd_generate(args) -> int:
         max_new_tokens=args.max_new_tokens,
         chat=not args.no_chat,
         system=args.system,
-        stream=lambda s: print(s, end="", flush=True),
+        stream=lambda s: print(printable(s), end="", flush=True),
     )
     print()
     if args.out:
@@ -314,7 +315,7 @@ def cmd_models(args) -> int:
     from cfjax.weights import list_models
 
     for m in list_models():
-        print("  ".join(f"{k}={v}" for k, v in m.items()))
+        print(printable("  ".join(f"{k}={v}" for k, v in m.items())))
     return 0
 
 
@@ -370,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except (ValueError, TypeError, OSError, KeyError, ImportError) as e:
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"cfjax: error: {message}", file=sys.stderr)
+        print(f"cfjax: error: {printable(message)}", file=sys.stderr)
         return 1
     finally:
         for signum, handler in previous.items():

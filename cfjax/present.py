@@ -16,6 +16,16 @@ from cfjax.causal.trace import Trace
 
 MARK = "▍"  # marks the first divergence
 
+# Model and file text is data: C0/C1 control characters (ESC, BEL, CR, DEL, ...) would move the
+# cursor, retitle or clear a terminal. They are shown as `\x1b`-style escapes; newlines and tabs
+# are kept.
+_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0)) if c not in (9, 10)}
+
+
+def printable(text: str) -> str:
+    """`text` with every control character but newline and tab escaped, for a terminal."""
+    return text.translate(_CONTROLS)
+
 
 def _pieces(tokenizer, tokens: Sequence[int], stop_tokens: Sequence[int]) -> list[str]:
     """Per-token text pieces whose concatenation is the decoded response."""
@@ -25,7 +35,7 @@ def _pieces(tokenizer, tokens: Sequence[int], stop_tokens: Sequence[int]) -> lis
     from cfjax.tokenizer import token_char_spans
 
     text = tokenizer.decode(body)
-    return [text[a:b] for a, b in token_char_spans(tokenizer, body)]
+    return [printable(text[a:b]) for a, b in token_char_spans(tokenizer, body)]
 
 
 def segments(

