@@ -116,6 +116,24 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--host", default="127.0.0.1", help="loopback by default")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--max-new-tokens", type=int, default=512, help="the most a request may ask")
+    sv.add_argument(
+        "--max-prompt-tokens",
+        type=int,
+        default=1024,
+        help="the longest prompt, system message or edit text a request may send",
+    )
+    sv.add_argument(
+        "--max-samples",
+        type=int,
+        default=64,
+        help="the most posterior or interventional samples a request may ask",
+    )
+    sv.add_argument(
+        "--allowed-hosts",
+        default="",
+        help="comma-separated Host names served besides 127.0.0.1, localhost and "
+        "--host (DNS-rebinding protection); '*' allows any",
+    )
     sub.add_parser("models", help="list known model names and converted copies")
     d = sub.add_parser("demo", help="rename the captain in a story, on the embedded model")
     d.add_argument("--seed", type=int, default=None)
@@ -340,9 +358,14 @@ def cmd_serve(args) -> int:
         ) from None
     from cfjax.core.request import count
 
-    app = create_app(
-        _load(args.model), max_new_tokens=count(args.max_new_tokens, "--max-new-tokens")
-    )
+    limits = {
+        "max_new_tokens": count(args.max_new_tokens, "--max-new-tokens"),
+        "max_prompt_tokens": count(args.max_prompt_tokens, "--max-prompt-tokens"),
+        "max_samples": count(args.max_samples, "--max-samples"),
+    }
+    extra = [h.strip() for h in args.allowed_hosts.split(",") if h.strip()]
+    hosts = ("127.0.0.1", "localhost", args.host.strip("[]"), *extra)
+    app = create_app(_load(args.model), allowed_hosts=tuple(dict.fromkeys(hosts)), **limits)
     print(f"cfjax explorer: http://{args.host}:{args.port}/", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0

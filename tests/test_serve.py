@@ -31,8 +31,8 @@ def app(lm):
     return create_app(lm, max_new_tokens=64)
 
 
-def _client(app):
-    return TestClient(app)
+def _client(app, host: str = "127.0.0.1"):
+    return TestClient(app, base_url=f"http://{host}")
 
 
 GEN = {"prompt": "the captain sailed", "seed": 3, "temperature": 1.0, "max_new_tokens": 24}
@@ -260,3 +260,64 @@ def test_concurrent_sessions_get_their_own_results(app, lm):
         assert [t["id"] for t in view["tokens"]] == want.tokens[: len(view["tokens"])]
     assert ca.get(f"/api/traces/{vb['id']}.json").status_code == 404
     assert cb.get(f"/api/traces/{va['id']}.json").status_code == 404
+
+
+# --- issue 35: the Host, strangers' sessions and the work per request are bounded ----------------
+
+
+def test_only_the_bound_host_names_are_served(app, lm):
+    assert _client(app, "localhost:8000").get("/api/info").status_code == 200
+    r = _client(app, "evil.example").post("/api/generate", json=GEN)
+    assert r.status_code == 400 and "host" in r.text.lower()
+    more = create_app(lm, allowed_hosts=("127.0.0.1", "lab.example"))
+    assert _client(more, "lab.example").get("/api/info").status_code == 200
+
+
+def test_strangers_neither_create_nor_evict_sessions(lm):
+    from cfjax.serve.app import Sessions
+
+    now = [0.0]
+    app = create_app(lm, max_new_tokens=24, sessions=Sessions(max_sessions=2, idle_s=60, clock=lambda: now[0]))  # fmt: skip
+    user = _client(app)
+    fact = user.post("/api/generate", json=GEN).json()["factual"]
+    for _ in range(50):  # cookieless reads: no session is made, none is evicted
+        r = _client(app).get("/api/state")
+        assert r.json() == {"view": None} and "set-cookie" not in r.headers
+    other = _client(app)
+    assert other.post("/api/generate", json=GEN).status_code == 200
+    now[0] = 59.0  # both sessions active: a third is refused, nothing is dropped
+    r = _client(app).post("/api/generate", json=GEN)
+    assert r.status_code == 503 and "2 active sessions" in r.json()["detail"]
+    assert user.get(f"/api/traces/{fact['id']}.json").status_code == 200
+    now[0] = 125.0  # `other` idle for over a minute (user read at 59): its slot is reused
+    assert user.get("/api/state").json()["view"]["factual"]["id"] == fact["id"]
+    now[0] = 130.0
+    assert _client(app).post("/api/generate", json=GEN).status_code == 200
+    assert user.get(f"/api/traces/{fact['id']}.json").status_code == 200
+
+
+def test_every_request_is_bounded_by_the_servers_limits(lm):
+    app = create_app(lm, max_new_tokens=24, max_prompt_tokens=16, max_samples=4)
+    c = _client(app)
+    r = c.post("/api/generate", json={"prompt": "the captain sailed"})  # default 64 > 24: lowered
+    assert r.status_code == 200 and len(r.json()["factual"]["tokens"]) <= 24
+    fact = r.json()["factual"]
+    last = len(fact["tokens"]) - 1
+    assert last >= 16  # so that the 9 tokens of the edit text below end past 24
+    long_text = " ".join(["the sea"] * 30)
+    cases = [
+        ("/api/generate", {"prompt": long_text}, "over 16 tokens"),
+        ("/api/generate", {"prompt": "x " * 100_000}, "over 16 tokens"),
+        ("/api/generate", {"prompt": "hi", "system": long_text}, "system message has over 16"),
+        ("/api/counterfactual", {"trace_id": fact["id"], "position": last, "text": " the sea the sea the sea the sea"}, "limit of 24 new tokens"),
+        ("/api/counterfactual", {"trace_id": fact["id"], "prompt": long_text}, "over 16 tokens"),
+        ("/api/counterfactual", {"trace_id": fact["id"], "position": 1, "token_id": 3, "samples": 5}, "limit of 4"),
+        ("/api/abduct", {"prompt": "x", "observed": "a b", "old": "a", "new": "c", "samples": 5}, "limit of 4"),
+        ("/api/abduct", {"prompt": "x", "observed": long_text, "old": "sea", "new": "c", "samples": 2}, "over 16 tokens"),
+    ]  # fmt: skip
+    for path, body, message in cases:
+        r = c.post(path, json=body)
+        assert r.status_code == 400 and message in r.json()["detail"], (path, r.text)
+    edit = {"trace_id": fact["id"], "position": 2, "text": " the sea"}
+    r = c.post("/api/counterfactual", json=edit)
+    assert r.status_code == 200 and len(r.json()["counterfactual"]["tokens"]) <= 24

@@ -1,7 +1,12 @@
 """The explorer's web API (FastAPI) over one loaded model.
 
-Every browser gets a session (a random cookie); its traces live server-side in that session
-only, so a reload restores them (`GET /api/state`) and a second user never sees the first's.
+A browser gets a session (a random cookie) with its first generation or abduction; its traces
+live server-side in that session only, so a reload restores them (`GET /api/state`) and a second
+user never sees the first's. A request without a session creates none, and sessions are evicted
+only after `session_idle_s` without a request, so strangers cannot push out a working session.
+Only requests whose Host is one the server was bound to are served (a DNS-rebinding page cannot
+drive it), and every request's work is bounded by the server's limits: prompt tokens, new
+tokens, samples.
 Model calls run in FastAPI's thread pool (JAX releases the GIL while it computes, and the
 model's cache stores are locked), so a long generation blocks no other request;
 `/api/generate` streams the text as it is produced (NDJSON lines). Bad input is a 4xx with a
@@ -17,6 +22,7 @@ import json
 import queue
 import secrets
 import threading
+import time
 from pathlib import Path
 
 import jax
@@ -24,6 +30,7 @@ import numpy as np
 from fastapi import FastAPI, HTTPException, Query, Request, Response
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 import cfjax
 from cfjax.causal import ChangeSampler, EditPrompt, ReplaceText, ReplaceTokens, Trace
@@ -48,7 +55,7 @@ class GenerateBody(SamplerFields):
     prompt: str
     system: str | None = None
     seed: int = Field(0, ge=0, lt=2**32)
-    max_new_tokens: int = Field(64, ge=1)
+    max_new_tokens: int | None = Field(None, ge=1)  # default: 64, or the server's limit if lower
     stream: bool = False
 
 
@@ -76,50 +83,87 @@ class AbductBody(SamplerFields):
     system: str | None = None
     observed: str
     seed: int = Field(0, ge=0, lt=2**32)
-    samples: int = Field(16, ge=1, le=256)
+    samples: int = Field(16, ge=1)
     old: str  # the intervention on the observed text: replace `old` by `new`
     new: str
 
 
 class Sessions:
-    """Server-side traces per browser session (bounded: oldest sessions and traces go first)."""
+    """Server-side traces per browser session.
 
-    def __init__(self, max_sessions: int = 200, max_traces: int = 500):
-        self.data: collections.OrderedDict[str, dict] = collections.OrderedDict()
+    At most `max_sessions` sessions of at most `max_traces` traces each. A session is evicted
+    only when it has had no request for `idle_s` seconds and room is needed; when every session
+    is active a new one is refused (503), and a full session refuses new traces (409): nothing a
+    session holds is dropped while it is in use.
+    """
+
+    def __init__(self, max_sessions: int = 200, max_traces: int = 2000, idle_s: float = 3600.0,
+                 clock=time.monotonic):  # fmt: skip
+        self.data: dict[str, dict] = {}
         self.lock = threading.Lock()
-        self.max_sessions, self.max_traces = max_sessions, max_traces
+        self.max_sessions, self.max_traces, self.idle_s = max_sessions, max_traces, idle_s
+        self.clock = clock
 
-    def get(self, sid: str) -> dict:
+    def find(self, sid: str | None) -> dict | None:
+        """The session `sid` (now marked as seen), or None."""
         with self.lock:
-            if sid not in self.data:
-                self.data[sid] = {"traces": collections.OrderedDict(), "view": None}
-                while len(self.data) > self.max_sessions:
-                    self.data.popitem(last=False)
-            self.data.move_to_end(sid)
-            return self.data[sid]
+            session = self.data.get(sid) if sid else None
+            if session is not None:
+                session["seen"] = self.clock()
+            return session
 
-    def add(self, sid: str, trace: Trace) -> str:
-        session = self.get(sid)
+    def open(self, sid: str | None) -> tuple[str, dict]:
+        """(sid, session): the session `sid`, or a new one."""
+        session = self.find(sid)
+        if session is not None:
+            return sid, session
+        with self.lock:
+            now = self.clock()
+            for old in [k for k, v in self.data.items() if now - v["seen"] > self.idle_s]:
+                del self.data[old]
+            if len(self.data) >= self.max_sessions:
+                raise HTTPException(503, f"the explorer has {self.max_sessions} active sessions, its limit; try again later")  # fmt: skip
+            sid = secrets.token_urlsafe(16)
+            self.data[sid] = {"traces": {}, "view": None, "seen": now}
+            return sid, self.data[sid]
+
+    def room(self, session: dict, n: int) -> None:
+        """Refuse, before the work, a request that would store more than `max_traces`."""
+        if len(session["traces"]) + n > self.max_traces:
+            raise HTTPException(409, f"this session holds {len(session['traces'])} traces and may hold {self.max_traces}: start a new session (clear the explorer's cookie)")  # fmt: skip
+
+    def add(self, session: dict, trace: Trace) -> str:
         tid = secrets.token_hex(6)
         with self.lock:
             session["traces"][tid] = trace
-            while len(session["traces"]) > self.max_traces:
-                session["traces"].popitem(last=False)
         return tid
 
-    def trace(self, sid: str, tid: str) -> Trace:
-        trace = self.get(sid)["traces"].get(tid)
+    def trace(self, sid: str | None, tid: str) -> Trace:
+        session = self.find(sid)
+        trace = session["traces"].get(tid) if session is not None else None
         if trace is None:
             raise HTTPException(404, f"no trace {tid!r} in this session")
         return trace
 
 
-def create_app(lm: LM, *, max_new_tokens: int = 512) -> FastAPI:
-    """The explorer app for `lm`; requests may ask for at most `max_new_tokens` tokens."""
+def create_app(
+    lm: LM,
+    *,
+    max_new_tokens: int = 512,
+    max_prompt_tokens: int = 1024,
+    max_samples: int = 64,
+    allowed_hosts: tuple[str, ...] = ("127.0.0.1", "localhost"),
+    sessions: Sessions | None = None,
+) -> FastAPI:
+    """The explorer app for `lm`. A request may ask for at most `max_new_tokens` new tokens, a
+    prompt (or system message, or edit text) of at most `max_prompt_tokens` tokens and at most
+    `max_samples` samples; only requests whose Host header names one of `allowed_hosts` are
+    served (`"*"` allows any)."""
     if lm.tokenizer is None:
         raise ValueError("cfjax serve shows text: the model needs a tokenizer")
     app = FastAPI(title="cfjax explorer", docs_url=None, redoc_url=None)
-    sessions = Sessions()
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))
+    sessions = sessions or Sessions()
     tok = lm.tokenizer
 
     @app.exception_handler(ValueError)
@@ -128,12 +172,17 @@ def create_app(lm: LM, *, max_new_tokens: int = 512) -> FastAPI:
 
     @app.middleware("http")
     async def session_cookie(request: Request, call_next):
-        sid = request.cookies.get(COOKIE) or secrets.token_urlsafe(16)
-        request.state.sid = sid
+        request.state.sid = request.cookies.get(COOKIE)
         response = await call_next(request)
-        if request.cookies.get(COOKIE) != sid:
-            response.set_cookie(COOKIE, sid, httponly=True, samesite="strict")
+        if request.state.sid and request.cookies.get(COOKIE) != request.state.sid:
+            response.set_cookie(COOKIE, request.state.sid, httponly=True, samesite="strict")
         return response
+
+    def session_of(request: Request, new_traces: int) -> dict:
+        """The request's session (opened if it has none) with room for `new_traces`."""
+        request.state.sid, session = sessions.open(request.state.sid)
+        sessions.room(session, new_traces)
+        return session
 
     def view(tid: str, trace: Trace, factual: Trace | None = None) -> dict:
         """A trace as the page shows it: tokens with their text and probability, and for a
@@ -156,13 +205,29 @@ def create_app(lm: LM, *, max_new_tokens: int = 512) -> FastAPI:
             )  # fmt: skip
         return out
 
-    def check_length(n: int) -> None:
+    def check_length(n: int, what: str = "max_new_tokens") -> None:
         if n > max_new_tokens:
-            raise ValueError(f"max_new_tokens {n} is over this server's limit of {max_new_tokens}")
+            raise ValueError(f"{what} {n} is over this server's limit of {max_new_tokens} new tokens")  # fmt: skip
 
-    def check_prompt(prompt: str) -> None:
+    def check_samples(n: int) -> None:
+        if n > max_samples:
+            raise ValueError(f"samples {n} is over this server's limit of {max_samples}")
+
+    def tokens_of(text: str | None, what: str) -> list[int]:
+        """`text`'s tokens, refused when over `max_prompt_tokens` (checked on characters first,
+        so an oversized body costs no tokenisation)."""
+        if text is None:
+            return []
+        n = len(text) if len(text) > 32 * max_prompt_tokens else len(tokens := tok.encode(text))
+        if n > max_prompt_tokens:
+            raise ValueError(f"the {what} has over {max_prompt_tokens} tokens, this server's limit")  # fmt: skip
+        return tokens
+
+    def check_prompt(prompt: str, system: str | None) -> None:
         if not prompt.strip():
             raise ValueError("the prompt is empty")
+        tokens_of(prompt, "prompt")
+        tokens_of(system, "system message")
 
     @app.get("/", response_class=HTMLResponse)
     def page():
@@ -178,15 +243,16 @@ def create_app(lm: LM, *, max_new_tokens: int = 512) -> FastAPI:
     @app.get("/api/info")
     def info():
         return {"model": lm.model_id, "max_new_tokens": max_new_tokens,
+                "max_prompt_tokens": max_prompt_tokens, "max_samples": max_samples,
                 "vocab_size": lm.config.vocab_size}  # fmt: skip
 
     @app.get("/api/state")
     def state(request: Request):
-        session = sessions.get(request.state.sid)
-        return {"view": session["view"]}
+        session = sessions.find(request.state.sid)
+        return {"view": session["view"] if session is not None else None}
 
-    def remember(request: Request, payload: dict) -> dict:
-        sessions.get(request.state.sid)["view"] = payload
+    def remember(session: dict, payload: dict) -> dict:
+        session["view"] = payload
         return payload
 
     def run_generate(body: GenerateBody, emit=None) -> Trace:
@@ -196,21 +262,22 @@ def create_app(lm: LM, *, max_new_tokens: int = 512) -> FastAPI:
 
     @app.post("/api/generate")
     def generate(body: GenerateBody, request: Request):
-        check_prompt(body.prompt)
+        check_prompt(body.prompt, body.system)
+        if body.max_new_tokens is None:
+            body.max_new_tokens = min(64, max_new_tokens)
         check_length(body.max_new_tokens)
         body.sampler()  # validate before any work
-        sid = request.state.sid
+        session = session_of(request, 1)
         if not body.stream:
             trace = run_generate(body)
-            tid = sessions.add(sid, trace)
-            return remember(request, {"factual": view(tid, trace)})
+            return remember(session, {"factual": view(sessions.add(session, trace), trace)})
         lines: queue.Queue = queue.Queue()
 
         def work():
             try:
                 trace = run_generate(body, emit=lambda text: lines.put({"text": text}))
-                tid = sessions.add(sid, trace)
-                lines.put(remember(request, {"factual": view(tid, trace)}))
+                tid = sessions.add(session, trace)
+                lines.put(remember(session, {"factual": view(tid, trace)}))
             except Exception as e:  # noqa: BLE001 (reported to the page as a line)
                 lines.put({"error": str(e).splitlines()[0] if str(e) else type(e).__name__})
             lines.put(None)
@@ -244,12 +311,15 @@ def create_app(lm: LM, *, max_new_tokens: int = 512) -> FastAPI:
                     raise ValueError(f"unknown token id {body.token_id} (the vocabulary has {lm.config.vocab_size})")  # fmt: skip
                 out.append(ReplaceTokens(body.position, [body.token_id]))
             elif body.text:
-                out.append(ReplaceTokens(body.position, list(tok.encode(body.text)), count=1))
+                tokens = tokens_of(body.text, "edit text")
+                check_length(body.position + len(tokens), "the edited response's forced length")
+                out.append(ReplaceTokens(body.position, tokens, count=1))
             else:
                 raise ValueError("a token edit needs token_id or text")
         if body.prompt is not None or body.system is not None:
             if body.prompt is not None:
-                check_prompt(body.prompt)
+                check_prompt(body.prompt, None)
+            tokens_of(body.system, "system message")
             out.append(EditPrompt(prompt=body.prompt, system=body.system))
         changes = {k: getattr(body, k) for k in ("temperature", "top_k", "top_p") if getattr(body, k) is not None}  # fmt: skip
         if changes:
@@ -260,26 +330,29 @@ def create_app(lm: LM, *, max_new_tokens: int = 512) -> FastAPI:
 
     @app.post("/api/counterfactual")
     def counterfactual(body: CounterfactualBody, request: Request):
-        sid = request.state.sid
-        factual = sessions.trace(sid, body.trace_id)
+        factual = sessions.trace(request.state.sid, body.trace_id)
+        check_samples(body.samples)
         ivs = interventions(body, factual)
+        session = session_of(request, 1 + body.samples)
         cf = cfjax.counterfactual(lm, factual, ivs)
         keys = jax.random.split(jax.random.key(body.seed), max(body.samples, 1))[: body.samples]
         ints = cfjax.causal.interventionals(lm, [factual] * body.samples, [ivs] * body.samples, keys=keys) if body.samples else []  # fmt: skip
         payload = {"factual": view(body.trace_id, factual),
-                   "counterfactual": view(sessions.add(sid, cf), cf, factual),
-                   "interventional": [view(sessions.add(sid, t), t, factual) for t in ints]}  # fmt: skip
-        return remember(request, payload)
+                   "counterfactual": view(sessions.add(session, cf), cf, factual),
+                   "interventional": [view(sessions.add(session, t), t, factual) for t in ints]}  # fmt: skip
+        return remember(session, payload)
 
     @app.post("/api/abduct")
     def abduct(body: AbductBody, request: Request):
-        check_prompt(body.prompt)
+        check_prompt(body.prompt, body.system)
+        check_samples(body.samples)
         if not body.observed.strip():
             raise ValueError("the observed text is empty")
         if body.old not in body.observed:
             raise ValueError(f"{body.old!r} does not occur in the observed text")
-        check_length(len(tok.encode(body.observed)) + 1)
-        sid = request.state.sid
+        check_length(len(tokens_of(body.observed, "observed text")) + 1, "the observed text's length")  # fmt: skip
+        tokens_of(body.new, "replacement text")
+        session = session_of(request, 1 + body.samples)
         posts = cfjax.abduct(lm, body.prompt, body.observed, key=body.seed, sampler=body.sampler(),
                              num_samples=body.samples, system=body.system)  # fmt: skip
         cfs = cfjax.counterfactuals(lm, posts, [ReplaceText(body.old, body.new)] * len(posts))
@@ -287,9 +360,9 @@ def create_app(lm: LM, *, max_new_tokens: int = 512) -> FastAPI:
         first = {}
         for t in cfs:
             first.setdefault(t.text, t)
-        return remember(request, {
-            "observed": view(sessions.add(sid, posts[0]), posts[0]),
-            "abducted": [{"text": text, "count": n, "trace": view(sessions.add(sid, first[text]), first[text], posts[0])}
+        return remember(session, {
+            "observed": view(sessions.add(session, posts[0]), posts[0]),
+            "abducted": [{"text": text, "count": n, "trace": view(sessions.add(session, first[text]), first[text], posts[0])}
                          for text, n in counts.most_common()],
             "samples": len(cfs),
         })  # fmt: skip
@@ -304,7 +377,7 @@ def create_app(lm: LM, *, max_new_tokens: int = 512) -> FastAPI:
     def export_diff(request: Request, factual: str, other: list[str] | None = Query(None)):  # noqa: B008
         sid = request.state.sid
         base = sessions.trace(sid, factual)
-        others = {f"trace {o}": sessions.trace(sid, o) for o in (other or [])}
+        others = {f"trace {o}": sessions.trace(sid, o) for o in (other or [])[:16]}
         if not others:
             raise ValueError("give at least one other trace to compare (other=ID)")
         return HTMLResponse(html_diff(tok, base, others))
