@@ -42,6 +42,22 @@ def check_writable(path: str | os.PathLike, *, inputs: tuple = ()) -> Path:
     return path
 
 
+def check_writable_folder(path: str | os.PathLike, *, inputs: tuple = ()) -> Path:
+    """Raise before any work if files cannot be written in the folder `path` (made later, by the
+    writer, if it does not exist yet) or if it holds one of `inputs`, which a write could
+    overwrite. Creates nothing."""
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"{path}: is a file, not a folder to write in")
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"{path}: cannot write in {existing}")
+    for src in inputs:
+        if src is not None and path.resolve() in Path(src).expanduser().resolve().parents:
+            raise ValueError(f"{path}: holds the input {src}; write the results to another folder")
+    return path
+
+
 @contextlib.contextmanager
 def deferred_interrupts():
     """Hold SIGINT and SIGTERM until the block ends, then raise KeyboardInterrupt.

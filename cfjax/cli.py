@@ -13,7 +13,7 @@ import sys
 import threading
 from pathlib import Path
 
-from cfjax.atomic import check_writable, write_text
+from cfjax.atomic import check_writable, check_writable_folder, write_text
 from cfjax.experiments.commands import add_experiment_parsers, run_experiment
 from cfjax.present import printable
 from cfjax.weights.loader import DEFAULT_MODEL
@@ -281,15 +281,17 @@ def cmd_abduct(args) -> int:
     sampler = _sampler(args)  # validate arguments before the (slow) model load
     new = {"temperature": args.new_temperature, "top_k": args.new_top_k, "top_p": args.new_top_p}
     new = {k: v for k, v in new.items() if v is not None}
-    if args.out is not None:  # before the work, so that a bad folder loses nothing
-        args.out.mkdir(parents=True, exist_ok=True)
     if args.response_file is not None:
         try:
             response = args.response_file.read_text(encoding="utf-8")
         except OSError as e:
             raise FileNotFoundError(f"{args.response_file}: cannot read ({e.strerror})") from None
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{args.response_file}: not UTF-8 text (byte {e.start})") from None
     else:
         response = args.response
+    if args.out is not None:  # before the work, so that a bad folder loses nothing
+        check_writable_folder(args.out, inputs=(args.response_file,))
     lm = _load(args.model, args.dtype)
     posts = abduct(
         lm, args.observed_prompt, response, key=args.seed, sampler=sampler,
@@ -312,6 +314,7 @@ def cmd_abduct(args) -> int:
     console.print("\n[bold]most frequent counterfactual[/bold]")
     console.print(right)
     if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
         for i, (post, cf) in enumerate(zip(posts, cfs, strict=True)):
             post.to_json(args.out / f"sample-{i:03d}.json")
             cf.to_json(args.out / f"counterfactual-{i:03d}.json")

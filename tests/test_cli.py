@@ -460,3 +460,61 @@ def test_counterfactual_prints_model_text_without_terminal_controls(sources, tmp
     assert not any(c in out for c in "\x1b\x07\r\x9b")
     page = (tmp_path / "d.html").read_text()
     assert "\\x1b[2J" in page and "\x1b" not in page
+
+
+# --- issue 35: no command deletes or overwrites what it was not asked to -------------------------
+
+
+def test_force_replaces_only_a_valid_checkpoint_that_holds_nothing_else(sources, tmp_path, capsys):
+    src = sources["hf"][0]
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    (fake / "cfjax.json").write_text("{}")
+    (fake / "notes.txt").write_text("mine")
+    rc, err = _cli(capsys, "convert", src, fake, "--force")
+    assert rc == 1 and "not a cfjax checkpoint" in err and (fake / "notes.txt").exists()
+    real = tmp_path / "real"
+    assert main(["convert", str(src), str(real)]) == 0
+    (real / "notes.txt").write_text("mine")
+    rc, err = _cli(capsys, "convert", src, real, "--force")
+    assert rc == 1 and "notes.txt" in err and (real / "notes.txt").read_text() == "mine"
+    (real / "notes.txt").unlink()
+    assert main(["convert", str(src), str(real), "--force"]) == 0  # a clean one is replaced
+
+
+@pytest.mark.parametrize(
+    "meta, message",
+    [("[1, 2]", "a JSON list"), ('{"format": "cfjax-checkpoint", "version": "2"}', "version '2'"),
+     ('{"format": "cfjax-checkpoint", "version": 2}', "field 'config'"), ("[" * 100_000, "unreadable")],
+)  # fmt: skip
+def test_a_bad_cfjax_json_is_named_by_load_and_listed_by_models(
+    tmp_path, capsys, monkeypatch, meta, message
+):
+    monkeypatch.setenv("CFJAX_WEIGHTS", str(tmp_path))
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "cfjax.json").write_text(meta)
+    rc, err = _cli(capsys, "generate", "--model", bad, "--prompt", "hi")
+    _one_line(err, message)
+    assert rc == 1 and str(bad / "cfjax.json") in err
+    assert main(["models"]) == 0
+    listed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("name=bad")]
+    assert len(listed) == 1 and "unreadable" in listed[0]
+
+
+def test_abduct_never_overwrites_its_input_nor_makes_a_folder_for_bad_input(sources, tmp_path, capsys):  # fmt: skip
+    src = sources["meta"][0]
+    base = ["abduct", "--model", src, "--prompt", "abc", "--no-chat", "--replace", "ab=>cd"]
+    out = tmp_path / "out"
+    rc, err = _cli(capsys, *base, "--response-file", tmp_path / "missing.txt", "--out", out)
+    assert rc == 1 and "missing.txt" in err and not out.exists()
+    out.mkdir()
+    given = out / "sample-000.json"
+    given.write_text("ab cd")
+    rc, err = _cli(capsys, *base, "--response-file", given, "--out", out, "--samples", "2")
+    _one_line(err, "holds the input")
+    assert rc == 1 and given.read_text() == "ab cd"
+    (tmp_path / "bytes.txt").write_bytes(b"ab \xff cd")
+    rc, err = _cli(capsys, *base, "--response-file", tmp_path / "bytes.txt")
+    _one_line(err, "bytes.txt: not UTF-8")
+    assert rc == 1

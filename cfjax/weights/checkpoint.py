@@ -39,18 +39,44 @@ def is_converted(path: str | Path) -> bool:
 
 
 def read_meta(directory: str | Path) -> dict:
-    """The folder's `cfjax.json`, checked for format and version."""
+    """The folder's `cfjax.json`, checked for format, version and the fields a load reads."""
     file = Path(directory) / META
     try:
-        meta = json.loads(file.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        meta = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise ValueError(f"{file}: unreadable cfjax checkpoint metadata ({e})") from None
-    if meta.get("format") != FORMAT or meta.get("version", 0) > VERSION:
+    if not isinstance(meta, dict):
+        raise ValueError(f"{file}: not a cfjax checkpoint (a JSON {type(meta).__name__}, not an object)")  # fmt: skip
+    version = meta.get("version", 0)
+    if meta.get("format") != FORMAT or not _is_int(version) or not 1 <= version <= VERSION:
         raise ValueError(
             f"{file}: not a cfjax checkpoint of a known version (format {meta.get('format')!r}, "
-            f"version {meta.get('version')!r})"
+            f"version {version!r})"
         )
+    for field, kind in (("config", dict), ("dtype", str), ("model_id", str)):
+        if not isinstance(meta.get(field), kind):
+            raise ValueError(f"{file}: field {field!r} is missing or not a JSON {kind.__name__}")
+    if not isinstance(meta.get("tokenizer") or "", str) or not isinstance(meta.get("digests") or {}, dict):  # fmt: skip
+        raise ValueError(f"{file}: field 'tokenizer' or 'digests' has the wrong type")
     return meta
+
+
+def check_replaceable(directory: Path) -> None:
+    """Raise unless `directory` is a cfjax checkpoint folder and holds nothing else (its
+    metadata, params and tokenizer), so that replacing it deletes no other file."""
+    meta = read_meta(directory)
+    if not meta.get("digests"):
+        raise ValueError(f"{directory}: its {META} names no tensors; not a complete cfjax checkpoint")  # fmt: skip
+    own = {META, PARAMS}
+    if meta.get("tokenizer"):
+        own.add(Path(meta["tokenizer"]).parts[0])
+    others = sorted(p.name for p in directory.iterdir() if p.name not in own)
+    if others:
+        raise FileExistsError(f"{directory}: holds files that are not the checkpoint's ({', '.join(others[:3])}); not replaced")  # fmt: skip
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def write_meta(directory: Path, meta: dict) -> None:

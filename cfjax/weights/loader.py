@@ -140,9 +140,19 @@ def _converted_copy(model_id: str) -> Path | None:
     if not wdir.is_dir():
         return None
     for d in sorted(wdir.iterdir()):
-        if checkpoint.is_converted(d) and checkpoint.read_meta(d).get("model_id") == model_id:
+        if (_meta_or_error(d) or {}).get("model_id") == model_id:
             return d
     return None
+
+
+def _meta_or_error(directory: Path) -> dict | str | None:
+    """A folder's checked `cfjax.json`, the error that refuses it (a str), or None (no file)."""
+    if not checkpoint.is_converted(directory):
+        return None
+    try:
+        return checkpoint.read_meta(directory)
+    except ValueError as e:
+        return str(e)
 
 
 def _resolve(spec: str | Path) -> Path:
@@ -257,11 +267,15 @@ def _check_replaceable(dst: Path, source: Path) -> None:
     anything that is not a cfjax checkpoint."""
     if dst.resolve() in source.resolve().parents:
         raise ValueError(f"{dst}: holds the source {source}; replacing it would delete the source")
-    if not (dst.is_dir() and checkpoint.is_converted(dst)):
+    if not (dst.is_dir() and not dst.is_symlink() and checkpoint.is_converted(dst)):
         raise FileExistsError(
             f"{dst}: exists and is not a cfjax checkpoint; --force (force=True) replaces only a "
             "converted checkpoint folder"
         )
+    try:
+        checkpoint.check_replaceable(dst)
+    except ValueError as e:
+        raise FileExistsError(f"{e}; --force (force=True) replaces only a valid one") from None
 
 
 def _write_atomically(dst: Path, force: bool, write) -> None:
@@ -374,31 +388,23 @@ def list_models() -> list[dict]:
     """Known model names and converted folders: name, description, converted?, path, dtype."""
     wdir = weights_dir()
     rows = []
-    for name, known in KNOWN_MODELS.items():
-        target = wdir / name
-        converted = checkpoint.is_converted(target)
-        rows.append(
-            {
-                "name": name,
-                "description": known.description,
-                "converted": converted,
-                "path": str(target),
-                "dtype": checkpoint.read_meta(target)["dtype"] if converted else None,
-            }
-        )
+
+    def row(name: str, target: Path, description: str | None) -> dict:
+        meta = _meta_or_error(target)
+        if isinstance(meta, str):  # listed with the reason it cannot load, not an abort
+            description, meta = f"unreadable: {meta}", None
+        elif description is None:
+            description = f"converted from {meta.get('source')}"
+        return {"name": name, "description": description, "converted": isinstance(meta, dict),
+                "path": str(target), "dtype": meta["dtype"] if meta else None}  # fmt: skip
+
+    rows = [row(name, wdir / name, known.description) for name, known in KNOWN_MODELS.items()]
     if wdir.is_dir():
-        for d in sorted(wdir.iterdir()):
-            if d.name not in KNOWN_MODELS and checkpoint.is_converted(d):
-                meta = checkpoint.read_meta(d)
-                rows.append(
-                    {
-                        "name": d.name,
-                        "description": f"converted from {meta.get('source')}",
-                        "converted": True,
-                        "path": str(d),
-                        "dtype": meta["dtype"],
-                    }
-                )
+        rows += [
+            row(d.name, d, None)
+            for d in sorted(wdir.iterdir())
+            if d.name not in KNOWN_MODELS and checkpoint.is_converted(d)
+        ]
     return rows
 
 
