@@ -30,6 +30,7 @@ from cfjax.causal import (
     coupled,
     generate,
     interventional,
+    interventionals,
     summarize,
 )
 from cfjax.core import LM, LlamaConfig, RopeScaling, Sampler, forward, preset, quantize
@@ -63,6 +64,7 @@ __all__ = [
     "forward",
     "generate",
     "interventional",
+    "interventionals",
     "list_models",
     "load",
     "preset",

@@ -13,6 +13,7 @@ import sys
 import threading
 from pathlib import Path
 
+from cfjax import arguments as arg
 from cfjax.atomic import check_writable, check_writable_folder, write_text
 from cfjax.experiments.commands import add_experiment_parsers, run_experiment
 from cfjax.present import printable
@@ -21,9 +22,9 @@ from cfjax.weights.loader import DEFAULT_MODEL
 
 def _sampler_args(p: argparse.ArgumentParser, defaults: bool) -> None:
     d = (lambda v: v) if defaults else (lambda v: None)
-    p.add_argument("--temperature", type=float, default=d(1.0), help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--temperature", type=arg.temperature, default=d(1.0), help="0 = greedy")
+    p.add_argument("--top-p", type=arg.probability, default=None)
+    p.add_argument("--top-k", type=arg.positive, default=None)
     p.add_argument(
         "--mechanism", default=d("gumbel"), choices=["gumbel", "inverse-cdf", "gumbel-rank"]
     )
@@ -43,11 +44,11 @@ def _parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="sample a response and save its trace")
     g.add_argument("--model", default=DEFAULT_MODEL, help="name, model dir or .gguf")
-    g.add_argument("--prompt", required=True)
+    g.add_argument("--prompt", required=True, type=arg.text)
     g.add_argument("--system", default=None)
     g.add_argument("--no-chat", action="store_true", help="raw text prompt, no chat template")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--seed", type=arg.seed, default=0)
+    g.add_argument("--max-new-tokens", type=arg.positive, default=128)
     g.add_argument("--dtype", default=None, choices=["float32", "bfloat16"])
     g.add_argument("--out", type=Path, default=None, help="write the trace JSON here")
     _sampler_args(g, defaults=True)
@@ -61,15 +62,25 @@ def _parser() -> argparse.ArgumentParser:
         "--dtype", default=None, choices=["float32", "bfloat16"], help="default: the trace's"
     )
     c.add_argument("--replace", metavar="OLD=>NEW", help="replace text in the response")
-    c.add_argument("--occurrence", type=int, default=1)
-    c.add_argument("--at", type=int, metavar="POS", help="response token position to replace")
-    c.add_argument("--token", metavar="TEXT", help="with --at: the new token(s), as text")
+    c.add_argument("--occurrence", type=arg.positive, default=1)
+    c.add_argument(
+        "--at", type=arg.natural, metavar="POS", help="response token position to replace"
+    )
+    c.add_argument(
+        "--token",
+        metavar="TEXT",
+        help="with --at: the text whose tokens replace the one token at POS",
+    )
     c.add_argument("--prompt", default=None, help="a new user prompt")
     c.add_argument("--system", default=None, help="a new system message")
-    c.add_argument("--auto-at", type=int, metavar="POS", help="automatic intervention at POS")
-    c.add_argument("--resume-at", type=int, default=None, help="factual step to align noise to")
+    c.add_argument(
+        "--auto-at", type=arg.natural, metavar="POS", help="automatic intervention at POS"
+    )
+    c.add_argument(
+        "--resume-at", type=arg.natural, default=None, help="factual step to align noise to"
+    )
     c.add_argument("--interventional", action="store_true", help="fresh noise instead")
-    c.add_argument("--seed", type=int, default=1, help="noise seed for --interventional")
+    c.add_argument("--seed", type=arg.seed, default=1, help="noise seed for --interventional")
     c.add_argument("--out", type=Path, default=None)
     c.add_argument("--html", type=Path, default=None, help="write a side-by-side HTML diff")
     _sampler_args(c, defaults=False)
@@ -78,29 +89,45 @@ def _parser() -> argparse.ArgumentParser:
         "abduct", help="counterfactuals of observed text: what would the model have written instead"
     )
     a.add_argument("--model", default=DEFAULT_MODEL, help="name, model dir or .gguf")
-    a.add_argument("--prompt", required=True, dest="observed_prompt", help="the prompt answered")
+    a.add_argument(
+        "--prompt", required=True, type=arg.text, dest="observed_prompt", help="the prompt answered"
+    )
     a.add_argument("--observed-system", default=None, help="the system message it had")
     a.add_argument("--no-chat", action="store_true", help="raw text prompt, no chat template")
     response = a.add_mutually_exclusive_group(required=True)
     response.add_argument("--response", help="the observed response text")
     response.add_argument("--response-file", type=Path, help="a file holding the response")
-    a.add_argument("--samples", type=int, default=16, help="posterior samples")
-    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--samples", type=arg.positive, default=16, help="posterior samples")
+    a.add_argument("--seed", type=arg.seed, default=0)
     a.add_argument("--full-support", action="store_true",
                    help="model the observed steps with temperature alone (no truncation)")  # fmt: skip
-    a.add_argument("--max-new-tokens", type=int, default=None, help="default: observed length")
+    a.add_argument(
+        "--max-new-tokens", type=arg.positive, default=None, help="default: observed length"
+    )
     a.add_argument("--dtype", default=None, choices=["float32", "bfloat16"])
     a.add_argument("--replace", metavar="OLD=>NEW", help="replace text in the response")
-    a.add_argument("--occurrence", type=int, default=1)
-    a.add_argument("--at", type=int, metavar="POS", help="response token position to replace")
-    a.add_argument("--token", metavar="TEXT", help="with --at: the new token(s), as text")
+    a.add_argument("--occurrence", type=arg.positive, default=1)
+    a.add_argument(
+        "--at", type=arg.natural, metavar="POS", help="response token position to replace"
+    )
+    a.add_argument(
+        "--token",
+        metavar="TEXT",
+        help="with --at: the text whose tokens replace the one token at POS",
+    )
     a.add_argument("--prompt-edit", dest="prompt", default=None, help="a new user prompt")
     a.add_argument("--system", default=None, help="a new system message")
-    a.add_argument("--auto-at", type=int, metavar="POS", help="automatic intervention at POS")
+    a.add_argument(
+        "--auto-at", type=arg.natural, metavar="POS", help="automatic intervention at POS"
+    )
     a.add_argument("--contains", default=None, help="report the share of texts containing this")
     a.add_argument("--out", type=Path, default=None, help="write every trace as JSON here")
     _sampler_args(a, defaults=True)
-    for name, kind in (("temperature", float), ("top-k", int), ("top-p", float)):
+    for name, kind in (
+        ("temperature", arg.temperature),
+        ("top-k", arg.positive),
+        ("top-p", arg.probability),
+    ):
         a.add_argument(f"--new-{name}", type=kind, default=None, help=f"intervention: {name}")
 
     add_experiment_parsers(sub, _Parser)
@@ -114,17 +141,19 @@ def _parser() -> argparse.ArgumentParser:
     sv = sub.add_parser("serve", help="the counterfactual explorer in the browser")
     sv.add_argument("--model", default=DEFAULT_MODEL)
     sv.add_argument("--host", default="127.0.0.1", help="loopback by default")
-    sv.add_argument("--port", type=int, default=8000)
-    sv.add_argument("--max-new-tokens", type=int, default=512, help="the most a request may ask")
+    sv.add_argument("--port", type=arg.port, default=8000)
+    sv.add_argument(
+        "--max-new-tokens", type=arg.positive, default=512, help="the most a request may ask"
+    )
     sv.add_argument(
         "--max-prompt-tokens",
-        type=int,
+        type=arg.positive,
         default=1024,
         help="the longest prompt, system message or edit text a request may send",
     )
     sv.add_argument(
         "--max-samples",
-        type=int,
+        type=arg.positive,
         default=64,
         help="the most posterior or interventional samples a request may ask",
     )
@@ -136,7 +165,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub.add_parser("models", help="list known model names and converted copies")
     d = sub.add_parser("demo", help="rename the captain in a story, on the embedded model")
-    d.add_argument("--seed", type=int, default=None)
+    d.add_argument("--seed", type=arg.seed, default=None)
     d.add_argument("--html", type=Path, default=None)
     return parser
 
@@ -207,7 +236,9 @@ def _interventions(args, lm, trace, change) -> list:
         tokens = lm.tokenizer.encode(args.token)
         if not tokens:
             raise ValueError("--token is empty")
-        out.append(iv.ReplaceTokens(args.at, tokens))
+        out.append(
+            iv.ReplaceTokens(args.at, tokens, count=1)
+        )  # the one token at POS, as the explorer
     elif args.token is not None:
         raise ValueError("--token needs --at POS")
     if args.prompt is not None or args.system is not None:
@@ -232,6 +263,12 @@ def _replay_model(trace, model: str | None, dtype: str | None):
     if model is None:
         return _load(trace.model_id, dtype)
     lm = _load(model, dtype or model_location(trace.model_id)[1])
+    variant = lambda model_id: model_id.split("@")[1:]  # noqa: E731 ("@int8", "@bfloat16")
+    if variant(lm.model_id) != variant(trace.model_id):  # other weights: never relabelled
+        raise ValueError(
+            f"--model {model} loads {lm.model_id!r}, another variant than the trace's model "
+            f"{trace.model_id!r}: give a location of the same weights in the same dtype"
+        )
     return lm.replace(model_id=trace.model_id)
 
 
@@ -349,8 +386,6 @@ def cmd_demo(args) -> int:
 
 def cmd_serve(args) -> int:
     """`cfjax serve`: load the model, then serve the explorer until Ctrl-C."""
-    if not 0 < args.port < 65536:
-        raise ValueError(f"--port must be in 1..65535, got {args.port}")
     try:
         import uvicorn
 
@@ -359,13 +394,7 @@ def cmd_serve(args) -> int:
         raise ImportError(
             f"cfjax serve needs the web extra: pip install 'cfjax[serve]' ({e})"
         ) from None
-    from cfjax.core.request import count
-
-    limits = {
-        "max_new_tokens": count(args.max_new_tokens, "--max-new-tokens"),
-        "max_prompt_tokens": count(args.max_prompt_tokens, "--max-prompt-tokens"),
-        "max_samples": count(args.max_samples, "--max-samples"),
-    }
+    limits = {k: getattr(args, k) for k in ("max_new_tokens", "max_prompt_tokens", "max_samples")}
     extra = [h.strip() for h in args.allowed_hosts.split(",") if h.strip()]
     hosts = ("127.0.0.1", "localhost", args.host.strip("[]"), *extra)
     app = create_app(_load(args.model), allowed_hosts=tuple(dict.fromkeys(hosts)), **limits)
@@ -388,7 +417,10 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `cfjax` console script."""
-    args = _parser().parse_args(argv)
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as e:  # --help, or a bad argument (one line printed by `_Parser.error`)
+        return e.code
     previous = _signals_interrupt()
     try:
         return COMMANDS[args.command](args)

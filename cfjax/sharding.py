@@ -23,6 +23,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from cfjax.core import spec
 from cfjax.core.config import LlamaConfig
+from cfjax.core.request import count
 from cfjax.core.spec import mesh_of
 
 
@@ -117,6 +118,8 @@ def memory(
 ) -> dict:
     """Bytes per device of the params and the KV cache of `batch` rows of `context` slots on a
     (data, model) mesh, by the rules (a replicated leaf counts whole on every device)."""
+    batch, context = count(batch, "batch"), count(context, "context")
+    data, model = count(data, "data"), count(model, "model")
     spec.check_divisible(config, model)
     sizes = {"data": data, "model": model}
     rules = {**spec.RULES, "batch": spec.batch_axis(batch, data)}

@@ -67,9 +67,9 @@ def test_one_shot_start_is_the_papers_first_record(shared_data):
     [
         (["--attributes", "Age"], "attributes: unknown ['Age']; valid: Sex, Race"),
         (["--effects", "indirect"], "effects: unknown ['indirect']"),
-        (["--people", "0"], "--people must be an integer >= 1"),
+        (["--people", "0"], "--people: must be >= 1"),
         (["--seeds", "1,1"], "seeds must be distinct"),
-        (["--seeds", "a"], "--seeds: not a comma-separated list"),
+        (["--seeds", "a"], "--seeds: not an integer: 'a'"),
         (["--temperature", "0"], "--temperature must be > 0"),
     ],
 )

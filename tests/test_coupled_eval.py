@@ -92,7 +92,7 @@ def test_questions_file_errors(tmp_path):
     "args, message",
     [
         (["--models", "a"], "--models: give at least two models"),
-        (["--models", "a", "b", "--samples", "0"], "--samples must be an integer >= 1"),
+        (["--models", "a", "b", "--samples", "0"], "--samples: must be >= 1"),
         (["--models", "a", "b", "--temperature", "0"], "--temperature must be > 0"),
         (["--models", "a", "b"], "a: no such file or directory"),
     ],

@@ -19,7 +19,7 @@ from cfjax.causal.trace import Trace
 from cfjax.core import quant, scm, steering
 from cfjax.core.engine import bucket_length
 from cfjax.core.lm import LM, forward
-from cfjax.core.request import check_tokens, prompt_tokens
+from cfjax.core.request import as_key, check_tokens, integer, prompt_tokens, real, token_ids
 
 
 class Intervention:
@@ -49,7 +49,10 @@ class ReplaceTokens(Intervention):
     count: int | None = None
 
     def __post_init__(self):
-        object.__setattr__(self, "tokens", tuple(int(t) for t in self.tokens))
+        object.__setattr__(self, "position", integer(self.position, "ReplaceTokens position"))
+        object.__setattr__(self, "tokens", token_ids(self.tokens, "ReplaceTokens tokens"))
+        if self.count is not None:
+            object.__setattr__(self, "count", integer(self.count, "ReplaceTokens count"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +88,15 @@ class EditPrompt(Intervention):
     prompt: str | None = None
     system: str | None = None
     tokens: tuple[int, ...] | None = None
+
+    def __post_init__(self):
+        if self.tokens is not None:
+            if self.prompt is not None or self.system is not None:
+                raise ValueError("EditPrompt: give the new prompt as text (prompt=, system=) or as token ids (tokens=), not both")  # fmt: skip
+            object.__setattr__(self, "tokens", token_ids(self.tokens, "EditPrompt tokens"))
+        for name in ("prompt", "system"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise TypeError(f"EditPrompt {name} must be text, got {getattr(self, name)!r:.40}")
 
 
 class _Keep:
@@ -137,6 +149,12 @@ class Steer(Intervention):
     scale: float = 1.0
     at: str = "response"
 
+    def __post_init__(self):
+        integer(self.layer, "Steer layer")
+        real(self.scale, "Steer scale")
+        if self.at not in ("response", "all"):
+            raise ValueError(f"Steer at must be 'response' or 'all', got {self.at!r}")
+
     def record(self) -> dict:
         vector = np.asarray(self.vector, np.float32)
         return {"type": "Steer", "layer": self.layer, "scale": float(self.scale), "at": self.at,
@@ -150,6 +168,12 @@ class AutoIntervention(Intervention):
     position: int
     top_p: float = 0.9
     seed: int = 0
+
+    def __post_init__(self):
+        integer(self.position, "AutoIntervention position")
+        if not 0 < real(self.top_p, "AutoIntervention top_p") <= 1:
+            raise ValueError(f"AutoIntervention top_p must be in (0, 1], got {self.top_p}")
+        integer(self.seed, "AutoIntervention seed", 0, 1 << 32)
 
 
 @dataclasses.dataclass
@@ -259,7 +283,7 @@ def _auto(lm: LM, trace: Trace, iv: AutoIntervention) -> tuple[int, int, list[in
             f"AutoIntervention at position {pos}: the top-p {iv.top_p} set holds only the "
             f"factual token {trace.tokens[pos]}; no other token to choose"
         )
-    key = jax.random.fold_in(jax.random.key(iv.seed), pos)
+    key = jax.random.fold_in(as_key(iv.seed), pos)
     token = int(jax.random.categorical(key, logp))  # the intervention's own randomness
     return pos, pos + 1, [token]
 
@@ -312,10 +336,17 @@ def plan(
             f"the trace was made by model {trace.model_id!r}, not by {lm.model_id!r}: "
             "load that model (or use ChangeModel to ask what another model would have done)"
         )
-    if trace.tokens:  # a hand-edited trace must not force ids the model does not have
+    # A hand-edited trace must not force (or score) ids the model does not have.
+    check_tokens(np.asarray(trace.prompt_tokens), lm.config.vocab_size, "the trace's prompt")
+    if trace.tokens:
         check_tokens(np.asarray(trace.tokens), lm.config.vocab_size, "the trace's response")
+    if trace.posterior is not None:
+        for name in ("prompt_tokens", "tokens"):
+            check_tokens(np.asarray(trace.posterior[name]), lm.config.vocab_size, f"the trace's posterior.{name}")  # fmt: skip
     if isinstance(interventions, Intervention):
         interventions = [interventions]
+    if not interventions:
+        raise ValueError("no intervention given: pass one intervention or a non-empty list")
     p = Plan(
         prompt_tokens=list(trace.prompt_tokens),
         sampler=trace.sampler,

@@ -108,9 +108,11 @@ def _run_group(
     params = plans[0].params
     # Each row keeps its own length limit (the batch runs to the longest and rows are cut), so a
     # batched row equals its one-by-one result. A cap shortens a row (never below its forced
-    # prefix); decoding is causal, so a capped row is a prefix of the uncapped one.
+    # prefix); decoding is causal, so a capped row is a prefix of the uncapped one. A forced
+    # prefix that reaches the budget ends the row: no token is sampled past the factual's budget,
+    # so a null edit of a capped response's last token reproduces it exactly.
     limits = [
-        max(t.max_new_tokens if c is None else min(c, t.max_new_tokens), p.resume_at + 1)
+        max(t.max_new_tokens if c is None else min(c, t.max_new_tokens), p.resume_at)
         for t, p, c in zip(traces, plans, caps, strict=True)
     ]
     steps = max(limits)
@@ -211,6 +213,8 @@ def _batch(
     draft: LM | None = None,
     lookahead: int = speculative.DEFAULT_LOOKAHEAD,
 ) -> list[Trace]:
+    if not traces:
+        raise ValueError("no rows: give at least one trace and intervention")
     caps = _caps(max_new_tokens, len(traces))
     engine_draft = draft_for(lm, draft, lookahead)
     if chunk is None:  # the factual run's chunk, so that its stored cache can be reused
@@ -330,6 +334,8 @@ def interventionals(
     traces = list(traces)
     if len(traces) != len(interventions):
         raise ValueError(f"{len(traces)} traces but {len(interventions)} interventions")
+    if not traces:
+        raise ValueError("no rows: give at least one trace and intervention")
     fresh = list(row_keys(keys, len(traces)))
     return _batch(
         lm, traces, list(interventions), fresh, True, None, reuse_cache, chunk, max_new_tokens,

@@ -73,8 +73,10 @@ class Trace:
     @classmethod
     def from_dict(cls, d: dict) -> Trace:
         """Inverse of `to_dict`."""
+        if not isinstance(d, dict):
+            raise ValueError(f"not a cfjax trace: a JSON {type(d).__name__}, not an object")
         names = {f.name for f in dataclasses.fields(cls)}
-        missing = {"model_id", "prompt_tokens", "tokens", "key", "sampler"} - set(d)
+        missing = {"model_id", "prompt_tokens", "tokens", "key", "sampler", "logprobs"} - set(d)
         if missing:
             raise ValueError(f"not a cfjax trace: missing fields {sorted(missing)}")
         d = {k: v for k, v in d.items() if k in names}
@@ -117,6 +119,8 @@ class Trace:
             return cls.from_dict(json.loads(text))
         except json.JSONDecodeError as e:
             raise ValueError(f"trace is not valid JSON: {e}") from None
+        except RecursionError:
+            raise ValueError("trace is not a cfjax trace: JSON nested too deeply") from None
 
 
 def _is_int(x) -> bool:
@@ -143,11 +147,11 @@ def _check_fields(d: dict) -> None:
     if not _is_int(m) or m < max(1, n):
         raise ValueError(f"trace field max_new_tokens must be an integer >= {max(1, n)}, got {m!r}")
     idx = d["noise_index"]
-    if not isinstance(idx, list) or len(idx) != n or not all(_is_int(i) and i >= 0 for i in idx):
-        raise ValueError(f"trace field noise_index must be {n} integers >= 0 (one per token)")
-    lp = d.get("logprobs", [])
-    if not isinstance(lp, list) or len(lp) not in (0, n):
-        raise ValueError(f"trace field logprobs must be a list of {n} numbers (or empty)")
+    if not isinstance(idx, list) or len(idx) != n or not all(_is_int(i) and 0 <= i < 1 << 31 for i in idx):  # fmt: skip
+        raise ValueError(f"trace field noise_index must be {n} integers in [0, 2**31) (one per token)")  # fmt: skip
+    lp = d["logprobs"]
+    if not isinstance(lp, list) or len(lp) != n:
+        raise ValueError(f"trace field logprobs must be a list of {n} numbers (one per token)")
     if not all(x is None or (isinstance(x, (int, float)) and not isinstance(x, bool)) for x in lp):
         raise ValueError("trace field logprobs must hold numbers (null for -inf)")
     if "stop_tokens" in d:

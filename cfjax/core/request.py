@@ -100,7 +100,7 @@ def prompt_tokens(
         return ([bos] if bos is not None else []) + list(lm.tokenizer.encode(prompt))
     if system is not None:
         raise ValueError("a system message applies to a text prompt; token ids are used as given")
-    tokens = [int(t) for t in prompt]
+    tokens = list(token_ids(prompt, "prompt"))
     if not tokens:
         raise ValueError("the prompt is empty: give at least one token")
     return tokens
@@ -120,6 +120,39 @@ def count(value: Any, name: str = "max_new_tokens") -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     return int(value)
+
+
+def integer(value: Any, name: str, low: int = 0, high: int | None = None) -> int:
+    """`value` as a Python int in [low, high) (numpy integers too; bools and floats refused)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    if value < low or (high is not None and value >= high):
+        bound = f"in [{low}, {high})" if high is not None else f">= {low}"
+        raise ValueError(f"{name} must be an integer {bound}, got {value}")
+    return int(value)
+
+
+def real(value: Any, name: str, *, low: float | None = None, positive: bool = False) -> float:
+    """`value` as a finite float (> 0 with `positive`, >= `low` with `low`)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    value = float(value)
+    if not np.isfinite(value) or (positive and value <= 0) or (low is not None and value < low):
+        rule = "> 0" if positive else f">= {low}" if low is not None else "finite"
+        raise ValueError(f"{name} must be a finite number{'' if rule == 'finite' else ' ' + rule}, got {value}")  # fmt: skip
+    return value
+
+
+def token_ids(tokens: Any, name: str) -> tuple[int, ...]:
+    """A sequence of integer token ids >= 0 as ints (a string or float ids are refused)."""
+    if isinstance(tokens, (str, bytes)):
+        raise TypeError(f"{name} must be a sequence of token ids, not text {tokens!r:.40}")
+    arr = np.asarray(tokens)
+    if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
+        raise TypeError(f"{name} must be a flat sequence of integer token ids, got {tokens!r:.60}")
+    if np.any(arr < 0):
+        raise ValueError(f"{name}: token ids must be >= 0, got {arr.tolist()!r:.60}")
+    return tuple(int(t) for t in arr)
 
 
 def check_request(lm: Any, prompts: list[list[int]], max_new_tokens: int) -> None:

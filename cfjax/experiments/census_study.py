@@ -35,7 +35,7 @@ from cfjax.causal import ReplaceText, counterfactuals, generate
 from cfjax.causal.replay import interventionals
 from cfjax.causal.trace import Trace
 from cfjax.core.lm import LM
-from cfjax.core.request import prompt_tokens
+from cfjax.core.request import as_key, prompt_tokens
 from cfjax.core.scm import Sampler
 from cfjax.experiments import census
 from cfjax.experiments.folder import open_study, process
@@ -163,7 +163,7 @@ def _factuals(lm: LM, settings: Settings, seeds: list[int]) -> list[Trace]:
     if settings.response_start:
         prompt += list(lm.tokenizer.encode(settings.response_start))
     return generate(
-        lm, [prompt] * len(seeds), key=[jax.random.key(s) for s in seeds],
+        lm, [prompt] * len(seeds), key=[as_key(s) for s in seeds],
         sampler=Sampler(settings.temperature), max_new_tokens=settings.max_new_tokens,
     )  # fmt: skip
 
@@ -190,7 +190,7 @@ def _person_rows(
     cap = end + RECORD_SLACK
     ivs = [e.intervention for e in edits]
     cfs = counterfactuals(lm, [factual] * len(edits), ivs, max_new_tokens=cap)
-    base = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), 1), person)
+    base = jax.random.fold_in(jax.random.fold_in(as_key(seed), 1), person)
     keys = []
     for e in edits:
         k = base

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from cfjax import arguments as arg
 from cfjax.weights.loader import DEFAULT_MODEL
 
 
@@ -15,25 +16,29 @@ def add_experiment_parsers(sub, parser_class) -> None:
     st = studies.add_parser("stability", help="edit distance of counterfactual answers (§4.2)")
     st.add_argument("--model", default=DEFAULT_MODEL)
     st.add_argument("--prompts", type=Path, default=None, help="one per line (default: shipped)")
-    st.add_argument("--limit", type=int, default=None, help="the first N prompts only")
+    st.add_argument("--limit", type=arg.positive, default=None, help="the first N prompts only")
     st.add_argument("--temperatures", default="0,0.2,0.4,0.6,0.8,1.0")
     st.add_argument("--top-p", default="0.75,0.9,0.95,0.99,0.999", help="at τ 0.6; '' for none")
     st.add_argument("--top-k", default="2,3,5,10,100", help="at τ 0.6; '' for none")
     st.add_argument("--mechanisms", default="gumbel,inverse-cdf")
-    st.add_argument("--interventions", type=int, default=2)
-    st.add_argument("--max-new-tokens", type=int, default=128)
-    st.add_argument("--seed", type=int, default=42)
-    st.add_argument("--batch-prompts", type=int, default=8, help="prompts per batch")
+    st.add_argument("--interventions", type=arg.positive, default=2)
+    st.add_argument("--max-new-tokens", type=arg.positive, default=128)
+    st.add_argument("--seed", type=arg.seed, default=42)
+    st.add_argument("--batch-prompts", type=arg.positive, default=8, help="prompts per batch")
     st.add_argument("--out", type=Path, required=True)
     st.add_argument("--plot", action="store_true", help="draw the figures as PNG into --out")
     c = studies.add_parser(
         "census", help="census records and their Sex / Race counterfactuals (§4.3)"
     )
     c.add_argument("--model", default=DEFAULT_MODEL)
-    c.add_argument("--seeds", default="0,1,2", help="one census per seed")
-    c.add_argument("--people", type=int, default=50, help="people asked for in each census")
-    c.add_argument("--temperature", type=float, default=0.8)
-    c.add_argument("--max-new-tokens", type=int, default=None, help="default: 120 a person + 64")
+    c.add_argument("--seeds", type=arg.seeds, default="0,1,2", help="one census per seed")
+    c.add_argument(
+        "--people", type=arg.positive, default=50, help="people asked for in each census"
+    )
+    c.add_argument("--temperature", type=arg.temperature, default=0.8)
+    c.add_argument(
+        "--max-new-tokens", type=arg.positive, default=None, help="default: 120 a person + 64"
+    )
     c.add_argument("--attributes", default="Sex,Race")
     c.add_argument("--effects", default="total,direct")
     c.add_argument("--one-shot", action="store_true",
@@ -43,12 +48,14 @@ def add_experiment_parsers(sub, parser_class) -> None:
     cp.add_argument("--models", nargs="+", required=True,
                     help="names, paths or ids: NAME@bfloat16, NAME@int8, a saved fine-tune")  # fmt: skip
     cp.add_argument("--questions", type=Path, default=None, help="JSON lines (default: shipped)")
-    cp.add_argument("--limit", type=int, default=None, help="the first N questions only")
-    cp.add_argument("--samples", type=int, default=10, help="answers per question and noise")
-    cp.add_argument("--temperature", type=float, default=1.0)
-    cp.add_argument("--max-new-tokens", type=int, default=4)
-    cp.add_argument("--seed", type=int, default=0)
-    cp.add_argument("--batch-questions", type=int, default=10)
+    cp.add_argument("--limit", type=arg.positive, default=None, help="the first N questions only")
+    cp.add_argument(
+        "--samples", type=arg.positive, default=10, help="answers per question and noise"
+    )
+    cp.add_argument("--temperature", type=arg.temperature, default=1.0)
+    cp.add_argument("--max-new-tokens", type=arg.positive, default=4)
+    cp.add_argument("--seed", type=arg.seed, default=0)
+    cp.add_argument("--batch-questions", type=arg.positive, default=10)
     cp.add_argument("--out", type=Path, required=True)
     cp.add_argument("--json", action="store_true", help="print the summary as JSON")
     r = studies.add_parser("census-report", help="the census study's tables and figures")
@@ -75,22 +82,21 @@ def cmd_stability(args) -> int:
     bad = [m for m in mechanisms if m not in MECHANISMS]
     if bad or not mechanisms:
         raise ValueError(f"--mechanisms: unknown {bad}; valid: {', '.join(MECHANISMS)}")
-    for name, value in (("interventions", args.interventions), ("batch-prompts", args.batch_prompts)):  # fmt: skip
-        if value < 1:
-            raise ValueError(f"--{name} must be >= 1, got {value}")
-    from cfjax.weights import load
-
-    lm = load(args.model)
-    settings = stability.Settings(
-        model_id=lm.model_id, prompts_sha256=stability.prompts_digest(prompts),
+    settings = dict(
+        prompts_sha256=stability.prompts_digest(prompts),
         n_prompts=len(prompts), temperatures=_numbers(args.temperatures, float, "temperatures"),
         top_p=_numbers(args.top_p, float, "top-p"), top_k=_numbers(args.top_k, int, "top-k"),
         mechanisms=mechanisms, interventions=args.interventions,
         max_new_tokens=args.max_new_tokens, seed=args.seed, batch_prompts=args.batch_prompts,
     )  # fmt: skip
-    for m in mechanisms:
-        settings.samplers(m)  # validate every sampler before the work
-    rows_file = stability.run(lm, prompts, settings, args.out)
+    for m in mechanisms:  # every sampler validated before the model load and any write
+        stability.Settings(model_id="", **settings).samplers(m)
+    from cfjax.weights import load
+
+    lm = load(args.model)
+    rows_file = stability.run(
+        lm, prompts, stability.Settings(model_id=lm.model_id, **settings), args.out
+    )
     print(f"rows: {rows_file}", file=sys.stderr)
     if args.plot:
         from cfjax.experiments.census import read_rows
@@ -102,17 +108,16 @@ def cmd_stability(args) -> int:
 
 def cmd_census(args) -> int:
     """`cfjax experiment census`: run or resume the study."""
-    from cfjax.core.request import count
     from cfjax.core.scm import MIN_TEMPERATURE
     from cfjax.experiments import census_study
 
     words = lambda text: tuple(w.strip() for w in text.split(",") if w.strip())  # noqa: E731
-    people = count(args.people, "--people")
+    people = args.people
     if not args.temperature >= MIN_TEMPERATURE:
         raise ValueError(f"--temperature must be > 0 (the study samples), got {args.temperature}")
-    max_new = count(args.max_new_tokens, "--max-new-tokens") if args.max_new_tokens else None
+    max_new = args.max_new_tokens
     settings = dict(
-        seeds=_numbers(args.seeds, int, "seeds"), people=people, temperature=args.temperature,
+        seeds=args.seeds, people=people, temperature=args.temperature,
         max_new_tokens=max_new or 120 * people + 64, attributes=words(args.attributes),
         effects=words(args.effects), one_shot=args.one_shot,
     )  # fmt: skip
@@ -133,21 +138,20 @@ def cmd_coupled(args) -> int:
     import json
 
     from cfjax.atomic import write_text
-    from cfjax.core.request import count
     from cfjax.core.scm import MIN_TEMPERATURE
     from cfjax.experiments import coupled_eval
 
     if len(args.models) < 2:
         raise ValueError("--models: give at least two models to compare")
     questions = coupled_eval.read_questions(args.questions)[: args.limit]
-    samples = count(args.samples, "--samples")
+    samples = args.samples
     if not args.temperature >= MIN_TEMPERATURE:
         raise ValueError(f"--temperature must be > 0 (the answers are sampled), got {args.temperature}")  # fmt: skip
     settings = coupled_eval.Settings(
         models=tuple(args.models), questions_sha256=coupled_eval.questions_digest(questions),
         n_questions=len(questions), samples=samples, temperature=args.temperature,
-        max_new_tokens=count(args.max_new_tokens, "--max-new-tokens"), seed=args.seed,
-        batch_questions=count(args.batch_questions, "--batch-questions"),
+        max_new_tokens=args.max_new_tokens, seed=args.seed,
+        batch_questions=args.batch_questions,
     )  # fmt: skip
     from cfjax.weights import load
 

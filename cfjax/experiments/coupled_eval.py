@@ -29,6 +29,7 @@ import numpy as np
 
 from cfjax.causal.coupling import check_shared_vocabulary, coupled
 from cfjax.core.lm import LM
+from cfjax.core.request import as_key
 from cfjax.core.scm import Sampler
 from cfjax.experiments.choices import LETTERS, QUESTIONS
 from cfjax.experiments.folder import open_study, process
@@ -111,7 +112,7 @@ def questions_digest(questions: Sequence[Question]) -> str:
 
 def _keys(settings: Settings, mode: str, model: int, question: int) -> jax.Array:
     """One key per sample: shared by the models when coupled, the model's own otherwise."""
-    base = jax.random.key(settings.seed)
+    base = as_key(settings.seed)
     base = jax.random.fold_in(base, MODES.index(mode))
     if mode == "independent":
         base = jax.random.fold_in(base, 1 + model)

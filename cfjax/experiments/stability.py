@@ -30,6 +30,7 @@ from cfjax.causal import AutoIntervention, ReplaceTokens, counterfactuals, gener
 from cfjax.causal.interventions import auto_token
 from cfjax.causal.replay import interventionals
 from cfjax.core.lm import LM
+from cfjax.core.request import as_key
 from cfjax.core.scm import Sampler
 from cfjax.experiments.folder import open_study, process
 
@@ -130,7 +131,7 @@ def run(
 def _unit(lm: LM, prompts: Sequence[str], ids: list[int], mechanism: str, settings: Settings):
     samplers = settings.samplers(mechanism)
     cells = [(i, s) for i in ids for s in samplers]
-    keys = [jax.random.fold_in(jax.random.key(settings.seed), i) for i, _ in cells]
+    keys = [jax.random.fold_in(as_key(settings.seed), i) for i, _ in cells]
     factuals = generate(
         lm, [prompts[i] for i, _ in cells], key=keys, sampler=[s for _, s in cells],
         max_new_tokens=settings.max_new_tokens,
@@ -138,7 +139,7 @@ def _unit(lm: LM, prompts: Sequence[str], ids: list[int], mechanism: str, settin
         stop_tokens=() if settings.ignore_stop else None,
     )  # fmt: skip
     plan = []  # (cell, factual, position, fresh key)
-    base = jax.random.key(settings.seed + 1)
+    base = as_key(settings.seed + 1)
     for c, ((i, s), fact) in enumerate(zip(cells, factuals, strict=True)):
         body = len(fact.tokens) - (1 if fact.stopped else 0)
         rng = np.random.default_rng([settings.seed, i])

@@ -18,7 +18,7 @@ import numpy as np
 
 from cfjax.core import model
 from cfjax.core.lm import LM
-from cfjax.core.request import as_key, count, prompt_tokens
+from cfjax.core.request import as_key, count, prompt_tokens, real
 
 # Target name -> (module, matrix) in the split (checkpoint) layout of `model.split_params`.
 TARGETS = {
@@ -114,7 +114,8 @@ def finetune(
     if bad or not targets:
         raise ValueError(f"finetune: unknown targets {bad}; valid: {', '.join(TARGETS)}")
     rank, steps, batch_size = count(rank, "rank"), count(steps, "steps"), count(batch_size, "batch_size")  # fmt: skip
-    alpha = float(rank if alpha is None else alpha)
+    learning_rate = real(learning_rate, "learning_rate", positive=True)
+    alpha = real(rank if alpha is None else alpha, "alpha", positive=True)
     scale = alpha / rank
     config, base = lm.config, lm.params
     tokens, mask = _batches(lm, texts)
