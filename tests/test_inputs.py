@@ -13,6 +13,7 @@ import math
 import re
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -241,3 +242,70 @@ def test_any_bad_numeric_flag_is_one_line_before_any_load_or_write(tmp_path, cap
     assert rc == 1 and len(err) == 1 and err[0].startswith("cfjax: error:"), (argv, err)
     assert f"argument {flag}" in err[0], (argv, err)
     assert not out.exists()
+
+
+def test_core_sample_checks_concrete_values_and_checkify_reports_traced_ones(lm):
+    from jax.experimental import checkify
+
+    from cfjax.core import engine
+
+    V = lm.config.vocab_size
+
+    def sample(prompt, prompt_length=3, forced=None):
+        return engine.sample(lm.config, lm.params, jnp.asarray(prompt, jnp.int32), prompt_length,
+                             jax.random.key(0), Sampler(1.0), max_new_tokens=4, forced=forced)  # fmt: skip
+
+    bad = [
+        (dict(prompt=[1, 2, V + 5, 0]), rf"prompt: token id {V + 5} at position \(2,\)"),
+        (dict(prompt=[1, 2, 3, 0], prompt_length=0), r"prompt_length 0 is outside \[1, 4\]"),
+        (dict(prompt=[1, 2, 3, 0], prompt_length=jnp.int32(5)), r"prompt_length 5 is outside"),
+        (dict(prompt=[1, 2, 3, 0], forced=jnp.array([-1, V, -1, -1])), f"token id {V} at step 1"),
+    ]
+    for kwargs, message in bad:
+        with pytest.raises(ValueError, match=message):
+            sample(**kwargs)
+    # Traced: checkify names the out-of-vocabulary id instead of a silent garbage token.
+    traced = checkify.checkify(jax.jit(lambda p, f: sample(p, forced=f).tokens), errors=checkify.index_checks)  # fmt: skip
+    err, _ = traced(jnp.array([1, 2, V + 5, 0], jnp.int32), jnp.full((4,), -1, jnp.int32))
+    assert f"index {V + 5} is out of bounds" in err.get()
+    err, _ = traced(jnp.array([1, 2, 3, 0], jnp.int32), jnp.array([-1, V, -1, -1], jnp.int32))
+    assert f"index {V} is out of bounds" in err.get()
+    err, tokens = traced(jnp.array([1, 2, 3, 0], jnp.int32), jnp.full((4,), -1, jnp.int32))
+    assert err.get() is None and tokens.tolist() == sample([1, 2, 3, 0]).tokens.tolist()
+
+
+# --- studies: files named by line, strict JSON ---------------------------------------------------
+
+
+def test_a_corrupted_row_is_named_by_file_and_line(tmp_path):
+    from cfjax.experiments import census, folder
+
+    (tmp_path / "rows.jsonl").write_text('{"a": 1}\n{"a": \n{"a": 3}\n')
+    with pytest.raises(ValueError, match=r"rows.jsonl:2: not a JSON row"):
+        folder.open_study(tmp_path, {"x": 1})
+    with pytest.raises(ValueError, match=r"rows.jsonl:2: not a JSON row"):
+        census.read_rows(tmp_path)
+    (tmp_path / "rows.jsonl").write_text('{"a": 1}\n[1]\n')
+    with pytest.raises(ValueError, match=r"rows.jsonl:2: a row is a JSON object"):
+        census.read_rows(tmp_path)
+
+
+def test_census_report_names_a_row_without_an_intervention(tmp_path, capsys):
+    from cfjax.cli import main
+
+    (tmp_path / "rows.jsonl").write_text('{"intervened_attribute": "Sex", "effect": "total"}\n')
+    assert main(["experiment", "census-report", str(tmp_path)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "row 1 is not a census row: no intervention" in err[0]
+
+
+def test_study_json_is_strict(tmp_path):
+    from cfjax.experiments import folder
+
+    value = {"mean": math.nan, "n": [1.0, math.inf, -math.inf], "ok": 0.5}
+    text = folder.to_json(value)
+    assert json.loads(text) == {"mean": None, "n": [1.0, None, None], "ok": 0.5}
+    assert "NaN" not in text and "Infinity" not in text
+    folder.open_study(tmp_path, {"x": 1})
+    folder.process(tmp_path, [0], lambda _u: [value], desc="t", unit="u", progress=False)
+    assert json.loads((tmp_path / "rows.jsonl").read_text()) == json.loads(text)

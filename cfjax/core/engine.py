@@ -37,7 +37,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from cfjax.core import model, posterior, scm, spec, speculative
 from cfjax.core.cache import KEY_SLOT_AXIS, VALUE_SLOT_AXIS, KVCache, init_cache
 from cfjax.core.config import LlamaConfig
-from cfjax.core.request import as_key, count
+from cfjax.core.request import as_key, check_tokens, count
 
 MIN_BUCKET = 32
 DEFAULT_CHUNK = 64
@@ -221,6 +221,11 @@ def sample(
     structure. Padding the prompt to `bucket_length(prompt_length)` gives the program shapes of
     `cfjax.generate`, whose tokens it equals. `draft` (a `speculative.Draft`, its params traced)
     decodes by speculative rounds: the same tokens, fewer passes over the weights.
+
+    Concrete values are checked (token ids in the vocabulary, `prompt_length` within the buffer,
+    forced ids -1 or in the vocabulary, noise indices >= 0). Traced values cannot be checked
+    here: under `jit`/`vmap` wrap the call in `checkify.checkify(f, errors=checkify.index_checks)`
+    (`jax.experimental.checkify`), which reports an id outside the vocabulary by its index.
     """
     n = count(max_new_tokens)
     prompt = jnp.asarray(prompt, jnp.int32)
@@ -235,8 +240,7 @@ def sample(
             raise ValueError(f"{name} must have shape {shape}, got {tuple(jnp.shape(x))}")
     forced = jnp.full((n,), NOT_FORCED, jnp.int32) if forced is None else forced
     noise_index = jnp.arange(n, dtype=jnp.int32) if noise_index is None else noise_index
-    if isinstance(prompt_length, (int, np.integer)) and not 1 <= prompt_length <= prompt.shape[0]:
-        raise ValueError(f"prompt_length {prompt_length} is outside [1, {prompt.shape[0]}]")
+    _check_concrete(config.vocab_size, prompt, prompt_length, forced, noise_index)
     stops = _stop_tuple(stop_tokens)
     sampler = scm.as_arrays(sampler)
     statics = None if draft is None else (draft.config, draft.lookahead)
@@ -244,6 +248,25 @@ def sample(
                    prompt, prompt_length, as_key(key), sampler,
                    jnp.asarray(forced, jnp.int32), jnp.asarray(noise_index, jnp.int32),
                    None if noise is None else jnp.asarray(noise, jnp.float32))  # fmt: skip
+
+
+def _check_concrete(vocab: int, prompt, prompt_length, forced, noise_index) -> None:
+    """`sample`'s checks of the values that are not traced (see its docstring)."""
+    concrete = lambda x: not isinstance(x, jax.core.Tracer)  # noqa: E731
+    if concrete(prompt_length):
+        length = np.asarray(prompt_length)
+        if length.ndim or not np.issubdtype(length.dtype, np.integer):
+            raise TypeError(f"prompt_length must be an integer, got {prompt_length!r}")
+        if not 1 <= int(length) <= prompt.shape[0]:
+            raise ValueError(f"prompt_length {int(length)} is outside [1, {prompt.shape[0]}]")
+        if concrete(prompt):
+            check_tokens(prompt[: int(length)], vocab, "prompt")
+    if concrete(forced):
+        bad = np.flatnonzero((np.asarray(forced) < NOT_FORCED) | (np.asarray(forced) >= vocab))
+        if len(bad):
+            raise ValueError(f"forced: token id {int(np.asarray(forced)[bad[0]])} at step {int(bad[0])} is neither {NOT_FORCED} (sample) nor in the vocabulary [0, {vocab})")  # fmt: skip
+    if concrete(noise_index) and np.any(np.asarray(noise_index) < 0):
+        raise ValueError("noise_index must hold indices >= 0")
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))

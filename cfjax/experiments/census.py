@@ -21,6 +21,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from cfjax.experiments.folder import parse_rows
+
 # The paper's prompt (Networks-Learning/counterfactual-llms, the census experiment).
 SYSTEM = (
     "Return only the following information: Age, Sex, Citizenship, Race, Ethnicity, Marital "
@@ -177,21 +179,19 @@ def read_rows(path: str | Path) -> list[dict]:
     file = path / "rows.jsonl" if path.is_dir() else path
     try:
         lines = file.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise ValueError(f"{file}: not UTF-8 text") from None
     except OSError as e:
         raise FileNotFoundError(f"{file}: cannot read the study's rows ({e.strerror})") from None
-    rows = []
-    for n, line in enumerate(lines, 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{file}:{n}: not a JSON row ({e.msg})") from None
-    return rows
+    return parse_rows(file, "\n".join(lines))
 
 
 def _groups(rows: Sequence[dict]) -> dict[tuple, list[dict]]:
     groups: dict[tuple, list[dict]] = {}
-    for r in rows:
+    for n, r in enumerate(rows, 1):
+        missing = [k for k in ("intervention", "intervened_attribute", "effect") if k not in r]
+        if missing or not (isinstance(r["intervention"], list) and len(r["intervention"]) == 2):
+            raise ValueError(f"row {n} is not a census row: {'no ' + ', '.join(missing) if missing else 'intervention is not [factual, counterfactual]'}")  # fmt: skip
         a, b = r["intervention"]
         groups.setdefault((r["intervened_attribute"], r["effect"], a, b), []).append(r)
     return dict(sorted(groups.items()))

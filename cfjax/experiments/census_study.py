@@ -246,8 +246,10 @@ def run(
     if len(unreadable) == len(settings.seeds):
         raise ValueError(
             f"no census record could be parsed from the model's text (seeds {unreadable}; see "
-            f"{out}/census-*.json); a model this small may need --one-shot"
-        )
+            f"{out}/census-*.json); "
+            + ("a larger model or more --max-new-tokens may help" if settings.one_shot
+               else "a model this small may need --one-shot")
+        )  # fmt: skip
     for seed in unreadable:
         print(f"census {seed}: no readable record, skipped", file=sys.stderr)
     return process(

@@ -135,11 +135,10 @@ def cmd_census(args) -> int:
 
 def cmd_coupled(args) -> int:
     """`cfjax experiment coupled`: run or resume, then write and print the report."""
-    import json
-
     from cfjax.atomic import write_text
     from cfjax.core.scm import MIN_TEMPERATURE
     from cfjax.experiments import coupled_eval
+    from cfjax.experiments.folder import to_json
 
     if len(args.models) < 2:
         raise ValueError("--models: give at least two models to compare")
@@ -160,9 +159,9 @@ def cmd_coupled(args) -> int:
     from cfjax.experiments.census import read_rows
 
     summary = coupled_eval.summarize(read_rows(rows_file), args.models)
-    write_text(args.out / "summary.json", json.dumps(summary, indent=1))
+    write_text(args.out / "summary.json", to_json(summary, indent=1))
     write_text(args.out / "report.md", coupled_eval.markdown(summary))
-    print(json.dumps(summary) if args.json else coupled_eval.markdown(summary))
+    print(to_json(summary) if args.json else coupled_eval.markdown(summary))
     return 0
 
 

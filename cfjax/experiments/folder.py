@@ -8,10 +8,43 @@ other settings is refused, naming what differs.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+
+def finite(value: Any) -> Any:
+    """`value` with every NaN or infinite float replaced by None: JSON has no NaN/Infinity, and
+    a reader of `summary.json` or `rows.jsonl` should not meet them."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
+
+
+def to_json(value: Any, **kwargs) -> str:
+    """Strict JSON of `value` (non-finite floats as null)."""
+    return json.dumps(finite(value), allow_nan=False, ensure_ascii=False, **kwargs)
+
+
+def parse_rows(file: Path, text: str) -> list[dict]:
+    """The rows of a `rows.jsonl` text; a bad line is named by file and line number."""
+    rows = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                row = json.loads(line)
+            except (json.JSONDecodeError, RecursionError) as e:
+                raise ValueError(f"{file}:{n}: not a JSON row ({getattr(e, 'msg', 'nested too deeply')})") from None  # fmt: skip
+            if not isinstance(row, dict):
+                raise ValueError(f"{file}:{n}: a row is a JSON object, got {type(row).__name__}")
+            rows.append(row)
+    return rows
 
 
 def open_study(out: Path, settings: dict[str, Any]) -> list[dict]:
@@ -38,7 +71,7 @@ def open_study(out: Path, settings: dict[str, Any]) -> list[dict]:
     complete = text[: text.rfind("\n") + 1]  # a line cut by a crash is dropped
     if len(complete) != len(text):
         rows.write_text(complete, encoding="utf-8")
-    return [json.loads(line) for line in complete.splitlines()]
+    return parse_rows(rows, complete)
 
 
 def process(
@@ -61,7 +94,7 @@ def process(
     with open(out / "rows.jsonl", "a", encoding="utf-8") as f:
         for n, u in enumerate(units):
             rows = work(u)
-            f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+            f.write("".join(to_json(r) + "\n" for r in rows))
             f.flush()
             os.fsync(f.fileno())
             bar.update(size(u))
