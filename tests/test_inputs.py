@@ -309,3 +309,37 @@ def test_study_json_is_strict(tmp_path):
     folder.open_study(tmp_path, {"x": 1})
     folder.process(tmp_path, [0], lambda _u: [value], desc="t", unit="u", progress=False)
     assert json.loads((tmp_path / "rows.jsonl").read_text()) == json.loads(text)
+
+
+@pytest.fixture(scope="module")
+def gguf_parts(tmp_path_factory):
+    from conftest import hf_llama
+    from test_weights import HEADS, KV_HEADS, state
+
+    root = tmp_path_factory.mktemp("gguf")
+    ref = hf_llama(root / "hf", num_attention_heads=HEADS, num_key_value_heads=KV_HEADS)
+    return state(ref), ref.config.to_dict() | {"rope_theta": 10000.0}, root
+
+
+@pytest.mark.parametrize(
+    "key, value, kind, message",
+    [
+        ("llama.attention.head_count", 0, "uint32", "n_heads must be an integer >= 1, got 0"),
+        ("llama.block_count", 2.0, "float32", "n_layers must be an integer >= 1, got 2.0"),
+        ("llama.context_length", 0, "uint32", "max_seq_len must be an integer >= 1, got 0"),
+    ],
+)
+def test_a_gguf_with_bad_sizes_is_named_at_load(gguf_parts, key, value, kind, message):
+    from test_weights import write_gguf
+
+    sd, cfg, root = gguf_parts
+    file = root / f"{key}-{value}.gguf"
+
+    def bad(writer):
+        import gguf
+
+        writer.add_key_value(key, value, gguf.GGUFValueType[kind.upper()])
+
+    write_gguf(file, sd, cfg, metadata=bad)
+    with pytest.raises(ValueError, match=re.escape(f"config {file}: {message}")):
+        cfjax.load(file)

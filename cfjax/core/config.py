@@ -25,6 +25,12 @@ class RopeScaling:
     original_max_position_embeddings: int = 8192
 
 
+def _is_np_int(value: Any) -> bool:
+    return (
+        type(value).__module__ == "numpy" and hasattr(value, "dtype") and value.dtype.kind in "iu"
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
     """Shapes and constants of a Llama-architecture model."""
@@ -44,6 +50,23 @@ class LlamaConfig:
     name: str = "llama"
 
     def __post_init__(self) -> None:
+        # Types and ranges first (a config read from a file may hold anything): every size an
+        # integer >= 1, the constants finite and positive.
+        sizes = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len")
+        for field in (*sizes, *(("head_dim",) if self.head_dim is not None else ())):
+            value = getattr(self, field)
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int)
+                and not _is_np_int(value)
+                or value < 1
+            ):
+                raise ValueError(f"config {self.name}: {field} must be an integer >= 1, got {value!r}")  # fmt: skip
+            object.__setattr__(self, field, int(value))
+        for field in ("norm_eps", "rope_theta"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:  # fmt: skip
+                raise ValueError(f"config {self.name}: {field} must be a finite number > 0, got {value!r}")  # fmt: skip
         if self.head_dim is None:
             if self.dim % self.n_heads:
                 raise ValueError(
@@ -51,11 +74,6 @@ class LlamaConfig:
                     f"{self.n_heads}; give head_dim explicitly"
                 )
             object.__setattr__(self, "head_dim", self.dim // self.n_heads)
-        for field in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim"):
-            if getattr(self, field) < 1:
-                raise ValueError(
-                    f"config {self.name}: {field} must be >= 1, got {getattr(self, field)}"
-                )
         if self.n_heads % self.n_kv_heads:
             raise ValueError(
                 f"config {self.name}: n_heads {self.n_heads} is not a multiple of n_kv_heads "

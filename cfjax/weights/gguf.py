@@ -141,8 +141,6 @@ def open_gguf(file: str | Path) -> Source:
     vocab = _meta(header, file, "llama.vocab_size", None) or (embd.shape[0] if embd else 0)
     head_dim = _meta(header, file, "llama.attention.key_length", None)
     rope_dims = _meta(header, file, "llama.rope.dimension_count", None)
-    if rope_dims is not None and rope_dims != (head_dim or dim // n_heads):
-        raise ValueError(f"{file}: partial rotary embedding ({rope_dims} dims) is not supported")
     scaling_type = _meta(header, file, "llama.rope.scaling.type", "none")
     if scaling_type not in ("none", ""):
         raise ValueError(f"{file}: rope scaling type {scaling_type!r} is not supported")
@@ -158,8 +156,10 @@ def open_gguf(file: str | Path) -> Source:
         rope_theta=float(_meta(header, file, "llama.rope.freq_base", 10000.0)),
         max_seq_len=_meta(header, file, "llama.context_length", 4096),
         tie_embeddings="output.weight" not in by_name,
-        name=file.stem,
-    )
+        name=str(file),  # a bad value's error names the file; the model's name is the stem
+    ).replace(name=file.stem)
+    if rope_dims is not None and rope_dims != config.head_dim:
+        raise ValueError(f"{file}: partial rotary embedding ({rope_dims} dims) is not supported")
     with open(file, "rb") as f:
         if _ROPE_FREQS in by_name:
             factors = _read(f.fileno(), file, by_name[_ROPE_FREQS]).astype(np.float32)
