@@ -530,3 +530,14 @@ def test_counterfactual_never_relabels_other_weights_as_the_traces_model(sources
     # --at/--token replace the one token at POS (as the explorer's text edit does)
     assert cf.interventions[0] == {"type": "ReplaceTokens", "position": 2, "tokens": cf.tokens[2:4], "count": 1}  # fmt: skip
     assert cf.tokens[:2] == fact.tokens[:2] and cf.model_id == fact.model_id
+
+
+def test_a_local_folder_never_silently_shadows_a_known_model_name(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "smollm2-135m-instruct").mkdir()
+    (tmp_path / "trace.json").write_text("{}")
+    rc, err = _cli(capsys, "generate", "--model", "smollm2-135m-instruct", "--prompt", "hi")
+    _one_line(err, "both a known model name and a file or folder here; write ./smollm2-135m-instruct")  # fmt: skip
+    rc, err = _cli(capsys, "generate", "--model", "trace.json", "--prompt", "hi")
+    _one_line(err, "trace.json: a .json file is not a model")
+    assert rc == 1

@@ -113,6 +113,8 @@ def open_source(path: str | Path) -> Source:
             "consolidated.*.pth, or a converted checkpoint with cfjax.json)"
         )
     if path.is_file():
+        if path.suffix.lower() in (".json", ".jsonl", ".txt", ".md"):
+            raise ValueError(f"{path}: a {path.suffix} file is not a model: give a .gguf file, a model folder or a model name")  # fmt: skip
         return open_gguf(path)  # anything else fails the GGUF magic check with a clear message
     raise FileNotFoundError(f"{path}: no such file or directory")
 
@@ -158,9 +160,15 @@ def _meta_or_error(directory: Path) -> dict | str | None:
 def _resolve(spec: str | Path) -> Path:
     """A path as given, a known/converted model name, or a model id -> where to read it."""
     path = Path(spec).expanduser()
-    if path.exists():
-        return path
     name = str(spec)
+    if path.exists():
+        named = weights_dir() / name
+        if name in KNOWN_MODELS and not (named.exists() and path.resolve() == named.resolve()):
+            raise ValueError(
+                f"{name}: both a known model name and a file or folder here; write ./{name} for "
+                "the local one, or run from another folder for the known model"
+            )
+        return path
     if name in KNOWN_MODELS or checkpoint.is_converted(weights_dir() / name):
         return _named(name)
     base, dtype = model_location(name)
