@@ -343,3 +343,15 @@ def test_a_gguf_with_bad_sizes_is_named_at_load(gguf_parts, key, value, kind, me
     write_gguf(file, sd, cfg, metadata=bad)
     with pytest.raises(ValueError, match=re.escape(f"config {file}: {message}")):
         cfjax.load(file)
+
+
+def test_overlapping_edits_are_judged_the_same_in_any_order(lm, capped):
+    t = capped.tokens
+    insert, replace = ReplaceTokens(5, [7], count=0), ReplaceTokens(5, [t[5]])
+    a = cfjax.counterfactual(lm, capped, [insert, replace])
+    b = cfjax.counterfactual(lm, capped, [replace, insert])
+    assert a.tokens == b.tokens and a.tokens[:7] == [*t[:5], 7, t[5]]
+    for pair in ([ReplaceTokens(4, [1, 2]), ReplaceTokens(5, [3])], [insert, ReplaceTokens(5, [9], count=0)]):  # fmt: skip
+        for edits in (pair, pair[::-1]):
+            with pytest.raises(ValueError, match="two response edits overlap"):
+                cfjax.counterfactual(lm, capped, edits)

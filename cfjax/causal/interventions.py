@@ -426,10 +426,13 @@ def plan(
     if steers:
         p.model_id = f"{p.model_id}+steer"
     if edits:
-        edits.sort(key=lambda e: e[0])
-        for (_, end, _), (start, _, _) in zip(edits, edits[1:], strict=False):
-            if start < end:
-                raise ValueError("two response edits overlap")
+        # By span, so the order the edits are given in never matters: an insertion at a
+        # token's position goes before that token's replacement; two insertions at one
+        # position have no order, and overlapping spans no meaning.
+        edits.sort(key=lambda e: (e[0], e[1]))
+        for (a, end, _), (start, b, _) in zip(edits, edits[1:], strict=False):
+            if start < end or a == end == start == b:
+                raise ValueError(f"two response edits overlap (tokens {a}..{end} and {start}..{b}); give them as one edit")  # fmt: skip
         # Everything from the first edit to the last is forced: kept tokens between edits too.
         forced = list(trace.tokens[: edits[0][0]])
         sources: list[int | None] = list(range(edits[0][0]))
