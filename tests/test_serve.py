@@ -7,6 +7,8 @@ import json
 
 import jax
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import cfjax
 from cfjax.core.model import init_params
@@ -268,7 +270,8 @@ def test_concurrent_sessions_get_their_own_results(app, lm):
 def test_only_the_bound_host_names_are_served(app, lm):
     assert _client(app, "localhost:8000").get("/api/info").status_code == 200
     r = _client(app, "evil.example").post("/api/generate", json=GEN)
-    assert r.status_code == 400 and "host" in r.text.lower()
+    assert r.status_code == 400 and "host 'evil.example' is not served" in r.json()["detail"]
+    assert _client(app, "127.0.0.1.evil:80").get("/api/info").status_code == 400
     more = create_app(lm, allowed_hosts=("127.0.0.1", "lab.example"))
     assert _client(more, "lab.example").get("/api/info").status_code == 200
 
@@ -321,3 +324,54 @@ def test_every_request_is_bounded_by_the_servers_limits(lm):
     edit = {"trace_id": fact["id"], "position": 2, "text": " the sea"}
     r = c.post("/api/counterfactual", json=edit)
     assert r.status_code == 200 and len(r.json()["counterfactual"]["tokens"]) <= 24
+
+
+@settings(max_examples=40, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])  # fmt: skip
+@given(data=st.data())
+def test_any_request_body_is_answered_within_the_limits(lm, data):
+    """Random bodies for every POST endpoint, any Host, with or without a session: never a 500,
+    and every answer within the server's limits (new tokens, samples)."""
+    app = _bounded_app(lm)
+    host = data.draw(st.sampled_from(["127.0.0.1", "localhost", "evil.example", "127.0.0.1.evil"]))
+    client = _client(app, host)
+    fact_id = "none"
+    if host in ("127.0.0.1", "localhost") and data.draw(st.booleans()):  # a session with a trace
+        r = client.post("/api/generate", json={"prompt": "the sea", "max_new_tokens": 6})
+        assert r.status_code == 200, r.text
+        fact_id = r.json()["factual"]["id"]
+    numbers = st.one_of(st.integers(-(2**40), 2**40), st.floats(allow_nan=False, allow_infinity=False), st.none())  # fmt: skip
+    texts = st.one_of(st.text(max_size=40), st.just("the sea " * 40), st.none())
+    path = data.draw(st.sampled_from(["/api/generate", "/api/counterfactual", "/api/abduct"]))
+    body = {
+        "prompt": data.draw(texts), "system": data.draw(texts), "observed": data.draw(texts),
+        "old": data.draw(texts), "new": data.draw(texts), "text": data.draw(texts),
+        "trace_id": data.draw(st.sampled_from([fact_id, "nope", None])),
+        "position": data.draw(numbers), "token_id": data.draw(numbers),
+        "max_new_tokens": data.draw(numbers), "samples": data.draw(numbers),
+        "seed": data.draw(numbers), "temperature": data.draw(numbers),
+        "top_k": data.draw(numbers), "top_p": data.draw(numbers),
+    }  # fmt: skip
+    body = {k: v for k, v in body.items() if v is not None and data.draw(st.booleans())}
+    r = client.post(path, json=body)
+    assert r.status_code in (200, 400, 404, 409, 422, 503), (path, body, r.text)
+    if host not in ("127.0.0.1", "localhost"):
+        assert r.status_code == 400
+    if r.status_code == 200:
+        payload = r.json()
+        traces = [payload.get("factual"), payload.get("counterfactual"), payload.get("observed"),
+                  *payload.get("interventional", []), *(a["trace"] for a in payload.get("abducted", []))]  # fmt: skip
+        assert all(len(t["tokens"]) <= LIMITS["max_new_tokens"] for t in traces if t)
+        assert len(payload.get("interventional", [])) <= LIMITS["max_samples"]
+        assert payload.get("samples", 0) <= LIMITS["max_samples"]
+    else:
+        assert isinstance(r.json()["detail"], (str, list))
+
+
+LIMITS = {"max_new_tokens": 8, "max_prompt_tokens": 12, "max_samples": 3}
+
+
+def _bounded_app(lm, cache={}):  # noqa: B006 (one app for all examples: its compiled programs)
+    if "app" not in cache:
+        cache["app"] = create_app(lm, **LIMITS)
+    return cache["app"]

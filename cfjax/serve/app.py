@@ -30,7 +30,6 @@ import numpy as np
 from fastapi import FastAPI, HTTPException, Query, Request, Response
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
-from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 import cfjax
 from cfjax.causal import ChangeSampler, EditPrompt, ReplaceText, ReplaceTokens, Trace
@@ -162,13 +161,24 @@ def create_app(
     if lm.tokenizer is None:
         raise ValueError("cfjax serve shows text: the model needs a tokenizer")
     app = FastAPI(title="cfjax explorer", docs_url=None, redoc_url=None)
-    app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))
     sessions = sessions or Sessions()
+    allowed = {h.lower() for h in allowed_hosts}
     tok = lm.tokenizer
 
     @app.exception_handler(ValueError)
     async def bad_value(_request: Request, e: ValueError):
         return JSONResponse({"detail": str(e).splitlines()[0] if str(e) else "bad input"}, 400)
+
+    @app.middleware("http")
+    async def trusted_host(request: Request, call_next):
+        # The Host header's name without its port ([::1]:8000 -> ::1): a page on another
+        # name that resolves here (DNS rebinding) is refused before any work.
+        host = request.headers.get("host", "")
+        name = host[1:].split("]")[0] if host.startswith("[") else host.rsplit(":", 1)[0]
+        if "*" not in allowed_hosts and name.lower() not in allowed:
+            detail = f"host {host[:80]!r} is not served here (allowed: {', '.join(allowed_hosts)}; cfjax serve --allowed-hosts adds names)"  # fmt: skip
+            return JSONResponse({"detail": detail}, 400)
+        return await call_next(request)
 
     @app.middleware("http")
     async def session_cookie(request: Request, call_next):
