@@ -13,6 +13,18 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 SHARED = Path(os.environ.get("CFJAX_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 
+# One persistent compilation cache for the whole run: both xdist workers and the CLI's child
+# processes compile the same SmolLM2 programs, and each compiles them once (a cache hit is the
+# same executable, so no result changes). Kept between local runs; CI starts from a fresh clone.
+XLA_CACHE = Path(__file__).parent / "artifacts" / "xla"
+
+
+def pytest_configure(config):
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", str(XLA_CACHE))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
 
 def hf_llama(directory: Path, *, seed: int = 0, init_std: float = 0.2, **overrides):
     """Build a random transformers `LlamaForCausalLM` (float32), save it to `directory`.

@@ -10,13 +10,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import XLA_CACHE
 
 from cfjax.causal.trace import Trace
 from cfjax.cli import main
 
 
-def run_cli(*args: str, cache: str = "") -> subprocess.CompletedProcess:
-    """The console script in a child process; `cache`: its compilation cache folder (off)."""
+def run_cli(*args: str, cache: str = str(XLA_CACHE)) -> subprocess.CompletedProcess:
+    """The console script in a child process; `cache`: its compilation cache folder (default:
+    the test run's, shared with the other tests)."""
     return subprocess.run(
         [sys.executable, "-m", "cfjax.cli", *args],
         capture_output=True,

@@ -383,8 +383,8 @@ def test_a_capped_counterfactual_is_a_prefix_of_the_full_one(lm, fact, monkeypat
     fresh = interventionals(lm, [fact] * 2, ivs, keys=jax.random.key(5), chunk=CHUNK)
     fresh_capped = interventionals(lm, [fact] * 2, ivs, keys=jax.random.key(5), chunk=CHUNK,
                                    max_new_tokens=25)  # fmt: skip
-    # A cap below a row's forced prefix (31 tokens) keeps the prefix and one sampled token.
-    assert [len(t.tokens) for t in fresh_capped] == [25, 32]
+    # A cap below a row's forced prefix (31 tokens) keeps the prefix and samples nothing more.
+    assert [len(t.tokens) for t in fresh_capped] == [25, 31]
     assert [t.tokens[: len(c.tokens)] for t, c in zip(fresh, fresh_capped, strict=True)] == [
         c.tokens for c in fresh_capped
     ]
@@ -582,7 +582,7 @@ def _wrong_shape(params):
 
 BAD = {
     "position_past": (lambda lm, tr, o: ReplaceTokens(STEPS, [5]), r"position 48 is outside the response: positions are 0 to 47"),
-    "position_negative": (lambda lm, tr, o: ReplaceTokens(-1, [5]), r"position -1 is outside the response: positions are 0 to 47"),
+    "position_negative": (lambda lm, tr, o: ReplaceTokens(-1, [5]), r"ReplaceTokens position must be an integer >= 0, got -1"),
     "span_past": (lambda lm, tr, o: ReplaceTokens(46, [5, 5, 5]), r"runs past the response \(48 tokens\)"),
     "auto_past": (lambda lm, tr, o: AutoIntervention(STEPS + 3), r"position 51 is outside the response"),
     "text_not_found": (lambda lm, tr, o: ReplaceText("zebra", "cat"), r"'zebra' occurs 0 time\(s\) in the response"),
