@@ -1,12 +1,12 @@
 """Show a counterfactual next to its factual trace: terminal diff and side-by-side HTML.
 
-Tokens are aligned with difflib: kept tokens are plain, changed ones coloured, and the first
-divergence is marked, so a reader sees at once where the two worlds part.
+Tokens are compared by response position under the counterfactual's own alignment (`changes`):
+kept tokens are plain, changed ones coloured, and ▍ marks the first changed token, so a reader
+sees at once where the two worlds part.
 """
 
 from __future__ import annotations
 
-import difflib
 import html
 from collections.abc import Sequence
 
@@ -38,26 +38,54 @@ def _pieces(tokenizer, tokens: Sequence[int], stop_tokens: Sequence[int]) -> lis
     return [printable(text[a:b]) for a, b in token_char_spans(tokenizer, body)]
 
 
+def changes(factual: Trace, other: Trace) -> tuple[list[bool], list[bool], int]:
+    """Which tokens differ, on each side, and where `other` first differs: the one definition of
+    "changed" that the terminal, the HTML export and the explorer show.
+
+    By response position under the alignment `other` was made with (DESIGN §2; `s` edit start,
+    `m` resume point, `r` the factual step aligned to it): before the edit position by position,
+    the edited span always, after it each token against the factual token whose noise it used.
+    Without an alignment (a sampler change, a fresh trace) every position is compared as is.
+    Returns (factual flags, other flags, first changed position of `other`).
+    """
+    f, o = list(factual.tokens), list(other.tokens)
+    a = other.alignment or {}
+    m = a.get("resume_at", 0)
+    r = a.get("aligned_to", m)
+    s = a.get("edit_start", min(m, r))
+    same = lambda x, i, y, j: 0 <= i < len(x) and 0 <= j < len(y) and x[i] == y[j]  # noqa: E731
+    other_flags = [
+        not same(f, j, o, j) if j < s else True if j < m else not same(f, j + r - m, o, j)
+        for j in range(len(o))
+    ]
+    factual_flags = [
+        not same(o, i, f, i) if i < s else True if i < r else not same(o, i - r + m, f, i)
+        for i in range(len(f))
+    ]
+    first = next((j for j, c in enumerate(other_flags) if c), len(o))
+    return factual_flags, other_flags, first
+
+
+def _group(pieces: list[str], flags: list[bool]) -> list[tuple[str, bool]]:
+    """Consecutive pieces with the same flag joined: [(text, changed), ...]."""
+    out: list[tuple[str, bool]] = []
+    for text, changed in zip(pieces, flags, strict=False):
+        if out and out[-1][1] == changed:
+            out[-1] = (out[-1][0] + text, changed)
+        else:
+            out.append((text, changed))
+    return out
+
+
 def segments(
     tokenizer, factual: Trace, other: Trace
 ) -> tuple[list[tuple[str, bool]], list[tuple[str, bool]], int]:
-    """(factual segments, other segments, first divergent token): each segment (text, changed)."""
+    """(factual segments, other segments, first changed token of `other`): each segment
+    (text, changed), by `changes`."""
+    left, right, first = changes(factual, other)
     a = _pieces(tokenizer, factual.tokens, factual.stop_tokens)
     b = _pieces(tokenizer, other.tokens, other.stop_tokens)
-    matcher = difflib.SequenceMatcher(a=a, b=b, autojunk=False)
-    left: list[tuple[str, bool]] = []
-    right: list[tuple[str, bool]] = []
-    for op, i1, i2, j1, j2 in matcher.get_opcodes():
-        changed = op != "equal"
-        if i2 > i1:
-            left.append(("".join(a[i1:i2]), changed))
-        if j2 > j1:
-            right.append(("".join(b[j1:j2]), changed))
-    first = next(
-        (i for i, (x, y) in enumerate(zip(factual.tokens, other.tokens, strict=False)) if x != y),
-        min(len(factual.tokens), len(other.tokens)),
-    )
-    return left, right, first
+    return _group(a, left), _group(b, right), first
 
 
 def _rich(segs: list[tuple[str, bool]], style: str) -> Text:

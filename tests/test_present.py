@@ -41,3 +41,44 @@ def test_html_escapes_and_shows_each_world():
     page = present.html_diff(None, factual, {"a<b": _trace([5, 7, 0])})
     assert page.startswith("<!doctype html>") and "a&lt;b (diverges at token 1)" in page
     assert '<span class="ins">[7]</span>' in page and '<span class="del">[6]</span>' in page
+
+
+# Issue 32: "changed" is defined once, by response position under the counterfactual's alignment.
+# Hand-made token lists: (factual, other, alignment, factual flags, other flags, first).
+CASES = {
+    "sampler change, first token differs": (
+        [5, 6, 7], [9, 6, 7], {"edit_start": 0, "resume_at": 0, "aligned_to": 0},
+        [True, False, False], [True, False, False], 0),
+    "sampler change, later token": (
+        [5, 6, 7, 8], [5, 6, 9, 8], None, [False, False, True, False], [False, False, True, False], 2),
+    "replaced token (auto intervention), same text afterwards": (
+        [1, 2, 3, 4], [1, 2, 9, 4], {"edit_start": 2, "resume_at": 3, "aligned_to": 3},
+        [False, False, True, False], [False, False, True, False], 2),
+    "null edit: the edited token is still marked": (
+        [1, 2, 3, 4], [1, 2, 3, 4], {"edit_start": 2, "resume_at": 3, "aligned_to": 3},
+        [False, False, True, False], [False, False, True, False], 2),
+    "insertion keeps the factual tail aligned": (
+        [1, 2, 3, 4, 5], [1, 2, 8, 9, 3, 4, 5], {"edit_start": 2, "resume_at": 4, "aligned_to": 2},
+        [False] * 5, [False, False, True, True, False, False, False], 2),
+    "deletion: the removed factual token, nothing new": (
+        [1, 2, 3, 4, 5], [1, 2, 4, 5], {"edit_start": 2, "resume_at": 2, "aligned_to": 3},
+        [False, False, True, False, False], [False] * 4, 4),
+    "a later token sampled otherwise, compared at its aligned step": (
+        [1, 2, 3, 4, 5, 6], [1, 2, 8, 3, 7, 5, 6], {"edit_start": 2, "resume_at": 3, "aligned_to": 2},
+        [False, False, False, True, False, False], [False, False, True, False, True, False, False], 2),
+}  # fmt: skip
+
+
+def test_changes_by_aligned_position():
+    for name, (f, o, align, want_f, want_o, first) in CASES.items():
+        got = present.changes(_trace(f), _trace(o, align))
+        assert got == (want_f, want_o, first), name
+
+
+def test_the_mark_stands_before_the_first_changed_token_in_every_view():
+    factual = _trace([5, 6, 7, 8, 0])
+    other = _trace([9, 6, 7, 8, 0], {"edit_start": 0, "resume_at": 0, "aligned_to": 0})
+    f_text, o_text = present.terminal_diff(None, factual, other)
+    assert o_text.plain.startswith(present.MARK + "[9]") and f_text.plain.startswith(present.MARK)
+    page = present.html_diff(None, factual, {"cf": other})
+    assert "cf (diverges at token 0)" in page and '<span class="ins">[9]</span>' in page

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import difflib
 import json
 import queue
 import secrets
@@ -35,7 +34,7 @@ import cfjax
 from cfjax.causal import ChangeSampler, EditPrompt, ReplaceText, ReplaceTokens, Trace
 from cfjax.causal.interventions import step_log_probs
 from cfjax.core.lm import LM
-from cfjax.present import _pieces, html_diff
+from cfjax.present import _pieces, changes, html_diff
 
 STATIC = Path(__file__).parent / "static"
 COOKIE = "cfjax_session"
@@ -203,16 +202,9 @@ def create_app(
         out = {"id": tid, "text": trace.text, "tokens": tokens, "prompt": trace.prompt,
                "system": trace.system, "interventions": trace.interventions}  # fmt: skip
         if factual is not None:
-            matcher = difflib.SequenceMatcher(a=factual.tokens, b=trace.tokens, autojunk=False)
-            changed = set(range(len(trace.tokens)))
-            for block in matcher.get_matching_blocks():
-                changed -= set(range(block.b, block.b + block.size))
+            _, changed, out["first_divergence"] = changes(factual, trace)
             for t in tokens:
-                t["changed"] = t["i"] in changed
-            out["first_divergence"] = next(
-                (i for i, (a, b) in enumerate(zip(factual.tokens, trace.tokens, strict=False)) if a != b),
-                min(len(factual.tokens), len(trace.tokens)),
-            )  # fmt: skip
+                t["changed"] = changed[t["i"]]
         return out
 
     def check_length(n: int, what: str = "max_new_tokens") -> None:
