@@ -11,6 +11,9 @@ SCM, the engine and `cfjax.core.sample`), `cfjax.tokenizer`, `cfjax.weights` (lo
 (steering vectors, LoRA fine-tunes), then the experiments and the CLI on top.
 """
 
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _version
+
 from cfjax import core, sharding
 from cfjax.causal import (
     AutoIntervention,
@@ -74,3 +77,8 @@ __all__ = [
     "steering_vector",
     "summarize",
 ]
+
+try:
+    __version__ = _version("cfjax")
+except PackageNotFoundError:  # a source tree that was not installed
+    __version__ = "unknown"

@@ -1,4 +1,4 @@
-"""The `cfjax` command: generate, counterfactual, abduct, convert, models, demo.
+"""The `cfjax` command: generate, counterfactual, abduct, experiment, convert, models, serve, demo.
 
 Every failure the user can cause (a bad argument, a missing file, an edit that does not apply)
 ends with one readable line on stderr and a non-zero exit, never a traceback.
@@ -13,6 +13,7 @@ import sys
 import threading
 from pathlib import Path
 
+import cfjax
 from cfjax import arguments as arg
 from cfjax.atomic import check_writable, check_writable_folder, write_text
 from cfjax.experiments.commands import add_experiment_parsers, run_experiment
@@ -31,7 +32,12 @@ def _sampler_args(p: argparse.ArgumentParser, defaults: bool) -> None:
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, with a bad argument ending as every other error: one line, exit status 1."""
+    """argparse, with a bad argument ending as every other error: one line, exit status 1, and
+    every flag's default shown in its help."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         print(f"cfjax: error: {printable(message)} (see `{self.prog} --help`)", file=sys.stderr)
@@ -40,6 +46,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="cfjax", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"cfjax {cfjax.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     g = sub.add_parser("generate", help="sample a response and save its trace")

@@ -225,6 +225,29 @@ def test_the_page_in_chromium(server, tmp_path):
         page.reload()
         expect(page.locator("#counterfactual .tok").first).to_be_visible(timeout=30_000)
         assert page.locator("#counterfactual .tok").all_inner_texts() == shown
+        # Issue 32: the reload restored the factual's settings, so the button sends no edit
+        # nobody asked for; a changed temperature alone is a ChangeSampler alone.
+        page.fill("#temperature", "1")  # the page's default, which the factual used
+        assert (
+            page.input_value("#prompt") == "the captain sailed" and page.input_value("#seed") == "3"
+        )
+        page.click("#rerun")
+        expect(page.locator("#error")).to_contain_text("nothing differs", timeout=10_000)
+        page.fill("#temperature", "0.3")
+        page.click("#rerun")
+        expect(page.locator("#error")).to_have_text("", timeout=10_000)
+        expect(page.locator("#counterfactual .divergence")).to_have_count(1, timeout=60_000)
+        page.wait_for_function("fetch('/api/state').then(r => r.json()).then(s => s.view.counterfactual.interventions.length > 0)")  # fmt: skip
+        view = page.evaluate("fetch('/api/state').then(r => r.json())")["view"]
+        assert view["counterfactual"]["interventions"] == [{"type": "ChangeSampler", "temperature": 0.3}]  # fmt: skip
+        first = view["counterfactual"]["first_divergence"]
+        ids = [t["id"] for t in view["counterfactual"]["tokens"]]
+        factual_ids = [t["id"] for t in view["factual"]["tokens"]]
+        assert first == next((i for i, (a, b) in enumerate(zip(factual_ids, ids, strict=False)) if a != b), len(ids))  # fmt: skip
+        marked = page.eval_on_selector(
+            "#counterfactual .divergence + .tok", "e => Number(e.dataset.i)"
+        )
+        assert marked == first
         # Observed text: distinct counterfactuals with their counts.
         page.fill("#observed", "the sea was calm and the dog slept")
         page.fill("#old", "calm")

@@ -193,6 +193,15 @@ def create_app(
         sessions.room(session, new_traces)
         return session
 
+    def settings(trace: Trace) -> dict:
+        """What the page's form shows for a trace: prompt, system, seed (when the key is a
+        seed's, `key(seed)` = [0, seed]) and sampler, so a reload restores the form."""
+        data = np.asarray(jax.random.key_data(trace.key)).tolist()
+        seed = data[1] if len(data) == 2 and data[0] == 0 else None
+        sampler = trace.sampler.to_dict()
+        return {"prompt": trace.prompt, "system": trace.system, "seed": seed,
+                **{k: sampler.get(k) for k in ("temperature", "top_k", "top_p")}}  # fmt: skip
+
     def view(tid: str, trace: Trace, factual: Trace | None = None) -> dict:
         """A trace as the page shows it: tokens with their text and probability, and for a
         counterfactual which tokens changed and where it first diverges."""
@@ -200,7 +209,8 @@ def create_app(
         tokens = [{"i": i, "id": int(t), "text": pieces[i], "p": float(np.exp(trace.logprobs[i]))}
                   for i, t in enumerate(trace.tokens[: len(pieces)])]  # fmt: skip
         out = {"id": tid, "text": trace.text, "tokens": tokens, "prompt": trace.prompt,
-               "system": trace.system, "interventions": trace.interventions}  # fmt: skip
+               "system": trace.system, "interventions": trace.interventions,
+               "settings": settings(trace)}  # fmt: skip
         if factual is not None:
             _, changed, out["first_divergence"] = changes(factual, trace)
             for t in tokens:

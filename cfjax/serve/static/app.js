@@ -67,7 +67,20 @@ function render() {
   });
 }
 
+// The form shows the factual trace's own settings (after a reload too), so that
+// "Counterfactual with these settings" changes only what the user changed.
+function fillForm(settings) {
+  if (!settings) return;
+  $("prompt").value = settings.prompt ?? $("prompt").value;
+  $("system").value = settings.system ?? "";
+  if (settings.seed !== null && settings.seed !== undefined) $("seed").value = settings.seed;
+  $("temperature").value = settings.temperature;
+  $("top_k").value = settings.top_k ?? "";
+  $("top_p").value = settings.top_p ?? "";
+}
+
 function apply(payload) {
+  if (payload.factual && payload.factual.id !== state.factual?.id) fillForm(payload.factual.settings);
   if (payload.factual) state.factual = payload.factual;
   state.counterfactual = payload.counterfactual || null;
   state.interventional = payload.interventional || [];
@@ -125,7 +138,10 @@ async function intervene(edit, samples = 1) {
 
 async function rerun() {
   if (!state.factual) { showError("generate a factual response first"); return; }
-  const edit = { prompt: $("prompt").value, system: $("system").value || null, ...sampler() };
+  // Only the fields that differ from the factual's settings: an unchanged prompt is no edit.
+  const was = state.factual.settings, now = { prompt: $("prompt").value, system: $("system").value || null, ...sampler() };
+  const edit = Object.fromEntries(Object.entries(now).filter(([k, v]) => (v ?? null) !== (was[k] ?? null)));
+  if (Object.keys(edit).length === 0) { showError("nothing differs from the factual's settings: change the prompt, the system message or the sampler"); return; }
   await intervene(edit);
 }
 
