@@ -355,3 +355,58 @@ def test_overlapping_edits_are_judged_the_same_in_any_order(lm, capped):
         for edits in (pair, pair[::-1]):
             with pytest.raises(ValueError, match="two response edits overlap"):
                 cfjax.counterfactual(lm, capped, edits)
+
+
+def _public_calls(lm, trace):
+    """(name, call taking one value) for the numeric arguments of the public functions."""
+    from cfjax import ReplaceText, sharding
+
+    gen = lambda **kw: cfjax.generate(lm, PROMPT, key=0, **{"max_new_tokens": 2, **kw})  # noqa: E731
+    cf = lambda iv=None, **kw: cfjax.counterfactual(lm, trace, iv or ReplaceTokens(2, [7]), **kw)  # noqa: E731
+    return {
+        "generate max_new_tokens": ("count", lambda v: gen(max_new_tokens=v)),
+        "generate key": ("seed", lambda v: gen(key=v)),
+        "Sampler temperature": ("temperature", lambda v: Sampler(v)),
+        "Sampler top_k": ("count", lambda v: Sampler(1.0, top_k=v)),
+        "Sampler top_p": ("probability", lambda v: Sampler(1.0, top_p=v)),
+        "ReplaceTokens position": ("position", lambda v: cf(ReplaceTokens(v, [7]))),
+        "ReplaceTokens count": ("position", lambda v: cf(ReplaceTokens(2, [7], count=v))),
+        "ReplaceText occurrence": ("count", lambda v: cf(ReplaceText("x", "y", occurrence=v))),
+        "AutoIntervention position": ("position", lambda v: cf(AutoIntervention(v))),
+        "AutoIntervention seed": ("seed", lambda v: AutoIntervention(1, seed=v)),
+        "Steer scale": ("real", lambda v: Steer(0, [1.0], scale=v)),
+        "counterfactual resume_at": ("position", lambda v: cf(resume_at=v)),
+        "counterfactual max_new_tokens": ("cap", lambda v: cf(max_new_tokens=v)),  # a cap: any size
+        "abduct num_samples": (
+            "count",
+            lambda v: cfjax.abduct(lm, PROMPT, [3, 4], key=0, num_samples=v),
+        ),  # fmt: skip
+        "memory batch": ("cap", lambda v: sharding.memory(lm.config, batch=v, context=8)),
+        "memory model": (
+            "count",
+            lambda v: sharding.memory(lm.config, batch=1, context=8, model=v),
+        ),
+    }
+
+
+_BAD_VALUES = {
+    "count": [0, -1, 2.5, math.nan, math.inf, True, "3", 2**70],
+    "cap": [0, -1, 2.5, math.nan, math.inf, True, "3"],
+    "seed": [-1, 2**32, 2**70, 1.5, math.nan, True],
+    "temperature": [-1.0, math.nan, math.inf, -math.inf, "1"],
+    "probability": [0.0, 1.5, -0.1, math.nan, math.inf],
+    "position": [-1, 10**9, 2.5, math.nan, True, 2**70],
+    "real": [math.nan, math.inf, -math.inf, "1", None],
+}
+
+
+@settings(max_examples=80, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])  # fmt: skip
+@given(data=st.data())
+def test_public_functions_refuse_bad_numbers_by_name(lm, capped, data):
+    calls = _public_calls(lm, capped)
+    name = data.draw(st.sampled_from(sorted(calls)))
+    kind, call = calls[name]
+    value = data.draw(st.sampled_from(_BAD_VALUES[kind]))
+    with pytest.raises((ValueError, TypeError), match="."):  # a message, never an empty one
+        call(value)

@@ -236,9 +236,10 @@ def test_the_page_in_chromium(server, tmp_path):
         page.fill("#temperature", "0.3")
         page.click("#rerun")
         expect(page.locator("#error")).to_have_text("", timeout=10_000)
-        expect(page.locator("#counterfactual .divergence")).to_have_count(1, timeout=60_000)
-        page.wait_for_function("fetch('/api/state').then(r => r.json()).then(s => s.view.counterfactual.interventions.length > 0)")  # fmt: skip
+        page.wait_for_function("fetch('/api/state').then(r => r.json()).then(s => s.view.counterfactual.interventions[0].type === 'ChangeSampler')", timeout=60_000)  # fmt: skip
         view = page.evaluate("fetch('/api/state').then(r => r.json())")["view"]
+        shown = json.dumps([t["text"] for t in view["counterfactual"]["tokens"]])
+        page.wait_for_function(f"JSON.stringify(Array.from(document.querySelectorAll('#counterfactual .tok')).map(e => e.textContent)) === {json.dumps(shown)}", timeout=30_000)  # fmt: skip
         assert view["counterfactual"]["interventions"] == [{"type": "ChangeSampler", "temperature": 0.3}]  # fmt: skip
         first = view["counterfactual"]["first_divergence"]
         ids = [t["id"] for t in view["counterfactual"]["tokens"]]

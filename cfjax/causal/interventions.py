@@ -450,6 +450,7 @@ def plan(
         p.forced, p.edit_start, p.aligned_to = forced, edits[0][0], edits[-1][1]
         p.forced_from = sources
     if resume_at is not None:
+        resume_at = integer(resume_at, "resume_at", 0)
         if not 0 <= resume_at <= n:
             raise ValueError(f"resume_at {resume_at} is outside the factual response [0, {n}]")
         p.aligned_to = int(resume_at)
