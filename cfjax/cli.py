@@ -405,6 +405,9 @@ def cmd_serve(args) -> int:
     extra = [h.strip() for h in args.allowed_hosts.split(",") if h.strip()]
     hosts = ("127.0.0.1", "localhost", args.host.strip("[]"), *extra)
     app = create_app(_load(args.model), allowed_hosts=tuple(dict.fromkeys(hosts)), **limits)
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     print(f"cfjax explorer: http://{args.host}:{args.port}/", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0

@@ -238,7 +238,11 @@ def test_the_page_in_chromium(server, tmp_path):
         expect(page.locator("#error")).to_have_text("", timeout=10_000)
         page.wait_for_function("fetch('/api/state').then(r => r.json()).then(s => s.view.counterfactual.interventions[0].type === 'ChangeSampler')", timeout=60_000)  # fmt: skip
         view = page.evaluate("fetch('/api/state').then(r => r.json())")["view"]
-        shown = json.dumps([t["text"] for t in view["counterfactual"]["tokens"]])
+        shown = json.dumps(
+            [t["text"] for t in view["counterfactual"]["tokens"]],
+            separators=(",", ":"),
+            ensure_ascii=False,
+        )  # as JSON.stringify writes it
         page.wait_for_function(f"JSON.stringify(Array.from(document.querySelectorAll('#counterfactual .tok')).map(e => e.textContent)) === {json.dumps(shown)}", timeout=30_000)  # fmt: skip
         assert view["counterfactual"]["interventions"] == [{"type": "ChangeSampler", "temperature": 0.3}]  # fmt: skip
         first = view["counterfactual"]["first_divergence"]
@@ -264,6 +268,50 @@ def test_the_page_in_chromium(server, tmp_path):
         page.fill("#prompt", "   ")
         page.click("#generate")
         expect(page.locator("#error")).to_have_text("the prompt is empty", timeout=30_000)
+        browser.close()
+
+
+def test_the_page_at_390px_busy_state_and_escape(server):
+    """Issue 32: at a phone's width the panels stack with no horizontal overflow; a slow request
+    shows the busy state (buttons disabled, elapsed time, the panel dimmed); Esc closes the token
+    picker, which shows the factual token's own probability. A screenshot is saved."""
+    from pathlib import Path
+
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--headless=new"])  # fmt: skip
+        page = browser.new_page(viewport={"width": 390, "height": 844})
+        page.goto(server)
+        page.fill("#prompt", "the captain sailed")
+        page.fill("#max_new_tokens", "16")
+        page.click("#generate")
+        tokens = page.locator("#factual .tok")
+        expect(tokens.first).to_be_visible(timeout=60_000)
+        tokens.nth(3).click()
+        expect(page.locator("#picker")).to_be_visible(timeout=30_000)
+        assert "p = " in page.inner_text("#picker-title")
+        page.keyboard.press("Escape")
+        expect(page.locator("#picker")).to_be_hidden()
+        # A request held back by the test: the page shows that it works meanwhile.
+        release = []
+        page.route("**/api/counterfactual", lambda route: release.append(route))
+        page.fill("#temperature", "0.3")
+        page.click("#rerun")
+        expect(page.locator("#busy")).to_be_visible()
+        expect(page.locator("#generate")).to_be_disabled()
+        assert "stale" in page.get_attribute("#counterfactual", "class")
+        page.wait_for_timeout(300)
+        assert page.inner_text("#busy").startswith("computing the counterfactual")
+        release[0].continue_()
+        expect(page.locator("#busy")).to_be_hidden(timeout=60_000)
+        expect(page.locator("#generate")).to_be_enabled()
+        assert page.evaluate("document.documentElement.scrollWidth") <= 390
+        boxes = [page.locator(f"#panels .panel >> nth={i}").bounding_box() for i in range(3)]
+        assert boxes[0]["y"] < boxes[1]["y"] < boxes[2]["y"]  # stacked, not side by side
+        out = Path(__file__).parent / "artifacts"
+        out.mkdir(exist_ok=True)
+        page.screenshot(path=str(out / "serve-390.png"), full_page=True)
         browser.close()
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import json
+import logging
 import queue
 import secrets
 import threading
@@ -37,6 +38,7 @@ from cfjax.core.lm import LM
 from cfjax.present import _pieces, changes, html_diff
 
 STATIC = Path(__file__).parent / "static"
+log = logging.getLogger("cfjax.serve")
 COOKIE = "cfjax_session"
 
 
@@ -167,6 +169,14 @@ def create_app(
     @app.exception_handler(ValueError)
     async def bad_value(_request: Request, e: ValueError):
         return JSONResponse({"detail": str(e).splitlines()[0] if str(e) else "bad input"}, 400)
+
+    @app.middleware("http")
+    async def log_request(request: Request, call_next):
+        start = time.perf_counter()
+        response = await call_next(request)
+        ms = (time.perf_counter() - start) * 1000
+        log.info("%s %s %d %.0f ms", request.method, request.url.path, response.status_code, ms)
+        return response
 
     @app.middleware("http")
     async def trusted_host(request: Request, call_next):

@@ -5,15 +5,33 @@ let state = { factual: null, counterfactual: null, interventional: [], edit: nul
 
 function showError(message) { $("error").textContent = message || ""; }
 
+// One readable sentence for a refused request (FastAPI's validation errors are a list).
+function detailOf(data, response) {
+  const detail = Array.isArray(data.detail) ? data.detail.map((d) => `${d.loc.slice(-1)[0]}: ${d.msg}`).join("; ") : data.detail;
+  return detail || `request failed (${response.status})`;
+}
+
+// Busy state: every button disabled, an elapsed-time line, the panels being recomputed dimmed.
+let busySince = null, busyTimer = null;
+function busy(label, stale = []) {
+  busySince = Date.now();
+  document.querySelectorAll("button").forEach((b) => { if (b.id !== "close-picker") b.disabled = true; });
+  stale.forEach((id) => $(id).classList.add("stale"));
+  const tick = () => { $("busy").textContent = `${label}… ${((Date.now() - busySince) / 1000).toFixed(1)} s`; };
+  $("busy").hidden = false; tick(); busyTimer = setInterval(tick, 200);
+}
+function idle() {
+  clearInterval(busyTimer); $("busy").hidden = true;
+  document.querySelectorAll("button").forEach((b) => { b.disabled = false; });
+  document.querySelectorAll(".stale").forEach((el) => el.classList.remove("stale"));
+}
+
 async function api(path, body) {
   const response = await fetch(path, body === undefined ? {} : {
     method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
   });
   const data = await response.json().catch(() => ({ detail: response.statusText }));
-  if (!response.ok) {
-    const detail = Array.isArray(data.detail) ? data.detail.map((d) => `${d.loc.slice(-1)[0]}: ${d.msg}`).join("; ") : data.detail;
-    throw new Error(detail || `request failed (${response.status})`);
-  }
+  if (!response.ok) throw new Error(detailOf(data, response));
   return data;
 }
 
@@ -89,12 +107,14 @@ function apply(payload) {
 }
 
 async function generate() {
-  showError(""); state = { factual: null, counterfactual: null, interventional: [], edit: null }; render();
+  showError(""); busy("generating", ["factual"]);
+  state = { factual: null, counterfactual: null, interventional: [], edit: null }; render();
+  $("abducted").textContent = "";  // a new factual: the old abduction rows belong to another prompt
   const body = { prompt: $("prompt").value, system: $("system").value || null, seed: number("seed") ?? 0,
     max_new_tokens: number("max_new_tokens") ?? 48, stream: true, ...sampler() };
   try {
     const response = await fetch("/api/generate", { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) });
-    if (!response.ok) { const data = await response.json(); throw new Error(typeof data.detail === "string" ? data.detail : JSON.stringify(data.detail)); }
+    if (!response.ok) { const data = await response.json().catch(() => ({})); throw new Error(detailOf(data, response)); }
     const reader = response.body.getReader(); const decoder = new TextDecoder(); let buffer = "";
     for (;;) {
       const { value, done } = await reader.read();
@@ -108,14 +128,14 @@ async function generate() {
         if (line.factual) apply(line);
       }
     }
-  } catch (e) { showError(e.message); }
+  } catch (e) { showError(e.message); } finally { idle(); }
 }
 
 async function openPicker(token) {
   showError("");
   try {
     const data = await api(`/api/candidates?trace_id=${state.factual.id}&position=${token.i}`);
-    $("picker-title").textContent = `Replace token ${token.i} (${JSON.stringify(token.text)}) by`;
+    $("picker-title").textContent = `Replace token ${token.i} (${JSON.stringify(token.text)}, p = ${token.p.toFixed(3)}) by`;
     const box = $("candidates"); box.textContent = "";
     data.candidates.filter((c) => c.id !== data.factual).forEach((c) => {
       const b = document.createElement("button"); b.className = "candidate";
@@ -129,11 +149,11 @@ async function openPicker(token) {
 }
 
 async function intervene(edit, samples = 1) {
-  $("picker").hidden = true; showError("");
-  state.edit = edit.position ?? null; state.lastEdit = edit;
+  $("picker").hidden = true; showError(""); busy("computing the counterfactual", ["counterfactual", "interventional"]);
   try {
     apply(await api("/api/counterfactual", { trace_id: state.factual.id, samples, seed: number("seed") ?? 0, ...edit }));
-  } catch (e) { showError(e.message); }
+    state.edit = edit.position ?? null; state.lastEdit = edit; render();
+  } catch (e) { showError(e.message); } finally { idle(); }
 }
 
 async function rerun() {
@@ -148,10 +168,11 @@ async function rerun() {
 async function more() {
   if (!state.lastEdit) { showError("make a counterfactual first"); return; }
   const seed = (number("seed") ?? 0) + state.interventional.length + 1;
+  busy("sampling interventional worlds");
   try {
     const data = await api("/api/counterfactual", { trace_id: state.factual.id, samples: 4, seed, ...state.lastEdit });
     state.interventional = state.interventional.concat(data.interventional); render();
-  } catch (e) { showError(e.message); }
+  } catch (e) { showError(e.message); } finally { idle(); }
 }
 
 function renderAbducted(payload) {
@@ -171,13 +192,13 @@ function renderAbducted(payload) {
 }
 
 async function abduct() {
-  showError("");
+  showError(""); busy("abducting the observed text", ["abducted"]);
   try {
     const data = await api("/api/abduct", { prompt: $("prompt").value, system: $("system").value || null,
       observed: $("observed").value, old: $("old").value, new: $("new").value,
       samples: number("samples") ?? 16, seed: number("seed") ?? 0, ...sampler() });
     renderAbducted(data);
-  } catch (e) { showError(e.message); }
+  } catch (e) { showError(e.message); } finally { idle(); }
 }
 
 $("generate").addEventListener("click", generate);
@@ -185,5 +206,6 @@ $("rerun").addEventListener("click", rerun);
 $("more").addEventListener("click", more);
 $("abduct").addEventListener("click", abduct);
 $("close-picker").addEventListener("click", () => { $("picker").hidden = true; });
+document.addEventListener("keydown", (e) => { if (e.key === "Escape") $("picker").hidden = true; });
 api("/api/info").then((i) => { $("model").textContent = i.model; }).catch(() => {});
 api("/api/state").then((s) => { if (s.view) apply(s.view); }).catch(() => {});
