@@ -173,7 +173,7 @@ def test_any_trace_json_is_read_or_refused_with_a_named_error(capped, changes):
 
 def _numeric_flags() -> list[tuple[str, str, object]]:
     """(subcommand path, flag, type) of every option whose value is a number, from the parser."""
-    from cfjax.cli import _parser
+    from cfjax.cli_parser import parser
 
     found = []
 
@@ -185,7 +185,7 @@ def _numeric_flags() -> list[tuple[str, str, object]]:
             elif action.option_strings and action.type is not None:
                 found.append((tuple(path), action.option_strings[0], action.type))
 
-    walk(_parser(), [])
+    walk(parser("cfjax"), [])
     return found
 
 

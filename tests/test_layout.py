@@ -16,6 +16,7 @@ LAYERS = [
     "core",
     "sharding",
     "atomic",
+    "arguments",
     "gguf_header",
     "tokenizer",
     "weights",
@@ -25,6 +26,7 @@ LAYERS = [
     "demo",
     "experiments",
     "serve",
+    "cli_parser",
     "cli",
 ]
 
