@@ -349,7 +349,7 @@ def test_only_the_bound_host_names_are_served(app, lm):
 
 
 def test_strangers_neither_create_nor_evict_sessions(lm):
-    from cfjax.serve.app import Sessions
+    from cfjax.serve.sessions import Sessions
 
     now = [0.0]
     app = create_app(lm, max_new_tokens=24, sessions=Sessions(max_sessions=2, idle_s=60, clock=lambda: now[0]))  # fmt: skip
