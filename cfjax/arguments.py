@@ -80,3 +80,11 @@ def port(text: str) -> int:
     if not 0 < value < 65536:
         raise argparse.ArgumentTypeError(f"must be in 1..65535, got {value}")
     return value
+
+
+def replacement(text: str) -> tuple[str, str]:
+    """`OLD=>NEW` as (old, new), OLD not empty."""
+    old, sep, new = text.partition("=>")
+    if not sep or not old:
+        raise argparse.ArgumentTypeError(f"needs OLD=>NEW with a non-empty OLD, got {text!r}")
+    return old, new

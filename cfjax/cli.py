@@ -66,29 +66,38 @@ def cmd_generate(args) -> int:
     return 0
 
 
+_NO_INTERVENTION = (
+    "no intervention given: use --replace, --at/--token, --prompt, --system, --auto-at or a "
+    "sampler option"
+)
+
+
+def _check_edit_flags(args, change) -> None:
+    """What the edit flags say, checked before the (slow) model load."""
+    if (args.at is None) != (args.token is None):
+        raise ValueError("--at needs --token TEXT" if args.token is None else "--token needs --at POS")  # fmt: skip
+    if args.token == "":
+        raise ValueError("--token is empty")
+    edits = (args.replace, args.at, args.prompt, args.system, args.auto_at, change)
+    if all(e is None for e in edits):
+        raise ValueError(_NO_INTERVENTION)
+
+
 def _interventions(args, lm, trace, change) -> list:
     """The interventions the arguments ask for; `change` is the sampler change (or None)."""
     from cfjax.causal import interventions as iv
 
     out: list = []
     if args.replace is not None:
-        if "=>" not in args.replace:
-            raise ValueError(f"--replace needs OLD=>NEW, got {args.replace!r}")
-        old, new = args.replace.split("=>", 1)
+        old, new = args.replace
         out.append(iv.ReplaceText(old, new, args.occurrence))
     if args.at is not None:
-        if args.token is None:
-            raise ValueError("--at needs --token TEXT")
         if lm.tokenizer is None:
             raise ValueError("--token needs a model with a tokenizer")
         tokens = lm.tokenizer.encode(args.token)
         if not tokens:
             raise ValueError("--token is empty")
-        out.append(
-            iv.ReplaceTokens(args.at, tokens, count=1)
-        )  # the one token at POS, as the explorer
-    elif args.token is not None:
-        raise ValueError("--token needs --at POS")
+        out.append(iv.ReplaceTokens(args.at, tokens, count=1))  # the token at POS, as the explorer
     if args.prompt is not None or args.system is not None:
         out.append(iv.EditPrompt(prompt=args.prompt, system=args.system))
     if args.auto_at is not None:
@@ -96,10 +105,7 @@ def _interventions(args, lm, trace, change) -> list:
     if change is not None:
         out.append(change)
     if not out:
-        raise ValueError(
-            "no intervention given: use --replace, --at/--token, --prompt, --system, "
-            "--auto-at or a sampler option"
-        )
+        raise ValueError(_NO_INTERVENTION)
     return out
 
 
@@ -128,6 +134,8 @@ def cmd_counterfactual(args) -> int:
     from cfjax.causal import Trace, counterfactual, interventional
 
     trace = Trace.from_json(args.trace)
+    change = _sampler(args, base=trace.sampler)
+    _check_edit_flags(args, change)
     for out in (args.out, args.html):  # before the work, so that a bad path loses nothing
         if out is not None:
             check_writable(out, inputs=(args.trace,))
@@ -136,7 +144,7 @@ def cmd_counterfactual(args) -> int:
     if args.interventional and args.resume_at is not None:
         raise ValueError("--resume-at aligns the factual noise; --interventional draws fresh noise")
     lm = _replay_model(trace, args.model, args.dtype)
-    ivs = _interventions(args, lm, trace, _sampler(args, base=trace.sampler))
+    ivs = _interventions(args, lm, trace, change)
     if args.interventional:
         result = interventional(lm, trace, ivs, key=args.seed)
         label = "interventional"
@@ -166,6 +174,8 @@ def cmd_abduct(args) -> int:
     sampler = _sampler(args)  # validate arguments before the (slow) model load
     new = {"temperature": args.new_temperature, "top_k": args.new_top_k, "top_p": args.new_top_p}
     new = {k: v for k, v in new.items() if v is not None}
+    change = ChangeSampler(**new) if new else None
+    _check_edit_flags(args, change)
     if args.response_file is not None:
         try:
             response = args.response_file.read_text(encoding="utf-8")
@@ -183,7 +193,7 @@ def cmd_abduct(args) -> int:
         num_samples=args.samples, full_support=args.full_support,
         max_new_tokens=args.max_new_tokens, chat=not args.no_chat, system=args.observed_system,
     )  # fmt: skip
-    ivs = _interventions(args, lm, posts[0], ChangeSampler(**new) if new else None)
+    ivs = _interventions(args, lm, posts[0], change)
     cfs = counterfactuals(lm, posts, [ivs] * len(posts))
     summary = summarize(cfs, contains=args.contains)
     console = Console()

@@ -62,7 +62,9 @@ def parser(description: str) -> argparse.ArgumentParser:
     c.add_argument(
         "--dtype", default=None, choices=["float32", "bfloat16"], help="default: the trace's"
     )
-    c.add_argument("--replace", metavar="OLD=>NEW", help="replace text in the response")
+    c.add_argument(
+        "--replace", type=arg.replacement, metavar="OLD=>NEW", help="replace text in the response"
+    )
     c.add_argument("--occurrence", type=arg.positive, default=1)
     c.add_argument(
         "--at", type=arg.natural, metavar="POS", help="response token position to replace"
@@ -106,7 +108,9 @@ def parser(description: str) -> argparse.ArgumentParser:
         "--max-new-tokens", type=arg.positive, default=None, help="default: observed length"
     )
     a.add_argument("--dtype", default=None, choices=["float32", "bfloat16"])
-    a.add_argument("--replace", metavar="OLD=>NEW", help="replace text in the response")
+    a.add_argument(
+        "--replace", type=arg.replacement, metavar="OLD=>NEW", help="replace text in the response"
+    )
     a.add_argument("--occurrence", type=arg.positive, default=1)
     a.add_argument(
         "--at", type=arg.natural, metavar="POS", help="response token position to replace"

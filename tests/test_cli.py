@@ -543,3 +543,19 @@ def test_a_local_folder_never_silently_shadows_a_known_model_name(tmp_path, caps
     rc, err = _cli(capsys, "generate", "--model", "trace.json", "--prompt", "hi")
     _one_line(err, "trace.json: a .json file is not a model")
     assert rc == 1
+
+
+def test_edit_flags_are_checked_before_the_model_loads(fact_file, capsys):
+    """A model that does not exist: a check made after the load would report the model."""
+    base = ["counterfactual", fact_file, "--model", "/no/such/model"]
+    for extra, message in ((["--replace", "Ahab->Maeve"], "--replace: needs OLD=>NEW"),
+                           (["--at", "2"], "--at needs --token TEXT"),
+                           (["--token", "w5"], "--token needs --at POS"),
+                           ([], "no intervention given")):  # fmt: skip
+        rc, err = _cli(capsys, *base, *extra)
+        _one_line(err, message)
+        assert rc == 1
+    rc, err = _cli(
+        capsys, "abduct", "--model", "/no/such/model", "--prompt", "p", "--response", "r"
+    )
+    _one_line(err, "no intervention given")
