@@ -156,3 +156,22 @@ def test_coupled_command_on_smollm2_and_its_variants(tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out)
     assert summary["models"][1].endswith("@int8") and len(summary["pairs"]) == 1
     assert {p.name for p in tmp_path.iterdir()} >= {"rows.jsonl", "config.json", "report.md", "summary.json"}  # fmt: skip
+
+
+def test_accuracy_intervals_stay_within_0_and_1_and_match_scipys_wilson():
+    from scipy.stats import binomtest
+
+    for k, n in ((1, 12), (0, 5), (12, 12), (37, 100)):
+        want = binomtest(k, n).proportion_ci(0.95, method="wilson")
+        low, high = ce.wilson(k, n)
+        assert 0 <= low <= k / n <= high <= 1
+        np.testing.assert_allclose((low, high), (want.low, want.high), rtol=1e-3, atol=1e-4)
+
+
+def test_a_pair_without_spread_cannot_be_separated():
+    rows = [{"mode": m, "correct": [1, 0], "answers": ["A", "B"]} for m in ce.MODES for _ in range(4)]  # fmt: skip
+    summary = ce.summarize(rows, ["a", "b"])
+    assert summary["pairs"][0]["coupled"]["samples_to_separate"] is None
+    assert "cannot separate (no spread)" in ce.markdown(summary)
+    acc = summary["accuracy"]["coupled"][0]
+    assert acc["mean"] == 1.0 and acc["high"] == 1.0 and 0 < acc["low"] < 1

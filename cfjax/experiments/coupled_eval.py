@@ -177,10 +177,24 @@ def _mean_ci(x: np.ndarray) -> tuple[float, float]:
     return float(np.mean(x)), float(1.96 * np.std(x, ddof=1) / math.sqrt(len(x)))
 
 
-def samples_to_separate(d: np.ndarray, difference: float) -> float:
+def wilson(successes: float, n: int) -> tuple[float, float]:
+    """The 95% Wilson score interval of a proportion: within [0, 1] (a normal interval around
+    0.083 with n = 12 would reach below 0)."""
+    if n == 0:
+        return math.nan, math.nan
+    z, p = 1.96, successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def samples_to_separate(d: np.ndarray, difference: float) -> float | None:
     """Paired answers with the spread of `d` needed for a 95% interval around `difference` to
-    exclude zero: (1.96 · sd(d) / |difference|)²; infinite when the difference is zero."""
+    exclude zero: (1.96 · sd(d) / |difference|)²; infinite when the difference is zero, None
+    when `d` has no spread (every pair differs alike: its spread cannot say how many)."""
     sd = float(np.std(d, ddof=1)) if len(d) > 1 else math.nan
+    if not sd > 0:
+        return None
     return math.inf if difference == 0 else (1.96 * sd / abs(difference)) ** 2
 
 
@@ -190,10 +204,12 @@ def summarize(rows: Sequence[dict], models: Sequence[str]) -> dict:
     by_mode = {m: [r for r in rows if r["mode"] == m] for m in MODES}
     for mode, rs in by_mode.items():
         correct = np.asarray([r["correct"] for r in rs], float).reshape(len(rs), len(models))
-        out["accuracy"][mode] = [
-            dict(zip(("mean", "ci95"), _mean_ci(correct[:, i]), strict=True)) | {"n": len(rs)}
-            for i in range(len(models))
-        ]
+        out["accuracy"][mode] = []
+        for i in range(len(models)):
+            mean = float(np.mean(correct[:, i])) if len(rs) else math.nan
+            low, high = wilson(float(np.sum(correct[:, i])), len(rs))
+            half = max(mean - low, high - mean) if len(rs) else math.nan  # the wider side
+            out["accuracy"][mode].append({"mean": mean, "low": low, "high": high, "ci95": half, "n": len(rs)})  # fmt: skip
     for i in range(len(models)):
         for j in range(i + 1, len(models)):
             diffs = {
@@ -220,10 +236,10 @@ def summarize(rows: Sequence[dict], models: Sequence[str]) -> dict:
 
 def markdown(summary: dict) -> str:
     """The report as markdown tables."""
-    lines = ["# Coupled evaluation", "", "## Accuracy (95% interval)", "",
+    lines = ["# Coupled evaluation", "", "## Accuracy (95% Wilson interval)", "",
              "| model | coupled | independent |", "|---|---|---|"]  # fmt: skip
     for i, name in enumerate(summary["models"]):
-        cells = [f"{a['mean']:.3f} ± {a['ci95']:.3f} (n = {a['n']})"
+        cells = [f"{a['mean']:.3f} [{a['low']:.3f}, {a['high']:.3f}] (n = {a['n']})"
                  for a in (summary["accuracy"][m][i] for m in MODES)]  # fmt: skip
         lines.append(f"| {name} | {' | '.join(cells)} |")
     lines += ["", "## Pairs", "",
@@ -238,7 +254,7 @@ def markdown(summary: dict) -> str:
             lines.append(
                 f"| {p['a']} | {p['b']} | {mode} | {x['agreement']:.3f} | "
                 f"{x['difference']:+.3f} ± {x['ci95']:.3f} | {x['variance']:.4f} | "
-                f"{'∞' if math.isinf(n) else f'{n:.0f}'} |"
+                f"{'cannot separate (no spread)' if n is None else '∞' if math.isinf(n) else f'{n:.0f}'} |"
             )
     lines.append("")
     return "\n".join(lines)
