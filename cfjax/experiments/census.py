@@ -158,9 +158,13 @@ def read_paper_data(directory: str | Path) -> list[dict]:
     """Rows from the paper's released `{effect}_{attribute}_cf_changes.json` files (pandas
     `to_json` column format), each with its `effect` added."""
     directory = Path(directory)
-    files = sorted(directory.glob("*_cf_changes.json"))
+    # The released data keeps them in `bias/`: the data's own folder is accepted as well.
+    files = sorted(directory.glob("*_cf_changes.json")) or sorted(directory.glob("*/*_cf_changes.json"))  # fmt: skip
     if not files:
-        raise FileNotFoundError(f"{directory}: no *_cf_changes.json files of the paper's data")
+        raise FileNotFoundError(
+            f"{directory}: no *_cf_changes.json files of the paper's data, in it or one folder "
+            "down (the released data has them in bias/)"
+        )
     rows = []
     for file in files:
         effect = file.name.split("_", 1)[0]
