@@ -83,6 +83,7 @@ def test_census_report_command(shared_data, tmp_path, capsys):
         "| Sex | total | Female | Male | 55 | 60k | 70k | 80k |"
         in (tmp_path / "r/report.md").read_text()
     )
+    assert "Figure `education_by_race.png`" in (tmp_path / "r/report.md").read_text()
     # A study folder's rows.jsonl (the same rows, one per line) gives the same table.
     study = tmp_path / "study"
     study.mkdir()
@@ -92,6 +93,14 @@ def test_census_report_command(shared_data, tmp_path, capsys):
     capsys.readouterr()
     assert main(["experiment", "census-report", str(study), "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == rows
+    # A Sex-only study: its report names only the figure it has.
+    (study / "rows.jsonl").write_text(
+        "\n".join(json.dumps(r) for r in census.read_paper_data(bias) if r["intervened_attribute"] == "Sex")
+    )  # fmt: skip
+    assert main(["experiment", "census-report", str(study), "--out", str(study)]) == 0
+    report = (study / "report.md").read_text()
+    assert "income_sex.png" in report and "education_by_race.png" not in report
+    assert not (study / "education_by_race.png").exists() and (study / "income_sex.png").exists()
 
 
 def test_census_report_bad_inputs(tmp_path, capsys):

@@ -36,17 +36,23 @@ def _table(title: str, columns: Sequence[str], rows: list[tuple[dict, list[str]]
     return lines
 
 
-def markdown(rows: Sequence[dict]) -> str:
-    """The report's text: median incomes, occupation changes, education changes by race."""
+FIGURES = {
+    "education_by_race.png": "mean change of the education level, 0 = none to 5 = "
+    "doctoral/professional, counterfactual minus factual, total Race effect",
+    "income_sex.png": "income histograms of the Sex interventions",
+}
+
+
+def markdown(rows: Sequence[dict], figures: Sequence[Path] = ()) -> str:
+    """The report's text: median incomes, occupation changes, and the `figures` written (only
+    those: a Sex-only study has no education-by-race figure)."""
     income = [(r, [_k(r[f"median_{c}"]) for c in census.COLUMNS]) for r in census.income_table(rows)]  # fmt: skip
     changes = [(r, [_pct(r[f"changed_{c}"]) for c in census.COLUMNS[1:]])
                for r in census.occupation_changes(rows)]  # fmt: skip
     out = ["# Census study report", ""]
     out += _table("Median income (zero incomes dropped per column)", census.COLUMNS, income)
     out += [""] + _table("Share of records whose occupation changes", census.COLUMNS[1:], changes)
-    out += ["", "Figures: `education_by_race.png` (mean change of the education level, 0 = none",
-            "to 5 = doctoral/professional, counterfactual minus factual, total Race effect) and",
-            "`income_sex.png` (income histograms of the Sex interventions).", ""]  # fmt: skip
+    out += [""] + [f"Figure `{f.name}`: {FIGURES[f.name]}." for f in figures] + [""]
     return "\n".join(out)
 
 
@@ -110,6 +116,5 @@ def write(rows: Sequence[dict], out: str | Path) -> Path:
     """`report.md` and the figures in `out`; returns the report's path."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    figures(rows, out)
-    write_text(out / "report.md", markdown(rows))
+    write_text(out / "report.md", markdown(rows, figures(rows, out)))
     return out / "report.md"
