@@ -35,20 +35,21 @@ def seeds(text: str) -> tuple[int, ...]:
     return out
 
 
+def _at_least(text: str, low: int) -> int:
+    value = _number(text, int)
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+    return value
+
+
 def positive(text: str) -> int:
     """An int >= 1."""
-    value = _number(text, int)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+    return _at_least(text, 1)
 
 
 def natural(text: str) -> int:
     """An int >= 0 (a position)."""
-    value = _number(text, int)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
+    return _at_least(text, 0)
 
 
 def temperature(text: str) -> float:

@@ -24,6 +24,19 @@ def _sampler_args(p: argparse.ArgumentParser, defaults: bool) -> None:
     )
 
 
+def _edit_args(p: argparse.ArgumentParser, prompt_flag: str) -> None:
+    """The intervention flags of `counterfactual` and `abduct`."""
+    p.add_argument("--replace", type=arg.replacement, metavar="OLD=>NEW",
+                   help="replace text in the response")  # fmt: skip
+    p.add_argument("--occurrence", type=arg.positive, default=1, help="which OLD, from 1")
+    p.add_argument("--at", type=arg.natural, metavar="POS", help="response token position to replace")  # fmt: skip
+    p.add_argument("--token", metavar="TEXT",
+                   help="with --at: the text whose tokens replace the one token at POS")  # fmt: skip
+    p.add_argument(prompt_flag, dest="prompt", default=None, help="a new user prompt")
+    p.add_argument("--system", default=None, help="a new system message")
+    p.add_argument("--auto-at", type=arg.natural, metavar="POS", help="automatic intervention at POS")  # fmt: skip
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, with a bad argument ending as every other error: one line, exit status 1, and
     every flag's default shown in its help."""
@@ -62,23 +75,7 @@ def parser(description: str) -> argparse.ArgumentParser:
     c.add_argument(
         "--dtype", default=None, choices=["float32", "bfloat16"], help="default: the trace's"
     )
-    c.add_argument(
-        "--replace", type=arg.replacement, metavar="OLD=>NEW", help="replace text in the response"
-    )
-    c.add_argument("--occurrence", type=arg.positive, default=1)
-    c.add_argument(
-        "--at", type=arg.natural, metavar="POS", help="response token position to replace"
-    )
-    c.add_argument(
-        "--token",
-        metavar="TEXT",
-        help="with --at: the text whose tokens replace the one token at POS",
-    )
-    c.add_argument("--prompt", default=None, help="a new user prompt")
-    c.add_argument("--system", default=None, help="a new system message")
-    c.add_argument(
-        "--auto-at", type=arg.natural, metavar="POS", help="automatic intervention at POS"
-    )
+    _edit_args(c, prompt_flag="--prompt")
     c.add_argument(
         "--resume-at", type=arg.natural, default=None, help="factual step to align noise to"
     )
@@ -108,23 +105,7 @@ def parser(description: str) -> argparse.ArgumentParser:
         "--max-new-tokens", type=arg.positive, default=None, help="default: observed length"
     )
     a.add_argument("--dtype", default=None, choices=["float32", "bfloat16"])
-    a.add_argument(
-        "--replace", type=arg.replacement, metavar="OLD=>NEW", help="replace text in the response"
-    )
-    a.add_argument("--occurrence", type=arg.positive, default=1)
-    a.add_argument(
-        "--at", type=arg.natural, metavar="POS", help="response token position to replace"
-    )
-    a.add_argument(
-        "--token",
-        metavar="TEXT",
-        help="with --at: the text whose tokens replace the one token at POS",
-    )
-    a.add_argument("--prompt-edit", dest="prompt", default=None, help="a new user prompt")
-    a.add_argument("--system", default=None, help="a new system message")
-    a.add_argument(
-        "--auto-at", type=arg.natural, metavar="POS", help="automatic intervention at POS"
-    )
+    _edit_args(a, prompt_flag="--prompt-edit")  # --prompt names the observed text's prompt
     a.add_argument("--contains", default=None, help="report the share of texts containing this")
     a.add_argument("--out", type=Path, default=None, help="write every trace as JSON here")
     _sampler_args(a, defaults=True)

@@ -198,7 +198,7 @@ def test_every_numeric_flag_is_checked_by_an_argument_type():
     assert len(flags) > 30
     bare = [(p, f) for p, f, t in flags if t in (int, float)]
     assert bare == []
-    assert {t.__name__ for _, _, t in flags} - {"Path", "text"} <= NUMERIC_TYPES
+    assert {t.__name__ for _, _, t in flags} - {"Path", "text", "replacement"} <= NUMERIC_TYPES
 
 
 _BAD = {
