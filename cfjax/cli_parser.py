@@ -17,10 +17,17 @@ from cfjax.weights.loader import DEFAULT_MODEL
 def _sampler_args(p: argparse.ArgumentParser, defaults: bool) -> None:
     d = (lambda v: v) if defaults else (lambda v: None)
     p.add_argument("--temperature", type=arg.temperature, default=d(1.0), help="0 = greedy")
-    p.add_argument("--top-p", type=arg.probability, default=None)
-    p.add_argument("--top-k", type=arg.positive, default=None)
     p.add_argument(
-        "--mechanism", default=d("gumbel"), choices=["gumbel", "inverse-cdf", "gumbel-rank"]
+        "--top-p", type=arg.probability, default=None, help="nucleus mass kept (off: None)"
+    )
+    p.add_argument(
+        "--top-k", type=arg.positive, default=None, help="most likely tokens kept (off: None)"
+    )
+    p.add_argument(
+        "--mechanism",
+        default=d("gumbel"),
+        choices=["gumbel", "inverse-cdf", "gumbel-rank"],
+        help="how the noise picks a token (DESIGN §2)",
     )
 
 
@@ -58,12 +65,17 @@ def parser(description: str) -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="sample a response and save its trace")
     g.add_argument("--model", default=DEFAULT_MODEL, help="name, model dir or .gguf")
-    g.add_argument("--prompt", required=True, type=arg.text)
-    g.add_argument("--system", default=None)
+    g.add_argument("--prompt", required=True, type=arg.text, help="the user message")
+    g.add_argument("--system", default=None, help="a system message (chat template only)")
     g.add_argument("--no-chat", action="store_true", help="raw text prompt, no chat template")
-    g.add_argument("--seed", type=arg.seed, default=0)
-    g.add_argument("--max-new-tokens", type=arg.positive, default=128)
-    g.add_argument("--dtype", default=None, choices=["float32", "bfloat16"])
+    g.add_argument("--seed", type=arg.seed, default=0, help="the noise key, in [0, 2**32)")
+    g.add_argument("--max-new-tokens", type=arg.positive, default=128, help="response budget")
+    g.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "bfloat16"],
+        help="params dtype (default: stored)",
+    )
     g.add_argument("--out", type=Path, default=None, help="write the trace JSON here")
     _sampler_args(g, defaults=True)
 
@@ -81,7 +93,7 @@ def parser(description: str) -> argparse.ArgumentParser:
     )
     c.add_argument("--interventional", action="store_true", help="fresh noise instead")
     c.add_argument("--seed", type=arg.seed, default=1, help="noise seed for --interventional")
-    c.add_argument("--out", type=Path, default=None)
+    c.add_argument("--out", type=Path, default=None, help="write the result trace JSON here")
     c.add_argument("--html", type=Path, default=None, help="write a side-by-side HTML diff")
     _sampler_args(c, defaults=False)
 
@@ -98,13 +110,18 @@ def parser(description: str) -> argparse.ArgumentParser:
     response.add_argument("--response", help="the observed response text")
     response.add_argument("--response-file", type=Path, help="a file holding the response")
     a.add_argument("--samples", type=arg.positive, default=16, help="posterior samples")
-    a.add_argument("--seed", type=arg.seed, default=0)
+    a.add_argument("--seed", type=arg.seed, default=0, help="posterior noise key, in [0, 2**32)")
     a.add_argument("--full-support", action="store_true",
                    help="model the observed steps with temperature alone (no truncation)")  # fmt: skip
     a.add_argument(
         "--max-new-tokens", type=arg.positive, default=None, help="default: observed length"
     )
-    a.add_argument("--dtype", default=None, choices=["float32", "bfloat16"])
+    a.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "bfloat16"],
+        help="params dtype (default: stored)",
+    )
     _edit_args(a, prompt_flag="--prompt-edit")  # --prompt names the observed text's prompt
     a.add_argument("--contains", default=None, help="report the share of texts containing this")
     a.add_argument("--out", type=Path, default=None, help="write every trace as JSON here")
@@ -119,15 +136,20 @@ def parser(description: str) -> argparse.ArgumentParser:
     add_experiment_parsers(sub, _Parser)
 
     v = sub.add_parser("convert", help="convert a checkpoint to orbax + cfjax.json")
-    v.add_argument("src")
-    v.add_argument("dst", type=Path)
-    v.add_argument("--dtype", default=None, choices=["float32", "bfloat16"])
+    v.add_argument("src", help="HF folder, Meta folder, .gguf or model name")
+    v.add_argument("dst", type=Path, help="the folder to write")
+    v.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "bfloat16"],
+        help="stored dtype (default: the source's)",
+    )
     v.add_argument("--force", action="store_true", help="overwrite an existing DST")
 
     sv = sub.add_parser("serve", help="the counterfactual explorer in the browser")
-    sv.add_argument("--model", default=DEFAULT_MODEL)
+    sv.add_argument("--model", default=DEFAULT_MODEL, help="name, model dir or .gguf")
     sv.add_argument("--host", default="127.0.0.1", help="loopback by default")
-    sv.add_argument("--port", type=arg.port, default=8000)
+    sv.add_argument("--port", type=arg.port, default=8000, help="TCP port")
     sv.add_argument(
         "--max-new-tokens", type=arg.positive, default=512, help="the most a request may ask"
     )
@@ -151,6 +173,6 @@ def parser(description: str) -> argparse.ArgumentParser:
     )
     sub.add_parser("models", help="list known model names and converted copies")
     d = sub.add_parser("demo", help="rename the captain in a story, on the embedded model")
-    d.add_argument("--seed", type=arg.seed, default=None)
-    d.add_argument("--html", type=Path, default=None)
+    d.add_argument("--seed", type=arg.seed, default=None, help="the story's seed (default: 0)")
+    d.add_argument("--html", type=Path, default=None, help="also write a side-by-side HTML diff")
     return root

@@ -171,8 +171,8 @@ def test_any_trace_json_is_read_or_refused_with_a_named_error(capped, changes):
     assert trace.tokens == capped.tokens or "tokens" in dict(changes)
 
 
-def _numeric_flags() -> list[tuple[str, str, object]]:
-    """(subcommand path, flag, type) of every option whose value is a number, from the parser."""
+def _actions() -> list[tuple[tuple[str, ...], argparse.Action]]:
+    """(subcommand path, action) of every argument of every subcommand, from the parser."""
     from cfjax.cli_parser import parser
 
     found = []
@@ -182,11 +182,22 @@ def _numeric_flags() -> list[tuple[str, str, object]]:
             if isinstance(action, argparse._SubParsersAction):
                 for name, sub in action.choices.items():
                     walk(sub, [*path, name])
-            elif action.option_strings and action.type is not None:
-                found.append((tuple(path), action.option_strings[0], action.type))
+            else:
+                found.append((tuple(path), action))
 
     walk(parser("cfjax"), [])
     return found
+
+
+def _numeric_flags() -> list[tuple[tuple[str, ...], str, object]]:
+    """(subcommand path, flag, type) of every option parsed by a type."""
+    return [(p, a.option_strings[0], a.type) for p, a in _actions() if a.option_strings and a.type is not None]  # fmt: skip
+
+
+def test_every_argument_has_help_text():
+    """`--help` explains every flag, with its default (ArgumentDefaultsHelpFormatter)."""
+    bare = [(p, a.dest) for p, a in _actions() if not a.help]
+    assert bare == []
 
 
 NUMERIC_TYPES = {"seed", "seeds", "positive", "natural", "temperature", "probability", "port"}

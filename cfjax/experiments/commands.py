@@ -14,36 +14,44 @@ def add_experiment_parsers(sub, parser_class) -> None:
     e = sub.add_parser("experiment", help="the paper's studies")
     studies = e.add_subparsers(dest="study", required=True, parser_class=parser_class)
     st = studies.add_parser("stability", help="edit distance of counterfactual answers (§4.2)")
-    st.add_argument("--model", default=DEFAULT_MODEL)
+    st.add_argument("--model", default=DEFAULT_MODEL, help="name, model dir or .gguf")
     st.add_argument("--prompts", type=Path, default=None, help="one per line (default: shipped)")
     st.add_argument("--limit", type=arg.positive, default=None, help="the first N prompts only")
-    st.add_argument("--temperatures", default="0,0.2,0.4,0.6,0.8,1.0")
+    st.add_argument("--temperatures", default="0,0.2,0.4,0.6,0.8,1.0", help="the temperature grid")
     st.add_argument("--top-p", default="0.75,0.9,0.95,0.99,0.999", help="at τ 0.6; '' for none")
     st.add_argument("--top-k", default="2,3,5,10,100", help="at τ 0.6; '' for none")
-    st.add_argument("--mechanisms", default="gumbel,inverse-cdf")
-    st.add_argument("--interventions", type=arg.positive, default=2)
-    st.add_argument("--max-new-tokens", type=arg.positive, default=128)
-    st.add_argument("--seed", type=arg.seed, default=42)
+    st.add_argument(
+        "--mechanisms", default="gumbel,inverse-cdf", help="sampling mechanisms compared"
+    )
+    st.add_argument("--interventions", type=arg.positive, default=2, help="positions per answer")
+    st.add_argument("--max-new-tokens", type=arg.positive, default=128, help="answer budget")
+    st.add_argument("--seed", type=arg.seed, default=42, help="the study's seed")
     st.add_argument("--batch-prompts", type=arg.positive, default=8, help="prompts per batch")
-    st.add_argument("--out", type=Path, required=True)
+    st.add_argument(
+        "--out", type=Path, required=True, help="the study folder (resumed if it exists)"
+    )
     st.add_argument("--plot", action="store_true", help="draw the figures as PNG into --out")
     c = studies.add_parser(
         "census", help="census records and their Sex / Race counterfactuals (§4.3)"
     )
-    c.add_argument("--model", default=DEFAULT_MODEL)
+    c.add_argument("--model", default=DEFAULT_MODEL, help="name, model dir or .gguf")
     c.add_argument("--seeds", type=arg.seeds, default="0,1,2", help="one census per seed")
     c.add_argument(
         "--people", type=arg.positive, default=50, help="people asked for in each census"
     )
-    c.add_argument("--temperature", type=arg.temperature, default=0.8)
+    c.add_argument(
+        "--temperature", type=arg.temperature, default=0.8, help="sampling temperature (> 0)"
+    )
     c.add_argument(
         "--max-new-tokens", type=arg.positive, default=None, help="default: 120 a person + 64"
     )
-    c.add_argument("--attributes", default="Sex,Race")
-    c.add_argument("--effects", default="total,direct")
+    c.add_argument("--attributes", default="Sex,Race", help="attributes intervened on")
+    c.add_argument("--effects", default="total,direct", help="effects measured")
     c.add_argument("--one-shot", action="store_true",
                    help="begin the response with the paper's first record (for small models)")  # fmt: skip
-    c.add_argument("--out", type=Path, required=True)
+    c.add_argument(
+        "--out", type=Path, required=True, help="the study folder (resumed if it exists)"
+    )
     cp = studies.add_parser("coupled", help="coupled evaluation of several models (Benz et al.)")
     cp.add_argument("--models", nargs="+", required=True,
                     help="names, paths or ids: NAME@bfloat16, NAME@int8, a saved fine-tune")  # fmt: skip
@@ -52,11 +60,15 @@ def add_experiment_parsers(sub, parser_class) -> None:
     cp.add_argument(
         "--samples", type=arg.positive, default=10, help="answers per question and noise"
     )
-    cp.add_argument("--temperature", type=arg.temperature, default=1.0)
-    cp.add_argument("--max-new-tokens", type=arg.positive, default=4)
-    cp.add_argument("--seed", type=arg.seed, default=0)
-    cp.add_argument("--batch-questions", type=arg.positive, default=10)
-    cp.add_argument("--out", type=Path, required=True)
+    cp.add_argument(
+        "--temperature", type=arg.temperature, default=1.0, help="sampling temperature (> 0)"
+    )
+    cp.add_argument("--max-new-tokens", type=arg.positive, default=4, help="answer budget")
+    cp.add_argument("--seed", type=arg.seed, default=0, help="the study's seed")
+    cp.add_argument("--batch-questions", type=arg.positive, default=10, help="questions per batch")
+    cp.add_argument(
+        "--out", type=Path, required=True, help="the study folder (resumed if it exists)"
+    )
     cp.add_argument("--json", action="store_true", help="print the summary as JSON")
     r = studies.add_parser("census-report", help="the census study's tables and figures")
     r.add_argument("dir", nargs="?", type=Path, help="a census study folder (its rows.jsonl)")
