@@ -318,7 +318,7 @@ def test_study_json_is_strict(tmp_path):
     assert json.loads(text) == {"mean": None, "n": [1.0, None, None], "ok": 0.5}
     assert "NaN" not in text and "Infinity" not in text
     folder.open_study(tmp_path, {"x": 1})
-    folder.process(tmp_path, [0], lambda _u: [value], desc="t", unit="u", progress=False)
+    folder.process(tmp_path, [0], lambda _u: [value], items=lambda u: [(u,)], desc="t", unit="u", progress=False)  # fmt: skip
     assert json.loads((tmp_path / "rows.jsonl").read_text()) == json.loads(text)
 
 
@@ -421,3 +421,15 @@ def test_public_functions_refuse_bad_numbers_by_name(lm, capped, data):
     value = data.draw(st.sampled_from(_BAD_VALUES[kind]))
     with pytest.raises((ValueError, TypeError), match="."):  # a message, never an empty one
         call(value)
+
+
+def test_a_unit_without_rows_is_finished_and_not_redone(tmp_path):
+    from cfjax.experiments import folder
+
+    folder.open_study(tmp_path, {"x": 1})
+    work = lambda u: [] if u == "empty" else [{"unit": u}]  # noqa: E731
+    folder.process(tmp_path, ["a", "empty"], work, items=lambda u: [(u, 0)], desc="t", unit="u", progress=False)  # fmt: skip
+    assert (tmp_path / "rows.jsonl").read_text().count("\n") == 1
+    with open(tmp_path / "finished.jsonl", "a") as f:
+        f.write('[["cut", 0')  # a line cut by a crash
+    assert folder.finished(tmp_path) == {("a", 0), ("empty", 0)}

@@ -122,6 +122,10 @@ def test_a_killed_study_resumes_to_the_same_rows(tiny, tmp_path):
     rows_file.write_text(finished + '{"prompt_id": 0, "mech')  # a line cut by the crash
     stability.run(lm, texts, settings, tmp_path / "cut", progress=False)
     assert _rows(rows_file) == whole
+    # Finished units, those without rows too, are not redone.
+    redone = []
+    stability.run(lm, texts, settings, tmp_path / "cut", progress=False, on_unit=redone.append)
+    assert redone == [] and _rows(rows_file) == whole
     # Another configuration in the same folder is refused, naming what differs.
     other, _ = _settings(lm, prompts, temperatures=(0.5,))
     with pytest.raises(ValueError, match="made with other settings \\(temperatures differ\\)"):

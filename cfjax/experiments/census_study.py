@@ -38,7 +38,7 @@ from cfjax.core.lm import LM
 from cfjax.core.request import as_key, prompt_tokens
 from cfjax.core.scm import Sampler
 from cfjax.experiments import census
-from cfjax.experiments.folder import open_study, process
+from cfjax.experiments.folder import finished, open_study, process
 
 VALUES = {"Sex": census.SEXES, "Race": census.RACES}
 OUTCOME = {"Sex": "Income", "Race": "Occupation"}  # where a direct effect resumes (paper's)
@@ -234,6 +234,7 @@ def run(
     if lm.tokenizer is None:
         raise ValueError("the census study reads and edits text: this model has no tokenizer")
     done = {(r["census_id"], r["person_id"]) for r in open_study(out, dataclasses.asdict(settings))}
+    done |= finished(out)
     factuals = dict(zip(settings.seeds, _factuals(lm, settings, list(settings.seeds)), strict=True))
     units, unreadable = [], []
     ends = {seed: _token_ends(lm, factual) for seed, factual in factuals.items()}
@@ -254,5 +255,6 @@ def run(
         print(f"census {seed}: no readable record, skipped", file=sys.stderr)
     return process(
         out, units, lambda u: _person_rows(lm, factuals[u[0]], ends[u[0]], *u, settings),
+        items=lambda u: [(u[0], u[1])],
         desc="people", unit="person", progress=progress, on_unit=on_unit,
     )  # fmt: skip

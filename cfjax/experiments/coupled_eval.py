@@ -32,7 +32,7 @@ from cfjax.core.lm import LM
 from cfjax.core.request import as_key
 from cfjax.core.scm import Sampler
 from cfjax.experiments.choices import LETTERS, QUESTIONS
-from cfjax.experiments.folder import open_study, process
+from cfjax.experiments.folder import finished, open_study, process
 
 SYSTEM = "Answer with the letter of the correct option only."
 MODES = ("coupled", "independent")
@@ -159,10 +159,12 @@ def run(
     check_shared_vocabulary(models)
     out = Path(out)
     done = {r["question_id"] for r in open_study(out, dataclasses.asdict(settings))}
+    done |= {item[0] for item in finished(out)}
     todo = [i for i in range(len(questions)) if i not in done]
     units = [todo[k : k + settings.batch_questions] for k in range(0, len(todo), settings.batch_questions)]  # fmt: skip
     return process(
-        out, units, lambda ids: _unit(models, questions, ids, settings), size=len,
+        out, units, lambda ids: _unit(models, questions, ids, settings),
+        items=lambda ids: [(i,) for i in ids], size=len,
         desc="questions", unit="question", progress=progress, on_unit=on_unit,
     )  # fmt: skip
 

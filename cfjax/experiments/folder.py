@@ -1,8 +1,10 @@
-"""A study's output folder: its settings (`config.json`) and its rows (`rows.jsonl`).
+"""A study's output folder: its settings (`config.json`), its rows (`rows.jsonl`) and the items
+of every finished unit (`finished.jsonl`).
 
-Rows are appended as each unit of work finishes, flushed and synced, so a crash or Ctrl-C loses
-no finished row and the same command resumes after the last finished unit. A folder made with
-other settings is refused, naming what differs.
+Rows are appended as each unit of work finishes, flushed and synced, then the unit's items are
+recorded, so a crash or Ctrl-C loses no finished row and the same command resumes after the last
+finished unit, without redoing a unit that yielded no row. A folder made with other settings is
+refused, naming what differs.
 """
 
 from __future__ import annotations
@@ -47,6 +49,30 @@ def parse_rows(file: Path, text: str) -> list[dict]:
     return rows
 
 
+FINISHED = "finished.jsonl"
+
+
+def _complete_lines(file: Path) -> str:
+    """The file's text up to its last newline (a line cut by a crash is dropped from the file)."""
+    text = file.read_text(encoding="utf-8")
+    complete = text[: text.rfind("\n") + 1]
+    if len(complete) != len(text):
+        file.write_text(complete, encoding="utf-8")
+    return complete
+
+
+def finished(out: Path) -> set[tuple]:
+    """The items (as tuples) of every finished unit, those that yielded no row too."""
+    file = out / FINISHED
+    if not file.exists():
+        return set()
+    lines = _complete_lines(file).splitlines()
+    try:
+        return {tuple(item) for line in lines if line.strip() for item in json.loads(line)}
+    except (json.JSONDecodeError, TypeError):
+        raise ValueError(f"{file}: not a list of finished items per line") from None
+
+
 def open_study(out: Path, settings: dict[str, Any]) -> list[dict]:
     """Create or resume the study folder `out`; the rows it already holds."""
     out.mkdir(parents=True, exist_ok=True)
@@ -67,11 +93,7 @@ def open_study(out: Path, settings: dict[str, Any]) -> list[dict]:
     rows = out / "rows.jsonl"
     if not rows.exists():
         return []
-    text = rows.read_text(encoding="utf-8")
-    complete = text[: text.rfind("\n") + 1]  # a line cut by a crash is dropped
-    if len(complete) != len(text):
-        rows.write_text(complete, encoding="utf-8")
-    return parse_rows(rows, complete)
+    return parse_rows(rows, _complete_lines(rows))
 
 
 def process(
@@ -79,24 +101,27 @@ def process(
     units: Sequence[Any],
     work: Callable[[Any], list[dict]],
     *,
+    items: Callable[[Any], list[tuple]],
     size: Callable[[Any], int] = lambda _unit: 1,
     desc: str,
     unit: str,
     progress: bool | None = None,
     on_unit: Callable[[int], None] | None = None,
 ) -> Path:
-    """Do each unit of work and append its rows to `out/rows.jsonl` durably as it finishes,
-    with a progress bar counting `size(unit)` items of each; returns the rows file.
+    """Do each unit of work and append its rows to `out/rows.jsonl` durably as it finishes, then
+    its `items(unit)` (the keys a resumed run skips) to `finished.jsonl`, with a progress bar
+    counting `size(unit)` items of each; returns the rows file.
     `on_unit(n)` is called after unit n (a test's hook to interrupt a run)."""
     from tqdm import tqdm
 
     bar = tqdm(total=sum(map(size, units)), desc=desc, unit=unit, disable=progress is False)
-    with open(out / "rows.jsonl", "a", encoding="utf-8") as f:
+    with open(out / "rows.jsonl", "a", encoding="utf-8") as f, open(out / FINISHED, "a", encoding="utf-8") as g:  # fmt: skip
         for n, u in enumerate(units):
             rows = work(u)
-            f.write("".join(to_json(r) + "\n" for r in rows))
-            f.flush()
-            os.fsync(f.fileno())
+            for file, text in ((f, "".join(to_json(r) + "\n" for r in rows)), (g, to_json(items(u)) + "\n")):  # fmt: skip
+                file.write(text)
+                file.flush()
+                os.fsync(file.fileno())
             bar.update(size(u))
             if on_unit is not None:
                 on_unit(n)

@@ -32,7 +32,7 @@ from cfjax.causal.replay import interventionals
 from cfjax.core.lm import LM
 from cfjax.core.request import as_key
 from cfjax.core.scm import Sampler
-from cfjax.experiments.folder import open_study, process
+from cfjax.experiments.folder import finished, open_study, process
 
 SYSTEM = "Keep your replies short and to the point."  # the paper's system prompt
 
@@ -117,13 +117,15 @@ def run(
     """Run (or resume) the study into `out`; returns the rows file."""
     out = Path(out)
     done = {(r["prompt_id"], r["mechanism"]) for r in open_study(out, dataclasses.asdict(settings))}
+    done |= finished(out)
     units = []
     for mechanism in settings.mechanisms:
         todo = [i for i in range(len(prompts)) if (i, mechanism) not in done]
         for s in range(0, len(todo), settings.batch_prompts):
             units.append((mechanism, todo[s : s + settings.batch_prompts]))
     return process(
-        out, units, lambda u: _unit(lm, prompts, u[1], u[0], settings), size=lambda u: len(u[1]),
+        out, units, lambda u: _unit(lm, prompts, u[1], u[0], settings),
+        items=lambda u: [(i, u[0]) for i in u[1]], size=lambda u: len(u[1]),
         desc="prompts x mechanisms", unit="prompt", progress=progress, on_unit=on_unit,
     )  # fmt: skip
 
