@@ -151,6 +151,7 @@ def test_census_command_on_smollm2(tmp_path, capsys):
     assert main([*args, "--out", str(tmp_path / "b")]) == 0
     key = lambda r: json.dumps(r, sort_keys=True)  # noqa: E731
     assert sorted(_rows(tmp_path / "b" / "rows.jsonl"), key=key) == sorted(rows, key=key)
+    assert "| Sex | total |" in capsys.readouterr().out  # each study run ends with its table
     assert main(["experiment", "census-report", str(tmp_path / "b"), "--json"]) == 0
     table = json.loads(capsys.readouterr().out)
     assert sum(t["n"] for t in table) == len(rows)

@@ -154,5 +154,30 @@ def test_stability_command_on_smollm2(tmp_path, capsys):
     assert main(args) == 0
     rows = _rows(tmp_path / "rows.jsonl")
     assert rows and {r["mechanism"] for r in rows} <= {"gumbel", "inverse-cdf"}
+    plain = sum(r["mechanism"] == "gumbel" and r["top_p"] is None and r["top_k"] is None for r in rows)  # fmt: skip
+    assert f"| gumbel | τ = 1 | {plain} |" in capsys.readouterr().out  # the run ends with its table
     assert {p.name for p in tmp_path.glob("*.png")} >= {"distance_vs_tau.png"}
     assert main(args) == 0 and _rows(tmp_path / "rows.jsonl") == rows  # resumed: nothing to do
+
+
+def test_summary_reproduces_the_readmes_table_from_the_shipped_study(capsys):
+    """`cfjax experiment summary` on `docs/stability` (the README's real run) gives the README's
+    means and row counts, now with 95% intervals; it reads the census and coupled folders too."""
+    import re
+    from pathlib import Path
+
+    from cfjax.cli import main
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    shown = re.findall(r"^\| (τ = [^|]+?) \| (\d+) \| ([\d.]+) \| ([\d.]+) \|$", readme, re.M)
+    assert len(shown) == 6
+    assert main(["experiment", "summary", str(root / "docs/stability")]) == 0
+    table = capsys.readouterr().out
+    for sampler, n, cf, iv in shown:
+        sampler = sampler.replace("1.0", "1").replace("τ = 0.6, top", "τ = 0.6, top")
+        assert re.search(rf"\| gumbel \| {re.escape(sampler)} \| {n} \| {cf} ± [\d.]+ \| {iv} ± [\d.]+ \|", table), sampler  # fmt: skip
+    assert main(["experiment", "summary", str(root / "docs/coupled"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["accuracy"]["coupled"][0]["n"] == 1000
+    assert main(["experiment", "summary", str(root / "docs/census-smollm2")]) == 0
+    assert "Median income" in capsys.readouterr().out

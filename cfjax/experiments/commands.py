@@ -70,6 +70,9 @@ def add_experiment_parsers(sub, parser_class) -> None:
         "--out", type=Path, required=True, help="the study folder (resumed if it exists)"
     )
     cp.add_argument("--json", action="store_true", help="print the summary as JSON")
+    sm = studies.add_parser("summary", help="any study folder's table, with n and 95% intervals")
+    sm.add_argument("dir", type=Path, help="a stability, census or coupled study folder")
+    sm.add_argument("--json", action="store_true", help="print the table as JSON")
     r = studies.add_parser("census-report", help="the census study's tables and figures")
     r.add_argument("dir", nargs="?", type=Path, help="a census study folder (its rows.jsonl)")
     r.add_argument("--paper-data", type=Path, help="the paper's *_cf_changes.json folder instead")
@@ -110,6 +113,7 @@ def cmd_stability(args) -> int:
         lm, prompts, stability.Settings(model_id=lm.model_id, **settings), args.out
     )
     print(f"rows: {rows_file}", file=sys.stderr)
+    _print_summary(args.out)
     if args.plot:
         from cfjax.experiments.census import read_rows
 
@@ -141,6 +145,7 @@ def cmd_census(args) -> int:
         lm, census_study.Settings(model_id=lm.model_id, **settings), args.out
     )
     print(f"rows: {rows_file}", file=sys.stderr)
+    _print_summary(args.out)
     print(f"report: cfjax experiment census-report {args.out} --out {args.out}", file=sys.stderr)
     return 0
 
@@ -177,8 +182,25 @@ def cmd_coupled(args) -> int:
     return 0
 
 
+def cmd_summary(args) -> int:
+    """`cfjax experiment summary DIR`: the study's table, markdown or JSON."""
+    from cfjax.experiments import summary
+    from cfjax.experiments.folder import to_json
+
+    table, text = summary.summarize(args.dir)
+    print(to_json(table) if args.json else text)
+    return 0
+
+
+def _print_summary(out: Path) -> None:
+    """The study's table, at the end of its run."""
+    from cfjax.experiments import summary
+
+    print(summary.summarize(out)[1])
+
+
 def run_experiment(args) -> int:
-    """`cfjax experiment stability | census | census-report | coupled`."""
+    """`cfjax experiment stability | census | census-report | coupled | summary`."""
     import json
 
     from cfjax.experiments import census, report
@@ -189,6 +211,8 @@ def run_experiment(args) -> int:
         return cmd_census(args)
     if args.study == "coupled":
         return cmd_coupled(args)
+    if args.study == "summary":
+        return cmd_summary(args)
 
     if (args.dir is None) == (args.paper_data is None):
         raise ValueError("give a study folder or --paper-data DIR (one of them)")
