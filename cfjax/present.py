@@ -7,6 +7,7 @@ sees at once where the two worlds part.
 
 from __future__ import annotations
 
+import datetime
 import html
 from collections.abc import Sequence
 
@@ -116,30 +117,86 @@ def kept_after_edit(factual: Trace, other: Trace) -> tuple[int, int]:
     return same, len(after)
 
 
+def describe(record: dict, tokenizer=None) -> str:
+    """An intervention's record (`Trace.interventions` entry) in words."""
+    kind = record.get("type")
+    text = lambda ids: repr(tokenizer.decode(ids)) if tokenizer is not None else str(ids)  # noqa: E731
+    nth = lambda r: "" if r.get("occurrence", 1) == 1 else f" (occurrence {r['occurrence']})"  # noqa: E731
+    if kind == "ReplaceText":
+        return f"replace {record['old']!r} by {record['new']!r}{nth(record)}"
+    if kind == "InsertText":
+        return f"insert {record['text']!r} after {record['after']!r}{nth(record)}"
+    if kind == "DeleteText":
+        return f"delete {record['text']!r}{nth(record)}"
+    if kind == "ReplaceTokens":
+        n = len(record["tokens"]) if record.get("count") is None else record["count"]
+        what = f"{n} tokens from position {record['position']}" if n != 1 else f"token {record['position']}"  # fmt: skip
+        return f"replace {what} by {text(record['tokens'])}" if n else f"insert {text(record['tokens'])} at {record['position']}"  # fmt: skip
+    if kind == "AutoIntervention":
+        chosen = f" ({text([record['token']])})" if "token" in record else ""
+        return (
+            f"automatic intervention at token {record['position']}{chosen}, top-p {record['top_p']}"
+        )
+    if kind == "EditPrompt":
+        parts = [f"{k} → {record[k]!r}" for k in ("prompt", "system") if record.get(k) is not None]
+        return "edit the prompt: " + ("; ".join(parts) or f"tokens {record.get('tokens')}")
+    if kind == "ChangeSampler":
+        return "sampler: " + ", ".join(f"{k} → {v}" for k, v in record.items() if k != "type")
+    if kind == "ChangeModel":
+        return f"other weights: {record.get('name')}"
+    if kind == "Steer":
+        return f"steer layer {record['layer']} by scale {record['scale']} ({record['at']})"
+    return str(record)
+
+
+def seed_of(trace: Trace) -> int | None:
+    """The int seed of a trace's key when it is one (`key(seed)` holds [0, seed]), else None."""
+    import jax
+    import numpy as np
+
+    key = np.asarray(jax.random.key_data(trace.key)).tolist()
+    return key[1] if len(key) == 2 and key[0] == 0 else None
+
+
+def settings_line(trace: Trace) -> str:
+    """Model, sampler, seed (when the key is a seed's) and prompt of a trace, in one line."""
+    seed = f", seed {seed_of(trace)}" if seed_of(trace) is not None else ""
+    sampler = ", ".join(f"{k} {v}" for k, v in trace.sampler.to_dict().items() if v is not None)
+    prompt = f"; prompt {trace.prompt!r}" if trace.prompt is not None else ""
+    system = f"; system {trace.system!r}" if trace.system is not None else ""
+    return f"{trace.model_id}: {sampler}{seed}{prompt}{system}"
+
+
 def html_diff(tokenizer, factual: Trace, others: dict[str, Trace]) -> str:
     """A standalone HTML page: the factual and each other trace side by side."""
 
-    def column(title: str, segs: list[tuple[str, bool]], cls: str) -> str:
-        body = "".join(
-            f'<span class="{cls}">{html.escape(t)}</span>' if ch else html.escape(t)
-            for t, ch in segs
-        )
-        return f"<div class='col'><h3>{html.escape(title)}</h3><pre>{body}</pre></div>"
+    def column(title: str, segs: list[tuple[str, bool]], cls: str, trace: Trace) -> str:
+        body, marked = "", False
+        for t, ch in segs:
+            if ch and not marked:  # the first changed token, as in the terminal and the explorer
+                body, marked = body + f'<span class="mark">{MARK}</span>', True
+            body += f'<span class="{cls}">{html.escape(t)}</span>' if ch else html.escape(t)
+        words = "; ".join(describe(r, tokenizer) for r in trace.interventions) or "the factual run"
+        about = f"<p class='about'>{html.escape(words)}<br>{html.escape(settings_line(trace))}</p>"
+        return f"<div class='col'><h3>{html.escape(title)}</h3>{about}<pre>{body}</pre></div>"
 
     cols = []
     for i, (name, other) in enumerate(others.items()):
         left, right, first = segments(tokenizer, factual, other)
         if i == 0:
-            cols.append(column("factual", left, "del"))
-        cols.append(column(f"{name} (diverges at token {first})", right, "ins"))
+            cols.append(column("factual", left, "del", factual))
+        cols.append(column(f"{name} (diverges at token {first})", right, "ins", other))
     records = "".join(
-        f"<li><b>{html.escape(n)}</b>: {html.escape(str(o.interventions))}</li>"
+        f"<li><b>{html.escape(n)}</b>: {html.escape('; '.join(describe(r, tokenizer) for r in o.interventions))}</li>"
         for n, o in others.items()
-    )
+    )  # fmt: skip
+    made = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>cfjax diff</title>
 <style>body{{font-family:sans-serif}} .row{{display:flex;gap:1em}} .col{{flex:1}}
 pre{{white-space:pre-wrap;font-family:inherit;line-height:1.5}}
-.del{{background:#fdd}} .ins{{background:#dfd}}</style></head><body>
+.del{{background:#fdd}} .ins{{background:#dfd}} .mark{{color:#d80;font-weight:bold}}
+.about{{color:#555;font-size:0.9em}}</style></head><body>
 <h2>{html.escape(factual.model_id)}: factual vs counterfactual</h2><ul>{records}</ul>
+<p class="about">made {made} by cfjax</p>
 <div class="row">{"".join(cols)}</div></body></html>
 """

@@ -82,3 +82,27 @@ def test_the_mark_stands_before_the_first_changed_token_in_every_view():
     assert o_text.plain.startswith(present.MARK + "[9]") and f_text.plain.startswith(present.MARK)
     page = present.html_diff(None, factual, {"cf": other})
     assert "cf (diverges at token 0)" in page and '<span class="ins">[9]</span>' in page
+
+
+def test_interventions_in_words():
+    words = {
+        "replace 'Ahab' by 'Maeve'": {"type": "ReplaceText", "old": "Ahab", "new": "Maeve", "occurrence": 1},
+        "replace token 3 by [7]": {"type": "ReplaceTokens", "position": 3, "tokens": [7], "count": None},
+        "insert [7, 8] at 2": {"type": "ReplaceTokens", "position": 2, "tokens": [7, 8], "count": 0},
+        "delete 'x' (occurrence 2)": {"type": "DeleteText", "text": "x", "occurrence": 2},
+        "sampler: temperature → 0.3": {"type": "ChangeSampler", "temperature": 0.3},
+        "edit the prompt: prompt → 'p'": {"type": "EditPrompt", "prompt": "p", "system": None, "tokens": None},
+        "automatic intervention at token 4 ([9]), top-p 0.9": {"type": "AutoIntervention", "position": 4, "top_p": 0.9, "seed": 0, "token": 9},
+    }  # fmt: skip
+    for want, record in words.items():
+        assert present.describe(record) == want
+
+
+def test_the_html_export_says_what_each_world_is():
+    factual = _trace([5, 6, 7, 0])
+    other = _trace([5, 9, 7, 0], {"edit_start": 1, "resume_at": 2, "aligned_to": 2})
+    other.interventions = [{"type": "ReplaceTokens", "position": 1, "tokens": [9], "count": None}]
+    page = present.html_diff(None, factual, {"counterfactual": other})
+    assert f'<span class="mark">{present.MARK}</span><span class="ins">[9]</span>' in page
+    assert "replace token 1 by [9]" in page and "the factual run" in page
+    assert "m: temperature 1.0, mechanism gumbel, seed 0" in page and " UTC by cfjax" in page

@@ -447,3 +447,21 @@ def _bounded_app(lm, cache={}):  # noqa: B006 (one app for all examples: its com
     if "app" not in cache:
         cache["app"] = create_app(lm, **LIMITS)
     return cache["app"]
+
+
+def test_each_panel_says_what_it_is(app, lm):
+    """Issue 32: a view carries its intervention in words, its settings and, for a
+    counterfactual or interventional sample, how many tokens after the edit equal the factual."""
+    from cfjax.present import kept_after_edit
+
+    c = _client(app)
+    fact = c.post("/api/generate", json=GEN).json()["factual"]
+    assert fact["about"].startswith("tiny: temperature 1.0, mechanism gumbel, seed 3; prompt 'the captain sailed'")  # fmt: skip
+    r = c.post("/api/counterfactual", json={"trace_id": fact["id"], "position": 2, "token_id": 7, "samples": 1})  # fmt: skip
+    cf = r.json()["counterfactual"]
+    factual_trace = cfjax.Trace.from_json(c.get(f"/api/traces/{fact['id']}.json").text)
+    cf_trace = cfjax.Trace.from_json(c.get(f"/api/traces/{cf['id']}.json").text)
+    same, total = kept_after_edit(factual_trace, cf_trace)
+    assert cf["about"].startswith("replace token 2 by ")
+    assert cf["about"].endswith(f"{same}/{total} tokens after the edit equal the factual ones")
+    assert "tokens after the edit" in r.json()["interventional"][0]["about"]

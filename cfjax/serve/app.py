@@ -34,7 +34,15 @@ import cfjax
 from cfjax.causal import ChangeSampler, EditPrompt, ReplaceText, ReplaceTokens, Trace
 from cfjax.causal.interventions import step_log_probs
 from cfjax.core.lm import LM
-from cfjax.present import _pieces, changes, html_diff
+from cfjax.present import (
+    _pieces,
+    changes,
+    describe,
+    html_diff,
+    kept_after_edit,
+    seed_of,
+    settings_line,
+)
 from cfjax.serve.sessions import Sessions
 
 STATIC = Path(__file__).parent / "static"
@@ -148,10 +156,8 @@ def create_app(
     def settings(trace: Trace) -> dict:
         """What the page's form shows for a trace: prompt, system, seed (when the key is a
         seed's, `key(seed)` = [0, seed]) and sampler, so a reload restores the form."""
-        data = np.asarray(jax.random.key_data(trace.key)).tolist()
-        seed = data[1] if len(data) == 2 and data[0] == 0 else None
         sampler = trace.sampler.to_dict()
-        return {"prompt": trace.prompt, "system": trace.system, "seed": seed,
+        return {"prompt": trace.prompt, "system": trace.system, "seed": seed_of(trace),
                 **{k: sampler.get(k) for k in ("temperature", "top_k", "top_p")}}  # fmt: skip
 
     def view(tid: str, trace: Trace, factual: Trace | None = None) -> dict:
@@ -163,10 +169,14 @@ def create_app(
         out = {"id": tid, "text": trace.text, "tokens": tokens, "prompt": trace.prompt,
                "system": trace.system, "interventions": trace.interventions,
                "settings": settings(trace)}  # fmt: skip
+        words = "; ".join(describe(r, tok) for r in trace.interventions)
+        out["about"] = (words + " · " if words else "") + settings_line(trace)
         if factual is not None:
             _, changed, out["first_divergence"] = changes(factual, trace)
             for t in tokens:
                 t["changed"] = changed[t["i"]]
+            same, total = kept_after_edit(factual, trace)
+            out["about"] += f" · {same}/{total} tokens after the edit equal the factual ones"
         return out
 
     def check_length(n: int, what: str = "max_new_tokens") -> None:

@@ -63,6 +63,8 @@ function renderTokens(el, view, { clickable = false, chosen = null } = {}) {
 function links(el, view, factual) {
   el.textContent = "";
   if (!view) return;
+  const about = document.createElement("div"); about.className = "about"; about.textContent = view.about;
+  el.appendChild(about);
   const json = document.createElement("a");
   json.href = `/api/traces/${view.id}.json`; json.textContent = "JSON trace"; json.download = `${view.id}.json`;
   el.appendChild(json);
@@ -82,6 +84,8 @@ function render() {
   state.interventional.forEach((view) => {
     const div = document.createElement("div"); div.className = "sample tokens";
     renderTokens(div, view); box.appendChild(div);
+    const exports = document.createElement("div"); exports.className = "links";
+    links(exports, view, state.factual); box.appendChild(exports);
   });
 }
 
