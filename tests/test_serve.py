@@ -264,6 +264,14 @@ def test_the_page_in_chromium(server, tmp_path):
         counts = [int(x.split("x")[0]) for x in page.locator("#abducted .count").all_inner_texts()]
         assert sum(counts) == 6
         assert page.locator("#abducted a", has_text="HTML diff").count() == len(counts)
+        # A reload restores the observed text, its edit and its counts together (issue 32).
+        page.reload()
+        expect(page.locator("#abducted .abducted").first).to_be_visible(timeout=30_000)
+        assert page.input_value("#observed") == "the sea was calm and the dog slept"
+        assert (page.input_value("#old"), page.input_value("#new")) == ("calm", "wild")
+        assert [
+            int(x.split("x")[0]) for x in page.locator("#abducted .count").all_inner_texts()
+        ] == counts
         # Bad input: a readable message in the page, no stack trace.
         page.fill("#prompt", "   ")
         page.click("#generate")

@@ -338,7 +338,7 @@ def create_app(
             "observed": view(sessions.add(session, posts[0]), posts[0]),
             "abducted": [{"text": text, "count": n, "trace": view(sessions.add(session, first[text]), first[text], posts[0])}
                          for text, n in counts.most_common()],
-            "samples": len(cfs),
+            "samples": len(cfs), "old": body.old, "new": body.new,
         })  # fmt: skip
 
     @app.get("/api/traces/{trace_id}.json")

@@ -180,10 +180,14 @@ async function more() {
 }
 
 function renderAbducted(payload) {
+  // The observed text, the edit and the counts come back together (after a reload too).
+  $("observed").value = payload.observed.text; $("old").value = payload.old; $("new").value = payload.new;
   const box = $("abducted"); box.textContent = "";
   const head = document.createElement("p");
   head.textContent = `${payload.abducted.length} distinct counterfactuals of ${payload.samples} posterior samples:`;
   box.appendChild(head);
+  const about = document.createElement("div"); about.className = "about";
+  about.textContent = `observed: ${payload.observed.about}`; box.appendChild(about);
   payload.abducted.forEach((a) => {
     const row = document.createElement("div"); row.className = "sample tokens abducted";
     const n = document.createElement("span"); n.className = "count"; n.textContent = `${a.count}x`;
