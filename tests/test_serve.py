@@ -312,9 +312,19 @@ def test_the_page_at_390px_busy_state_and_escape(server):
         page.wait_for_timeout(300)
         assert page.inner_text("#busy").startswith("computing the counterfactual")
         release[0].continue_()
+        page.unroute("**/api/counterfactual")
         expect(page.locator("#busy")).to_be_hidden(timeout=60_000)
         expect(page.locator("#generate")).to_be_enabled()
         assert page.evaluate("document.documentElement.scrollWidth") <= 390
+        # A chain of edits: a token of the counterfactual is edited, and that counterfactual
+        # becomes the factual of the next one.
+        before = page.locator("#counterfactual .tok").all_inner_texts()
+        page.locator("#counterfactual .tok").nth(4).click()
+        page.locator("#candidates .candidate").first.click()
+        expect(page.locator("#busy")).to_be_hidden(timeout=60_000)
+        assert page.locator("#factual .tok").all_inner_texts() == before
+        view = page.evaluate("fetch('/api/state').then(r => r.json())")["view"]
+        assert view["counterfactual"]["interventions"][-1]["position"] == 4
         boxes = [page.locator(f"#panels .panel >> nth={i}").bounding_box() for i in range(3)]
         assert boxes[0]["y"] < boxes[1]["y"] < boxes[2]["y"]  # stacked, not side by side
         out = Path(__file__).parent / "artifacts"

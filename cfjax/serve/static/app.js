@@ -55,7 +55,7 @@ function renderTokens(el, view, { clickable = false, chosen = null } = {}) {
     span.textContent = t.text;
     span.title = `token ${t.i} (id ${t.id}): p = ${t.p.toFixed(3)}`;
     span.dataset.i = t.i;
-    if (clickable) span.addEventListener("click", () => openPicker(t));
+    if (clickable) span.addEventListener("click", () => openPicker(t, view));
     el.appendChild(span);
   });
 }
@@ -78,12 +78,13 @@ function links(el, view, factual) {
 function render() {
   renderTokens($("factual"), state.factual, { clickable: true, chosen: state.edit });
   links($("factual-links"), state.factual);
-  renderTokens($("counterfactual"), state.counterfactual);
+  // Every panel's tokens can be edited: editing a counterfactual makes it the new factual (a chain).
+  renderTokens($("counterfactual"), state.counterfactual, { clickable: true });
   links($("cf-links"), state.counterfactual, state.factual);
   const box = $("interventional"); box.textContent = "";
   state.interventional.forEach((view) => {
     const div = document.createElement("div"); div.className = "sample tokens";
-    renderTokens(div, view); box.appendChild(div);
+    renderTokens(div, view, { clickable: true }); box.appendChild(div);
     const exports = document.createElement("div"); exports.className = "links";
     links(exports, view, state.factual); box.appendChild(exports);
   });
@@ -135,27 +136,27 @@ async function generate() {
   } catch (e) { showError(e.message); } finally { idle(); }
 }
 
-async function openPicker(token) {
+async function openPicker(token, base) {
   showError("");
   try {
-    const data = await api(`/api/candidates?trace_id=${state.factual.id}&position=${token.i}`);
+    const data = await api(`/api/candidates?trace_id=${base.id}&position=${token.i}`);
     $("picker-title").textContent = `Replace token ${token.i} (${JSON.stringify(token.text)}, p = ${token.p.toFixed(3)}) by`;
     const box = $("candidates"); box.textContent = "";
     data.candidates.filter((c) => c.id !== data.factual).forEach((c) => {
       const b = document.createElement("button"); b.className = "candidate";
       b.textContent = `${JSON.stringify(c.text)}  p = ${c.p.toFixed(3)}`; b.dataset.id = c.id;
-      b.addEventListener("click", () => intervene({ position: token.i, token_id: c.id }));
+      b.addEventListener("click", () => intervene({ position: token.i, token_id: c.id }, 1, base));
       box.appendChild(b);
     });
-    $("use-text").onclick = () => intervene({ position: token.i, text: $("replacement").value });
+    $("use-text").onclick = () => intervene({ position: token.i, text: $("replacement").value }, 1, base);
     $("picker").hidden = false;
   } catch (e) { showError(e.message); }
 }
 
-async function intervene(edit, samples = 1) {
+async function intervene(edit, samples = 1, base = state.factual) {
   $("picker").hidden = true; showError(""); busy("computing the counterfactual", ["counterfactual", "interventional"]);
   try {
-    apply(await api("/api/counterfactual", { trace_id: state.factual.id, samples, seed: number("seed") ?? 0, ...edit }));
+    apply(await api("/api/counterfactual", { trace_id: base.id, samples, seed: number("seed") ?? 0, ...edit }));
     state.edit = edit.position ?? null; state.lastEdit = edit; render();
   } catch (e) { showError(e.message); } finally { idle(); }
 }
