@@ -399,7 +399,7 @@ def test_every_request_is_bounded_by_the_servers_limits(lm):
     long_text = " ".join(["the sea"] * 30)
     cases = [
         ("/api/generate", {"prompt": long_text}, "over 16 tokens"),
-        ("/api/generate", {"prompt": "x " * 100_000}, "over 16 tokens"),
+        ("/api/generate", {"prompt": "x " * 100_000}, "over 512 characters, this server's limit for 16 tokens"),
         ("/api/generate", {"prompt": "hi", "system": long_text}, "system message has over 16"),
         ("/api/counterfactual", {"trace_id": fact["id"], "position": last, "text": " the sea the sea the sea the sea"}, "limit of 24 new tokens"),
         ("/api/counterfactual", {"trace_id": fact["id"], "prompt": long_text}, "over 16 tokens"),

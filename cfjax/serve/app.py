@@ -192,8 +192,10 @@ def create_app(
         so an oversized body costs no tokenisation)."""
         if text is None:
             return []
-        n = len(text) if len(text) > 32 * max_prompt_tokens else len(tokens := tok.encode(text))
-        if n > max_prompt_tokens:
+        if len(text) > 32 * max_prompt_tokens:
+            raise ValueError(f"the {what} has over {32 * max_prompt_tokens} characters, this server's limit for {max_prompt_tokens} tokens")  # fmt: skip
+        tokens = tok.encode(text)
+        if len(tokens) > max_prompt_tokens:
             raise ValueError(f"the {what} has over {max_prompt_tokens} tokens, this server's limit")  # fmt: skip
         return tokens
 
