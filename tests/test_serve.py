@@ -271,6 +271,16 @@ def test_the_page_in_chromium(server, tmp_path):
         assert [
             int(x.split("x")[0]) for x in page.locator("#abducted .count").all_inner_texts()
         ] == counts
+        # An abduction's error shows beside the abduction, as one sentence (issue 32).
+        page.fill("#old", "zebra")
+        page.click("#abduct")
+        expect(page.locator("#abduct-error")).to_have_text("'zebra' does not occur in the observed text", timeout=30_000)  # fmt: skip
+        assert page.inner_text("#error") == ""
+        page.fill("#temperature", "-1")
+        page.fill("#old", "calm")
+        page.click("#abduct")
+        expect(page.locator("#abduct-error")).to_contain_text("temperature: ", timeout=30_000)
+        page.fill("#temperature", "1")
         # Bad input: a readable message in the page, no stack trace.
         page.fill("#prompt", "   ")
         page.click("#generate")

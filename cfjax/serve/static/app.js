@@ -3,7 +3,11 @@
 const $ = (id) => document.getElementById(id);
 let state = { factual: null, counterfactual: null, interventional: [], edit: null };
 
-function showError(message) { $("error").textContent = message || ""; }
+// An error shows next to the control that caused it: the form's (#error), the abduction's, or
+// the "more samples" button's; showing one clears the others.
+function showError(message, where = "error") {
+  ["error", "abduct-error", "more-error"].forEach((id) => { $(id).textContent = id === where ? message || "" : ""; });
+}
 
 // One readable sentence for a refused request (FastAPI's validation errors are a list).
 function detailOf(data, response) {
@@ -171,13 +175,13 @@ async function rerun() {
 }
 
 async function more() {
-  if (!state.lastEdit) { showError("make a counterfactual first"); return; }
+  if (!state.lastEdit) { showError("make a counterfactual first", "more-error"); return; }
   const seed = (number("seed") ?? 0) + state.interventional.length + 1;
   busy("sampling interventional worlds");
   try {
     const data = await api("/api/counterfactual", { trace_id: state.factual.id, samples: 4, seed, ...state.lastEdit });
     state.interventional = state.interventional.concat(data.interventional); render();
-  } catch (e) { showError(e.message); } finally { idle(); }
+  } catch (e) { showError(e.message, "more-error"); } finally { idle(); }
 }
 
 function renderAbducted(payload) {
@@ -207,7 +211,7 @@ async function abduct() {
       observed: $("observed").value, old: $("old").value, new: $("new").value,
       samples: number("samples") ?? 16, seed: number("seed") ?? 0, ...sampler() });
     renderAbducted(data);
-  } catch (e) { showError(e.message); } finally { idle(); }
+  } catch (e) { showError(e.message, "abduct-error"); } finally { idle(); }
 }
 
 $("generate").addEventListener("click", generate);
