@@ -151,6 +151,26 @@ def test_sessions_do_not_see_each_other(app):
 CHROMIUM = "/usr/bin/chromium"
 
 
+def _generated(p, server: str, width: int, height: int, **fields: str):
+    """(browser, page): Debian's Chromium at `width` x `height` on the explorer, with a factual
+    response of "the captain sailed" generated (form `fields` filled first)."""
+    from pathlib import Path
+
+    from playwright.sync_api import expect
+
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: apt-get install chromium (.ci/run installs it)")
+    browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--headless=new"])
+    page = browser.new_page(viewport={"width": width, "height": height})
+    page.goto(server)
+    page.fill("#prompt", "the captain sailed")
+    for name, value in fields.items():
+        page.fill(f"#{name}", value)
+    page.click("#generate")
+    expect(page.locator("#factual .tok").first).to_be_visible(timeout=60_000)
+    return browser, page
+
+
 @pytest.fixture(scope="module")
 def server(app):
     """The app on a free loopback port, in a thread (uvicorn)."""
@@ -184,18 +204,9 @@ def test_the_page_in_chromium(server, tmp_path):
 
     from playwright.sync_api import expect, sync_playwright
 
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"{CHROMIUM} is missing: apt-get install chromium (.ci/run installs it)")
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--headless=new"])  # fmt: skip
-        page = browser.new_page(viewport={"width": 1400, "height": 900})
-        page.goto(server)
-        page.fill("#prompt", "the captain sailed")
-        page.fill("#seed", "3")
-        page.fill("#max_new_tokens", "24")
-        page.click("#generate")
+        browser, page = _generated(p, server, 1400, 900, seed="3", max_new_tokens="24")
         tokens = page.locator("#factual .tok")
-        expect(tokens.first).to_be_visible(timeout=60_000)
         factual = tokens.all_inner_texts()
         assert tokens.nth(5).get_attribute("title").startswith("token 5 (id ")
         tokens.nth(5).click()
@@ -297,14 +308,8 @@ def test_the_page_at_390px_busy_state_and_escape(server):
     from playwright.sync_api import expect, sync_playwright
 
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--headless=new"])  # fmt: skip
-        page = browser.new_page(viewport={"width": 390, "height": 844})
-        page.goto(server)
-        page.fill("#prompt", "the captain sailed")
-        page.fill("#max_new_tokens", "16")
-        page.click("#generate")
+        browser, page = _generated(p, server, 390, 844, max_new_tokens="16")
         tokens = page.locator("#factual .tok")
-        expect(tokens.first).to_be_visible(timeout=60_000)
         tokens.nth(3).click()
         expect(page.locator("#picker")).to_be_visible(timeout=30_000)
         assert "p = " in page.inner_text("#picker-title")

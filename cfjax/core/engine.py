@@ -262,9 +262,10 @@ def _check_concrete(vocab: int, prompt, prompt_length, forced, noise_index) -> N
         if concrete(prompt):
             check_tokens(prompt[: int(length)], vocab, "prompt")
     if concrete(forced):
-        bad = np.flatnonzero((np.asarray(forced) < NOT_FORCED) | (np.asarray(forced) >= vocab))
+        ids = np.asarray(forced)
+        bad = np.flatnonzero((ids < NOT_FORCED) | (ids >= vocab))
         if len(bad):
-            raise ValueError(f"forced: token id {int(np.asarray(forced)[bad[0]])} at step {int(bad[0])} is neither {NOT_FORCED} (sample) nor in the vocabulary [0, {vocab})")  # fmt: skip
+            raise ValueError(f"forced: token id {int(ids[bad[0]])} at step {int(bad[0])} is neither {NOT_FORCED} (sample) nor in the vocabulary [0, {vocab})")  # fmt: skip
     if concrete(noise_index) and np.any(np.asarray(noise_index) < 0):
         raise ValueError("noise_index must hold indices >= 0")
 

@@ -138,8 +138,8 @@ def real(value: Any, name: str, *, low: float | None = None, positive: bool = Fa
         raise TypeError(f"{name} must be a number, got {value!r}")
     value = float(value)
     if not np.isfinite(value) or (positive and value <= 0) or (low is not None and value < low):
-        rule = "> 0" if positive else f">= {low}" if low is not None else "finite"
-        raise ValueError(f"{name} must be a finite number{'' if rule == 'finite' else ' ' + rule}, got {value}")  # fmt: skip
+        rule = " > 0" if positive else f" >= {low}" if low is not None else ""
+        raise ValueError(f"{name} must be a finite number{rule}, got {value}")
     return value
 
 
