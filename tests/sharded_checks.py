@@ -25,6 +25,7 @@ from cfjax.core import spec
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import hf_llama  # noqa: E402
+from golden_runs import record  # noqa: E402
 
 # Eight heads and eight KV heads, so that (1, 8), (2, 4) and (8, 1) meshes all split them.
 HF = dict(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
@@ -149,6 +150,12 @@ def main(out: str) -> None:
                 "200 tokens": all(f is None for f in flips),
             }
             report[f"same_{data}x{model}"] = same
+            if (data, model) == (2, 4):  # the sharded golden run (tests/golden_runs.py)
+                report["golden"] = {
+                    "generate": [record(t) for t in got],
+                    "counterfactuals": [record(t) for t in cfs],
+                    "abduct_cf": [record(t) for t in abducted_cf],
+                }
             assert all(same.values()), (data, model, same, flips)
         # Bad input: a model axis that does not divide the KV heads, an unknown axis.
         tiny = cfjax.LM(cfjax.preset("tiny"), cfjax.core.model.init_params(cfjax.preset("tiny"), jax.random.key(0)))  # fmt: skip

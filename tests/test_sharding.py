@@ -108,6 +108,10 @@ def test_sharded_runs_on_eight_devices(tmp_path):
     for mesh in ("8x1", "2x4", "1x8"):
         assert all(report[f"same_{mesh}"].values()), report
     assert report["logits_max_diff_8x1"] == 0.0
+    # The (2, 4) run, token for token and log-prob for log-prob, as recorded before the engine
+    # became one decode kernel (tests/golden_runs.py).
+    golden = json.loads((HERE / "data" / "golden.json").read_text())["sharded"]
+    assert report["golden"] == golden
     print(json.dumps({k: v for k, v in report.items() if "diff" in k or "flips" in k}))
 
 

@@ -1,0 +1,33 @@
+"""Every route through the engine gives today exactly what it gave before the engine became one
+decode kernel (issue 29): tokens, log-probs (as exact floats), noise indices and texts of the
+runs in `golden_runs.py`, on the tiny random model and on SmolLM2. (The sharded run is checked
+by `test_sharding.py`, in its 8-device child process.)"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import golden_runs
+
+GOLDEN = json.loads((Path(__file__).parent / "data" / "golden.json").read_text())
+
+
+def _differences(want, got, where=""):
+    """The paths where two JSON values differ (at most one per run)."""
+    if isinstance(want, dict) and isinstance(got, dict):
+        keys = sorted(set(want) | set(got))
+        return [d for k in keys for d in _differences(want.get(k), got.get(k), f"{where}/{k}")]
+    if isinstance(want, list) and isinstance(got, list) and len(want) == len(got):
+        if want != got and all(isinstance(x, (dict, list)) for x in want):
+            return [d for i, (a, b) in enumerate(zip(want, got)) for d in _differences(a, b, f"{where}[{i}]")]  # fmt: skip
+    return [] if want == got else [f"{where}: {str(want)[:120]} != {str(got)[:120]}"]
+
+
+@pytest.mark.parametrize("model", ["tiny", "smollm2"])
+def test_golden_runs_are_bit_identical(model):
+    runs = golden_runs.tiny_runs() if model == "tiny" else golden_runs.smollm2_runs()
+    assert set(runs) == set(GOLDEN[model])
+    assert not _differences(GOLDEN[model], runs), _differences(GOLDEN[model], runs)[:10]
