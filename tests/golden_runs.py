@@ -76,13 +76,16 @@ def tiny_runs() -> dict:
     }
     for name, iv in kinds.items():
         out[f"cf/{name}"] = record(cfjax.counterfactual(lm, fact, iv))
-    out["cf/resume_at"] = record(cfjax.counterfactual(lm, fact, ReplaceTokens(5, (9,)), resume_at=3))
+    out["cf/resume_at"] = record(
+        cfjax.counterfactual(lm, fact, ReplaceTokens(5, (9,)), resume_at=3)
+    )
     out["cf/no_reuse"] = record(cfjax.counterfactual(lm, fact, ReplaceTokens(9, (2,)), reuse_cache=False))  # fmt: skip
     out["cf/capped"] = record(cfjax.counterfactual(lm, fact, ReplaceTokens(9, (2,)), max_new_tokens=12))  # fmt: skip
     batch = [ReplaceTokens(i, ((fact.tokens[i] + 1) % lm.config.vocab_size,)) for i in range(16)]
     out["cf/batch16"] = [record(t) for t in cfjax.counterfactuals(lm, fact, batch)]
     out["interventionals"] = [
-        record(t) for t in cfjax.interventionals(lm, [fact] * 3, [ReplaceTokens(5, (9,))] * 3, keys=6)
+        record(t)
+        for t in cfjax.interventionals(lm, [fact] * 3, [ReplaceTokens(5, (9,))] * 3, keys=6)
     ]
     for name, s in (("t1", cfjax.Sampler(1.0)), ("t0.7-topp", cfjax.Sampler(0.7, top_p=0.9))):
         abducted = cfjax.abduct(lm, PROMPTS[0], fact.tokens[:12], key=5, sampler=s, num_samples=3,
@@ -92,15 +95,21 @@ def tiny_runs() -> dict:
         out[f"abduct/{name}/cf"] = [record(t) for t in cfs]
     twin = lm.replace(params=other, model_id="tiny2")
     for name, models in (("stacked", [lm, twin]), ("int8", [lm, cfjax.quantize(lm, "int8")])):
-        res = cfjax.coupled(models, PROMPTS[:2], key=2, sampler=cfjax.Sampler(0.9), max_new_tokens=16)
+        res = cfjax.coupled(
+            models, PROMPTS[:2], key=2, sampler=cfjax.Sampler(0.9), max_new_tokens=16
+        )
         out[f"coupled/{name}"] = [[record(t) for t in rows] for rows in res]
     out["sample/jit_vmap"] = _sample_jit_vmap(lm)
     draft = cfjax.quantize(lm, "int8")
     spec = cfjax.generate(lm, PROMPTS, key=4, sampler=cfjax.Sampler(0.9), max_new_tokens=20,
                           stop_tokens=STOP, draft=draft)  # fmt: skip
     out["speculative/generate"] = [record(t) for t in spec]
-    out["speculative/cf"] = record(cfjax.counterfactual(lm, fact, ReplaceTokens(5, (9,)), draft=draft))
-    wide = cfjax.generate(lm, [[5, 6, 7 + b] for b in range(16)], key=7, max_new_tokens=40, chunk=16)
+    out["speculative/cf"] = record(
+        cfjax.counterfactual(lm, fact, ReplaceTokens(5, (9,)), draft=draft)
+    )
+    wide = cfjax.generate(
+        lm, [[5, 6, 7 + b] for b in range(16)], key=7, max_new_tokens=40, chunk=16
+    )
     out["wide16"] = [record(t) for t in wide]
     out["wide16/cf"] = [record(t) for t in cfjax.counterfactuals(lm, wide, [ReplaceTokens(20, (4,))] * 16)]  # fmt: skip
     bf = cfjax.quantize(lm, "bfloat16")

@@ -8,9 +8,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
-
 import golden_runs
+import pytest
 
 GOLDEN = json.loads((Path(__file__).parent / "data" / "golden.json").read_text())
 
@@ -22,7 +21,7 @@ def _differences(want, got, where=""):
         return [d for k in keys for d in _differences(want.get(k), got.get(k), f"{where}/{k}")]
     if isinstance(want, list) and isinstance(got, list) and len(want) == len(got):
         if want != got and all(isinstance(x, (dict, list)) for x in want):
-            return [d for i, (a, b) in enumerate(zip(want, got)) for d in _differences(a, b, f"{where}[{i}]")]  # fmt: skip
+            return [d for i, (a, b) in enumerate(zip(want, got, strict=True)) for d in _differences(a, b, f"{where}[{i}]")]  # fmt: skip
     return [] if want == got else [f"{where}: {str(want)[:120]} != {str(got)[:120]}"]
 
 
