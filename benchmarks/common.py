@@ -250,7 +250,7 @@ def plain_runs(lm, prompts: list[list[int]], steps: int) -> dict:
     import matmul_floor
     import plain_scan
 
-    from cfjax.core.request import row_keys
+    from cfjax.runtime.request import row_keys
 
     batch = len(prompts)
     plain_args = (lm.params, jnp.asarray(prompts, jnp.int32), row_keys(1, batch))
@@ -300,7 +300,7 @@ def sample_decode(lm, prompt: list[int], batch: int, steps: int, repeats: int) -
     import jax.numpy as jnp
 
     from cfjax import core
-    from cfjax.core.request import row_keys
+    from cfjax.runtime.request import row_keys
 
     n = len(prompt)
     padded = jnp.zeros(core.bucket_length(n), jnp.int32).at[:n].set(jnp.asarray(prompt))

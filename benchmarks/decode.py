@@ -70,7 +70,7 @@ def cfjax_warm(lm, prompt: list[int], batch: int, new_tokens: int, clock: Compil
 
     from cfjax.causal.factual import generate
     from cfjax.core import engine
-    from cfjax.core.request import row_keys
+    from cfjax.runtime.request import row_keys
     from cfjax.core.scm import Sampler
 
     prompts = [prompt] * batch
@@ -166,7 +166,7 @@ def speculative_decode(lm, draft, prompt, batch, new_tokens, lookahead, pairs) -
 
     from cfjax.causal.factual import draft_for
     from cfjax.core import engine
-    from cfjax.core.request import row_keys
+    from cfjax.runtime.request import row_keys
     from cfjax.core.scm import Sampler
 
     request = engine.Request([prompt] * batch, row_keys(1, batch), [Sampler()] * batch, new_tokens)

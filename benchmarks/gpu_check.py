@@ -195,7 +195,7 @@ def speculative(lm, prompts, steps: int, tok_s: float, tokens, lookahead: int = 
     from plain decoding (a flip: the multi-token pass rounding a near-tie otherwise)."""
     try:
         from cfjax.causal.factual import draft_for
-        from cfjax.core.request import row_keys
+        from cfjax.runtime.request import row_keys
 
         draft = draft_for(lm, cfjax.quantize(lm, "int8"), lookahead)
         request = engine.Request(

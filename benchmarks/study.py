@@ -38,7 +38,7 @@ def main() -> None:
     ap.add_argument("--json", action="store_true", help="print the JSON object only")
     args = ap.parse_args()
 
-    from cfjax.core.request import prompt_tokens
+    from cfjax.runtime.request import prompt_tokens
     from cfjax.experiments import stability
     from cfjax.experiments.questions import QUESTIONS
 

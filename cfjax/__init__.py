@@ -36,8 +36,9 @@ from cfjax.causal import (
     interventionals,
     summarize,
 )
-from cfjax.core import LM, LlamaConfig, RopeScaling, Sampler, forward, preset, quantize
+from cfjax.core import LlamaConfig, RopeScaling, Sampler, preset
 from cfjax.models import FineTune, finetune, steering_vector
+from cfjax.runtime import LM, forward, quantize
 from cfjax.weights import convert, list_models, load, save
 
 __all__ = [

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import math
 
-SEEDS = 1 << 32  # a seed is one 32-bit word (`cfjax.core.request.as_key`)
+SEEDS = 1 << 32  # a seed is one 32-bit word (`cfjax.core.checks.as_key`)
 
 
 def _number(text: str, kind):

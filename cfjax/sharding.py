@@ -22,8 +22,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from cfjax.core import spec
+from cfjax.core.checks import count
 from cfjax.core.config import LlamaConfig
-from cfjax.core.request import count
 from cfjax.core.spec import mesh_of
 
 

@@ -24,7 +24,7 @@ from cfjax.causal.abduction import posterior_noise
 from cfjax.causal.interventions import ChangeSampler, EditPrompt, ReplaceText, ReplaceTokens
 from cfjax.core import engine, posterior
 from cfjax.core.model import init_params
-from cfjax.core.request import row_keys
+from cfjax.runtime.request import row_keys
 from cfjax.core.scm import Sampler
 
 CHUNK = 16

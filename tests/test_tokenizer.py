@@ -431,7 +431,7 @@ def test_plain_prompts_start_with_bos_only_where_the_model_says_so(
 
     import gguf
 
-    from cfjax.core.request import prompt_tokens
+    from cfjax.runtime.request import prompt_tokens
 
     assert (smol.add_bos, spm_tok.add_bos, llama3.add_bos) == (False, True, True)
     assert prompt_tokens(types.SimpleNamespace(tokenizer=smol), "Hello", chat=False) == smol.encode(

@@ -21,14 +21,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cfjax.causal.factual import text_of
-from cfjax.causal.trace import Trace, key_from_list, key_to_list
-from cfjax.core import engine, scm
-from cfjax.core.lm import LM
+from cfjax.causal.trace import Prompt, Trace, key_from_list, key_to_list, new_trace
+from cfjax.core import scm
+from cfjax.core.checks import check_tokens, count
+from cfjax.core.kernel import DEFAULT_CHUNK
 from cfjax.core.posterior import Observed, step_noise
-from cfjax.core.request import check_request, check_tokens, count, prompt_tokens, row_keys
 from cfjax.core.scm import Sampler
-from cfjax.core.store import Stored
+from cfjax.runtime import driver
+from cfjax.runtime.lm import LM
+from cfjax.runtime.request import check_request, row_keys, stop_tokens_of
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +60,7 @@ def observe(
     *,
     stop_tokens: Sequence[int],
     cache_steps: int,
-    chunk: int = engine.DEFAULT_CHUNK,
+    chunk: int | None = None,
 ) -> Observation:
     """Score `tokens` after `prompt` with `lm.params` (kept in `lm.observations`).
 
@@ -71,7 +72,7 @@ def observe(
     found = lm.observations.get(lm.params, store_key)
     if found is not None:
         return found
-    request = engine.Request(
+    request = driver.Request(
         [prompt],
         jax.random.key(0)[None],  # unused: every step is forced
         [sampler],
@@ -80,13 +81,13 @@ def observe(
         keep_logits=True,
         cache_steps=cache_steps,
     )
-    out = engine.run(lm.config, lm.params, request, stop_tokens=stop_tokens, chunk=chunk)
+    out = driver.run(lm.config, lm.params, request, stop_tokens=stop_tokens, chunk=chunk)
     stacked = jax.tree_util.tree_map(
         lambda x: jnp.asarray(x[0]), scm.stack([sampler], lm.config.vocab_size)
     )
     z = _sampler_logits(jnp.asarray(out.logits[0]), stacked)
     _check_support(lm, np.asarray(out.logits[0]), np.asarray(z), tokens, sampler)
-    lm.caches.put(Stored(out.cache, out.start, out.bucket, chunk, lm.params), [(prompt, tokens)])
+    lm.caches.keep(lm.params, out, [(prompt, tokens)])
     found = Observation(z, out.logprobs[0])
     lm.observations.put(lm.params, store_key, found)
     return found
@@ -153,7 +154,7 @@ def abduct(
     chat: bool = True,
     system: str | None = None,
     stop_tokens: Sequence[int] | None = None,
-    chunk: int = engine.DEFAULT_CHUNK,
+    chunk: int = DEFAULT_CHUNK,
 ) -> list[Trace]:
     """`num_samples` posterior samples of the world in which `lm` wrote `response` to `prompt`.
 
@@ -180,11 +181,10 @@ def abduct(
         if sampler.greedy:
             raise ValueError("full_support needs a temperature > 0: greedy has one token only")
         sampler = Sampler(sampler.temperature)
-    prompt_ids = prompt_tokens(lm, prompt, chat=chat, system=system)
+    given = Prompt.of(lm, prompt, chat=chat, system=system)
+    prompt_ids = given.tokens
     observed = _response_tokens(lm, response)
-    if stop_tokens is None:
-        stop_tokens = tuple(lm.tokenizer.stop_tokens) if lm.tokenizer is not None else ()
-    stop_tokens = tuple(int(t) for t in stop_tokens)
+    stop_tokens = stop_tokens_of(lm, stop_tokens)
     early = [i for i, t in enumerate(observed[:-1]) if t in stop_tokens]
     if early:
         raise ValueError(
@@ -204,7 +204,6 @@ def abduct(
     obs = observe(
         lm, prompt_ids, observed, sampler, stop_tokens=stop_tokens, cache_steps=steps, chunk=chunk
     )
-    text = text_of(lm, observed, stop_tokens)
     record = {
         "prompt_tokens": prompt_ids,
         "tokens": observed,
@@ -216,29 +215,14 @@ def abduct(
     traces = []
     for k in row_keys(key, num_samples):
         trace_key, abduction_key = jax.random.split(k)
-        traces.append(
-            Trace(
-                model_id=lm.model_id,
-                prompt_tokens=prompt_ids,
-                tokens=observed,
-                key=trace_key,
-                sampler=sampler,
-                max_new_tokens=steps,
-                noise_index=list(range(len(observed))),
-                logprobs=list(obs.logprobs),
-                text=text,
-                prompt=prompt if isinstance(prompt, str) else None,
-                system=system if isinstance(prompt, str) else None,
-                chat=chat and isinstance(prompt, str),
-                stop_tokens=stop_tokens,
-                posterior={"key": key_to_list(abduction_key), **record},
-            )
-        )
+        traces.append(new_trace(lm, given, observed, obs.logprobs, key=trace_key, sampler=sampler,
+                                max_new_tokens=steps, stop_tokens=stop_tokens,
+                                posterior={"key": key_to_list(abduction_key), **record}))  # fmt: skip
     return traces
 
 
 def observed_steps(
-    lm: LM, traces: Sequence[Trace], *, cache_steps: int, chunk: int
+    lm: LM, traces: Sequence[Trace], *, cache_steps: int, chunk: int | None
 ) -> Observed | None:
     """The `Observed` of a batch of rows (None when no row is abducted); rows share the
     `[S, V]` logits of their observation, scored again if no longer kept."""
@@ -282,7 +266,7 @@ def posterior_noise(lm: LM, traces: Sequence[Trace]) -> jax.Array:
     """f32 `[B, S, V]`: the noise each abducted trace uses at its observed steps 0..S-1, drawn
     by the function the decode loop calls (for inspection; replay never materialises it)."""
     observed = observed_steps(lm, traces, cache_steps=max(t.max_new_tokens for t in traces),
-                              chunk=engine.DEFAULT_CHUNK)  # fmt: skip
+                              chunk=None)  # fmt: skip
     if observed is None:
         raise ValueError("no trace was abducted: their noise is the prior noise(key, step)")
     keys = jnp.stack([t.key for t in traces])

@@ -16,12 +16,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cfjax.causal.factual import _samplers, generate, text_of
-from cfjax.causal.trace import Trace
-from cfjax.core import engine
-from cfjax.core.lm import LM
-from cfjax.core.request import check_request, count, is_batch, prompt_tokens, row_keys
+from cfjax.causal.factual import _samplers, generate
+from cfjax.causal.trace import Prompt, Trace, new_trace
+from cfjax.core import decode
+from cfjax.core.checks import count
+from cfjax.core.kernel import stop_tuple
 from cfjax.core.scm import Sampler
+from cfjax.runtime.lm import LM
+from cfjax.runtime.request import check_request, is_batch, padded, row_keys, stop_tokens_of
 
 
 def check_shared_vocabulary(models: Sequence[LM]) -> None:
@@ -48,7 +50,7 @@ def _signature(lm: LM) -> tuple:
 
 
 def _stacked_sample(config, stop_tokens, params, prompts, lengths, keys, sampler, n):
-    one = lambda p, x, length, k: engine.sample(  # noqa: E731
+    one = lambda p, x, length, k: decode.sample(  # noqa: E731
         config, p, x, length, k, sampler, max_new_tokens=n, stop_tokens=stop_tokens
     )
     over_prompts = jax.vmap(one, in_axes=(None, 0, 0, 0))
@@ -79,15 +81,13 @@ def coupled(
         raise ValueError("coupled: give at least one model")
     check_shared_vocabulary(models)
     n = count(max_new_tokens)
-    prompts_in = list(prompts) if is_batch(prompts) else [prompts]
     sampler = _samplers(sampler, 1)[0]
     lm0 = models[0]
-    tokens = [prompt_tokens(lm0, p, chat=chat, system=system) for p in prompts_in]
+    given = [Prompt.of(lm0, p, chat=chat, system=system) for p in (prompts if is_batch(prompts) else [prompts])]  # fmt: skip
+    tokens = [p.tokens for p in given]
     check_request(lm0, tokens, n)
     keys = row_keys(key, len(tokens))
-    if stop_tokens is None:
-        stop_tokens = tuple(lm0.tokenizer.stop_tokens) if lm0.tokenizer is not None else ()
-    stop_tokens = tuple(int(t) for t in stop_tokens)
+    stop_tokens = stop_tokens_of(lm0, stop_tokens)
     groups: dict[tuple, list[int]] = {}
     for i, m in enumerate(models):
         groups.setdefault(_signature(m), []).append(i)
@@ -99,48 +99,26 @@ def coupled(
                 m, tokens, key=keys, sampler=sampler, max_new_tokens=n, stop_tokens=stop_tokens
             )
             continue
-        rows = _run_stacked([models[i] for i in members], tokens, keys, sampler, n, stop_tokens)
+        rows = _run_stacked([models[i] for i in members], given, keys, sampler, n, stop_tokens)
         for i, traces in zip(members, rows, strict=True):
             results[i] = traces
     # Traces record the prompt as text where it was text, like `generate`.
     for traces in results:
-        for t, p in zip(traces, prompts_in, strict=True):
-            if isinstance(p, str):
-                t.prompt, t.system, t.chat = p, system, chat
+        for t, p in zip(traces, given, strict=True):
+            t.prompt, t.system, t.chat = p.text, p.system, p.chat
     return results  # type: ignore[return-value]
 
 
-def _run_stacked(models, tokens, keys, sampler, n, stop_tokens) -> list[list[Trace]]:
+def _run_stacked(models, given: list[Prompt], keys, sampler, n, stop_tokens) -> list[list[Trace]]:
     """One program for models of one signature: params stacked, vmapped over models, prompts."""
-    config = models[0].config
-    width = engine.bucket_length(max(len(t) for t in tokens))
-    padded = np.zeros((len(tokens), width), np.int32)
-    for b, t in enumerate(tokens):
-        padded[b, : len(t)] = t
-    lengths = np.asarray([len(t) for t in tokens], np.int32)
+    prompts, lengths = padded([p.tokens for p in given])
     params = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *(m.params for m in models))
-    out = _stacked(config, engine._stop_tuple(stop_tokens), params, jnp.asarray(padded),
+    out = _stacked(models[0].config, stop_tuple(stop_tokens), params, jnp.asarray(prompts),
                    jnp.asarray(lengths), keys, sampler, n)  # fmt: skip
     toks, logps, length = (np.asarray(x) for x in (out.tokens, out.logprobs, out.length))
-    results = []
-    for m_i, m in enumerate(models):
-        traces = []
-        for b in range(len(tokens)):
-            k = int(length[m_i, b])
-            row = toks[m_i, b, :k].tolist()
-            traces.append(
-                Trace(
-                    model_id=m.model_id,
-                    prompt_tokens=list(tokens[b]),
-                    tokens=row,
-                    key=keys[b],
-                    sampler=sampler,
-                    max_new_tokens=n,
-                    noise_index=list(range(k)),
-                    logprobs=[float(x) for x in logps[m_i, b, :k]],
-                    text=text_of(m, row, stop_tokens),
-                    stop_tokens=stop_tokens,
-                )  # fmt: skip
-            )
-        results.append(traces)
-    return results
+    return [
+        [new_trace(m, p, toks[i, b, : length[i, b]], logps[i, b, : length[i, b]], key=keys[b],
+                   sampler=sampler, max_new_tokens=n, stop_tokens=stop_tokens)  # fmt: skip
+         for b, p in enumerate(given)]
+        for i, m in enumerate(models)
+    ]  # fmt: skip

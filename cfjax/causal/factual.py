@@ -5,21 +5,14 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from cfjax.causal.trace import Trace
-from cfjax.core import engine, speculative
-from cfjax.core.lm import LM
-from cfjax.core.request import check_request, count, is_batch, prompt_tokens, row_keys
+from cfjax.causal.trace import Prompt, Trace, new_trace, text_of
+from cfjax.core import speculative
+from cfjax.core.checks import count
+from cfjax.core.kernel import DEFAULT_CHUNK
 from cfjax.core.scm import Sampler
-from cfjax.core.store import Stored
-
-
-def text_of(lm: LM, tokens: list[int], stop_tokens: Sequence[int]) -> str:
-    """The response text: tokens decoded without a final stop token ("" without a tokenizer)."""
-    if lm.tokenizer is None:
-        return ""
-    if tokens and tokens[-1] in stop_tokens:
-        tokens = tokens[:-1]
-    return lm.tokenizer.decode(tokens)
+from cfjax.runtime import driver
+from cfjax.runtime.lm import LM
+from cfjax.runtime.request import check_request, is_batch, row_keys, stop_tokens_of
 
 
 class _Streamer:
@@ -51,7 +44,7 @@ def generate(
     chat: bool = True,
     system: str | None = None,
     stop_tokens: Sequence[int] | None = None,
-    chunk: int = engine.DEFAULT_CHUNK,
+    chunk: int = DEFAULT_CHUNK,
     stream: Callable[[str], None] | None = None,
     draft: LM | None = None,
     lookahead: int = speculative.DEFAULT_LOOKAHEAD,
@@ -70,42 +63,22 @@ def generate(
     """
     max_new_tokens = count(max_new_tokens)
     batch = is_batch(prompt)
-    prompts_in = list(prompt) if batch else [prompt]
-    prompts = [prompt_tokens(lm, p, chat=chat, system=system) for p in prompts_in]
-    check_request(lm, prompts, max_new_tokens)
+    prompts = [Prompt.of(lm, p, chat=chat, system=system) for p in (prompt if batch else [prompt])]
+    check_request(lm, [p.tokens for p in prompts], max_new_tokens)
     keys = row_keys(key, len(prompts))
     samplers = _samplers(sampler, len(prompts))
-    if stop_tokens is None:
-        stop_tokens = tuple(lm.tokenizer.stop_tokens) if lm.tokenizer is not None else ()
-    stop_tokens = tuple(int(t) for t in stop_tokens)
-
-    streamer = _Streamer(lm, stop_tokens, stream) if stream else None
-    request = engine.Request(prompts, keys, samplers, max_new_tokens)
-    out = engine.run(
-        lm.config, lm.params, request, stop_tokens=stop_tokens, chunk=chunk, on_chunk=streamer,
+    stops = stop_tokens_of(lm, stop_tokens)
+    streamer = _Streamer(lm, stops, stream) if stream else None
+    request = driver.Request([p.tokens for p in prompts], keys, samplers, max_new_tokens)
+    out = driver.run(
+        lm.config, lm.params, request, stop_tokens=stops, chunk=chunk, on_chunk=streamer,
         draft=draft_for(lm, draft, lookahead),
     )  # fmt: skip
-    lm.caches.put(
-        Stored(out.cache, out.start, out.bucket, chunk, lm.params),
-        list(zip(prompts, out.tokens, strict=True)),
-    )
+    lm.caches.keep(lm.params, out, [(p.tokens, t) for p, t in zip(prompts, out.tokens, strict=True)])  # fmt: skip
     traces = [
-        Trace(
-            model_id=lm.model_id,
-            prompt_tokens=prompts[b],
-            tokens=out.tokens[b],
-            key=keys[b],
-            sampler=samplers[b],
-            max_new_tokens=max_new_tokens,
-            noise_index=list(range(len(out.tokens[b]))),
-            logprobs=out.logprobs[b],
-            text=text_of(lm, out.tokens[b], stop_tokens),
-            prompt=prompts_in[b] if isinstance(prompts_in[b], str) else None,
-            system=system if isinstance(prompts_in[b], str) else None,
-            chat=chat and isinstance(prompts_in[b], str),
-            stop_tokens=stop_tokens,
-        )
-        for b in range(len(prompts))
+        new_trace(lm, p, out.tokens[b], out.logprobs[b], key=keys[b], sampler=samplers[b],
+                  max_new_tokens=max_new_tokens, stop_tokens=stops)  # fmt: skip
+        for b, p in enumerate(prompts)
     ]
     if streamer is not None:
         streamer.finish(traces[0].text)

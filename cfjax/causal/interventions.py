@@ -17,13 +17,20 @@ import numpy as np
 
 from cfjax.causal.trace import Trace
 from cfjax.core import quant, scm, steering
-from cfjax.core.engine import bucket_length
-from cfjax.core.lm import LM, forward
-from cfjax.core.request import as_key, check_tokens, integer, prompt_tokens, real, token_ids
+from cfjax.core.checks import as_key, check_tokens, integer, real, token_ids
+from cfjax.core.kernel import bucket_length
+from cfjax.runtime.lm import LM, forward
+from cfjax.runtime.request import padded, prompt_tokens
 
 
 class Intervention:
-    """Base class: every intervention can describe itself for the counterfactual's record."""
+    """Base class: an intervention edits a counterfactual `Plan` (`edit`) and describes itself
+    for the counterfactual's record (`record`)."""
+
+    def edit(self, lm: LM, trace: Trace, p: Plan) -> dict | None:
+        """Change `p` as this intervention says (validating it against `lm` and `trace`); a
+        returned dict replaces `record()` in the counterfactual's record."""
+        raise NotImplementedError
 
     def record(self) -> dict:
         """JSON-ready description."""
@@ -54,6 +61,15 @@ class ReplaceTokens(Intervention):
         if self.count is not None:
             object.__setattr__(self, "count", integer(self.count, "ReplaceTokens count"))
 
+    def edit(self, lm, trace, p):
+        n, count = len(trace.tokens), len(self.tokens) if self.count is None else self.count
+        _check_position(self.position, n)
+        if self.position + count > n:
+            raise ValueError(f"replacing {count} tokens at position {self.position} runs past the response ({n} tokens)")  # fmt: skip
+        if self.tokens or count == 0:
+            check_tokens(np.asarray(self.tokens), lm.config.vocab_size, "ReplaceTokens.tokens")
+        p.edits.append((self.position, self.position + count, list(self.tokens)))
+
 
 @dataclasses.dataclass(frozen=True)
 class ReplaceText(Intervention):
@@ -62,6 +78,9 @@ class ReplaceText(Intervention):
     old: str
     new: str
     occurrence: int = 1
+
+    def edit(self, lm, trace, p):
+        p.edits.append(_text_edit(lm, trace, self.old, self.new, self.occurrence))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +91,9 @@ class InsertText(Intervention):
     after: str
     occurrence: int = 1
 
+    def edit(self, lm, trace, p):
+        p.edits.append(_text_edit(lm, trace, self.after, self.after + self.text, self.occurrence))
+
 
 @dataclasses.dataclass(frozen=True)
 class DeleteText(Intervention):
@@ -79,6 +101,9 @@ class DeleteText(Intervention):
 
     text: str
     occurrence: int = 1
+
+    def edit(self, lm, trace, p):
+        p.edits.append(_text_edit(lm, trace, self.text, "", self.occurrence))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +122,25 @@ class EditPrompt(Intervention):
         for name in ("prompt", "system"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
                 raise TypeError(f"EditPrompt {name} must be text, got {getattr(self, name)!r:.40}")
+
+    def edit(self, lm, trace, p):
+        if self.tokens is not None:
+            new_prompt = [int(t) for t in self.tokens]
+            p.prompt = p.system = None
+            p.chat = False
+        elif p.prompt is None:
+            raise ValueError("EditPrompt with text needs a trace made from a text prompt")
+        elif self.system is not None and not p.chat:
+            raise ValueError(
+                "EditPrompt(system=...): the trace's prompt has no chat template (made with "
+                "chat=False / --no-chat), so a system message would change nothing"
+            )
+        else:
+            p.prompt = self.prompt if self.prompt is not None else p.prompt
+            p.system = self.system if self.system is not None else p.system
+            new_prompt = prompt_tokens(lm, p.prompt, chat=p.chat, system=p.system)
+        p.prompt_changed = p.prompt_changed or new_prompt != p.prompt_tokens
+        p.prompt_tokens = new_prompt
 
 
 class _Keep:
@@ -125,6 +169,9 @@ class ChangeSampler(Intervention):
         }
         return dataclasses.replace(sampler, **changes)
 
+    def edit(self, lm, trace, p):
+        p.sampler = self.apply(p.sampler)
+
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class ChangeModel(Intervention):
@@ -136,6 +183,10 @@ class ChangeModel(Intervention):
     def record(self) -> dict:
         """Params are not serialised; the name identifies the edit."""
         return {"type": "ChangeModel", "name": self.name}
+
+    def edit(self, lm, trace, p):
+        p.params = _check_params(lm, self.params)
+        p.model_id = f"{trace.model_id}+{self.name}"
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -160,6 +211,9 @@ class Steer(Intervention):
         return {"type": "Steer", "layer": self.layer, "scale": float(self.scale), "at": self.at,
                 "vector": [float(x) for x in vector.ravel()]}  # fmt: skip
 
+    def edit(self, lm, trace, p):
+        p.steers.append(self)  # applied after the others, on whichever params they chose
+
 
 @dataclasses.dataclass(frozen=True)
 class AutoIntervention(Intervention):
@@ -175,6 +229,11 @@ class AutoIntervention(Intervention):
             raise ValueError(f"AutoIntervention top_p must be in (0, 1], got {self.top_p}")
         integer(self.seed, "AutoIntervention seed", 0, 1 << 32)
 
+    def edit(self, lm, trace, p):
+        _check_position(self.position, len(trace.tokens))
+        p.edits.append(_auto(lm, trace, self))
+        return {**self.record(), "token": p.edits[-1][2][0]}
+
 
 @dataclasses.dataclass
 class Plan:
@@ -187,7 +246,6 @@ class Plan:
     edit_start: int  # s: first response step whose token may differ from the factual one
     aligned_to: int  # r: factual step whose noise the first sampled step uses
     prompt_changed: bool = False
-    model_changed: bool = False
     model_id: str = ""
     # The text the prompt tokens were made from (None for token ids), kept true to them.
     prompt: str | None = None
@@ -196,6 +254,10 @@ class Plan:
     records: list[dict] = dataclasses.field(default_factory=list)
     # For each forced step, the factual step its kept token was copied from (None: edited token).
     forced_from: list[int | None] = dataclasses.field(default_factory=list)
+    # Collected while the interventions edit the plan: response edits (factual start, factual
+    # end, new tokens) and steerings.
+    edits: list[tuple[int, int, list[int]]] = dataclasses.field(default_factory=list)
+    steers: list = dataclasses.field(default_factory=list)
 
     @property
     def resume_at(self) -> int:
@@ -266,9 +328,8 @@ def step_log_probs(lm: LM, trace: Trace, position: int, top_p: float | None = No
     # Right-padded to a power of two (a causal forward: padding after a position changes
     # nothing before it), so that many positions share a few compilations.
     seq = trace.prompt_tokens + trace.tokens[:position]
-    padded = np.zeros((1, min(bucket_length(len(seq)), lm.config.max_seq_len)), np.int32)
-    padded[0, : len(seq)] = seq
-    logits = forward(lm, padded)[0, len(seq) - 1]
+    tokens = padded([seq], min(bucket_length(len(seq)), lm.config.max_seq_len))[0]
+    logits = forward(lm, tokens)[0, len(seq) - 1]
     sampler = scm.Sampler(temperature=trace.sampler.temperature or 1.0, top_p=top_p)
     return scm.log_probs(logits, sampler)
 
@@ -327,6 +388,38 @@ def _check_params(lm: LM, params: Any) -> Any:
     return params
 
 
+def _check_position(position: int, n: int) -> None:
+    if not 0 <= position < n:
+        raise ValueError(f"position {position} is outside the response: positions are 0 to {n - 1}")
+
+
+def _force(trace: Trace, p: Plan) -> None:
+    """The forced prefix of the plan's response edits: everything from the first edit to the
+    last (kept tokens between edits too), where sampling resumes, and the factual step each
+    forced token comes from."""
+    if not p.edits:
+        return
+    # By span, so the order the edits are given in never matters: an insertion at a token's
+    # position goes before that token's replacement; two insertions at one position have no
+    # order, and overlapping spans no meaning.
+    edits = sorted(p.edits, key=lambda e: (e[0], e[1]))
+    for (a, end, _), (start, b, _) in zip(edits, edits[1:], strict=False):
+        if start < end or a == end == start == b:
+            raise ValueError(f"two response edits overlap (tokens {a}..{end} and {start}..{b}); give them as one edit")  # fmt: skip
+    forced = list(trace.tokens[: edits[0][0]])
+    sources: list[int | None] = list(range(edits[0][0]))
+    for i, (start, end, new) in enumerate(edits):
+        forced += new
+        # A same-length edit that leaves a token as it was keeps that token's noise.
+        same = len(new) == end - start
+        sources += [start + o if same and t == trace.tokens[start + o] else None for o, t in enumerate(new)]  # fmt: skip
+        nxt = edits[i + 1][0] if i + 1 < len(edits) else end
+        forced += trace.tokens[end:nxt]
+        sources += list(range(end, nxt))
+    p.forced, p.edit_start, p.aligned_to = forced, edits[0][0], edits[-1][1]
+    p.forced_from = sources
+
+
 def plan(
     lm: LM, trace: Trace, interventions: Intervention | list[Intervention], resume_at=None
 ) -> Plan:
@@ -359,99 +452,18 @@ def plan(
         system=trace.system,
         chat=trace.chat,
     )
-    edits: list[tuple[int, int, list[int]]] = []
-    steers: list[Steer] = []
-    n = len(trace.tokens)
     for iv in interventions:
-        if isinstance(iv, ReplaceTokens):
-            count = len(iv.tokens) if iv.count is None else iv.count
-            if not 0 <= iv.position < n:
-                raise ValueError(
-                    f"position {iv.position} is outside the response: positions are 0 to {n - 1}"
-                )
-            if count < 0 or iv.position + count > n:
-                raise ValueError(
-                    f"replacing {count} tokens at position {iv.position} runs past the "
-                    f"response ({n} tokens)"
-                )
-            if iv.tokens or count == 0:
-                check_tokens(np.asarray(iv.tokens), lm.config.vocab_size, "ReplaceTokens.tokens")
-            edits.append((iv.position, iv.position + count, list(iv.tokens)))
-        elif isinstance(iv, ReplaceText):
-            edits.append(_text_edit(lm, trace, iv.old, iv.new, iv.occurrence))
-        elif isinstance(iv, InsertText):
-            edits.append(_text_edit(lm, trace, iv.after, iv.after + iv.text, iv.occurrence))
-        elif isinstance(iv, DeleteText):
-            edits.append(_text_edit(lm, trace, iv.text, "", iv.occurrence))
-        elif isinstance(iv, AutoIntervention):
-            if not 0 <= iv.position < n:
-                raise ValueError(
-                    f"position {iv.position} is outside the response: positions are 0 to {n - 1}"
-                )
-            edits.append(_auto(lm, trace, iv))
-            p.records.append({**iv.record(), "token": edits[-1][2][0]})
-            continue
-        elif isinstance(iv, EditPrompt):
-            if iv.tokens is not None:
-                new_prompt = [int(t) for t in iv.tokens]
-                p.prompt = p.system = None
-                p.chat = False
-            elif p.prompt is None:
-                raise ValueError("EditPrompt with text needs a trace made from a text prompt")
-            elif iv.system is not None and not p.chat:
-                raise ValueError(
-                    "EditPrompt(system=...): the trace's prompt has no chat template (made with "
-                    "chat=False / --no-chat), so a system message would change nothing"
-                )
-            else:
-                p.prompt = iv.prompt if iv.prompt is not None else p.prompt
-                p.system = iv.system if iv.system is not None else p.system
-                new_prompt = prompt_tokens(lm, p.prompt, chat=p.chat, system=p.system)
-            p.prompt_changed = p.prompt_changed or new_prompt != p.prompt_tokens
-            p.prompt_tokens = new_prompt
-        elif isinstance(iv, ChangeSampler):
-            p.sampler = iv.apply(p.sampler)
-        elif isinstance(iv, ChangeModel):
-            p.params = _check_params(lm, iv.params)
-            p.model_changed = True
-            p.model_id = f"{trace.model_id}+{iv.name}"
-        elif isinstance(iv, Steer):
-            steers.append(iv)
-        else:
+        if not isinstance(iv, Intervention):
             raise TypeError(f"not an intervention: {iv!r}")
-        p.records.append(iv.record())
-    for iv in steers:  # on top of any other params the interventions chose
+        p.records.append(iv.edit(lm, trace, p) or iv.record())
+    for iv in p.steers:  # on top of any other params the interventions chose
         p.params = steering.steer(p.params, iv.layer, iv.vector, iv.scale, iv.at)
-        p.model_changed = True
-    if steers:
+    if p.steers:
         p.model_id = f"{p.model_id}+steer"
-    if edits:
-        # By span, so the order the edits are given in never matters: an insertion at a
-        # token's position goes before that token's replacement; two insertions at one
-        # position have no order, and overlapping spans no meaning.
-        edits.sort(key=lambda e: (e[0], e[1]))
-        for (a, end, _), (start, b, _) in zip(edits, edits[1:], strict=False):
-            if start < end or a == end == start == b:
-                raise ValueError(f"two response edits overlap (tokens {a}..{end} and {start}..{b}); give them as one edit")  # fmt: skip
-        # Everything from the first edit to the last is forced: kept tokens between edits too.
-        forced = list(trace.tokens[: edits[0][0]])
-        sources: list[int | None] = list(range(edits[0][0]))
-        for i, (start, end, new) in enumerate(edits):
-            forced += new
-            # A same-length edit that leaves a token as it was keeps that token's noise.
-            same = len(new) == end - start
-            sources += [
-                start + o if same and t == trace.tokens[start + o] else None
-                for o, t in enumerate(new)
-            ]
-            nxt = edits[i + 1][0] if i + 1 < len(edits) else end
-            forced += trace.tokens[end:nxt]
-            sources += list(range(end, nxt))
-        p.forced, p.edit_start, p.aligned_to = forced, edits[0][0], edits[-1][1]
-        p.forced_from = sources
+    _force(trace, p)
     if resume_at is not None:
         resume_at = integer(resume_at, "resume_at", 0)
-        if not 0 <= resume_at <= n:
-            raise ValueError(f"resume_at {resume_at} is outside the factual response [0, {n}]")
+        if not 0 <= resume_at <= len(trace.tokens):
+            raise ValueError(f"resume_at {resume_at} is outside the factual response [0, {len(trace.tokens)}]")  # fmt: skip
         p.aligned_to = int(resume_at)
     return p

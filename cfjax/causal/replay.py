@@ -19,13 +19,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from cfjax.causal.abduction import observed_steps
-from cfjax.causal.factual import draft_for, text_of
+from cfjax.causal.factual import draft_for
 from cfjax.causal.interventions import Intervention, Plan, plan
-from cfjax.causal.trace import Trace
-from cfjax.core import engine, speculative
-from cfjax.core.lm import LM
-from cfjax.core.request import as_key, check_request, count, row_keys
-from cfjax.core.store import Stored
+from cfjax.causal.trace import Prompt, Trace, new_trace
+from cfjax.core import speculative
+from cfjax.core.checks import as_key, count
+from cfjax.core.kernel import NOT_FORCED
+from cfjax.runtime import driver
+from cfjax.runtime.lm import LM
+from cfjax.runtime.request import check_request, row_keys
 
 
 def factual_noise_index(trace: Trace, step: int) -> int:
@@ -50,84 +52,54 @@ def _noise_map(trace: Trace, p: Plan, steps: int, fresh: bool) -> np.ndarray:
     return out
 
 
-def _resume(
-    lm: LM, traces: list[Trace], plans: list[Plan], bucket: int, length: int, chunk: int
-) -> engine.Resume | None:
+def _resume(lm: LM, traces: list[Trace], plans: list[Plan]) -> driver.Resume | None:
     """Continue every row from its factual run's stored cache, if all of them are still kept.
 
-    Only with the prompt and params unchanged, and a cache of the same layout: then the steps
-    before the first edit are the factual ones, already in the cache.
+    Only with the prompt and params unchanged: then the steps before the first edit are the
+    factual ones, already in the cache.
     """
     if any(p.prompt_changed or p.params is not lm.params for p in plans):
         return None
-    hits = [
-        lm.caches.get(p.params, t.prompt_tokens, t.tokens)
-        for t, p in zip(traces, plans, strict=True)
-    ]
-    if any(
-        h is None
-        or (h.stored.bucket, h.stored.chunk, h.stored.cache.length) != (bucket, chunk, length)
-        for h in hits
-    ):
-        return None
     # Kept tokens report their log-probs under the counterfactual's sampler: a row whose
     # sampler changed rescores them, from step 0 (only its prompt's cache is reused).
-    first = min(
-        p.edit_start if p.sampler == t.sampler else 0 for t, p in zip(traces, plans, strict=True)
-    )
-    # One `take` per layer array per run of rows from one stored batch: a new array, as the
-    # decode donates its cache and the stored one must survive.
-    parts, starts = [], []
-    for _, group in itertools.groupby(hits, key=lambda h: id(h.stored)):
-        group = list(group)
-        rows = np.asarray([h.row for h in group])
-        stored = group[0].stored
-        parts.append(jax.tree_util.tree_map(lambda x, r=rows: jnp.take(x, r, axis=0), stored.cache))
-        starts.append(stored.start[rows])
-    cache = (
-        parts[0]
-        if len(parts) == 1
-        else jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs), *parts)
-    )
+    first = min(p.edit_start if p.sampler == t.sampler else 0 for t, p in zip(traces, plans, strict=True))  # fmt: skip
     last = [t.tokens[first - 1] if first > 0 else t.prompt_tokens[-1] for t in traces]
-    return engine.Resume(cache, np.concatenate(starts), bucket, first, last)
+    return lm.caches.resume(lm.params, [(t.prompt_tokens, t.tokens) for t in traces], first, last)
 
 
-def _run_group(
-    lm: LM,
-    traces: list[Trace],
-    plans: list[Plan],
-    keys: list[jax.Array],
-    fresh: bool,
-    reuse_cache: bool,
-    chunk: int,
-    caps: list[int | None],
-    draft: speculative.Draft | None,
-) -> list[Trace]:
-    """Run rows that share a mechanism and params as one batch (samplers may differ)."""
-    params = plans[0].params
-    # Each row keeps its own length limit (the batch runs to the longest and rows are cut), so a
-    # batched row equals its one-by-one result. A cap shortens a row (never below its forced
-    # prefix); decoding is causal, so a capped row is a prefix of the uncapped one. A forced
-    # prefix that reaches the budget ends the row: no token is sampled past the factual's budget,
-    # so a null edit of a capped response's last token reproduces it exactly.
+def _request(lm: LM, traces: list[Trace], plans: list[Plan], keys, fresh: bool, caps) -> tuple[driver.Request, list[int]]:  # fmt: skip
+    """The batch to decode, and each row's length limit.
+
+    Each row keeps its own limit (the batch runs to the longest and rows are cut), so a batched
+    row equals its one-by-one result. A cap shortens a row (never below its forced prefix);
+    decoding is causal, so a capped row is a prefix of the uncapped one. A forced prefix that
+    reaches the budget ends the row: no token is sampled past the factual's budget, so a null
+    edit of a capped response's last token reproduces it exactly.
+    """
     limits = [
         max(t.max_new_tokens if c is None else min(c, t.max_new_tokens), p.resume_at)
         for t, p, c in zip(traces, plans, caps, strict=True)
     ]
     steps = max(limits)
-    # The cache keeps the factual run's size, so that a capped batch still resumes from it.
-    cache_steps = max(steps, *(t.max_new_tokens for t in traces))
     prompts = [p.prompt_tokens for p in plans]
     check_request(lm, prompts, steps)
-    forced = np.full((len(plans), steps), engine.NOT_FORCED, np.int32)
+    forced = np.full((len(plans), steps), NOT_FORCED, np.int32)
     for b, p in enumerate(plans):
         forced[b, : p.resume_at] = p.forced
-    noise = np.stack([_noise_map(t, p, steps, fresh) for t, p in zip(traces, plans, strict=True)])
-    stop_tokens = traces[0].stop_tokens
-    bucket = engine.bucket_length(max(len(p) for p in prompts))
-    length = engine.cache_length(bucket, cache_steps, chunk, engine.spare_for(draft))
-    observed = None
+    noise_index = np.stack([_noise_map(t, p, steps, fresh) for t, p in zip(traces, plans, strict=True)])  # fmt: skip
+    # The cache keeps the factual run's size, so that a capped batch still resumes from it.
+    cache_steps = max(steps, *(t.max_new_tokens for t in traces))
+    request = driver.Request(prompts, jnp.stack(keys), [p.sampler for p in plans], steps, forced,
+                             noise_index, cache_steps=cache_steps)  # fmt: skip
+    return request, limits
+
+
+def _run_group(lm: LM, traces: list[Trace], plans: list[Plan], keys: list[jax.Array], fresh: bool,
+               reuse_cache: bool, chunk: int | None, caps: list[int | None],
+               draft: speculative.Draft | None) -> list[Trace]:  # fmt: skip
+    """Run rows that share a mechanism and params as one batch (samplers may differ)."""
+    params = plans[0].params
+    request, limits = _request(lm, traces, plans, keys, fresh, caps)
     if not fresh:  # abducted rows draw their noise from their observation's posterior
         for t, p in zip(traces, plans, strict=True):
             if t.posterior is not None and p.sampler.mechanism != "gumbel":
@@ -135,55 +107,25 @@ def _run_group(
                     "an abducted trace's noise is per token id: replay it with the 'gumbel' "
                     f"mechanism, not {p.sampler.mechanism!r}"
                 )
-        observed = observed_steps(lm, traces, cache_steps=cache_steps, chunk=chunk)
-    resume = _resume(lm, traces, plans, bucket, length, chunk) if reuse_cache else None
-    first = 0 if resume is None else resume.step
-    request = engine.Request(
-        prompts,
-        jnp.stack(keys),
-        [p.sampler for p in plans],
-        steps,
-        forced,
-        noise,
-        observed=observed,
-        cache_steps=cache_steps,
-    )
-    out = engine.run(
-        lm.config, params, request, stop_tokens=stop_tokens, chunk=chunk, resume=resume,
-        draft=draft,
-    )  # fmt: skip
+        request.observed = observed_steps(lm, traces, cache_steps=request.cache_steps, chunk=chunk)
+    resume = _resume(lm, traces, plans) if reuse_cache else None
+    out = driver.run(lm.config, params, request, stop_tokens=traces[0].stop_tokens, chunk=chunk,
+                     resume=resume, draft=draft)  # fmt: skip
     results = []
     for b, (t, p) in enumerate(zip(traces, plans, strict=True)):
-        tokens = (list(t.tokens[:first]) + out.tokens[b])[: limits[b]]
-        logprobs = (list(t.logprobs[:first]) + out.logprobs[b])[: limits[b]]
-        results.append(
-            Trace(
-                model_id=p.model_id,
-                prompt_tokens=p.prompt_tokens,
-                tokens=tokens,
-                key=keys[b],
-                sampler=p.sampler,
-                max_new_tokens=limits[b],
-                noise_index=noise[b, : len(tokens)].tolist(),
-                logprobs=logprobs,
-                text=text_of(lm, tokens, stop_tokens),
-                prompt=p.prompt,
-                system=p.system,
-                chat=p.chat,
-                stop_tokens=stop_tokens,
-                interventions=p.records,
-                alignment={
-                    "edit_start": p.edit_start,
-                    "resume_at": p.resume_at,
-                    "aligned_to": p.aligned_to,
-                    "fresh_noise": fresh,
-                },
-                posterior=None if fresh else t.posterior,
-            )
-        )
+        tokens = (list(t.tokens[: out.first]) + out.tokens[b])[: limits[b]]
+        logprobs = (list(t.logprobs[: out.first]) + out.logprobs[b])[: limits[b]]
+        alignment = {"edit_start": p.edit_start, "resume_at": p.resume_at,
+                     "aligned_to": p.aligned_to, "fresh_noise": fresh}  # fmt: skip
+        results.append(new_trace(
+            lm, Prompt(p.prompt_tokens, p.prompt, p.system, p.chat), tokens, logprobs,
+            key=keys[b], sampler=p.sampler, max_new_tokens=limits[b],
+            stop_tokens=traces[0].stop_tokens, model_id=p.model_id,
+            noise_index=request.noise_index[b, : len(tokens)], interventions=p.records,
+            alignment=alignment, posterior=None if fresh else t.posterior,
+        ))  # fmt: skip
     if params is lm.params:  # so that a counterfactual of a counterfactual reuses this cache
-        rows = [(r.prompt_tokens, r.tokens) for r in results]
-        lm.caches.put(Stored(out.cache, out.start, out.bucket, chunk, params), rows)
+        lm.caches.keep(params, out, [(r.prompt_tokens, r.tokens) for r in results])
     return results
 
 
@@ -216,10 +158,7 @@ def _batch(
     if not traces:
         raise ValueError("no rows: give at least one trace and intervention")
     caps = _caps(max_new_tokens, len(traces))
-    engine_draft = draft_for(lm, draft, lookahead)
-    if chunk is None:  # the factual run's chunk, so that its stored cache can be reused
-        hit = lm.caches.get(lm.params, traces[0].prompt_tokens, traces[0].tokens)
-        chunk = hit.stored.chunk if hit is not None else engine.DEFAULT_CHUNK
+    spec_draft = draft_for(lm, draft, lookahead)
     plans = [plan(lm, t, iv, resume_at) for t, iv in zip(traces, interventions, strict=True)]
     results: list[Trace | None] = [None] * len(plans)
     # Rows batch together when they share the static mechanism and the params; sampler values
@@ -237,7 +176,7 @@ def _batch(
             reuse_cache,
             chunk,
             [caps[i] for i in idx],
-            engine_draft,
+            spec_draft,
         )
         for i, r in zip(idx, out, strict=True):
             results[i] = r

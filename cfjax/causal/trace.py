@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import jax
 import numpy as np
 
 from cfjax.atomic import write_text
-from cfjax.core.request import as_key
+from cfjax.core.checks import as_key
 from cfjax.core.scm import Sampler
+from cfjax.runtime.request import prompt_tokens
 
 
 def key_to_list(key: jax.Array) -> list[int]:
@@ -121,6 +124,53 @@ class Trace:
             raise ValueError(f"trace is not valid JSON: {e}") from None
         except RecursionError:
             raise ValueError("trace is not a cfjax trace: JSON nested too deeply") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class Prompt:
+    """A prompt's token ids and, when made from text, the text it was made from."""
+
+    tokens: list[int]
+    text: str | None = None  # the user message
+    system: str | None = None
+    chat: bool = False
+
+    @classmethod
+    def of(cls, lm: Any, prompt: str | Sequence[int], *, chat: bool, system: str | None) -> Prompt:
+        """Text through the chat template (or encoded with `chat=False`), or ids as given."""
+        tokens = prompt_tokens(lm, prompt, chat=chat, system=system)
+        if isinstance(prompt, str):
+            return cls(tokens, prompt, system, chat)
+        return cls(tokens)
+
+
+def text_of(lm: Any, tokens: Sequence[int], stop_tokens: Sequence[int]) -> str:
+    """The response text: tokens decoded without a final stop token ("" without a tokenizer)."""
+    if lm.tokenizer is None:
+        return ""
+    tokens = list(tokens)
+    if tokens and tokens[-1] in stop_tokens:
+        tokens = tokens[:-1]
+    return lm.tokenizer.decode(tokens)
+
+
+def new_trace(lm: Any, prompt: Prompt, tokens: Sequence[int], logprobs: Sequence[float], *,
+              key: jax.Array, sampler: Sampler, max_new_tokens: int,
+              stop_tokens: Sequence[int], model_id: str | None = None,
+              noise_index: Sequence[int] | None = None, **record: Any) -> Trace:  # fmt: skip
+    """The one way a run becomes a `Trace`: its text decoded by `lm`'s tokenizer, noise indices
+    by default the steps, `model_id` by default `lm`'s; `record` sets the fields that only some
+    traces have (interventions, alignment, posterior)."""
+    tokens = [int(t) for t in tokens]
+    return Trace(
+        model_id=lm.model_id if model_id is None else model_id,
+        prompt_tokens=list(prompt.tokens), tokens=tokens, key=key, sampler=sampler,
+        max_new_tokens=max_new_tokens,
+        noise_index=list(range(len(tokens))) if noise_index is None else [int(i) for i in noise_index],
+        logprobs=[float(x) for x in logprobs], text=text_of(lm, tokens, stop_tokens),
+        prompt=prompt.text, system=prompt.system, chat=prompt.chat,
+        stop_tokens=tuple(int(t) for t in stop_tokens), **record,
+    )  # fmt: skip
 
 
 def _is_int(x) -> bool:

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from cfjax.core import scm
-from cfjax.core.request import as_key
+from cfjax.core.checks import as_key
 
 # When rounding leaves another token within this relative margin of the observed one, the
 # observed token's noise is raised to lead by it, so that a replay whose logits round a few ulps

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from cfjax.core.request import as_key
+from cfjax.core.checks import as_key
 
 MECHANISMS = ("gumbel", "inverse-cdf", "gumbel-rank")
 # The smallest positive temperature: logits / τ stays far from float32 overflow (|logits| up to

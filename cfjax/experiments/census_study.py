@@ -34,11 +34,12 @@ import jax
 from cfjax.causal import ReplaceText, counterfactuals, generate
 from cfjax.causal.replay import interventionals
 from cfjax.causal.trace import Trace
-from cfjax.core.lm import LM
-from cfjax.core.request import as_key, prompt_tokens
+from cfjax.core.checks import as_key
 from cfjax.core.scm import Sampler
 from cfjax.experiments import census
 from cfjax.experiments.folder import finished, open_study, process
+from cfjax.runtime.lm import LM
+from cfjax.runtime.request import prompt_tokens
 
 VALUES = {"Sex": census.SEXES, "Race": census.RACES}
 OUTCOME = {"Sex": "Income", "Race": "Occupation"}  # where a direct effect resumes (paper's)

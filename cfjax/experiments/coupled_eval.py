@@ -28,11 +28,11 @@ import jax
 import numpy as np
 
 from cfjax.causal.coupling import check_shared_vocabulary, coupled
-from cfjax.core.lm import LM
-from cfjax.core.request import as_key
+from cfjax.core.checks import as_key
 from cfjax.core.scm import Sampler
 from cfjax.experiments.choices import LETTERS, QUESTIONS
 from cfjax.experiments.folder import finished, open_study, process
+from cfjax.runtime.lm import LM
 
 SYSTEM = "Answer with the letter of the correct option only."
 MODES = ("coupled", "independent")

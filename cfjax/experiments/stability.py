@@ -29,10 +29,10 @@ import numpy as np
 from cfjax.causal import AutoIntervention, ReplaceTokens, counterfactuals, generate
 from cfjax.causal.interventions import auto_token
 from cfjax.causal.replay import interventionals
-from cfjax.core.lm import LM
-from cfjax.core.request import as_key
+from cfjax.core.checks import as_key
 from cfjax.core.scm import Sampler
 from cfjax.experiments.folder import finished, open_study, process
+from cfjax.runtime.lm import LM
 
 SYSTEM = "Keep your replies short and to the point."  # the paper's system prompt
 

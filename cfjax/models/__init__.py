@@ -1,5 +1,5 @@
 """Interventions on the model: activation steering vectors and LoRA fine-tunes (quantized
-variants are `cfjax.core.lm.quantize`). Each gives params for the same decode path
+variants are `cfjax.runtime.lm.quantize`). Each gives params for the same decode path
 (`ChangeModel`, `Steer`, or a model of its own).
 """
 

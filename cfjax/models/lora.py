@@ -17,8 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from cfjax.core import model
-from cfjax.core.lm import LM
-from cfjax.core.request import as_key, count, prompt_tokens, real
+from cfjax.core.checks import as_key, count, real
+from cfjax.runtime.lm import LM
+from cfjax.runtime.request import prompt_tokens
 
 # Target name -> (module, matrix) in the split (checkpoint) layout of `model.split_params`.
 TARGETS = {

@@ -10,9 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from cfjax.core import model
-from cfjax.core.engine import bucket_length
-from cfjax.core.lm import LM
-from cfjax.core.request import prompt_tokens
+from cfjax.runtime.lm import LM
+from cfjax.runtime.request import padded, prompt_tokens
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3))
@@ -28,9 +27,7 @@ def _mean_activation(lm: LM, texts: Sequence[str], layer: int, chat: bool) -> np
         tokens = prompt_tokens(lm, text, chat=chat)
         # Right-padded to a power of two (causal: padding changes no earlier position), so
         # texts of similar lengths share a compilation.
-        padded = np.zeros((1, bucket_length(len(tokens))), np.int32)
-        padded[0, : len(tokens)] = tokens
-        x = _residual(lm.config, lm.params, jnp.asarray(padded), layer)
+        x = _residual(lm.config, lm.params, jnp.asarray(padded([tokens])[0]), layer)
         means.append(np.asarray(x[0, : len(tokens)], np.float64).mean(axis=0))
     return np.mean(means, axis=0)
 

@@ -33,7 +33,6 @@ from pydantic import BaseModel, Field
 import cfjax
 from cfjax.causal import ChangeSampler, EditPrompt, ReplaceText, ReplaceTokens, Trace
 from cfjax.causal.interventions import step_log_probs
-from cfjax.core.lm import LM
 from cfjax.present import (
     _pieces,
     changes,
@@ -43,6 +42,7 @@ from cfjax.present import (
     seed_of,
     settings_line,
 )
+from cfjax.runtime.lm import LM
 from cfjax.serve.sessions import Sessions
 
 STATIC = Path(__file__).parent / "static"

@@ -21,7 +21,7 @@ import numpy as np
 
 from cfjax.atomic import remove_stale_partials
 from cfjax.core.config import LlamaConfig
-from cfjax.core.lm import LM, quantize
+from cfjax.runtime.lm import LM, quantize
 from cfjax.sharding import placer, shard_params
 from cfjax.tokenizer import check_vocab
 from cfjax.tokenizer import load as load_tokenizer

@@ -1,11 +1,10 @@
-"""Request helpers shared by every host entry point: keys, prompt tokens, request checks.
+"""Argument checks shared by the core and every entry point: keys, token ids, counts, numbers.
 
-Nothing here knows the network or the sampler; `lm` is anything with `config`, `tokenizer`.
+Nothing here knows the network or the sampler.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -48,18 +47,6 @@ def _key_words() -> int:
     return int(jax.random.key_data(jax.random.key(0)).shape[-1])
 
 
-def row_keys(key: Any, batch: int) -> jax.Array:
-    """One key per row: a given `[B]` batch of keys, or B keys split from a single key/seed."""
-    if isinstance(key, (list, tuple)) and len(key) == batch and batch > 1:
-        return jnp.stack([as_key(k) for k in key])
-    key = as_key(key)
-    if key.ndim == 1:
-        if key.shape[0] != batch:
-            raise ValueError(f"got {key.shape[0]} keys for a batch of {batch} prompts")
-        return key
-    return key[None] if batch == 1 else jax.random.split(key, batch)
-
-
 def check_tokens(tokens: Any, vocab_size: int, what: str = "tokens") -> None:
     """Raise a clear error for token ids outside `[0, vocab_size)` (concrete arrays only)."""
     if isinstance(tokens, jax.core.Tracer):
@@ -76,43 +63,6 @@ def check_tokens(tokens: Any, vocab_size: int, what: str = "tokens") -> None:
             f"{what}: token id {int(arr[pos])} at position {pos} is outside the vocabulary "
             f"[0, {vocab_size})"
         )
-
-
-def prompt_tokens(
-    lm: Any, prompt: str | Sequence[int], *, chat: bool = True, system: str | None = None
-) -> list[int]:
-    """Token ids of one prompt: token ids as given, text through the chat template or encoded."""
-    if isinstance(prompt, str):
-        if lm.tokenizer is None:
-            raise ValueError("a text prompt needs a tokenizer: this model has none; pass token ids")
-        if system is not None and not chat:
-            raise ValueError(
-                "a system message needs the chat template: it cannot be given with chat=False "
-                "(--no-chat)"
-            )
-        if chat:
-            messages = ([{"role": "system", "content": system}] if system is not None else []) + [
-                {"role": "user", "content": prompt}
-            ]
-            return list(lm.tokenizer.chat(messages))
-        # The model's own setting: a GGUF's add_bos_token, an HF tokenizer's post-processor.
-        bos = lm.tokenizer.bos_id if getattr(lm.tokenizer, "add_bos", True) else None
-        return ([bos] if bos is not None else []) + list(lm.tokenizer.encode(prompt))
-    if system is not None:
-        raise ValueError("a system message applies to a text prompt; token ids are used as given")
-    tokens = list(token_ids(prompt, "prompt"))
-    if not tokens:
-        raise ValueError("the prompt is empty: give at least one token")
-    return tokens
-
-
-def is_batch(prompt: Any) -> bool:
-    """A batch holds strings or sequences; a single prompt holds scalars (ints, numpy or JAX)."""
-    return (
-        not isinstance(prompt, str)
-        and len(prompt) > 0
-        and (isinstance(prompt[0], str) or np.ndim(prompt[0]) > 0)
-    )
 
 
 def count(value: Any, name: str = "max_new_tokens") -> int:
@@ -152,16 +102,3 @@ def token_ids(tokens: Any, name: str) -> tuple[int, ...]:
         raise TypeError(f"{name} must be a flat sequence of integer token ids, got {tokens!r:.60}")
     return tuple(int(t) for t in arr)  # ranges are checked against the vocabulary later
 
-
-def check_request(lm: Any, prompts: list[list[int]], max_new_tokens: int) -> None:
-    """Clear errors for empty or out-of-vocabulary prompts and overlong requests."""
-    max_new_tokens = count(max_new_tokens)
-    for b, p in enumerate(prompts):
-        if not p:
-            raise ValueError(f"prompt of row {b} is empty: give at least one token")
-        check_tokens(np.asarray(p), lm.config.vocab_size, what=f"prompt of row {b}")
-        if len(p) + max_new_tokens > lm.config.max_seq_len:
-            raise ValueError(
-                f"prompt of row {b} ({len(p)} tokens) + max_new_tokens {max_new_tokens} exceeds "
-                f"the model's max_seq_len {lm.config.max_seq_len}"
-            )

@@ -10,9 +10,9 @@ import jax
 import jax.numpy as jnp
 
 from cfjax.core import model, quant
+from cfjax.core.checks import check_tokens
 from cfjax.core.config import LlamaConfig
-from cfjax.core.request import check_tokens
-from cfjax.core.store import ArrayStore, CacheStore
+from cfjax.runtime.store import ArrayStore, CacheStore
 
 
 @dataclasses.dataclass(frozen=True)

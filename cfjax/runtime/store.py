@@ -13,14 +13,17 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import itertools
 import threading
 from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from cfjax.core.cache import KVCache
+from cfjax.runtime.driver import Decoded, Resume
 
 
 @dataclasses.dataclass
@@ -102,6 +105,32 @@ class CacheStore:
             return None
         self._batches.move_to_end(id(hit.stored))
         return hit
+
+    def keep(self, params: Any, out: Decoded, rows: Sequence[tuple[Sequence[int], Sequence[int]]]) -> None:  # fmt: skip
+        """Keep the final cache of a run of `params` whose row b holds `rows[b]`."""
+        self.put(Stored(out.cache, out.start, out.bucket, out.chunk, params), rows)
+
+    def resume(self, params: Any, rows: Sequence[tuple[Sequence[int], Sequence[int]]], step: int, last: Sequence[int]) -> Resume | None:  # fmt: skip
+        """Continue rows `(prompt, response)` of `params` at response `step` (feeding `last`)
+        from their stored caches, if every row is still kept in a batch of one layout."""
+        hits = [self.get(params, p, t) for p, t in rows]
+        if any(h is None for h in hits):
+            return None
+        layouts = {(h.stored.bucket, h.stored.chunk, h.stored.cache.length) for h in hits}
+        if len(layouts) != 1:
+            return None
+        # One `take` per layer array per run of rows from one stored batch: a new array, as the
+        # decode donates its cache and the stored one must survive.
+        parts, starts = [], []
+        for _, group in itertools.groupby(hits, key=lambda h: id(h.stored)):
+            group = list(group)
+            index = np.asarray([h.row for h in group])
+            stored = group[0].stored
+            parts.append(jax.tree_util.tree_map(lambda x, r=index: jnp.take(x, r, axis=0), stored.cache))  # fmt: skip
+            starts.append(stored.start[index])
+        cache = parts[0] if len(parts) == 1 else jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs), *parts)  # fmt: skip
+        bucket, chunk, _ = layouts.pop()
+        return Resume(cache, np.concatenate(starts), bucket, step, list(last), chunk)
 
     @_locked
     def clear(self) -> None:

@@ -1,0 +1,197 @@
+"""The decode kernel's pieces: its options, its pytrees, the prompt layout, the prefill, and the
+one function that chooses (or forces) a token from a step's logits.
+
+Every token that is chosen comes out of the same single-token decode step (`step`): the prefill
+only fills the cache with `prompt[:-1]`, and step 0 feeds the last prompt token. So a factual
+run, a counterfactual that forces an edited prefix, and a run that resumes from a stored cache
+compute each step's logits with identical shapes and rounding. (With a draft, `speculative`
+scores several steps per pass instead: the same tokens, see there.)
+
+Slot layout of one row (prompt of length n in a buffer of P = bucket slots, left-padded):
+  [pad ... pad | prompt[0] ... prompt[n-2]] [prompt[n-1] | resp[0] | resp[1] | ...]
+   0            start = P - (n - 1)        P-1   P        P+1       P+2
+Step i writes its input token at slot P + i and chooses response token i. The cache has
+`cache_length(P, steps)` slots, a function of the two static sizes alone, so `core.sample` on a
+prompt padded to `bucket_length(n)` runs exactly the program shapes `cfjax.generate` runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+
+from cfjax.core import model, posterior, scm, spec
+from cfjax.core.cache import KVCache, init_cache
+from cfjax.core.config import LlamaConfig
+
+MIN_BUCKET = 32
+DEFAULT_CHUNK = 64
+NOT_FORCED = -1
+
+
+def bucket_length(n: int) -> int:
+    """Prompt buffer for an `n`-token prompt: a power of two >= max(n, MIN_BUCKET)."""
+    return max(MIN_BUCKET, 1 << max(n - 1, 0).bit_length())
+
+
+def cache_length(bucket: int, steps: int, chunk: int = DEFAULT_CHUNK, spare: int = 0) -> int:
+    """Slots for a prompt bucket plus `steps` response steps (and `spare` more), rounded up to
+    whole chunks.
+
+    Step i writes slot `bucket + i`, so `bucket + steps` slots suffice; rounding up lets nearby
+    lengths share one compiled program. Every decode step attends over all slots (masked past
+    the current one), so each spare slot costs attention time at every step.
+    """
+    return bucket + math.ceil((steps + spare) / chunk) * chunk
+
+
+def stop_tuple(stop_tokens) -> tuple[int, ...]:
+    """Stop tokens as a sorted tuple (static); (-1,) matches no token."""
+    return tuple(sorted(int(t) for t in stop_tokens)) or (-1,)
+
+
+@dataclasses.dataclass(frozen=True)
+class DraftSpec:
+    """The static half of a draft model: its config and the tokens it proposes per round."""
+
+    config: LlamaConfig
+    lookahead: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """How the kernel decodes (static: one compiled program per value).
+
+    `early_exit`: also stop once every row is done (the host driver; `core.sample` runs without
+    it, so that its loop condition depends on the step count alone, which `vmap` leaves
+    unbatched). `keep_logits`: return every step's f32 logits (to score observed text).
+    `draft`: decode by speculative rounds of this draft (its params are an argument).
+    """
+
+    stop_tokens: tuple[int, ...] = (-1,)
+    early_exit: bool = False
+    keep_logits: bool = False
+    draft: DraftSpec | None = None
+
+    @property
+    def spare(self) -> int:
+        """Cache slots needed past the last step: a round writes `lookahead` slots ahead."""
+        return 0 if self.draft is None else self.draft.lookahead
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Rows:
+    """What stays fixed per row during a decode: key, first real slot, sampler values, and per
+    step (`[B, W]`, W the steps the call may run): the token to force (`NOT_FORCED`: sample),
+    the noise index, optional explicit noise `[B, W, V]`, and for rows that replay observed
+    text, the observation their noise is abducted from."""
+
+    key: jax.Array  # [B] typed keys
+    start: jax.Array  # [B] int32
+    sampler: scm.Sampler  # leaves [B]
+    forced: jax.Array  # [B, W] int32
+    noise_index: jax.Array  # [B, W] int32
+    noise: jax.Array | None = None  # [B, W, V] float32
+    observed: posterior.Observed | None = None
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class DraftState:
+    """The draft's state between rounds: its cache and the token at the slot before the
+    target's write slot (which the draft re-feeds first)."""
+
+    cache: KVCache
+    before: jax.Array  # [B] int32
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class State:
+    """Decode state carried between steps (and between a host driver's chunks): the token to
+    feed, the cache, the slot it is written at (shared by the rows), which rows are done, and
+    with a draft, the draft's state."""
+
+    last: jax.Array  # [B] int32, fed at slot `index`
+    cache: KVCache
+    index: jax.Array  # [] int32
+    done: jax.Array  # [B] bool
+    draft: DraftState | None = None
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Outputs:
+    """Per step and row (`[W, B]`): the token, its log-prob, whether the step ran for the row;
+    with `keep_logits` the f32 logits `[W, B, V]`."""
+
+    tokens: jax.Array
+    logprobs: jax.Array
+    valid: jax.Array
+    logits: jax.Array | None = None
+
+    @classmethod
+    def empty(cls, width: int, batch: int, vocab: int | None) -> Outputs:
+        """Zeros for `width` steps (logits when `vocab` is given)."""
+        logits = None if vocab is None else jnp.zeros((width, batch, vocab), jnp.float32)
+        return cls(jnp.zeros((width, batch), jnp.int32), jnp.zeros((width, batch), jnp.float32),
+                   jnp.zeros((width, batch), bool), logits)  # fmt: skip
+
+
+def layout(prompt: jax.Array, prompt_length: jax.Array) -> tuple[jax.Array, ...]:
+    """(prefix [B, P], last [B], start [B]) of right-padded prompts `[B, P]` with lengths `[B]`.
+
+    The prefix holds `prompt[:n-1]` left-padded into the P slots; the last token is decoded.
+    """
+    p = prompt.shape[1]
+    n = jnp.asarray(prompt_length, jnp.int32)
+    start = p - (n - 1)
+    src = jnp.arange(p, dtype=jnp.int32)[None, :] - start[:, None]
+    gathered = jnp.take_along_axis(prompt, jnp.clip(src, 0, p - 1), axis=1)
+    prefix = jnp.where(src >= 0, gathered, 0).astype(jnp.int32)
+    last = jnp.take_along_axis(prompt, jnp.maximum(n - 1, 0)[:, None], axis=1)[:, 0]
+    return prefix, last.astype(jnp.int32), start
+
+
+def prefill(config: LlamaConfig, params, prompt, prompt_length, length: int) -> tuple[State, jax.Array]:  # fmt: skip
+    """Fill a fresh cache of `length` slots (in the params' dtype) with the prompts: the state
+    ready for step 0, and each row's first real slot."""
+    prefix, last, start = layout(prompt, prompt_length)
+    cache = init_cache(config, prompt.shape[0], length, model.compute_dtype(params))
+    cache = spec.constrain_cache(cache, config)  # under a mesh: sharded by the rules
+    # Only the cache is kept, so XLA drops the unused LM head of the prompt positions.
+    cache = model.apply(config, params, prefix, start, cache, 0, prompt=True)[1]
+    cache = spec.constrain_cache(cache, config)
+    index = jnp.asarray(prompt.shape[1], jnp.int32)
+    return State(last, cache, index, jnp.zeros(last.shape, bool)), start
+
+
+def choose(rows: Rows, logits: jax.Array, forced, noise_index, noise) -> tuple[jax.Array, ...]:
+    """Every row's (token, logprob) at one step from its f32 logits `[B, V]`: sampled by the
+    SCM with the step's noise (abducted for observed rows), or forced."""
+    if rows.observed is not None:
+        noise = posterior.step_noise(rows.observed, rows.key, noise_index)
+    return jax.vmap(scm.choose_or_force)(logits, rows.key, noise_index, rows.sampler, noise, forced)
+
+
+def step(config: LlamaConfig, options: Options, params, rows: Rows, state: State, i, cos_sin):
+    """Response step `i` of the call for every row: logits of `state.last`, then choose or
+    force a token. Returns the new state and the step's outputs (tokens, logprobs, valid[,
+    logits]) per row."""
+    logits, cache = model.apply(
+        config, params, state.last[:, None], rows.start, state.cache, state.index, cos_sin
+    )
+    noise = None if rows.noise is None else rows.noise[:, i]
+    token, logprob = choose(rows, logits[:, 0], rows.forced[:, i], rows.noise_index[:, i], noise)
+    valid = ~state.done
+    token = jnp.where(valid, token, 0)
+    logprob = jnp.where(valid, logprob, 0.0)
+    done = state.done | jnp.isin(token, jnp.asarray(options.stop_tokens, jnp.int32)) & valid
+    out = (token, logprob, valid)
+    if options.keep_logits:
+        out += (logits[:, 0].astype(jnp.float32),)
+    return dataclasses.replace(state, last=token, cache=cache, index=state.index + 1, done=done), out

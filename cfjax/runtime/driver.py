@@ -1,0 +1,288 @@
+"""The host driver: a batch decoded by the core's kernel chunk by chunk (streaming, early stop,
+resume from a stored cache, cache growth, meshes), its rows collected as lists.
+
+Chunking never changes a token: noise is keyed by step, and every chunk runs the same compiled
+`decode.decode`. Policies are named arguments with a backend default (`grow_cache`), so that a
+test can choose them on any backend.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from cfjax.core import decode, kernel, posterior, scm, spec, speculative
+from cfjax.core.cache import KEY_SLOT_AXIS, VALUE_SLOT_AXIS, KVCache
+from cfjax.core.config import LlamaConfig
+from cfjax.core.kernel import DEFAULT_CHUNK, NOT_FORCED, Options, Rows, State
+from cfjax.runtime.request import padded
+
+# From this many rows on, a run on the CPU grows its cache by default (see `grows_by_default`).
+GROW_MIN_BATCH = 16
+
+prefill = jax.jit(kernel.prefill, static_argnums=(0, 4))
+decode_chunk = jax.jit(decode.decode, static_argnums=(0, 1), donate_argnums=(4,))
+"""One chunk: up to `n` steps (a traced count <= the chunk width), ending early once every row
+is done, so one compiled program serves a short last chunk, a resumed run and a stopped batch."""
+start_draft = jax.jit(speculative.start, static_argnums=(0, 4))
+
+
+@dataclasses.dataclass
+class Request:
+    """A batch to decode: prompts, one key and sampler per row, the steps and what to force."""
+
+    prompts: list[list[int]]
+    keys: jax.Array  # [B] typed keys
+    samplers: list[scm.Sampler]
+    steps: int
+    forced: np.ndarray | None = None  # [B, <= steps] int32, NOT_FORCED = sample
+    noise_index: np.ndarray | None = None  # [B, <= steps] int32, default: the step
+    noise: Any = None  # [B, steps, V] float32 explicit Gumbel noise
+    observed: posterior.Observed | None = None  # rows whose noise is abducted (not with noise)
+    keep_logits: bool = False  # return every step's f32 logits (to score observed text)
+    cache_steps: int | None = None  # size the cache for this many steps (default `steps`)
+
+
+@dataclasses.dataclass
+class Resume:
+    """Continue from a stored cache at response step `step` instead of prefilling."""
+
+    cache: KVCache  # [B, ...], a copy the decode may donate
+    start: np.ndarray  # [B]
+    bucket: int
+    step: int
+    last: list[int]  # the token each row feeds at `step`
+    chunk: int = DEFAULT_CHUNK  # the chunk the cache was sized with
+
+
+@dataclasses.dataclass
+class Decoded:
+    """Result of `run`: per-row tokens and log-probs of steps `[first, steps)`, the final cache
+    (every slot, for reuse) and its layout, and what the run did."""
+
+    tokens: list[list[int]]
+    logprobs: list[list[float]]
+    cache: KVCache
+    start: np.ndarray
+    bucket: int
+    chunk: int
+    first: int  # the step the run started at (a resume's step, else 0)
+    logits: np.ndarray | None = None  # [B, steps - first, V] f32, with `Request.keep_logits`
+    rounds: int | None = None  # speculative rounds run (with a draft)
+    slots: list[int] = dataclasses.field(default_factory=list)  # cache slots of each chunk
+
+
+def grows_by_default(batch: int, mesh: Any, draft: Any) -> bool:
+    """The backend default of `run(grow_cache=)`: grow the cache a chunk at a time for batches
+    of `GROW_MIN_BATCH` rows or more on the CPU, unsharded, without a draft.
+
+    Each decode step attends over the whole cache (masked past the current slot), and on
+    XLA:CPU that pass costs in proportion to the slots (a shorter slice of the cache is copied,
+    which costs more; see benchmarks/RESULTS.md). SmolLM2, batch 64, 256 steps: 225 -> 204 ms a
+    step, the same tokens in every row. The price is one compiled chunk program per cache length
+    (4 instead of 1 for 256 steps), worth it only where the attention is a large part of a step;
+    at batch 1 a step is the weights' matmuls, and on a GPU it is unmeasured.
+    """
+    plain = mesh is None and draft is None  # (sharded caches and a draft's: not built)
+    return batch >= GROW_MIN_BATCH and plain and jax.default_backend() == "cpu"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    """The static sizes of a run: prompt bucket, cache slots, chunk and the chunks' steps."""
+
+    bucket: int
+    length: int
+    chunk: int
+    first: int
+    steps: int
+    grow: bool
+
+    def starts(self) -> list[int]:
+        """The first step of each chunk: every `chunk` steps from `first`, or with a growing
+        cache at the multiples of `chunk` (a resumed run's first chunk ends at the next one)."""
+        if not self.grow:
+            return list(range(self.first, self.steps, self.chunk))
+        if self.first >= self.steps:
+            return []
+        return [self.first, *range((self.first // self.chunk + 1) * self.chunk, self.steps, self.chunk)]  # fmt: skip
+
+    def slots(self, s: int) -> int:
+        """The slots the chunk from step `s` attends over: all, or with a growing cache those
+        its last step can reach (a function of the step alone, so a resumed run computes each
+        step with the shapes the factual run had)."""
+        return min(self.length, self.bucket + (s // self.chunk + 1) * self.chunk) if self.grow else self.length  # fmt: skip
+
+
+def run(
+    config: LlamaConfig,
+    params: dict,
+    request: Request,
+    *,
+    stop_tokens: Sequence[int],
+    chunk: int | None = None,
+    resume: Resume | None = None,
+    on_chunk: Callable[[list[list[int]]], None] | None = None,
+    draft: speculative.Draft | None = None,
+    grow_cache: bool | None = None,
+) -> Decoded:
+    """Decode a batch: prefill (or resume), then jitted chunks of up to `chunk` steps (default:
+    the resume's chunk, else `DEFAULT_CHUNK`).
+
+    Stops early once every row has emitted a stop token. `on_chunk(rows)` gets the tokens so
+    far after each chunk. A `resume` whose cache has another layout than this run's is not
+    used (the run prefills; the tokens are the same). Params sharded over a mesh run under it.
+    With a `draft`, the chunks run by speculative rounds: the same tokens, fewer passes over
+    the weights. `grow_cache` (default `grows_by_default`): start with the first chunk's slots
+    and grow the cache before each chunk; the stored cache still has every slot.
+    """
+    mesh = spec.mesh_of(params)
+    if mesh is not None and draft is not None:
+        raise ValueError("speculative decoding (draft=) runs on one device: give unsharded params")
+    batch = len(request.prompts)
+    grow = grows_by_default(batch, mesh, draft) if grow_cache is None else bool(grow_cache)
+    if grow and (mesh is not None or draft is not None):
+        raise ValueError("grow_cache runs unsharded and without a draft")
+    chunk = chunk or (resume.chunk if resume is not None else DEFAULT_CHUNK)
+    if request.cache_steps is not None and request.cache_steps < request.steps:
+        raise ValueError(f"cache_steps {request.cache_steps} is below the {request.steps} steps to run")  # fmt: skip
+    bucket = kernel.bucket_length(max(len(p) for p in request.prompts))
+    spare = 0 if draft is None else draft.lookahead
+    length = kernel.cache_length(bucket, request.cache_steps or request.steps, chunk, spare)
+    if resume is not None and (resume.bucket, resume.cache.length, resume.chunk) != (bucket, length, chunk):  # fmt: skip
+        resume = None  # a cache of another layout cannot serve this run
+    first = 0 if resume is None else resume.step
+    layout = _Layout(bucket, length, chunk, first, request.steps, grow)
+    options = Options(kernel.stop_tuple(stop_tokens), True, request.keep_logits,
+                      None if draft is None else draft.spec)  # fmt: skip
+    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+        return _run(config, params, request, layout, options, resume, on_chunk, mesh, draft)
+
+
+def _run(config, params, request: Request, layout: _Layout, options: Options, resume, on_chunk, mesh, draft) -> Decoded:  # fmt: skip
+    prompt, lengths = padded(request.prompts, layout.bucket)
+    state, start = _initial_state(config, params, prompt, lengths, layout, resume)
+    starts = layout.starts()
+    width = starts[-1] + layout.chunk if starts else layout.first
+    rows, steps_in = _rows(config, request, start, width)
+    rows, state = _commit(rows, state, mesh)
+    if draft is not None:
+        state.draft = _draft_state(draft, prompt, lengths, layout, steps_in["forced"])
+    out, rounds, slots = [], 0, []
+    for s, end in zip(starts, [*starts[1:], layout.steps], strict=True):
+        if state.cache.length < layout.slots(s):
+            state = _resize(state, layout.slots(s))
+        slots.append(state.cache.length)
+        chunk_rows = dataclasses.replace(rows, **{k: None if x is None else x[:, s : s + layout.chunk] for k, x in steps_in.items()})  # fmt: skip
+        state, chunk_out, iterations = decode_chunk(config, options, params, chunk_rows, state,
+                                                    jnp.asarray(end - s, jnp.int32), None if draft is None else draft.params)  # fmt: skip
+        rounds += int(iterations)
+        # Only the chunk's own steps: a resumed run's first chunk ends before its width.
+        out.append(jax.tree_util.tree_map(lambda x, n=end - s: np.swapaxes(spec.fetch(x), 0, 1)[:, :n], chunk_out))  # fmt: skip
+        if on_chunk is not None:
+            on_chunk(_collect([o.tokens for o in out], [o.valid for o in out], layout.steps - layout.first))  # fmt: skip
+        if bool(np.all(spec.fetch(state.done))):
+            break
+    if state.cache.length < layout.length:  # a stored cache serves any later run: every slot
+        state = _resize(state, layout.length)
+    n = layout.steps - layout.first
+    valid = [o.valid for o in out]
+    tokens = _collect([o.tokens for o in out], valid, n)
+    logits = None
+    if options.keep_logits:  # steps not run (all rows stopped) are cut, as in `tokens`
+        logits = np.concatenate([o.logits for o in out], axis=1)[:, : max(len(t) for t in tokens)]
+    return Decoded(tokens, [[float(x) for x in r] for r in _collect([o.logprobs for o in out], valid, n)],
+                   state.cache, spec.fetch(start), layout.bucket, layout.chunk, layout.first,
+                   logits, rounds if draft is not None else None, slots)  # fmt: skip
+
+
+def _initial_state(config, params, prompt, lengths, layout: _Layout, resume: Resume | None):
+    """The state at the run's first step: a prefill, or the resume's stored cache."""
+    if resume is None:
+        return prefill(config, params, prompt, lengths, layout.slots(layout.first))
+    batch = prompt.shape[0]
+    state = State(jnp.asarray(resume.last, jnp.int32), resume.cache,
+                  jnp.asarray(layout.bucket + layout.first, jnp.int32), jnp.zeros((batch,), bool))  # fmt: skip
+    if layout.grow:  # the stored cache holds every slot; this run starts with the first chunk's
+        state = _resize(state, layout.slots(layout.first))
+    return state, jnp.asarray(resume.start)
+
+
+def _rows(config, request: Request, start, width: int) -> tuple[Rows, dict]:
+    """The rows' fixed values, and their per-step inputs over `width` steps (whole chunks;
+    padded steps are never run)."""
+    batch, steps = len(request.prompts), request.steps
+    forced = np.full((batch, width), NOT_FORCED, np.int32)
+    noise_index = np.broadcast_to(np.arange(width, dtype=np.int32), (batch, width)).copy()
+    if request.forced is not None:
+        forced[:, : request.forced.shape[1]] = request.forced
+    if request.noise_index is not None:
+        noise_index[:, : request.noise_index.shape[1]] = request.noise_index
+    noise = request.noise
+    if noise is not None and request.observed is not None:
+        raise ValueError("give explicit noise or observed steps to abduct it from, not both")
+    if noise is not None:
+        noise = jnp.pad(jnp.asarray(noise, jnp.float32), ((0, 0), (0, width - steps), (0, 0)))
+    sampler = jax.tree_util.tree_map(jnp.asarray, scm.stack(request.samplers, config.vocab_size))
+    observed = jax.tree_util.tree_map(jnp.asarray, request.observed)
+    rows = Rows(request.keys, jnp.asarray(start), sampler, None, None, None, observed)
+    return rows, {"forced": forced, "noise_index": noise_index, "noise": noise}
+
+
+def _commit(rows: Rows, state: State, mesh) -> tuple[Rows, State]:
+    """Rows and state on their devices. jit keys its cache on whether arrays are committed to
+    a device: committed now, the first chunk and the later ones (which get jit outputs) share
+    one compilation. Under a mesh, everything but the (sharded) cache is replicated."""
+    if mesh is None:
+        return jax.tree_util.tree_map(lambda x: jax.device_put(x, x.sharding), (rows, state))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    put = lambda x: spec.put(x, replicated)  # noqa: E731
+    state = dataclasses.replace(state, last=put(state.last), index=put(state.index), done=put(state.done))  # fmt: skip
+    return jax.tree_util.tree_map(put, rows), state
+
+
+@functools.partial(jax.jit, static_argnums=(1,))  # (a new shape: no buffer to donate into)
+def _resize(state: State, length: int) -> State:
+    """The state with its cache cut or zero-padded to `length` slots (the slots kept hold the
+    same keys and values; new ones are masked until a step writes them)."""
+
+    def fit(x, axis):
+        if x.shape[axis] >= length:
+            return jax.lax.slice_in_dim(x, 0, length, axis=axis)
+        pad = [(0, 0)] * x.ndim
+        pad[axis] = (0, length - x.shape[axis])
+        return jnp.pad(x, pad)
+
+    cache = KVCache([fit(x, KEY_SLOT_AXIS) for x in state.cache.k], [fit(x, VALUE_SLOT_AXIS) for x in state.cache.v])  # fmt: skip
+    return dataclasses.replace(state, cache=cache)
+
+
+def _draft_state(draft: speculative.Draft, prompt, lengths, layout: _Layout, forced) -> kernel.DraftState:  # fmt: skip
+    """The draft's cache for a run that starts (or resumes) at step `first`: the prompt, then
+    the tokens fed before it (the last prompt token and the response's forced steps), padded to
+    whole chunks so that resumes at nearby steps share one program."""
+    first = layout.first
+    prefix, last, start = kernel.layout(jnp.asarray(prompt), jnp.asarray(lengths))
+    fed = np.zeros((prompt.shape[0], math.ceil(first / layout.chunk) * layout.chunk), np.int32)
+    if first:
+        if (forced[:, : first - 1] < 0).any():
+            raise ValueError("a resumed speculative run needs the response before its resume step")
+        fed[:, 0] = np.asarray(last)
+        fed[:, 1:first] = forced[:, : first - 1]
+    return start_draft(draft.config, draft.params, prefix, start, layout.length, jnp.asarray(fed), jnp.int32(first))  # fmt: skip
+
+
+def _collect(parts: list[np.ndarray], valid: list[np.ndarray], limit: int) -> list[list]:
+    """Each row's valid entries of the chunks' `[B, steps]` outputs, as lists."""
+    values = np.concatenate(parts, axis=1)[:, :limit]
+    mask = np.concatenate(valid, axis=1)[:, :limit]
+    return [values[b][mask[b]].tolist() for b in range(values.shape[0])]
