@@ -69,9 +69,9 @@ def cfjax_warm(lm, prompt: list[int], batch: int, new_tokens: int, clock: Compil
     import dataclasses
 
     from cfjax.causal.factual import generate
-    from cfjax.core import engine
-    from cfjax.runtime.request import row_keys
     from cfjax.core.scm import Sampler
+    from cfjax.runtime import driver
+    from cfjax.runtime.request import row_keys
 
     prompts = [prompt] * batch
 
@@ -88,18 +88,18 @@ def cfjax_warm(lm, prompt: list[int], batch: int, new_tokens: int, clock: Compil
     # Warm-up with the timed run's exact shapes: one step of a request whose cache is sized for
     # all of them compiles the prefill and the chunk program every chunk runs (a recompile in
     # the timed run would show in its `recompile_s`) without running the other steps; where
-    # the cache grows a chunk at a time (`engine.grows`), one step resumed at each chunk's
+    # the cache grows a chunk at a time (`driver.grows_by_default`), one step resumed at each chunk's
     # first step compiles that chunk's program.
-    warm = engine.Request(prompts, row_keys(1, batch), [Sampler(temperature=1.0)] * batch, 1,
+    warm = driver.Request(prompts, row_keys(1, batch), [Sampler(temperature=1.0)] * batch, 1,
                           cache_steps=new_tokens)  # fmt: skip
     t = time.perf_counter()
     with clock.measure() as compile_s:
-        done = engine.run(lm.config, lm.params, warm, stop_tokens=())
-        later = range(engine.DEFAULT_CHUNK, new_tokens, engine.DEFAULT_CHUNK)
-        for step in later if engine.grows(batch, None, None) else ():
-            resume = engine.Resume(done.cache, done.start, done.bucket, step, [prompt[-1]] * batch)
+        done = driver.run(lm.config, lm.params, warm, stop_tokens=())
+        later = range(driver.DEFAULT_CHUNK, new_tokens, driver.DEFAULT_CHUNK)
+        for step in later if driver.grows_by_default(batch, None, None) else ():
+            resume = driver.Resume(done.cache, done.start, done.bucket, step, [prompt[-1]] * batch)
             request = dataclasses.replace(warm, steps=step + 1)
-            done = engine.run(lm.config, lm.params, request, stop_tokens=(), resume=resume)
+            done = driver.run(lm.config, lm.params, request, stop_tokens=(), resume=resume)
     return run, {"compile_s": compile_s[0], "warmup_s": time.perf_counter() - t}
 
 
@@ -165,18 +165,18 @@ def speculative_decode(lm, draft, prompt, batch, new_tokens, lookahead, pairs) -
     import dataclasses
 
     from cfjax.causal.factual import draft_for
-    from cfjax.core import engine
-    from cfjax.runtime.request import row_keys
     from cfjax.core.scm import Sampler
+    from cfjax.runtime import driver
+    from cfjax.runtime.request import row_keys
 
-    request = engine.Request([prompt] * batch, row_keys(1, batch), [Sampler()] * batch, new_tokens)
+    request = driver.Request([prompt] * batch, row_keys(1, batch), [Sampler()] * batch, new_tokens)
     spec_draft = draft_for(lm, draft, lookahead)
-    plain = lambda: engine.run(lm.config, lm.params, request, stop_tokens=())  # noqa: E731
-    spec = lambda: engine.run(lm.config, lm.params, request, stop_tokens=(), draft=spec_draft)  # noqa: E731,E501
+    plain = lambda: driver.run(lm.config, lm.params, request, stop_tokens=())  # noqa: E731
+    spec = lambda: driver.run(lm.config, lm.params, request, stop_tokens=(), draft=spec_draft)  # noqa: E731,E501
     # Compile both with one step of a request of the same shapes (its cache sized for them all).
     warm = dataclasses.replace(request, steps=1, cache_steps=new_tokens)
-    engine.run(lm.config, lm.params, warm, stop_tokens=())
-    engine.run(lm.config, lm.params, warm, stop_tokens=(), draft=spec_draft)
+    driver.run(lm.config, lm.params, warm, stop_tokens=())
+    driver.run(lm.config, lm.params, warm, stop_tokens=(), draft=spec_draft)
     plain_s, spec_s = [], []
     for _ in range(pairs):
         p, s = best_time(plain, 1), best_time(spec, 1)

@@ -27,7 +27,8 @@ from profile_decode import print_table, profile
 
 import cfjax
 from cfjax import ReplaceTokens, Sampler, counterfactual, generate
-from cfjax.core import engine, model, scm
+from cfjax.core import kernel, model, scm
+from cfjax.runtime import driver
 
 # Peak HBM bandwidth by device kind (bytes/s), for the roofline; others use a measured copy.
 PEAK_BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}
@@ -103,7 +104,7 @@ def main() -> None:
         _, first_s = timed(run)  # includes compilation
         traces, warm_s = timed(run)
         tok_s = batch * args.new_tokens / warm_s
-        slots = engine.cache_length(engine.bucket_length(args.prompt_len), args.new_tokens)
+        slots = kernel.cache_length(kernel.bucket_length(args.prompt_len), args.new_tokens)
         kv_bytes = 2 * config.n_layers * batch * slots * config.n_kv_heads * config.head_dim
         kv_bytes *= dtype.itemsize
         roofline = batch * bw / (param_bytes + kv_bytes)
@@ -198,11 +199,11 @@ def speculative(lm, prompts, steps: int, tok_s: float, tokens, lookahead: int = 
         from cfjax.runtime.request import row_keys
 
         draft = draft_for(lm, cfjax.quantize(lm, "int8"), lookahead)
-        request = engine.Request(
+        request = driver.Request(
             [list(p) for p in prompts], row_keys(1, len(prompts)),
             [Sampler(temperature=1.0)] * len(prompts), steps,
         )  # fmt: skip
-        run = functools.partial(engine.run, lm.config, lm.params, request, stop_tokens=(), draft=draft)  # fmt: skip
+        run = functools.partial(driver.run, lm.config, lm.params, request, stop_tokens=(), draft=draft)  # fmt: skip
         _, first_s = timed(run)
         out, warm_s = timed(run)
     except Exception as e:  # noqa: BLE001 (the checks above must still be printed)
@@ -227,33 +228,32 @@ def compile_split(lm, batch: int, prompt_len: int, steps: int) -> dict:
     try:
         jax.clear_caches()
         c = lm.config
-        bucket = engine.bucket_length(prompt_len)
-        length = engine.cache_length(bucket, steps)
+        bucket = kernel.bucket_length(prompt_len)
+        length = kernel.cache_length(bucket, steps)
         shape = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)  # noqa: E731
         params = jax.tree_util.tree_map(shape, lm.params)
         prompt = jax.ShapeDtypeStruct((batch, bucket), jnp.int32)
         lengths = jax.ShapeDtypeStruct((batch,), jnp.int32)
         out = {}
         lowered, out["prefill_lower_s"] = timed(
-            lambda: engine._prefill.lower(c, params, prompt, lengths, length)
+            lambda: driver.prefill.lower(c, params, prompt, lengths, length)
         )
         _, out["prefill_compile_s"] = timed(lowered.compile)
-        carry, start = jax.eval_shape(
-            lambda p, t, n: engine.prefill(c, p, t, n, length), params, prompt, lengths
+        state, start = jax.eval_shape(
+            lambda p, t, n: kernel.prefill(c, p, t, n, length), params, prompt, lengths
         )
+        forced = jax.ShapeDtypeStruct((batch, kernel.DEFAULT_CHUNK), jnp.int32)  # as `run`'s
         rows = jax.eval_shape(
-            lambda n: engine.Rows(
+            lambda n, f: kernel.Rows(
                 jax.random.split(jax.random.key(0), batch), n,
-                scm.stack([Sampler(temperature=1.0)] * batch, c.vocab_size),
+                scm.stack([Sampler(temperature=1.0)] * batch, c.vocab_size), f, f,
             ),
-            start,
+            start, forced,
         )  # fmt: skip
-        forced = jax.ShapeDtypeStruct((batch, engine.DEFAULT_CHUNK), jnp.int32)  # as `run`'s
         count = jax.ShapeDtypeStruct((), jnp.int32)
+        options = kernel.Options(early_exit=True)  # as `run`'s, without stop tokens
         lowered, out["chunk_lower_s"] = timed(
-            lambda: engine._run_chunk.lower(
-                c, (-1,), params, rows, carry, forced, forced, None, count, False
-            )
+            lambda: driver.decode_chunk.lower(c, options, params, rows, state, count)
         )
         _, out["chunk_compile_s"] = timed(lowered.compile)
     except Exception as e:  # noqa: BLE001 (the checks above must still be printed)

@@ -27,7 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from common import DEFAULT_MODEL, load_lm, machine  # benchmarks/, beside this file
 
-from cfjax.core import engine, scm
+from cfjax.core import kernel, scm
+from cfjax.runtime import driver
 
 
 def op_shapes(hlo_text: str) -> dict[str, str]:
@@ -67,40 +68,43 @@ def trace_ops(fn) -> dict[str, tuple[float, int]]:
     return {k: (v[0], v[1]) for k, v in totals.items()}
 
 
-def profile(lm, batch: int, steps: int, chunk: int = engine.DEFAULT_CHUNK, prompt_len: int = 42):
+def profile(lm, batch: int, steps: int, chunk: int = kernel.DEFAULT_CHUNK, prompt_len: int = 42):
     """Trace `steps` warm decode steps of `lm` at `batch`; the per-op table as a dict."""
     c = lm.config
     prompt = [1 + (7 * i) % (c.vocab_size - 1) for i in range(prompt_len)]
-    bucket = engine.bucket_length(prompt_len)
+    bucket = kernel.bucket_length(prompt_len)
     padded = np.zeros((batch, bucket), np.int32)
     padded[:, :prompt_len] = prompt
     lengths = np.full((batch,), prompt_len, np.int32)
     keys = jax.random.split(jax.random.key(0), batch)
     sampler = scm.Sampler(temperature=1.0)
-    request = engine.Request([prompt] * batch, keys, [sampler] * batch, steps)
-    length = engine.cache_length(bucket, steps, chunk)
+    request = driver.Request([prompt] * batch, keys, [sampler] * batch, steps)
+    length = kernel.cache_length(bucket, steps, chunk)
 
     def prefilled():
         """The decode's starting point: a cache holding the prompts (the prefill not timed)."""
-        carry, start = engine._prefill(c, lm.params, padded, lengths, length)
-        jax.block_until_ready(carry)
-        return carry, engine.Resume(carry.cache, np.asarray(start), bucket, 0, [prompt[-1]] * batch)
+        state, start = driver.prefill(c, lm.params, padded, lengths, length)
+        jax.block_until_ready(state)
+        return state, driver.Resume(
+            state.cache, np.asarray(start), bucket, 0, [prompt[-1]] * batch, chunk
+        )
 
     def run(resume) -> float:
         t = time.perf_counter()
-        engine.run(c, lm.params, request, stop_tokens=(), chunk=chunk, resume=resume)
+        driver.run(c, lm.params, request, stop_tokens=(), chunk=chunk, resume=resume)
         return time.perf_counter() - t
 
     run(prefilled()[1])  # compile
     resume, wall = prefilled()[1], []
     events = trace_ops(lambda: wall.append(run(resume)))
-    carry, resume = prefilled()
+    state, resume = prefilled()
     width = min(chunk, steps)
-    rows = engine.Rows(keys, jnp.asarray(resume.start), scm.stack(request.samplers, c.vocab_size))
-    hlo = engine._run_chunk.lower(
-        c, (-1,), lm.params, jax.tree_util.tree_map(jnp.asarray, rows), carry,
-        jnp.full((batch, width), engine.NOT_FORCED, jnp.int32),
-        jnp.zeros((batch, width), jnp.int32), None, jnp.int32(width), False,
+    rows = kernel.Rows(keys, jnp.asarray(resume.start), scm.stack(request.samplers, c.vocab_size),
+                       jnp.full((batch, width), kernel.NOT_FORCED, jnp.int32),
+                       jnp.zeros((batch, width), jnp.int32))  # fmt: skip
+    hlo = driver.decode_chunk.lower(
+        c, kernel.Options(early_exit=True), lm.params, jax.tree_util.tree_map(jnp.asarray, rows),
+        state, jnp.int32(width),
     ).compile().as_text()  # fmt: skip
     shapes = op_shapes(hlo)
     rows: dict[str, list] = collections.defaultdict(lambda: [0.0, 0])
@@ -146,7 +150,7 @@ def main() -> None:
     ap.add_argument("--config", help="random weights of this preset instead (e.g. tiny)")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--steps", type=int, default=128, help="decode steps traced")
-    ap.add_argument("--chunk", type=int, default=engine.DEFAULT_CHUNK)
+    ap.add_argument("--chunk", type=int, default=kernel.DEFAULT_CHUNK)
     ap.add_argument("--prompt-len", type=int, default=42)
     ap.add_argument("--top", type=int, default=20, help="rows printed")
     ap.add_argument("--json", action="store_true")

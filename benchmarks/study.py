@@ -38,9 +38,9 @@ def main() -> None:
     ap.add_argument("--json", action="store_true", help="print the JSON object only")
     args = ap.parse_args()
 
-    from cfjax.runtime.request import prompt_tokens
     from cfjax.experiments import stability
     from cfjax.experiments.questions import QUESTIONS
+    from cfjax.runtime.request import prompt_tokens
 
     started = time.perf_counter()
     tmp = tempfile.TemporaryDirectory()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 import jax
 import jax.numpy as jnp
@@ -22,10 +23,11 @@ import cfjax
 from cfjax.causal import Trace, abduct, counterfactual, counterfactuals, generate, summarize
 from cfjax.causal.abduction import posterior_noise
 from cfjax.causal.interventions import ChangeSampler, EditPrompt, ReplaceText, ReplaceTokens
-from cfjax.core import engine, posterior
+from cfjax.core import decode, kernel, posterior
 from cfjax.core.model import init_params
-from cfjax.runtime.request import row_keys
 from cfjax.core.scm import Sampler
+from cfjax.runtime import driver
+from cfjax.runtime.request import row_keys
 
 CHUNK = 16
 STEPS = 24
@@ -168,7 +170,7 @@ def test_steps_past_the_observed_text_use_prior_noise(lm, observed):
     cf = counterfactual(lm, posts[0], _null(posts[0]))
     assert cf.tokens[:10] == tokens and len(cf.tokens) == STEPS
     # Past the observation, the tokens are those the prior noise of the trace key gives.
-    want = engine.sample(
+    want = decode.sample(
         lm.config, lm.params, jnp.asarray(_padded(posts[0].prompt_tokens)),
         len(posts[0].prompt_tokens), posts[0].key, Sampler(1.0), max_new_tokens=STEPS,
         forced=jnp.asarray(tokens + [-1] * (STEPS - 10)),
@@ -177,7 +179,7 @@ def test_steps_past_the_observed_text_use_prior_noise(lm, observed):
 
 
 def _padded(prompt: list[int]) -> list[int]:
-    return prompt + [0] * (engine.bucket_length(len(prompt)) - len(prompt))
+    return prompt + [0] * (kernel.bucket_length(len(prompt)) - len(prompt))
 
 
 # --- batching and cost ---------------------------------------------------------------------------
@@ -195,14 +197,15 @@ def test_batched_samples_equal_one_by_one(lm, observed):
 
 
 def test_forward_passes_do_not_grow_with_the_number_of_samples(lm, observed, monkeypatch):
-    calls: list[int] = []
-    real = engine._run_chunk
+    calls: list[tuple[int, int]] = []  # (rows, chunks) of each driver run
+    real = driver.run
 
-    def counted(config, stops, params, rows, carry, *args):
-        calls.append(int(carry.last.shape[0]))
-        return real(config, stops, params, rows, carry, *args)
+    def counted(config, params, request, **kw):
+        out = real(config, params, request, **kw)
+        calls.append((len(request.prompts), len(out.slots)))
+        return out
 
-    monkeypatch.setattr(engine, "_run_chunk", counted)
+    monkeypatch.setattr(driver, "run", counted)
     tokens = observed["t1"]
     runs = {}
     for n in (1, 16):
@@ -215,12 +218,13 @@ def test_forward_passes_do_not_grow_with_the_number_of_samples(lm, observed, mon
         counterfactuals(lm, posts, [ReplaceTokens(12, [5])] * n)
         runs[n] = (scoring, list(calls))
     # One scoring pass of batch 1 either way, and one batch of n rows for the counterfactuals,
-    # resumed at step 12 in chunks of the factual's 16 steps (at 16 rows the chunks start at
-    # whole chunks, as the cache grows: `engine.grows`).
-    assert runs[1][0] == runs[16][0] == [1] * len(runs[1][0])
-    assert runs[1][1] == [1] * len(engine._chunk_starts(12, STEPS, CHUNK, aligned=False))
-    assert engine.grows(16, None, None)
-    assert runs[16][1] == [16] * len(engine._chunk_starts(12, STEPS, CHUNK, aligned=True))
+    # resumed at step 12 in chunks of the factual's 16 steps (where the cache grows, as it does
+    # by default for 16 rows on the CPU, the chunks after the first start at whole chunks).
+    assert runs[1][0] == runs[16][0] == [(1, math.ceil(len(tokens) / CHUNK))]
+    every = lambda first: math.ceil((STEPS - first) / CHUNK)  # noqa: E731
+    aligned = 1 + every((12 // CHUNK + 1) * CHUNK)
+    assert runs[1][1] == [(1, every(12))]
+    assert runs[16][1] == [(16, aligned if driver.grows_by_default(16, None, None) else every(12))]
 
 
 # --- the law of the posterior ---------------------------------------------------------------

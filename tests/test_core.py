@@ -17,9 +17,10 @@ import numpy as np
 import pytest
 
 import cfjax
-from cfjax.core import engine, model
+from cfjax.core import kernel, model
 from cfjax.core.cache import init_cache
-from cfjax.core.store import CacheStore, Stored
+from cfjax.runtime import driver
+from cfjax.runtime.store import CacheStore, Stored
 
 N = 48
 PROMPT = [3, 17, 99, 5, 200, 42, 7]
@@ -41,7 +42,7 @@ def lm():
 
 def padded(prompt=PROMPT) -> np.ndarray:
     """The prompt in a buffer of `bucket_length` slots: the shapes `generate` runs."""
-    out = np.zeros((engine.bucket_length(len(prompt)),), np.int32)
+    out = np.zeros((kernel.bucket_length(len(prompt)),), np.int32)
     out[: len(prompt)] = prompt
     return out
 
@@ -126,7 +127,7 @@ def test_vmap_over_prompts_lengths_and_forced_prefixes(lm):
     prompts = [PROMPT, [9, 8], list(range(40, 70))]
     buffers = np.stack([padded(p) for p in prompts])
     lengths = np.asarray([len(p) for p in prompts], np.int32)
-    forced = np.full((3, N), engine.NOT_FORCED, np.int32)
+    forced = np.full((3, N), kernel.NOT_FORCED, np.int32)
     forced[1, :3] = [5, 6, 7]
     run = lambda prompt, n, f: cfjax.core.sample(
         lm.config, lm.params, prompt, n, KEY, SAMPLERS["t0.7"], max_new_tokens=N, forced=f
@@ -158,7 +159,7 @@ def test_forced_tokens_and_noise_index_give_the_counterfactual(lm):
     cf = cfjax.counterfactual(lm, fact, cfjax.ReplaceTokens(10, [edit, 9], count=1))
     m = cf.alignment["resume_at"]
     assert m == 12 and cf.noise_index[m] == 11  # one token inserted: the noise shifted
-    forced = np.full((N,), engine.NOT_FORCED, np.int32)
+    forced = np.full((N,), kernel.NOT_FORCED, np.int32)
     forced[:m] = cf.tokens[:m]
     out = sample(lm, forced=forced, noise_index=np.asarray(cf.noise_index[:N], np.int32))
     assert out.tokens.tolist() == cf.tokens[:N]
@@ -223,8 +224,8 @@ def test_counterfactuals_mixing_four_samplers_is_one_batch_equal_to_one_by_one(l
         cfjax.ChangeSampler(temperature=0.0),
     ]
     runs = []
-    real = engine.run
-    monkeypatch.setattr(engine, "run", lambda *a, **kw: runs.append(1) or real(*a, **kw))
+    real = driver.run
+    monkeypatch.setattr(driver, "run", lambda *a, **kw: runs.append(1) or real(*a, **kw))
     batched = cfjax.counterfactuals(lm, fact, [[c, edit] for c in changes])
     assert len(runs) == 1  # one batch, though the samplers differ
     monkeypatch.undo()
@@ -277,9 +278,9 @@ def test_a_counterfactual_without_a_stored_cache_recomputes_the_same(lm, monkeyp
     reused = cfjax.counterfactual(lm, fact, edit)
     lm.caches.clear()
     calls = []
-    real = engine.run
+    real = driver.run
     monkeypatch.setattr(
-        engine, "run", lambda *a, **kw: calls.append(kw["resume"]) or real(*a, **kw)
+        driver, "run", lambda *a, **kw: calls.append(kw["resume"]) or real(*a, **kw)
     )
     again = cfjax.counterfactual(lm, fact, edit)
     assert calls == [None] and again.tokens == reused.tokens

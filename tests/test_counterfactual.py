@@ -36,9 +36,10 @@ from cfjax.causal.interventions import (
 )
 from cfjax.causal.replay import counterfactual, counterfactuals, interventional, interventionals
 from cfjax.causal.trace import Trace
-from cfjax.core import engine, scm
+from cfjax.core import scm
 from cfjax.core.model import init_params
 from cfjax.core.scm import Sampler
+from cfjax.runtime import driver
 
 CHUNK = 16
 STEPS = 48
@@ -338,16 +339,16 @@ def test_two_response_edits_force_the_span_between_them(lm, fact, word):
 
 
 def _spy(monkeypatch):
-    """Records each engine run as ["prefill", 0] or [the step it resumed a stored cache at]."""
+    """Records each driver run as ["prefill", 0] or [the step it resumed a stored cache at]."""
     calls = []
-    real_run = engine.run
+    real_run = driver.run
 
     def run(*a, **kw):
-        resume = kw.get("resume")
-        calls.extend(["prefill", 0] if resume is None else [resume.step])
-        return real_run(*a, **kw)
+        out = real_run(*a, **kw)
+        calls.extend([out.first] if out.resumed else ["prefill", 0])
+        return out
 
-    monkeypatch.setattr(engine, "run", run)
+    monkeypatch.setattr(driver, "run", run)
     return calls
 
 

@@ -1,4 +1,4 @@
-"""The decoding engine (cfjax.core.engine, cfjax.generate, cfjax.Trace) on the tiny preset.
+"""The decoding engine (core.decode, runtime.driver, cfjax.generate, cfjax.Trace), tiny preset.
 
 References are independent of the scan: the plain no-cache `cfjax.forward`, a numpy transcription
 of the sampler masks with noise drawn straight from `jax.random`, an eager Python-loop decode,
@@ -24,9 +24,10 @@ from conftest import ref_keep
 import cfjax
 from cfjax.causal.factual import generate
 from cfjax.causal.trace import Trace
-from cfjax.core import engine, model, scm
+from cfjax.core import kernel, model, scm
 from cfjax.core.cache import init_cache
 from cfjax.core.scm import Sampler
+from cfjax.runtime import driver
 from cfjax.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -165,7 +166,7 @@ def test_comparison_mechanisms_against_forward(lm, base, mechanism):
 def test_forced_tokens_and_noise_index_inside_the_scan(lm, base):
     """Forced steps are fed to the cache; later steps sample with the given noise index."""
     sampler = Sampler()
-    forced = np.full((1, N), engine.NOT_FORCED, np.int32)
+    forced = np.full((1, N), kernel.NOT_FORCED, np.int32)
     forced[0, :3] = base.tokens[:3]
     forced[0, 3] = (base.tokens[3] + 1) % V  # an edit: the rest of the response changes
     shift = np.arange(N, dtype=np.int32)[None] + 5
@@ -181,18 +182,17 @@ def test_forced_tokens_and_noise_index_inside_the_scan(lm, base):
 def test_forcing_the_factual_tokens_changes_nothing(lm, sampler):
     """A null intervention at decode level: same tokens and same log-probs, greedy included."""
     free = _decode(lm, sampler)
-    forced = np.full((1, N), engine.NOT_FORCED, np.int32)
+    forced = np.full((1, N), kernel.NOT_FORCED, np.int32)
     forced[0, :20] = free.tokens[0][:20]
     again = _decode(lm, sampler, forced=forced)
     assert again.tokens == free.tokens
     np.testing.assert_array_equal(again.logprobs, free.logprobs)
 
 
-def _decode(lm, sampler, *, prompt=PROMPT, stop_tokens=(), on_chunk=None, steps=N, **kw):
-    request = engine.Request([prompt], KEY[None], [sampler], steps, **kw)
-    return engine.run(
-        lm.config, lm.params, request, stop_tokens=stop_tokens, chunk=CHUNK, on_chunk=on_chunk
-    )
+def _decode(lm, sampler, *, prompt=PROMPT, stop_tokens=(), on_chunk=None, steps=N, resume=None, **kw):  # fmt: skip
+    request = driver.Request([prompt], KEY[None], [sampler], steps, **kw)
+    return driver.run(lm.config, lm.params, request, stop_tokens=stop_tokens, chunk=CHUNK,
+                      on_chunk=on_chunk, resume=resume)  # fmt: skip
 
 
 # --- determinism ------------------------------------------------------------------------------
@@ -313,54 +313,56 @@ def test_array_prompts(lm, base, batch):
     assert [t.tokens for t in gen(lm, rows, key=batch[1])] == [t.tokens for t in batch[0]]
 
 
-# --- a growing cache (batches of GROW_MIN_BATCH rows or more on the CPU) ----------------------
+# --- a growing cache (by default for batches of GROW_MIN_BATCH rows or more on the CPU) --------
 
 
-WIDE = engine.GROW_MIN_BATCH
+WIDE = driver.GROW_MIN_BATCH
 
 
 def _wide_request(steps=N, **kw):
     """WIDE rows of different prompt lengths (one bucket) and keys."""
     prompts = [PROMPT[: 2 + i % 6] for i in range(WIDE)]
-    return engine.Request(prompts, jax.random.split(KEY, WIDE), [Sampler()] * WIDE, steps, **kw)
+    return driver.Request(prompts, jax.random.split(KEY, WIDE), [Sampler()] * WIDE, steps, **kw)
 
 
-def test_a_growing_cache_changes_no_token(lm, monkeypatch):
-    """A wide batch grows its cache a chunk before each chunk needs it: the tokens of attending
-    over every slot from the first step, and the stored cache has every slot."""
-    sizes, resize = [], engine._resize
-    monkeypatch.setattr(engine, "_resize", lambda carry, n: sizes.append(n) or resize(carry, n))
-    grown = engine.run(lm.config, lm.params, _wide_request(), stop_tokens=(), chunk=CHUNK)
+def _wide(lm, request=None, **kw):
+    request = _wide_request() if request is None else request
+    return driver.run(lm.config, lm.params, request, stop_tokens=(), chunk=CHUNK, **kw)
+
+
+def test_a_growing_cache_changes_no_token(lm):
+    """A growing cache is grown a chunk before each chunk needs it: the tokens of attending over
+    every slot from the first step, and the stored cache has every slot (on any backend: the
+    policy is an argument)."""
+    grown = _wide(lm, grow_cache=True)
     b = grown.bucket
-    assert sizes == [b + 2 * CHUNK, b + 3 * CHUNK]  # the prefill made b + CHUNK slots
-    monkeypatch.setattr(engine, "GROW_MIN_BATCH", 10**9)
-    sizes.clear()
-    full = engine.run(lm.config, lm.params, _wide_request(), stop_tokens=(), chunk=CHUNK)
-    assert sizes == [] and grown.tokens == full.tokens
+    assert grown.slots == [b + CHUNK, b + 2 * CHUNK, b + 3 * CHUNK]
+    full = _wide(lm, grow_cache=False)
+    assert full.slots == [b + 3 * CHUNK] * 3 and grown.tokens == full.tokens
     # Another cache length is another XLA program: logits may round differently (seen: 1.4e-5).
     np.testing.assert_allclose(grown.logprobs, full.logprobs, atol=1e-4)
-    assert grown.cache.length == full.cache.length == engine.cache_length(b, N, CHUNK)
+    assert grown.cache.length == full.cache.length == kernel.cache_length(b, N, CHUNK)
     np.testing.assert_allclose(grown.cache.k[0], full.cache.k[0], atol=1e-5)
     # A cache sized for more steps than run is padded to all of them at the end.
-    more = engine.run(
-        lm.config, lm.params, _wide_request(steps=20, cache_steps=N), stop_tokens=(), chunk=CHUNK
-    )
-    assert more.cache.length == engine.cache_length(b, N, CHUNK)
+    more = _wide(lm, _wide_request(steps=20, cache_steps=N), grow_cache=True)
+    assert more.cache.length == kernel.cache_length(b, N, CHUNK)
     assert [t[:20] for t in grown.tokens] == more.tokens
+    # The backend default: grown on the CPU from GROW_MIN_BATCH rows.
+    assert driver.grows_by_default(WIDE, None, None) == (jax.default_backend() == "cpu")
+    assert not driver.grows_by_default(WIDE - 1, None, None)
 
 
 def test_a_run_resumed_from_a_grown_cache_repeats_the_factual_steps_exactly(lm):
-    """Resumed mid-chunk from the stored cache, a wide batch computes each step with the cache
+    """Resumed mid-chunk from the stored cache, a growing run computes each step with the cache
     length the factual run had at that step: the same tokens and bit-equal log-probs."""
-    factual = engine.run(lm.config, lm.params, _wide_request(), stop_tokens=(), chunk=CHUNK)
+    factual = _wide(lm, grow_cache=True)
     first = CHUNK + 5
-    resume = engine.Resume(
+    resume = driver.Resume(
         jax.tree_util.tree_map(jnp.copy, factual.cache), factual.start, factual.bucket, first,
-        [t[first - 1] for t in factual.tokens],
+        [t[first - 1] for t in factual.tokens], CHUNK,
     )  # fmt: skip
-    again = engine.run(
-        lm.config, lm.params, _wide_request(), stop_tokens=(), chunk=CHUNK, resume=resume
-    )
+    again = _wide(lm, resume=resume, grow_cache=True)
+    assert again.resumed and again.slots == [factual.bucket + 2 * CHUNK, factual.bucket + 3 * CHUNK]  # fmt: skip
     assert again.tokens == [t[first:] for t in factual.tokens]
     np.testing.assert_array_equal(again.logprobs, [p[first:] for p in factual.logprobs])
     assert again.cache.length == factual.cache.length and again.index == factual.index
@@ -395,28 +397,25 @@ def test_stop_token_ends_the_row(lm, base, stops):
     out = _decode(lm, Sampler(), stop_tokens=stops, on_chunk=calls.append)
     assert out.tokens == [want] and len(calls) == 1
     # ... and that chunk ended at the stop: exactly len(want) steps ran (cache slots written).
-    assert out.index == engine.bucket_length(len(PROMPT)) + len(want)
+    assert out.index == kernel.bucket_length(len(PROMPT)) + len(want)
 
 
 def test_a_short_last_chunk_runs_only_the_steps_left(lm, base):
-    bucket = engine.bucket_length(len(PROMPT))
+    bucket = kernel.bucket_length(len(PROMPT))
     for steps in (5, CHUNK + 3):
         out = _decode(lm, Sampler(), steps=steps)
         assert out.tokens == [base.tokens[:steps]]
         assert out.index == bucket + steps  # no step past the last one ran
 
 
-def test_a_stored_cache_of_another_layout_is_refused(lm):
-    """A write past the cache's end would be clamped onto its last slot: a resumed run whose
-    stored cache is shorter than its steps need is refused."""
-    bucket = engine.bucket_length(len(PROMPT))
+def test_a_stored_cache_of_another_layout_is_not_used(lm, base):
+    """A write past the cache's end would be clamped onto its last slot: a stored cache shorter
+    than the run's steps need is not resumed; the run prefills and gives the same tokens."""
+    bucket = kernel.bucket_length(len(PROMPT))
     short = init_cache(lm.config, 1, bucket + 4)
-    resume = engine.Resume(short, np.asarray([bucket - len(PROMPT) + 1]), bucket, 0, [PROMPT[-1]])
-    with pytest.raises(ValueError, match=f"stored cache of {bucket} \\+ 4 slots cannot serve"):
-        engine.run(
-            lm.config, lm.params, engine.Request([PROMPT], KEY[None], [Sampler()], 5),
-            stop_tokens=(), chunk=CHUNK, resume=resume,
-        )  # fmt: skip
+    resume = driver.Resume(short, np.asarray([bucket - len(PROMPT) + 1]), bucket, 0, [PROMPT[-1]], CHUNK)  # fmt: skip
+    out = _decode(lm, Sampler(), steps=5, resume=resume)
+    assert not out.resumed and out.tokens == [base.tokens[:5]]
 
 
 def test_rows_stopping_early_do_not_affect_others(lm, batch):
@@ -580,7 +579,6 @@ def test_new_prompt_length_in_bucket_does_not_recompile(lm):
         if event == "/jax/core/compile/backend_compile_duration":
             compiles.append(event)
 
-    sizes = (engine._run_chunk._cache_size(), engine._prefill._cache_size())
     jax.monitoring.register_event_duration_secs_listener(listen)
     try:
         t = gen(lm, [6] * 30)  # another length, same bucket
@@ -589,7 +587,6 @@ def test_new_prompt_length_in_bucket_does_not_recompile(lm):
         assert len(compiles) >= 1
     finally:
         jax.monitoring.unregister_event_duration_listener(listen)
-    assert (engine._run_chunk._cache_size(), engine._prefill._cache_size()) == sizes
 
 
 # --- bad inputs -------------------------------------------------------------------------------

@@ -258,12 +258,12 @@ def test_any_bad_numeric_flag_is_one_line_before_any_load_or_write(tmp_path, cap
 def test_core_sample_checks_concrete_values_and_checkify_reports_traced_ones(lm):
     from jax.experimental import checkify
 
-    from cfjax.core import engine
+    from cfjax.core import decode
 
     V = lm.config.vocab_size
 
     def sample(prompt, prompt_length=3, forced=None):
-        return engine.sample(lm.config, lm.params, jnp.asarray(prompt, jnp.int32), prompt_length,
+        return decode.sample(lm.config, lm.params, jnp.asarray(prompt, jnp.int32), prompt_length,
                              jax.random.key(0), Sampler(1.0), max_new_tokens=4, forced=forced)  # fmt: skip
 
     bad = [

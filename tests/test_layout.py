@@ -101,3 +101,51 @@ def test_exports():
     for name in ("convert", "list_models", "load", "generate", "counterfactual", "core"):
         assert name in cfjax.__all__ and hasattr(cfjax, name)
     assert cfjax.core.sample.__module__ == "cfjax.core.decode"
+
+
+def _py(*folders: str) -> list[Path]:
+    return sorted(f for d in folders for f in (ROOT / d).glob("*.py"))
+
+
+def test_the_core_holds_no_host_state():
+    """`core/` is pure (DESIGN.md §1): no stores, locks, chat templates or model handles; those
+    live in the runtime layer above it."""
+    for file in _py("core"):
+        tree = ast.parse(file.read_text(encoding="utf-8"))
+        modules = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        modules |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}  # fmt: skip
+        # (collections.abc is types; `collections` holds the containers of a cache store)
+        assert not modules & {"threading", "jinja2", "collections", "weakref"}, file.name
+        classes = {n.name for n in ast.walk(tree) if isinstance(n, ast.ClassDef)}
+        assert not classes & {"LM", "CacheStore", "ArrayStore"}, file.name
+
+
+def test_engine_files_and_functions_stay_small():
+    """Files of the core and the runtime layer <= 400 lines; functions of the engine, the
+    runtime and `causal/` <= 60 lines (issue 29)."""
+    for file in _py("core", "runtime"):
+        assert len(file.read_text(encoding="utf-8").splitlines()) <= 400, file.name
+    for file in _py("core", "runtime", "causal"):
+        for node in ast.walk(ast.parse(file.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.FunctionDef):
+                lines = node.end_lineno - node.lineno + 1
+                assert lines <= 60, f"{file.relative_to(ROOT)}: {node.name} has {lines} lines"
+
+
+def _calls(name: str) -> list[str]:
+    """The modules (relative paths) that call `name(...)` (as a bare or attribute name)."""
+    found = []
+    for file in ROOT.rglob("*.py"):
+        for node in ast.walk(ast.parse(file.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Call):
+                f = node.func
+                if (isinstance(f, ast.Name) and f.id == name) or (isinstance(f, ast.Attribute) and f.attr == name):  # fmt: skip
+                    found.append(str(file.relative_to(ROOT)))
+    return found
+
+
+def test_one_decode_loop_and_one_trace_builder():
+    """Every route decodes through `core.decode.decode` (the one loop), and every trace a run
+    makes comes from `causal.trace.new_trace`."""
+    assert _calls("while_loop") == ["core/decode.py"]
+    assert set(_calls("Trace")) == {"causal/trace.py"}

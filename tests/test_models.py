@@ -12,7 +12,7 @@ from conftest import hf_llama
 
 import cfjax
 from cfjax.causal import ChangeModel, Steer, counterfactual, coupled, generate
-from cfjax.core import engine, model, quant, scm, steering
+from cfjax.core import decode, fusion, model, quant, scm, steering
 from cfjax.models import lora as ft
 
 LAYER = 0
@@ -105,7 +105,7 @@ def test_steering_vmaps_over_its_scale(hf):
 
     def run(scale):
         params = steering.steer(lm.params, LAYER, vector, scale)
-        return engine.sample(lm.config, params, prompt, len(PROMPT), jax.random.key(5),
+        return decode.sample(lm.config, params, prompt, len(PROMPT), jax.random.key(5),
                              cfjax.Sampler(0.8), max_new_tokens=10).tokens  # fmt: skip
 
     batched = np.asarray(jax.vmap(run)(scales))
@@ -144,8 +144,8 @@ def test_finetune_learns_and_merges_as_lora(hf):
     tune = cfjax.finetune(lm, texts, rank=4, targets=("q", "v", "down"), steps=40,
                           learning_rate=1e-2, batch_size=4, alpha=8.0, key=1, progress=False)  # fmt: skip
     assert tune.losses[-1] < 0.7 * tune.losses[0], tune.losses[::10]
-    base = model.split_params(lm.config, lm.params)
-    merged = model.split_params(lm.config, tune.params)
+    base = fusion.split_params(lm.config, lm.params)
+    merged = fusion.split_params(lm.config, tune.params)
     for i in base["layers"]:
         for mod, name in (("attn", "q"), ("attn", "k"), ("attn", "v"), ("attn", "o"),
                           ("mlp", "gate"), ("mlp", "up"), ("mlp", "down")):  # fmt: skip

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import json
@@ -17,7 +16,7 @@ from conftest import ref_keep
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from cfjax.core import posterior, scm
+from cfjax.core import posterior, scm, truncation
 from cfjax.core.scm import Sampler
 
 V = 8
@@ -35,15 +34,9 @@ HSET = settings(
 )
 
 
-@contextlib.contextmanager
-def top_k_path(bisect: bool):
-    """Force top-k through the sort-free bisection (instead of lax.top_k) inside the block."""
-    saved = scm._TOP_K_DIRECT
-    scm._TOP_K_DIRECT = 0 if bisect else saved
-    try:
-        yield
-    finally:
-        scm._TOP_K_DIRECT = saved
+def direct_top_k(bisect: bool) -> int:
+    """`mask_logits(direct_top_k=)` forcing top-k through the sort-free bisection, or not."""
+    return 0 if bisect else truncation.TOP_K_DIRECT
 
 
 def ref_probs(logits: np.ndarray, s: Sampler) -> np.ndarray:
@@ -120,8 +113,7 @@ def test_noise_depends_only_on_key_and_step():
 )
 @pytest.mark.parametrize("bisect", [False, True], ids=["direct", "bisect"])
 def test_mask_hand_cases(z, top_k, top_p, want, bisect):
-    with top_k_path(bisect):
-        keep = np.isfinite(scm.mask_logits(jnp.array(z, jnp.float32), top_k, top_p))
+    keep = np.isfinite(scm.mask_logits(jnp.array(z, jnp.float32), top_k, top_p, direct_top_k=direct_top_k(bisect)))  # fmt: skip
     np.testing.assert_array_equal(keep, np.array(want, bool))
     np.testing.assert_array_equal(ref_keep(np.array(z, np.float32), top_k, top_p)[0], want)
 
@@ -146,8 +138,7 @@ def test_mask_matches_numpy_reference(data, n, integer, top_k, top_p, bisect):
     want, margin = ref_keep(z, top_k, top_p)
     # A nucleus decision within float32 rounding of p is not defined by the rule; skip those.
     assume(top_p == 1.0 or margin > 1e-5)
-    with top_k_path(bisect):
-        got = scm.mask_logits(jnp.asarray(z), top_k, top_p)
+    got = scm.mask_logits(jnp.asarray(z), top_k, top_p, direct_top_k=direct_top_k(bisect))
     np.testing.assert_array_equal(np.isfinite(got), want)
     np.testing.assert_array_equal(np.asarray(got)[want], z[want])  # kept logits are untouched
 
@@ -159,8 +150,7 @@ def test_mask_large_vocab_with_ties(bisect):
     z = rng.integers(-6, 7, size=(3, 1000)).astype(np.float32) * np.float32(0.75)
     z[1] = rng.normal(size=1000).astype(np.float32) * 4  # and one row without ties
     for k, p in [(None, 0.95), (700, None), (40, 0.46), (999, 0.8)]:
-        with top_k_path(bisect):
-            got = np.isfinite(scm.mask_logits(z, k, p))
+        got = np.isfinite(scm.mask_logits(z, k, p, direct_top_k=direct_top_k(bisect)))
         for r in range(3):
             want, margin = ref_keep(z[r], k, p)
             assert margin > 1e-5  # fixed seed: no decision within rounding of p

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 import cfjax
-from cfjax.core import engine, model, scm
+from cfjax.core import kernel, model, scm
+from cfjax.runtime import driver
 
 N = 48
 PROMPT = [3, 17, 99, 5, 200, 42, 7]
@@ -45,7 +46,7 @@ def drafts(lm):
 
 
 def padded(prompt=PROMPT) -> np.ndarray:
-    out = np.zeros((engine.bucket_length(len(prompt)),), np.int32)
+    out = np.zeros((kernel.bucket_length(len(prompt)),), np.int32)
     out[: len(prompt)] = prompt
     return out
 
@@ -72,8 +73,8 @@ def test_sample_with_a_draft_gives_the_tokens_of_plain_sampling(lm, drafts):
 
 
 def _run(lm, prompts, keys, samplers, steps, draft=None, stop_tokens=STOP, **kw):
-    request = engine.Request(prompts, keys, samplers, steps, **kw)
-    return engine.run(lm.config, lm.params, request, stop_tokens=stop_tokens, draft=draft)
+    request = driver.Request(prompts, keys, samplers, steps, **kw)
+    return driver.run(lm.config, lm.params, request, stop_tokens=stop_tokens, draft=draft)
 
 
 def test_a_speculative_batch_equals_the_plain_batch(lm, drafts):
@@ -133,19 +134,18 @@ def test_generate_and_counterfactuals_with_a_draft(tok_lm, drafts, monkeypatch):
         cfjax.ReplaceTokens(10, [fact.tokens[10]]),  # null
         cfjax.ChangeSampler(temperature=1.0),
     ]
-    runs = []  # (resumed?, Decoded) of each engine run from here on
-    real = engine.run
-    monkeypatch.setattr(engine, "run", lambda *a, **k: runs.append(
-        (k.get("resume") is not None, real(*a, **k))) or runs[-1][1])  # fmt: skip
+    runs = []  # the `Decoded` of each driver run from here on
+    real = driver.run
+    monkeypatch.setattr(driver, "run", lambda *a, **k: runs.append(real(*a, **k)) or runs[-1])
     again = cfjax.generate(lm, "the captain sailed", draft=draft, lookahead=3, **kw)
     assert again.tokens == fact.tokens
     # The int8 draft agrees with its target on most steps: far fewer rounds than tokens.
-    assert runs[-1][1].rounds < len(fact.tokens) / 2
+    assert runs[-1].rounds < len(fact.tokens) / 2
     plain = cfjax.counterfactuals(lm, fact, ivs)
     spec = cfjax.counterfactuals(lm, fact_spec, ivs, draft=draft, lookahead=3)
     assert [t.tokens for t in spec] == [t.tokens for t in plain]
     assert spec[1].tokens == fact.tokens
-    assert runs[-1][0]  # the speculative factual's cache served the speculative rows
+    assert runs[-1].resumed  # the speculative factual's cache served the speculative rows
     fresh = cfjax.interventional(lm, fact, ivs[0], key=11)
     assert cfjax.interventional(lm, fact, ivs[0], key=11, draft=draft).tokens == fresh.tokens
 

@@ -386,7 +386,7 @@ def test_gguf_types(tmp_path, qtype):
     write_gguf(tmp_path / "m.gguf", sd, cfg, encode=encode)
     lm = cfjax.load(tmp_path / "m.gguf")
     assert lm.dtype == (jnp.bfloat16 if qtype == "BF16" else jnp.float32)
-    p = cfjax.core.model.split_params(lm.config, lm.params)
+    p = cfjax.core.fusion.split_params(lm.config, lm.params)
     got = {
         "token_embd.weight": p["embed"]["embedding"],
         "output.weight": p["lm_head"]["kernel"].T,
@@ -442,7 +442,7 @@ def test_version1_checkpoint_with_split_kernels_loads_fused(tiny, tmp_path):
     src = cfjax.load(d)
     old = tmp_path / "v1"
     old.mkdir()
-    checkpoint.save_params(old, cfjax.core.model.split_params(src.config, src.params))
+    checkpoint.save_params(old, cfjax.core.fusion.split_params(src.config, src.params))
     meta = {"config": src.config.to_dict(), "dtype": "float32", "model_id": src.model_id}
     meta |= {"source": str(d), "source_format": "hf", "tokenizer": None}
     (old / "cfjax.json").write_text(json.dumps({"format": checkpoint.FORMAT, "version": 1, **meta}))
@@ -457,7 +457,7 @@ def test_version1_checkpoint_with_split_kernels_loads_fused(tiny, tmp_path):
 def test_split_params_is_the_checkpoint_layout(tiny):
     d, _, _ = tiny
     lm = cfjax.load(d)
-    split = cfjax.core.model.split_params(lm.config, lm.params)
+    split = cfjax.core.fusion.split_params(lm.config, lm.params)
     attn, mlp = split["layers"][1]["attn"], split["layers"][1]["mlp"]
     c = lm.config
     assert attn["q"]["kernel"].shape == (c.dim, c.n_heads * c.head_dim)
@@ -466,7 +466,7 @@ def test_split_params_is_the_checkpoint_layout(tiny):
     )
     assert mlp["gate"]["kernel"].shape == mlp["up"]["kernel"].shape == (c.dim, c.ffn_dim)
     assert "qkv" in lm.params["layers"][1]["attn"]  # the argument is left as it was
-    fused = cfjax.core.model.fuse_params(split)
+    fused = cfjax.core.fusion.fuse_params(split)
     assert jax.tree.all(jax.tree.map(np.array_equal, fused, lm.params))
 
 

@@ -141,6 +141,44 @@ def _response_tokens(lm: LM, response: str | Sequence[int]) -> list[int]:
     return tokens
 
 
+def _abduction_sampler(requested: Sampler, full_support: bool) -> Sampler:
+    """The sampler the observed world is modelled with: the one asked for, or with
+    `full_support` its temperature alone."""
+    if not isinstance(requested, Sampler):
+        raise TypeError(f"sampler must be a Sampler, got {requested!r}")
+    if requested.mechanism != "gumbel":
+        raise ValueError(
+            f"abduction needs the 'gumbel' mechanism (noise per token id), not {requested.mechanism!r}"
+        )
+    if not full_support:
+        return requested
+    if requested.greedy:
+        raise ValueError("full_support needs a temperature > 0: greedy has one token only")
+    return Sampler(requested.temperature)
+
+
+def _check_observed(lm: LM, prompt: list[int], observed: list[int], stop_tokens, max_new_tokens) -> int:  # fmt: skip
+    """The steps the abducted traces allow (default: the observed length), after checking that
+    the observed response ends at its first stop token and fits the model."""
+    early = [i for i, t in enumerate(observed[:-1]) if t in stop_tokens]
+    if early:
+        raise ValueError(
+            f"the observed response has stop token {observed[early[0]]} at step {early[0]}, "
+            "before its end: a response ends at its first stop token"
+        )
+    steps = len(observed) if max_new_tokens is None else count(max_new_tokens)
+    if steps < len(observed):
+        raise ValueError(
+            f"max_new_tokens {max_new_tokens!r} is below the observed response's "
+            f"{len(observed)} tokens"
+        )
+    try:
+        check_request(lm, [prompt], steps)
+    except ValueError as e:
+        raise ValueError(f"the observed response does not fit: {e}") from None
+    return steps
+
+
 def abduct(
     lm: LM,
     prompt: str | Sequence[int],
@@ -168,39 +206,14 @@ def abduct(
     sampler has no truncation, and `posterior["requested_sampler"]` records the one asked for).
     `max_new_tokens` (default: the observed length) bounds the counterfactuals' responses.
     """
-    sampler = Sampler() if sampler is None else sampler
-    if not isinstance(sampler, Sampler):
-        raise TypeError(f"sampler must be a Sampler, got {sampler!r}")
-    if sampler.mechanism != "gumbel":
-        raise ValueError(
-            f"abduction needs the 'gumbel' mechanism (noise per token id), not {sampler.mechanism!r}"
-        )
+    requested = Sampler() if sampler is None else sampler
+    sampler = _abduction_sampler(requested, full_support)
     num_samples = count(num_samples, "num_samples")
-    requested = sampler
-    if full_support:
-        if sampler.greedy:
-            raise ValueError("full_support needs a temperature > 0: greedy has one token only")
-        sampler = Sampler(sampler.temperature)
     given = Prompt.of(lm, prompt, chat=chat, system=system)
     prompt_ids = given.tokens
     observed = _response_tokens(lm, response)
     stop_tokens = stop_tokens_of(lm, stop_tokens)
-    early = [i for i, t in enumerate(observed[:-1]) if t in stop_tokens]
-    if early:
-        raise ValueError(
-            f"the observed response has stop token {observed[early[0]]} at step {early[0]}, "
-            "before its end: a response ends at its first stop token"
-        )
-    steps = len(observed) if max_new_tokens is None else count(max_new_tokens)
-    if steps < len(observed):
-        raise ValueError(
-            f"max_new_tokens {max_new_tokens!r} is below the observed response's "
-            f"{len(observed)} tokens"
-        )
-    try:
-        check_request(lm, [prompt_ids], steps)
-    except ValueError as e:
-        raise ValueError(f"the observed response does not fit: {e}") from None
+    steps = _check_observed(lm, prompt_ids, observed, stop_tokens, max_new_tokens)
     obs = observe(
         lm, prompt_ids, observed, sampler, stop_tokens=stop_tokens, cache_steps=steps, chunk=chunk
     )

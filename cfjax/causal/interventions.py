@@ -1,26 +1,19 @@
-"""Interventions, and how a list of them turns a factual trace into a counterfactual plan.
-
-A plan says what the counterfactual world looks like: its prompt, sampler and params, and the
-response prefix that is forced (factual tokens kept before the edit, then the edited span).
-Sampling resumes after the forced prefix (counterfactual step `m`) with the factual noise of
-step `r` (DESIGN.md §2), where `r` is by default the factual step right after the edited span.
-"""
+"""Interventions, each of which edits a counterfactual `Plan` (see `plan.py`), and `plan`,
+which turns a list of them on a factual trace into one."""
 
 from __future__ import annotations
 
 import dataclasses
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
+from cfjax.causal.plan import Plan, auto_edit, check_params, check_position, force, text_edit
 from cfjax.causal.trace import Trace
-from cfjax.core import quant, scm, steering
-from cfjax.core.checks import as_key, check_tokens, integer, real, token_ids
-from cfjax.core.kernel import bucket_length
-from cfjax.runtime.lm import LM, forward
-from cfjax.runtime.request import padded, prompt_tokens
+from cfjax.core import scm, steering
+from cfjax.core.checks import check_tokens, integer, real, token_ids
+from cfjax.runtime.lm import LM
+from cfjax.runtime.request import prompt_tokens
 
 
 class Intervention:
@@ -63,7 +56,7 @@ class ReplaceTokens(Intervention):
 
     def edit(self, lm, trace, p):
         n, count = len(trace.tokens), len(self.tokens) if self.count is None else self.count
-        _check_position(self.position, n)
+        check_position(self.position, n)
         if self.position + count > n:
             raise ValueError(f"replacing {count} tokens at position {self.position} runs past the response ({n} tokens)")  # fmt: skip
         if self.tokens or count == 0:
@@ -80,7 +73,7 @@ class ReplaceText(Intervention):
     occurrence: int = 1
 
     def edit(self, lm, trace, p):
-        p.edits.append(_text_edit(lm, trace, self.old, self.new, self.occurrence))
+        p.edits.append(text_edit(lm, trace, self.old, self.new, self.occurrence))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,7 +85,7 @@ class InsertText(Intervention):
     occurrence: int = 1
 
     def edit(self, lm, trace, p):
-        p.edits.append(_text_edit(lm, trace, self.after, self.after + self.text, self.occurrence))
+        p.edits.append(text_edit(lm, trace, self.after, self.after + self.text, self.occurrence))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,7 +96,7 @@ class DeleteText(Intervention):
     occurrence: int = 1
 
     def edit(self, lm, trace, p):
-        p.edits.append(_text_edit(lm, trace, self.text, "", self.occurrence))
+        p.edits.append(text_edit(lm, trace, self.text, "", self.occurrence))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,7 +178,7 @@ class ChangeModel(Intervention):
         return {"type": "ChangeModel", "name": self.name}
 
     def edit(self, lm, trace, p):
-        p.params = _check_params(lm, self.params)
+        p.params = check_params(lm, self.params)
         p.model_id = f"{trace.model_id}+{self.name}"
 
 
@@ -230,194 +223,14 @@ class AutoIntervention(Intervention):
         integer(self.seed, "AutoIntervention seed", 0, 1 << 32)
 
     def edit(self, lm, trace, p):
-        _check_position(self.position, len(trace.tokens))
-        p.edits.append(_auto(lm, trace, self))
+        check_position(self.position, len(trace.tokens))
+        p.edits.append(auto_edit(lm, trace, self.position, self.top_p, self.seed))
         return {**self.record(), "token": p.edits[-1][2][0]}
-
-
-@dataclasses.dataclass
-class Plan:
-    """A counterfactual world: prompt, sampler, params and the forced response prefix."""
-
-    prompt_tokens: list[int]
-    sampler: scm.Sampler
-    params: Any
-    forced: list[int]  # response tokens forced at steps [0, m)
-    edit_start: int  # s: first response step whose token may differ from the factual one
-    aligned_to: int  # r: factual step whose noise the first sampled step uses
-    prompt_changed: bool = False
-    model_id: str = ""
-    # The text the prompt tokens were made from (None for token ids), kept true to them.
-    prompt: str | None = None
-    system: str | None = None
-    chat: bool = False
-    records: list[dict] = dataclasses.field(default_factory=list)
-    # For each forced step, the factual step its kept token was copied from (None: edited token).
-    forced_from: list[int | None] = dataclasses.field(default_factory=list)
-    # Collected while the interventions edit the plan: response edits (factual start, factual
-    # end, new tokens) and steerings.
-    edits: list[tuple[int, int, list[int]]] = dataclasses.field(default_factory=list)
-    steers: list = dataclasses.field(default_factory=list)
-
-    @property
-    def resume_at(self) -> int:
-        """m: the counterfactual step where sampling resumes."""
-        return len(self.forced)
-
-
-def _response_text(lm: LM, trace: Trace) -> tuple[str, list[int]]:
-    if lm.tokenizer is None:
-        raise ValueError("a text edit needs a tokenizer: this model has none")
-    body = trace.tokens[:-1] if trace.stopped else trace.tokens
-    return lm.tokenizer.decode(body), body
-
-
-def _find(text: str, needle: str, occurrence: int) -> tuple[int, int]:
-    if not needle:
-        raise ValueError("the text to find is empty")
-    if occurrence < 1:
-        raise ValueError(f"occurrence must be >= 1, got {occurrence}")
-    at = -1
-    for _ in range(occurrence):
-        at = text.find(needle, at + 1)
-        if at < 0:
-            found = text.count(needle)
-            raise ValueError(
-                f"text {needle!r} occurs {found} time(s) in the response, not {occurrence}"
-            )
-    return at, at + len(needle)
-
-
-def _text_edit(lm: LM, trace: Trace, old: str, new: str, occurrence: int):
-    """(factual start, factual end, new tokens) for replacing a character span's tokens."""
-    from cfjax.tokenizer import token_char_spans
-
-    tok = lm.tokenizer
-    text, body = _response_text(lm, trace)
-    a, b = _find(text, old, occurrence)
-    spans = token_char_spans(tok, body)
-    ts = next(i for i, (_, e) in enumerate(spans) if e > a)
-    te = next((i for i, (s, _) in enumerate(spans) if s >= b), len(body))
-    c1 = spans[te - 1][1]
-    if text[spans[ts][0] : c1] == text[spans[ts][0] : a] + new + text[b:c1]:
-        # Unchanged text keeps its tokens even if the model produced a non-canonical tokenization.
-        return ts, te, list(body[ts:te])
-    # `encode` tokenizes text as a document start: sentencepiece-style tokenizers prepend a
-    # dummy-prefix space, which mid-response would be a real extra space. Keep the candidate whose
-    # decoded response reads exactly as the edited text; if none fits, widen the span to the left
-    # (at a word start, or at the response start where decode drops that space, one fits).
-    for start in range(ts, -1, -1):
-        c0 = spans[start][0]
-        edited = text[c0:a] + new + text[b:c1]
-        candidates = [tok.encode(edited)]
-        if edited.startswith(" "):
-            candidates.append(tok.encode(edited[1:]))
-        for cand in candidates:
-            if tok.decode(body[:start] + list(cand)) == text[:c0] + edited:
-                return start, te, list(cand)
-    raise ValueError(
-        f"cannot re-tokenize the edited text {text[spans[ts][0] : a] + new + text[b:c1]!r} so "
-        "that the response decodes to it"
-    )
-
-
-def step_log_probs(lm: LM, trace: Trace, position: int, top_p: float | None = None) -> jax.Array:
-    """Log-probabilities `[V]` of response step `position` given the factual prefix, at the
-    trace's temperature (a greedy trace's point mass replaced by the model's own τ = 1) and,
-    if given, within the top-p set."""
-    # Right-padded to a power of two (a causal forward: padding after a position changes
-    # nothing before it), so that many positions share a few compilations.
-    seq = trace.prompt_tokens + trace.tokens[:position]
-    tokens = padded([seq], min(bucket_length(len(seq)), lm.config.max_seq_len))[0]
-    logits = forward(lm, tokens)[0, len(seq) - 1]
-    sampler = scm.Sampler(temperature=trace.sampler.temperature or 1.0, top_p=top_p)
-    return scm.log_probs(logits, sampler)
-
-
-def _auto(lm: LM, trace: Trace, iv: AutoIntervention) -> tuple[int, int, list[int]]:
-    """Draw a different token from the top-p set of the factual distribution at `position`."""
-    pos = iv.position
-    logp = step_log_probs(lm, trace, pos, iv.top_p)
-    logp = logp.at[trace.tokens[pos]].set(-jnp.inf)
-    if not bool(jnp.isfinite(logp).any()):
-        raise ValueError(
-            f"AutoIntervention at position {pos}: the top-p {iv.top_p} set holds only the "
-            f"factual token {trace.tokens[pos]}; no other token to choose"
-        )
-    key = jax.random.fold_in(as_key(iv.seed), pos)
-    token = int(jax.random.categorical(key, logp))  # the intervention's own randomness
-    return pos, pos + 1, [token]
 
 
 def auto_token(lm: LM, trace: Trace, iv: AutoIntervention) -> int:
     """The token `iv` puts at its position (ValueError when the top-p set has no other)."""
-    return _auto(lm, trace, iv)[2][0]
-
-
-def _check_params(lm: LM, params: Any) -> Any:
-    if isinstance(params, LM):
-        if params.config != lm.config:
-            raise ValueError("ChangeModel: the other model has a different config")
-        ours, theirs = lm.tokenizer, params.tokenizer
-        if (
-            theirs is not None
-            and ours is not None
-            and (getattr(theirs, "spec", None) != getattr(ours, "spec", None))
-        ):
-            raise ValueError(
-                "ChangeModel: the other model has a different tokenizer "
-                f"({getattr(theirs, 'spec', '?')} vs {getattr(ours, 'spec', '?')}); a "
-                "counterfactual must keep the token space"
-            )
-        params = params.params
-    # Compared as the network sees them: a quantized or steered variant is the same model.
-    effective = lambda p: jax.eval_shape(lambda q: quant.dequantize(steering.split(q)[0]), p)  # noqa: E731
-    ours, theirs = effective(lm.params), effective(params)
-    if jax.tree_util.tree_structure(theirs) != jax.tree_util.tree_structure(ours):
-        raise ValueError("ChangeModel: params do not have the structure of the model's params")
-    for (path, a), b in zip(
-        jax.tree_util.tree_flatten_with_path(ours)[0],
-        jax.tree_util.tree_leaves(theirs),
-        strict=True,
-    ):
-        if a.shape != b.shape:
-            raise ValueError(
-                f"ChangeModel: param {jax.tree_util.keystr(path)} has shape {b.shape}, "
-                f"expected {a.shape}"
-            )
-    return params
-
-
-def _check_position(position: int, n: int) -> None:
-    if not 0 <= position < n:
-        raise ValueError(f"position {position} is outside the response: positions are 0 to {n - 1}")
-
-
-def _force(trace: Trace, p: Plan) -> None:
-    """The forced prefix of the plan's response edits: everything from the first edit to the
-    last (kept tokens between edits too), where sampling resumes, and the factual step each
-    forced token comes from."""
-    if not p.edits:
-        return
-    # By span, so the order the edits are given in never matters: an insertion at a token's
-    # position goes before that token's replacement; two insertions at one position have no
-    # order, and overlapping spans no meaning.
-    edits = sorted(p.edits, key=lambda e: (e[0], e[1]))
-    for (a, end, _), (start, b, _) in zip(edits, edits[1:], strict=False):
-        if start < end or a == end == start == b:
-            raise ValueError(f"two response edits overlap (tokens {a}..{end} and {start}..{b}); give them as one edit")  # fmt: skip
-    forced = list(trace.tokens[: edits[0][0]])
-    sources: list[int | None] = list(range(edits[0][0]))
-    for i, (start, end, new) in enumerate(edits):
-        forced += new
-        # A same-length edit that leaves a token as it was keeps that token's noise.
-        same = len(new) == end - start
-        sources += [start + o if same and t == trace.tokens[start + o] else None for o, t in enumerate(new)]  # fmt: skip
-        nxt = edits[i + 1][0] if i + 1 < len(edits) else end
-        forced += trace.tokens[end:nxt]
-        sources += list(range(end, nxt))
-    p.forced, p.edit_start, p.aligned_to = forced, edits[0][0], edits[-1][1]
-    p.forced_from = sources
+    return auto_edit(lm, trace, iv.position, iv.top_p, iv.seed)[2][0]
 
 
 def plan(
@@ -460,7 +273,7 @@ def plan(
         p.params = steering.steer(p.params, iv.layer, iv.vector, iv.scale, iv.at)
     if p.steers:
         p.model_id = f"{p.model_id}+steer"
-    _force(trace, p)
+    force(trace, p)
     if resume_at is not None:
         resume_at = integer(resume_at, "resume_at", 0)
         if not 0 <= resume_at <= len(trace.tokens):

@@ -101,4 +101,3 @@ def token_ids(tokens: Any, name: str) -> tuple[int, ...]:
     if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
         raise TypeError(f"{name} must be a flat sequence of integer token ids, got {tokens!r:.60}")
     return tuple(int(t) for t in arr)  # ranges are checked against the vocabulary later
-

@@ -194,4 +194,6 @@ def step(config: LlamaConfig, options: Options, params, rows: Rows, state: State
     out = (token, logprob, valid)
     if options.keep_logits:
         out += (logits[:, 0].astype(jnp.float32),)
-    return dataclasses.replace(state, last=token, cache=cache, index=state.index + 1, done=done), out
+    return dataclasses.replace(
+        state, last=token, cache=cache, index=state.index + 1, done=done
+    ), out

@@ -16,12 +16,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cfjax.core import model
+from cfjax.core import fusion, model
 from cfjax.core.checks import as_key, count, real
 from cfjax.runtime.lm import LM
 from cfjax.runtime.request import prompt_tokens
 
-# Target name -> (module, matrix) in the split (checkpoint) layout of `model.split_params`.
+# Target name -> (module, matrix) in the split (checkpoint) layout of `fusion.split_params`.
 TARGETS = {
     "q": ("attn", "q"), "k": ("attn", "k"), "v": ("attn", "v"), "o": ("attn", "o"),
     "gate": ("mlp", "gate"), "up": ("mlp", "up"), "down": ("mlp", "down"),
@@ -43,7 +43,7 @@ class FineTune:
 
 def merge(config, base: dict, adapters: dict, scale: float) -> dict:
     """Base params (fused layout) with `scale · A @ B` added to each adapted matrix."""
-    split = model.split_params(config, base)
+    split = fusion.split_params(config, base)
     layers = {}
     for i, layer in split["layers"].items():
         layer = {k: dict(v) for k, v in layer.items()}
@@ -53,12 +53,12 @@ def merge(config, base: dict, adapters: dict, scale: float) -> dict:
             delta = scale * (ab["a"] @ ab["b"])
             layer[mod][name] = {"kernel": (w.astype(jnp.float32) + delta).astype(w.dtype)}
         layers[i] = layer
-    return model.fuse_params({**split, "layers": layers})
+    return fusion.fuse_params({**split, "layers": layers})
 
 
 def init_adapters(config, base: dict, rank: int, targets: Sequence[str], key) -> dict:
     """A ~ N(0, 1/in) (LoRA's scale), B = 0, for every layer and target."""
-    split = model.split_params(config, base)
+    split = fusion.split_params(config, base)
     adapters = {}
     for n, (i, layer) in enumerate(split["layers"].items()):
         adapters[i] = {}

@@ -76,6 +76,8 @@ class Decoded:
     bucket: int
     chunk: int
     first: int  # the step the run started at (a resume's step, else 0)
+    resumed: bool  # whether it continued a stored cache (else it prefilled)
+    index: int  # the slot the next step would write (the bucket + the steps run)
     logits: np.ndarray | None = None  # [B, steps - first, V] f32, with `Request.keep_logits`
     rounds: int | None = None  # speculative rounds run (with a draft)
     slots: list[int] = dataclasses.field(default_factory=list)  # cache slots of each chunk
@@ -202,7 +204,7 @@ def _run(config, params, request: Request, layout: _Layout, options: Options, re
         logits = np.concatenate([o.logits for o in out], axis=1)[:, : max(len(t) for t in tokens)]
     return Decoded(tokens, [[float(x) for x in r] for r in _collect([o.logprobs for o in out], valid, n)],
                    state.cache, spec.fetch(start), layout.bucket, layout.chunk, layout.first,
-                   logits, rounds if draft is not None else None, slots)  # fmt: skip
+                   resume is not None, int(spec.fetch(state.index)), logits, rounds if draft is not None else None, slots)  # fmt: skip
 
 
 def _initial_state(config, params, prompt, lengths, layout: _Layout, resume: Resume | None):

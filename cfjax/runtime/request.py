@@ -29,7 +29,6 @@ def row_keys(key: Any, batch: int) -> jax.Array:
     return key[None] if batch == 1 else jax.random.split(key, batch)
 
 
-
 def prompt_tokens(
     lm: Any, prompt: str | Sequence[int], *, chat: bool = True, system: str | None = None
 ) -> list[int]:
@@ -58,7 +57,6 @@ def prompt_tokens(
     return tokens
 
 
-
 def is_batch(prompt: Any) -> bool:
     """A batch holds strings or sequences; a single prompt holds scalars (ints, numpy or JAX)."""
     return (
@@ -66,7 +64,6 @@ def is_batch(prompt: Any) -> bool:
         and len(prompt) > 0
         and (isinstance(prompt[0], str) or np.ndim(prompt[0]) > 0)
     )
-
 
 
 def check_request(lm: Any, prompts: list[list[int]], max_new_tokens: int) -> None:

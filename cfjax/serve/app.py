@@ -32,7 +32,7 @@ from pydantic import BaseModel, Field
 
 import cfjax
 from cfjax.causal import ChangeSampler, EditPrompt, ReplaceText, ReplaceTokens, Trace
-from cfjax.causal.interventions import step_log_probs
+from cfjax.causal.plan import step_log_probs
 from cfjax.present import (
     _pieces,
     changes,

@@ -23,7 +23,7 @@ import jax
 import numpy as np
 
 from cfjax.atomic import deferred_interrupts
-from cfjax.core import model
+from cfjax.core import fusion
 from cfjax.core.config import LlamaConfig
 from cfjax.weights.stream import expected_shapes
 
@@ -169,7 +169,7 @@ def restore_params(
         if read_as != np.dtype(dtype).name:
             params = jax.tree.map(lambda x: x.astype(dtype), params)
     if split:  # a version-1 (split layout) folder: fused here, then placed
-        params = model.fuse_layers_in_place(params)
+        params = fusion.fuse_layers_in_place(params)
         if mesh is not None:
             from cfjax.sharding import shard_params
 

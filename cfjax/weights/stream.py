@@ -2,7 +2,7 @@
 
 A reader (hf, meta, gguf, checkpoint) opens a checkpoint as a `Source`:
 its config plus a generator of `Tensor`s in the source's own layout. `assemble` checks each tensor
-against `model.split_shapes(config)` as it arrives (errors name file, tensor and both shapes),
+against `fusion.split_shapes(config)` as it arrives (errors name file, tensor and both shapes),
 converts it to cfjax's layout (`model.py`: kernels `[in, out]`, rotate-half q/k) and to the target
 dtype, and drops the source copy before the next one is read: the host holds the growing result
 plus one source tensor, never two copies of the model. At the end each layer's q, k, v and gate,
@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cfjax.core import model
+from cfjax.core import fusion, model
 from cfjax.core.config import LlamaConfig
 
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(jnp.bfloat16)}
@@ -94,7 +94,7 @@ def expected_shapes(config: LlamaConfig, dtype_name: str, split: bool = False) -
 
     The result is shared: do not mutate it.
     """
-    shapes = model.split_shapes if split else model.param_shapes
+    shapes = fusion.split_shapes if split else model.param_shapes
     return shapes(config, np.dtype(dtype_name))
 
 
@@ -182,7 +182,7 @@ def assemble(
                 continue
             parts = pending.setdefault(group, {})
             parts[t.path[3]] = array
-            names = model.FUSED[group[2:]]
+            names = fusion.FUSED[group[2:]]
             if len(parts) == len(names):  # the layer's q, k, v (or gate, up) are all here
                 fused_path = (*group, "kernel")
                 fused = np.concatenate([parts[n] for n in names], axis=1)
@@ -209,7 +209,7 @@ def assemble(
 def _fused_group(path: tuple) -> tuple | None:
     """("layers", i, module, fused name) for a part of a fused kernel, else None."""
     if len(path) == 5 and path[0] == "layers":
-        for (mod, fused), names in model.FUSED.items():
+        for (mod, fused), names in fusion.FUSED.items():
             if path[2] == mod and path[3] in names:
                 return ("layers", path[1], mod, fused)
     return None
