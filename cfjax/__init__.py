@@ -6,9 +6,11 @@
     posts = cfjax.abduct(lm, prompt, "a text the model did not write", key=0, num_samples=64)
 
 Layers, each importing only those below it: `cfjax.core` (config, model, cache, the sampling
-SCM, the engine and `cfjax.core.sample`), `cfjax.tokenizer`, `cfjax.weights` (load, convert),
-`cfjax.causal` (traces, interventions, generate / counterfactual / coupled), `cfjax.models`
-(steering vectors, LoRA fine-tunes), then the experiments and the CLI on top.
+SCM, the decode kernel and `cfjax.core.sample`: pure, no host state), `cfjax.runtime` (the
+`LM` handle, cache stores, request helpers, the chunk driver), `cfjax.tokenizer`,
+`cfjax.weights` (load, convert), `cfjax.causal` (traces, interventions, generate /
+counterfactual / coupled), `cfjax.models` (steering vectors, LoRA fine-tunes), then the
+experiments and the CLI on top.
 """
 
 from importlib.metadata import PackageNotFoundError

@@ -63,7 +63,7 @@ def test_generate_then_counterfactual(tmp_path):
     proc = run_cli(*generate, cache=str(cache))
     assert proc.returncode == 0, proc.stderr
     # The compiled decode chunk was kept, and a run that loads it prints the same response.
-    assert any(p.name.startswith("jit__run_chunk") for p in cache.iterdir())
+    assert any(p.name.startswith("jit_decode") for p in cache.iterdir())
     again = run_cli(*generate, cache=str(cache))
     assert again.returncode == 0 and again.stdout == proc.stdout
     trace = Trace.from_json(trace_path)
