@@ -22,7 +22,7 @@ import pytest
 from conftest import ref_keep
 
 import cfjax
-from cfjax.causal.factual import generate
+from cfjax.causal.factual import STREAM_EVERY, generate
 from cfjax.causal.trace import Trace
 from cfjax.core import kernel, model, scm
 from cfjax.core.cache import init_cache
@@ -189,10 +189,11 @@ def test_forcing_the_factual_tokens_changes_nothing(lm, sampler):
     np.testing.assert_array_equal(again.logprobs, free.logprobs)
 
 
-def _decode(lm, sampler, *, prompt=PROMPT, stop_tokens=(), on_chunk=None, steps=N, resume=None, **kw):  # fmt: skip
+def _decode(lm, sampler, *, prompt=PROMPT, stop_tokens=(), on_chunk=None, steps=N, resume=None,
+            report_every=None, **kw):  # fmt: skip
     request = driver.Request([prompt], KEY[None], [sampler], steps, **kw)
     return driver.run(lm.config, lm.params, request, stop_tokens=stop_tokens, chunk=CHUNK,
-                      on_chunk=on_chunk, resume=resume)  # fmt: skip
+                      on_chunk=on_chunk, resume=resume, report_every=report_every)  # fmt: skip
 
 
 # --- determinism ------------------------------------------------------------------------------
@@ -400,6 +401,18 @@ def test_stop_token_ends_the_row(lm, base, stops):
     assert out.index == kernel.bucket_length(len(PROMPT)) + len(want)
 
 
+def test_reporting_every_few_steps_changes_no_bit(lm):
+    """`report_every` runs each chunk's program on shifted windows: the host hears of tokens
+    every few steps, and the tokens, log-probs and cache are those of whole chunks."""
+    whole = _decode(lm, Sampler())
+    seen = []
+    out = _decode(lm, Sampler(), on_chunk=lambda rows: seen.append(len(rows[0])), report_every=5)
+    assert out.tokens == whole.tokens
+    np.testing.assert_array_equal(out.logprobs, whole.logprobs)
+    np.testing.assert_array_equal(out.cache.k[0], whole.cache.k[0])
+    assert seen == [5, 10, 15, 16, 21, 26, 31, 32, 37, 42, 47, 48]  # never across a chunk
+
+
 def test_a_short_last_chunk_runs_only_the_steps_left(lm, base):
     bucket = kernel.bucket_length(len(PROMPT))
     for steps in (5, CHUNK + 3):
@@ -493,10 +506,12 @@ def test_text_prompt_stream_and_no_padding_in_text(spm_lm, spm_free, stops):
     assert t.tokens == want and t.stopped and len(want) <= 5
     assert t.text == tok.decode(want[:-1])  # the stop token is not text; nothing after it is
     assert "".join(pieces) == t.text
-    # Long generation streams: pieces arrive chunk by chunk, in order.
+    # Long generation streams: pieces arrive every few steps (not chunk by chunk), in order,
+    # and streaming changes no bit of the result.
     pieces = []
     t = gen(spm_lm, "abc def", chat=False, stop_tokens=(), stream=pieces.append)
-    assert t.tokens == free.tokens and len(pieces) == N // CHUNK
+    assert t.tokens == free.tokens and t.logprobs == free.logprobs
+    assert N // CHUNK < len(pieces) <= N // STREAM_EVERY
     assert "".join(pieces) == t.text == free.text
 
 

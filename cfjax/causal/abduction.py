@@ -29,7 +29,7 @@ from cfjax.core.posterior import Observed, step_noise
 from cfjax.core.scm import Sampler
 from cfjax.runtime import driver
 from cfjax.runtime.lm import LM
-from cfjax.runtime.request import check_request, row_keys, stop_tokens_of
+from cfjax.runtime.request import check_request, padded, row_keys, stop_tokens_of
 
 
 @dataclasses.dataclass(frozen=True)
@@ -263,13 +263,11 @@ def observed_steps(
     longest = max(len(tokens) for _, tokens in found)
     pad = lambda z: jnp.pad(z, ((0, longest - z.shape[0]), (0, 0)))  # noqa: E731
     z = found[0][0].z[None] if len(found) == 1 else jnp.stack([pad(o.z) for o, _ in found])
-    tokens = np.zeros((len(found), longest), np.int32)
-    for o, (_, toks) in enumerate(found):
-        tokens[o, : len(toks)] = toks
+    tokens, lengths = padded([toks for _, toks in found], longest)
     return Observed(
         z=z,
         tokens=jnp.asarray(tokens),
-        length=jnp.asarray([len(toks) for _, toks in found], jnp.int32),
+        length=jnp.asarray(lengths),
         row=jnp.asarray(rows, jnp.int32),
         key=jnp.stack(keys),
     )

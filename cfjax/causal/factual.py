@@ -14,6 +14,10 @@ from cfjax.runtime import driver
 from cfjax.runtime.lm import LM
 from cfjax.runtime.request import check_request, is_batch, row_keys, stop_tokens_of
 
+# Steps between the pieces of text `stream` receives: the chunk's program runs on a shifted
+# window of its inputs, so streaming changes no token (see `driver.run`'s `report_every`).
+STREAM_EVERY = 4
+
 
 class _Streamer:
     """Prints row 0's text as chunks arrive, holding back an incomplete UTF-8 character."""
@@ -54,8 +58,9 @@ def generate(
     `key` is an int seed, a key, or one key per row (a single key for a batch is split into
     one key per row). Each row's noise depends only on its own key and the step. `sampler` is
     one sampler or one per row (rows of one mechanism share the batch). `stream(text)` receives
-    row 0's text as it is produced. The final KV cache is kept in `lm.caches` (bounded), so
-    that a counterfactual of these traces skips the steps before its edit.
+    row 0's text as it is produced (every `STREAM_EVERY` steps; the same tokens). The final KV
+    cache is kept in `lm.caches` (bounded), so that a counterfactual of these traces skips the
+    steps before its edit.
 
     `draft`: a model of the same vocabulary (e.g. `cfjax.quantize(lm, "int8")`, or a smaller
     one) that proposes `lookahead` tokens per round with the same noise; `lm` scores them in
@@ -72,7 +77,7 @@ def generate(
     request = driver.Request([p.tokens for p in prompts], keys, samplers, max_new_tokens)
     out = driver.run(
         lm.config, lm.params, request, stop_tokens=stops, chunk=chunk, on_chunk=streamer,
-        draft=draft_for(lm, draft, lookahead),
+        draft=draft_for(lm, draft, lookahead), report_every=STREAM_EVERY if stream else None,
     )  # fmt: skip
     lm.caches.keep(lm.params, out, [(p.tokens, t) for p, t in zip(prompts, out.tokens, strict=True)])  # fmt: skip
     traces = [

@@ -22,6 +22,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from cfjax.core import decode, kernel, posterior, scm, spec, speculative
 from cfjax.core.cache import KEY_SLOT_AXIS, VALUE_SLOT_AXIS, KVCache
+from cfjax.core.checks import count
 from cfjax.core.config import LlamaConfig
 from cfjax.core.kernel import DEFAULT_CHUNK, NOT_FORCED, Options, Rows, State
 from cfjax.runtime.request import padded
@@ -80,7 +81,7 @@ class Decoded:
     index: int  # the slot the next step would write (the bucket + the steps run)
     logits: np.ndarray | None = None  # [B, steps - first, V] f32, with `Request.keep_logits`
     rounds: int | None = None  # speculative rounds run (with a draft)
-    slots: list[int] = dataclasses.field(default_factory=list)  # cache slots of each chunk
+    slots: list[int] = dataclasses.field(default_factory=list)  # cache slots of each call
 
 
 def grows_by_default(batch: int, mesh: Any, draft: Any) -> bool:
@@ -108,6 +109,13 @@ class _Layout:
     first: int
     steps: int
     grow: bool
+    every: int  # steps between host round trips (<= chunk)
+
+    def calls(self) -> list[tuple[int, int]]:
+        """The (first, end) steps of each call of the chunk program: the chunks, each cut into
+        calls of at most `every` steps."""
+        ends = [*self.starts()[1:], self.steps]
+        return [(t, min(t + self.every, e)) for s, e in zip(self.starts(), ends, strict=True) for t in range(s, e, self.every)]  # fmt: skip
 
     def starts(self) -> list[int]:
         """The first step of each chunk: every `chunk` steps from `first`, or with a growing
@@ -136,6 +144,7 @@ def run(
     on_chunk: Callable[[list[list[int]]], None] | None = None,
     draft: speculative.Draft | None = None,
     grow_cache: bool | None = None,
+    report_every: int | None = None,
 ) -> Decoded:
     """Decode a batch: prefill (or resume), then jitted chunks of up to `chunk` steps (default:
     the resume's chunk, else `DEFAULT_CHUNK`).
@@ -146,6 +155,9 @@ def run(
     With a `draft`, the chunks run by speculative rounds: the same tokens, fewer passes over
     the weights. `grow_cache` (default `grows_by_default`): start with the first chunk's slots
     and grow the cache before each chunk; the stored cache still has every slot.
+    `report_every`: call `on_chunk` after at most this many steps (a streaming page shows tokens
+    as they come): the chunk's compiled program runs on a shifted window of its inputs, so the
+    shapes, the cache and the tokens are those of whole chunks.
     """
     mesh = spec.mesh_of(params)
     if mesh is not None and draft is not None:
@@ -163,7 +175,8 @@ def run(
     if resume is not None and (resume.bucket, resume.cache.length, resume.chunk) != (bucket, length, chunk):  # fmt: skip
         resume = None  # a cache of another layout cannot serve this run
     first = 0 if resume is None else resume.step
-    layout = _Layout(bucket, length, chunk, first, request.steps, grow)
+    every = chunk if report_every is None else min(chunk, count(report_every, "report_every"))
+    layout = _Layout(bucket, length, chunk, first, request.steps, grow, every)
     options = Options(kernel.stop_tuple(stop_tokens), True, request.keep_logits,
                       None if draft is None else draft.spec)  # fmt: skip
     with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
@@ -173,14 +186,14 @@ def run(
 def _run(config, params, request: Request, layout: _Layout, options: Options, resume, on_chunk, mesh, draft) -> Decoded:  # fmt: skip
     prompt, lengths = padded(request.prompts, layout.bucket)
     state, start = _initial_state(config, params, prompt, lengths, layout, resume)
-    starts = layout.starts()
-    width = starts[-1] + layout.chunk if starts else layout.first
+    calls = layout.calls()
+    width = calls[-1][0] + layout.chunk if calls else layout.first
     rows, steps_in = _rows(config, request, start, width)
     rows, state = _commit(rows, state, mesh)
     if draft is not None:
         state.draft = _draft_state(draft, prompt, lengths, layout, steps_in["forced"])
     out, rounds, slots = [], 0, []
-    for s, end in zip(starts, [*starts[1:], layout.steps], strict=True):
+    for s, end in calls:
         if state.cache.length < layout.slots(s):
             state = _resize(state, layout.slots(s))
         slots.append(state.cache.length)
