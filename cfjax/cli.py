@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 from cfjax.atomic import check_writable, check_writable_folder, write_text
@@ -143,24 +144,27 @@ def cmd_counterfactual(args) -> int:
         raise ValueError(f"{args.out}: given as both --out and --html")
     if args.interventional and args.resume_at is not None:
         raise ValueError("--resume-at aligns the factual noise; --interventional draws fresh noise")
+    t0 = time.perf_counter()
     lm = _replay_model(trace, args.model, args.dtype)
     ivs = _interventions(args, lm, trace, change)
+    t1 = time.perf_counter()
     if args.interventional:
         result = interventional(lm, trace, ivs, key=args.seed)
-        label = "interventional"
+        label, noise = "interventional", "fresh noise"
     else:
         result = counterfactual(lm, trace, ivs, resume_at=args.resume_at)
-        label = "counterfactual"
+        label, noise = "counterfactual", "same noise"
+    t2 = time.perf_counter()
     console = Console()
-    left, right = present.terminal_diff(lm.tokenizer, trace, result)
-    console.print("[bold]factual[/bold]")
-    console.print(left)
-    console.print(f"\n[bold]{label}[/bold]")
-    console.print(right)
+    what = "; ".join(present.describe(r, lm.tokenizer) for r in result.interventions)
+    present.show(console, lm.tokenizer, trace, [(f"{label}: {what}, {noise}", result)])
+    console.print(f"[dim]load {t1 - t0:.1f}s, {label} {t2 - t1:.1f}s[/dim]")
     if args.out:
         result.to_json(args.out)
+        console.print(f"trace: {args.out}")
     if args.html:
         write_text(args.html, present.html_diff(lm.tokenizer, trace, {label: result}))
+        console.print(f"side-by-side diff: {args.html}")
     return 0
 
 

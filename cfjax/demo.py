@@ -21,7 +21,6 @@ TEMPERATURE = 0.8
 def run(seed: int | None = None, html: Path | None = None) -> int:
     """Generate, rename, and print factual / counterfactual / interventional with a diff."""
     from rich.console import Console
-    from rich.panel import Panel
 
     from cfjax import present
     from cfjax.atomic import check_writable, write_text
@@ -56,21 +55,10 @@ def run(seed: int | None = None, html: Path | None = None) -> int:
     t4 = time.perf_counter()
 
     console.print(f"[bold]prompt[/bold]: {PROMPT}   (seed {seed}, temperature {TEMPERATURE})")
-    f_text, cf_text = present.terminal_diff(lm.tokenizer, factual, cf)
-    _, iv_text = present.terminal_diff(lm.tokenizer, factual, iv)
-    console.print(Panel(f_text, title="factual", title_align="left"))
-    console.print(
-        Panel(cf_text, title=f"counterfactual: {OLD} -> {NEW}, same noise", title_align="left")
-    )
-    console.print(
-        Panel(iv_text, title=f"interventional: {OLD} -> {NEW}, fresh noise", title_align="left")
-    )
-    for name, other in (("counterfactual", cf), ("interventional", iv)):
-        same, total = present.kept_after_edit(factual, other)
-        console.print(
-            f"{name}: {same}/{total} tokens after the edit equal the factual ones "
-            f"(edit at token {other.alignment['edit_start']})"
-        )
+    present.show(console, lm.tokenizer, factual, [
+        (f"counterfactual: {OLD} -> {NEW}, same noise", cf),
+        (f"interventional: {OLD} -> {NEW}, fresh noise", iv),
+    ])  # fmt: skip
     console.print(
         f"[dim]load {t1 - t0:.1f}s, factual {t2 - t1:.1f}s, counterfactual {t3 - t2:.1f}s "
         f"(reuses the factual KV cache), interventional {t4 - t3:.1f}s[/dim]"

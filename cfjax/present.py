@@ -117,6 +117,33 @@ def kept_after_edit(factual: Trace, other: Trace) -> tuple[int, int]:
     return same, len(after)
 
 
+def show(console, tokenizer, factual: Trace, others: Sequence[tuple[str, Trace]]) -> None:
+    """The factual answer and each `(title, trace)` beside it, marked as `terminal_diff` marks
+    them, then how many tokens after the edit each keeps. In a terminal each answer is a box;
+    piped, a heading and the text as it is (no lines wrapped at a guessed width)."""
+    from rich.panel import Panel
+
+    def block(title: str, text: Text) -> None:
+        if console.is_terminal:
+            console.print(Panel(text, title=printable(title), title_align="left"))
+        else:
+            console.print(f"--- {printable(title)}", soft_wrap=True)
+            console.print(text, soft_wrap=True)
+
+    f_text = None
+    for title, other in others:
+        left, right = terminal_diff(tokenizer, factual, other)
+        if f_text is None:
+            f_text = left
+            block("factual", f_text)
+        block(title, right)
+    for title, other in others:
+        if other.alignment is not None:
+            same, total = kept_after_edit(factual, other)
+            console.print(f"{title.split(':')[0]}: {same}/{total} tokens after the edit equal "
+                          f"the factual ones (edit at token {other.alignment['edit_start']})")  # fmt: skip
+
+
 def describe(record: dict, tokenizer=None) -> str:
     """An intervention's record (`Trace.interventions` entry) in words."""
     kind = record.get("type")

@@ -112,3 +112,32 @@ def test_census_report_bad_inputs(tmp_path, capsys):
         assert main(["experiment", "census-report", *args]) == 1
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err
+
+
+def test_report_figures_say_what_they_show(shared_data):
+    """Subtitles with model, n and effect; each series in its own colour everywhere (the
+    interventional one blue); the income axis ends at the data; heatmap cells give their n, in
+    white on the dark ends of the colour map."""
+    from matplotlib.colors import to_rgba
+
+    from cfjax.experiments import report
+
+    rows = census.read_paper_data(shared_data / "paper-llama3/bias")
+    figs = report.figures(rows, "Llama 3 8B-Instruct")
+    income = figs["income_sex"]
+    titles = [ax.get_title() for ax in income.axes]
+    assert titles == ["Llama 3 8B-Instruct\nn = 55 · Female → Male, total effect",
+                      "Llama 3 8B-Instruct\nn = 72 · Male → Female, total effect"]  # fmt: skip
+    top = max(census.parse_income(r["Income"][c]) or 0 for r in rows if r["intervened_attribute"] == "Sex" for c in range(len(r["Income"]))) / 1000  # fmt: skip
+    for ax in income.axes:
+        colours = {p.get_label(): p.get_edgecolor() for p in ax.patches}
+        assert colours["interventional"] == to_rgba("tab:blue")
+        assert colours["factual"] != colours["counterfactual"] != colours["interventional"]
+        assert top <= ax.get_xlim()[1] <= top + 20
+    heat = figs["education_by_race"].axes[0]
+    texts = [t for t in heat.texts if "n = " in t.get_text()]
+    assert len(texts) == 30
+    assert sum(int(t.get_text().split("n = ")[1]) for t in texts) == int(heat.get_title().split("n = ")[1].split(" ·")[0])  # fmt: skip
+    assert {t.get_color() for t in texts} == {"white", "black"}
+    for fig in figs.values():
+        fig.clf()

@@ -82,9 +82,22 @@ def test_generate_then_counterfactual(tmp_path):
     }
     before = trace.text[: trace.text.index("Ahab")]
     assert cf["text"].startswith(before + "Maeve")
-    assert "factual" in proc.stdout and "counterfactual" in proc.stdout
+    # What `make demo` prints: each answer under its title, the tokens kept after the edit, the
+    # timings, and where the files went; piped, no line is wrapped at a guessed width.
+    out = proc.stdout.replace("▍", "")
+    assert (
+        "--- factual" in out and "--- counterfactual: replace 'Ahab' by 'Maeve', same noise" in out
+    )
+    assert "tokens after the edit equal the factual ones (edit at token" in out
+    assert f"trace: {cf_path}" in out and f"side-by-side diff: {html}" in out
+    assert all(line in out for line in trace.text.splitlines())
     page = html.read_text()
     assert "<html>" in page and "Maeve" in page
+
+    # --auto-at says which token it put there.
+    proc = run_cli("counterfactual", str(trace_path), "--auto-at", "10")
+    assert proc.returncode == 0, proc.stderr
+    assert "automatic intervention at token 10 (" in proc.stdout
 
     proc = run_cli(
         "counterfactual", str(trace_path), "--replace", "Ahab=>Maeve", "--occurrence", "9"

@@ -318,7 +318,7 @@ def test_study_json_is_strict(tmp_path):
     assert json.loads(text) == {"mean": None, "n": [1.0, None, None], "ok": 0.5}
     assert "NaN" not in text and "Infinity" not in text
     folder.open_study(tmp_path, {"x": 1})
-    folder.process(tmp_path, [0], lambda _u: [value], items=lambda u: [(u,)], desc="t", unit="u", progress=False)  # fmt: skip
+    folder.process(tmp_path, [0], lambda _u, _tick: [value], items=lambda u: [(u,)], desc="t", unit="u", progress=False)  # fmt: skip
     assert json.loads((tmp_path / "rows.jsonl").read_text()) == json.loads(text)
 
 
@@ -423,11 +423,44 @@ def test_public_functions_refuse_bad_numbers_by_name(lm, capped, data):
         call(value)
 
 
+def test_progress_moves_within_a_unit(tmp_path, monkeypatch):
+    """A unit's `tick(fraction)` moves the bar by that share of the unit's items, and the unit
+    ends at its full size (ticks past 1 or backwards are clamped)."""
+    import tqdm
+
+    from cfjax.experiments import folder
+
+    positions = []
+
+    class Bar:
+        def __init__(self, total, **kw):
+            self.n, self.total = 0.0, total
+
+        def update(self, k):
+            self.n += k
+            positions.append(round(self.n, 6))
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(tqdm, "tqdm", Bar)
+
+    def work(u, tick):
+        tick(1 / 3)
+        tick(2 / 3)
+        tick(5.0)  # clamped to the unit's end
+        return [{"unit": u}]
+
+    folder.open_study(tmp_path, {"x": 1})
+    folder.process(tmp_path, ["a", "b"], work, items=lambda u: [(u,)], size=lambda u: 3, desc="t", unit="u")  # fmt: skip
+    assert positions == [1, 2, 3, 3, 4, 5, 6, 6]
+
+
 def test_a_unit_without_rows_is_finished_and_not_redone(tmp_path):
     from cfjax.experiments import folder
 
     folder.open_study(tmp_path, {"x": 1})
-    work = lambda u: [] if u == "empty" else [{"unit": u}]  # noqa: E731
+    work = lambda u, _tick: [] if u == "empty" else [{"unit": u}]  # noqa: E731
     folder.process(tmp_path, ["a", "empty"], work, items=lambda u: [(u, 0)], desc="t", unit="u", progress=False)  # fmt: skip
     assert (tmp_path / "rows.jsonl").read_text().count("\n") == 1
     with open(tmp_path / "finished.jsonl", "a") as f:

@@ -75,3 +75,25 @@ def test_model_interventions_example_runs_as_shown(capsys):
 def test_speculative_example_runs_as_shown(capsys):
     printed, _ = _run_on_smollm2("### Speculative decoding", capsys)
     assert printed[0] == "same tokens: True" and printed[2] == "same counterfactual: True"
+
+
+def test_api_at_a_glance_names_exist_and_say_what_their_docstrings_say():
+    """Every row of the README's API table names a public object whose docstring's first
+    sentence is the row's summary; and the table covers every top-level function `cfjax`
+    exports that a trace goes through."""
+    import cfjax
+
+    text = README.read_text(encoding="utf-8")
+    table = text[text.index("## API at a glance") : text.index("## Cite")]
+    rows = re.findall(r"^\| `cfjax\.([\w.]+)` \| (.*) \|$", table, re.M)
+    assert len(rows) >= 20
+    for name, summary in rows:
+        obj = cfjax
+        for part in name.split("."):
+            obj = getattr(obj, part)
+        doc = " ".join((obj.__doc__ or "").split())
+        assert summary.replace("\\|", "|") == doc.split(". ")[0].rstrip(".") + ".", name
+    listed = {name for name, _ in rows}
+    for name in ("generate", "counterfactual", "counterfactuals", "interventional",
+                 "interventionals", "abduct", "coupled", "load", "core.sample"):  # fmt: skip
+        assert name in listed, name

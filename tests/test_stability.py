@@ -181,3 +181,52 @@ def test_summary_reproduces_the_readmes_table_from_the_shipped_study(capsys):
     assert json.loads(capsys.readouterr().out)["accuracy"]["coupled"][0]["n"] == 1000
     assert main(["experiment", "summary", str(root / "docs/census-smollm2")]) == 0
     assert "Median income" in capsys.readouterr().out
+
+
+def _study_rows(per_point: int = 3) -> list[dict]:
+    """Synthetic rows of every kind the figures draw, `per_point` records at each x."""
+    rng = np.random.default_rng(0)
+    rows = []
+
+    def add(n, **kw):
+        for _ in range(n):
+            rows.append({"top_k": None, "top_p": None, "mechanism": "gumbel", "temperature": 0.6,
+                         "cf_distance": rng.uniform(0, 0.5), "int_distance": rng.uniform(0.5, 1), **kw})  # fmt: skip
+
+    for t in (0.5, 1.0, 1.5):
+        add(per_point, temperature=t)
+        add(per_point, temperature=t, mechanism="inverse-cdf")
+    for k in (2, 5, 10, 20):
+        add(per_point, top_k=k)
+    for p in (0.5, 0.9):
+        add(per_point, top_p=p)
+    return rows
+
+
+def test_figures_say_what_they_show_and_dodge_their_series():
+    figs = stability.figures(_study_rows(), "smollm2-135m-instruct")
+    assert set(figs) == {"distance_vs_tau", "distance_vs_top_k", "distance_vs_top_p", "mechanisms_vs_tau"}  # fmt: skip
+    words = {"distance_vs_tau": ("n = 9", "gumbel, full vocabulary"),
+             "distance_vs_top_k": ("n = 12", "top-k, τ = 0.6"),
+             "distance_vs_top_p": ("n = 6", "top-p, τ = 0.6"),
+             "mechanisms_vs_tau": ("n = 18", "full vocabulary")}  # fmt: skip
+    for stem, fig in figs.items():
+        ax = fig.axes[0]
+        title = ax.get_title()
+        assert "smollm2-135m-instruct" in title and all(w in title for w in words[stem]), (stem, title)  # fmt: skip
+        # Two series, each at the grid's x values, never at the same x: dodged.
+        a, b = (c.lines[0].get_xdata() for c in ax.containers)
+        assert len(a) == len(b) and not np.any(np.isclose(a, b)), stem
+    ax = figs["distance_vs_top_k"].axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["2", "5", "10", "20"]
+    for fig in figs.values():
+        fig.clf()
+
+
+def test_one_record_per_point_draws_points_and_warns():
+    with pytest.warns(UserWarning, match="one record per point"):
+        figs = stability.figures(_study_rows(per_point=1), "m")
+    for fig in figs.values():
+        for c in fig.axes[0].containers:
+            assert c.lines[0].get_linestyle() == "None" and not c.lines[2]  # no line, no bars
+        fig.clf()

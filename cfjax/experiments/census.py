@@ -265,9 +265,10 @@ def education_level(text: Any) -> int | None:
     return None
 
 
-def education_change_by_race(rows: Sequence[dict], column: int = 1) -> dict[tuple[str, str], float]:
+def education_change_by_race(rows: Sequence[dict], column: int = 1) -> dict[tuple[str, str], tuple[float, int]]:  # fmt: skip
     """Mean change of the education level (column 1: counterfactual, 2: interventional, minus
-    the factual) of the total-effect Race interventions, by (from race, to race)."""
+    the factual) of the total-effect Race interventions, and the records it averages, by
+    (from race, to race)."""
     out = {}
     for (attribute, effect, a, b), group in _groups(rows).items():
         if attribute != "Race" or effect != "total":
@@ -280,5 +281,5 @@ def education_change_by_race(rows: Sequence[dict], column: int = 1) -> dict[tupl
             and education_level(r["Education"][column]) is not None
         ]
         if deltas:
-            out[(a, b)] = sum(deltas) / len(deltas)
+            out[(a, b)] = (sum(deltas) / len(deltas), len(deltas))
     return out

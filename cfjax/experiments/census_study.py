@@ -255,7 +255,7 @@ def run(
     for seed in unreadable:
         print(f"census {seed}: no readable record, skipped", file=sys.stderr)
     return process(
-        out, units, lambda u: _person_rows(lm, factuals[u[0]], ends[u[0]], *u, settings),
+        out, units, lambda u, _tick: _person_rows(lm, factuals[u[0]], ends[u[0]], *u, settings),
         items=lambda u: [(u[0], u[1])],
         desc="people", unit="person", progress=progress, on_unit=on_unit,
     )  # fmt: skip

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -117,7 +118,7 @@ def cmd_stability(args) -> int:
     if args.plot:
         from cfjax.experiments.census import read_rows
 
-        for png in stability.plot(read_rows(rows_file), args.out):
+        for png in stability.plot(read_rows(rows_file), args.out, lm.model_id):
             print(f"figure: {png}", file=sys.stderr)
     return 0
 
@@ -201,8 +202,6 @@ def _print_summary(out: Path) -> None:
 
 def run_experiment(args) -> int:
     """`cfjax experiment stability | census | census-report | coupled | summary`."""
-    import json
-
     from cfjax.experiments import census, report
 
     if args.study == "stability":
@@ -220,7 +219,14 @@ def run_experiment(args) -> int:
     if args.json:
         print(json.dumps(census.income_table(rows)))
     if args.out is not None:
-        print(f"report: {report.write(rows, args.out)}", file=sys.stderr)
+        model = "Llama 3 8B-Instruct (the paper's data)" if args.paper_data else _model_of(args.dir)
+        print(f"report: {report.write(rows, args.out, model)}", file=sys.stderr)
     elif not args.json:
         print(report.markdown(rows))
     return 0
+
+
+def _model_of(folder) -> str:
+    """The model id a study folder's `config.json` records ("" without one)."""
+    config = Path(folder) / "config.json"
+    return str(json.loads(config.read_text(encoding="utf-8")).get("model_id", "")) if config.is_file() else ""  # fmt: skip

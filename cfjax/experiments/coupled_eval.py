@@ -120,11 +120,11 @@ def _keys(settings: Settings, mode: str, model: int, question: int) -> jax.Array
     return jax.random.split(base, settings.samples)
 
 
-def _unit(models: list[LM], questions: list[Question], ids: list[int], s: Settings) -> list[dict]:
+def _unit(models: list[LM], questions: list[Question], ids: list[int], s: Settings, tick=lambda _f: None) -> list[dict]:  # fmt: skip
     sampler = Sampler(s.temperature)
     prompts = [questions[i].prompt() for i in ids for _ in range(s.samples)]
     rows = []
-    for mode in MODES:
+    for n_mode, mode in enumerate(MODES):
         if mode == "coupled":
             keys = jax.numpy.concatenate([_keys(s, mode, 0, i) for i in ids])
             answers = coupled(models, prompts, key=keys, sampler=sampler,
@@ -143,6 +143,7 @@ def _unit(models: list[LM], questions: list[Question], ids: list[int], s: Settin
                 "correct": [a == q.answer for a in letters],
                 "texts": [per_model[r].text for per_model in answers],
             })  # fmt: skip
+        tick((n_mode + 1) / len(MODES))
     return rows
 
 
@@ -163,7 +164,7 @@ def run(
     todo = [i for i in range(len(questions)) if i not in done]
     units = [todo[k : k + settings.batch_questions] for k in range(0, len(todo), settings.batch_questions)]  # fmt: skip
     return process(
-        out, units, lambda ids: _unit(models, questions, ids, settings),
+        out, units, lambda ids, tick: _unit(models, questions, ids, settings, tick),
         items=lambda ids: [(i,) for i in ids], size=len,
         desc="questions", unit="question", progress=progress, on_unit=on_unit,
     )  # fmt: skip

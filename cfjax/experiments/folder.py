@@ -99,7 +99,7 @@ def open_study(out: Path, settings: dict[str, Any]) -> list[dict]:
 def process(
     out: Path,
     units: Sequence[Any],
-    work: Callable[[Any], list[dict]],
+    work: Callable[[Any, Callable[[float], None]], list[dict]],
     *,
     items: Callable[[Any], list[tuple]],
     size: Callable[[Any], int] = lambda _unit: 1,
@@ -110,19 +110,26 @@ def process(
 ) -> Path:
     """Do each unit of work and append its rows to `out/rows.jsonl` durably as it finishes, then
     its `items(unit)` (the keys a resumed run skips) to `finished.jsonl`, with a progress bar
-    counting `size(unit)` items of each; returns the rows file.
+    counting `size(unit)` items of each; returns the rows file. `work(unit, tick)` may call
+    `tick(fraction)` as it goes, so that the bar moves (and estimates) within a unit.
     `on_unit(n)` is called after unit n (a test's hook to interrupt a run)."""
     from tqdm import tqdm
 
     bar = tqdm(total=sum(map(size, units)), desc=desc, unit=unit, disable=progress is False)
     with open(out / "rows.jsonl", "a", encoding="utf-8") as f, open(out / FINISHED, "a", encoding="utf-8") as g:  # fmt: skip
         for n, u in enumerate(units):
-            rows = work(u)
+            shown = [0.0]
+
+            def tick(fraction: float, u=u, shown=shown) -> None:
+                bar.update(size(u) * min(max(fraction, 0.0), 1.0) - shown[0])
+                shown[0] = size(u) * min(max(fraction, 0.0), 1.0)
+
+            rows = work(u, tick)
             for file, text in ((f, "".join(to_json(r) + "\n" for r in rows)), (g, to_json(items(u)) + "\n")):  # fmt: skip
                 file.write(text)
                 file.flush()
                 os.fsync(file.fileno())
-            bar.update(size(u))
+            tick(1.0)
             if on_unit is not None:
                 on_unit(n)
     bar.close()

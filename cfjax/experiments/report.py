@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from cfjax.atomic import write_text
 from cfjax.experiments import census
+from cfjax.experiments.plots import COLOURS, subtitle
 
 RACE_SHORT = {
     "White American": "White",
@@ -56,65 +58,91 @@ def markdown(rows: Sequence[dict], figures: Sequence[Path] = ()) -> str:
     return "\n".join(out)
 
 
-def figures(rows: Sequence[dict], out: Path) -> list[Path]:
-    """Write the PNGs: the education heatmap by race and the income histograms by sex."""
+def figures(rows: Sequence[dict], model: str = "") -> dict[str, Any]:
+    """The report's matplotlib figures by file stem: the education heatmap by race (each cell's
+    mean change and its n) and the income histograms of the total Sex effect."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
-    written = []
+    out = {}
     change = census.education_change_by_race(rows)
     if change:
-        races = [r for r in census.RACES if any(r in k for k in change)]
-        grid = np.full((len(races), len(races)), np.nan)
-        for (a, b), v in change.items():
-            grid[races.index(a), races.index(b)] = v
-        fig, ax = plt.subplots(figsize=(6.5, 5.5))
-        lim = np.nanmax(np.abs(grid)) or 1.0
-        im = ax.imshow(grid, cmap="RdBu", vmin=-lim, vmax=lim)
-        names = [RACE_SHORT.get(r, r) for r in races]
-        ax.set_xticks(range(len(races)), names, rotation=30, ha="right")
-        ax.set_yticks(range(len(races)), names)
-        ax.set_xlabel("counterfactual race")
-        ax.set_ylabel("factual race")
-        for i in range(len(races)):
-            for j in range(len(races)):
-                if np.isfinite(grid[i, j]):
-                    ax.text(j, i, f"{grid[i, j]:+.2f}", ha="center", va="center", fontsize=8)
-        fig.colorbar(im, ax=ax, label="mean education change (levels)")
-        ax.set_title("Education change under a race intervention")
-        fig.tight_layout()
-        written.append(out / "education_by_race.png")
-        fig.savefig(written[-1], dpi=120)
-        plt.close(fig)
+        out["education_by_race"] = _heatmap(plt, change, model)
     sex = [r for r in rows if r["intervened_attribute"] == "Sex" and r["effect"] == "total"]
     if sex:
-        fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-        for ax, (a, b) in zip(axes, (("Female", "Male"), ("Male", "Female")), strict=True):
-            group = [r for r in sex if tuple(r["intervention"]) == (a, b)]
-            for col, name in enumerate(census.COLUMNS):
-                values = [census.parse_income(r["Income"][col]) for r in group
-                          if len(r["Income"]) > col]  # fmt: skip
-                values = [v / 1000 for v in values if v]
-                if values:
-                    ax.hist(values, bins=np.arange(0, 260, 20), histtype="step", lw=2, label=name)
-            ax.set_title(f"{a} → {b} (n = {len(group)})")
-            ax.set_xlabel("income (k$, zeros dropped)")
-            if ax.get_legend_handles_labels()[0]:
-                ax.legend()
-        axes[0].set_ylabel("records")
-        fig.tight_layout()
-        written.append(out / "income_sex.png")
-        fig.savefig(written[-1], dpi=120)
-        plt.close(fig)
-    return written
+        out["income_sex"] = _income_histograms(plt, sex, model)
+    return out
 
 
-def write(rows: Sequence[dict], out: str | Path) -> Path:
+def _heatmap(plt, change: dict, model: str):
+    import numpy as np
+
+    races = [r for r in census.RACES if any(r in k for k in change)]
+    grid = np.full((len(races), len(races)), np.nan)
+    counts = np.zeros((len(races), len(races)), int)
+    for (a, b), (v, n) in change.items():
+        grid[races.index(a), races.index(b)] = v
+        counts[races.index(a), races.index(b)] = n
+    fig, ax = plt.subplots(figsize=(6.5, 5.8))
+    lim = np.nanmax(np.abs(grid)) or 1.0
+    im = ax.imshow(grid, cmap="RdBu", vmin=-lim, vmax=lim)
+    names = [RACE_SHORT.get(r, r) for r in races]
+    ax.set_xticks(range(len(races)), names, rotation=30, ha="right")
+    ax.set_yticks(range(len(races)), names)
+    ax.set_xlabel("counterfactual race")
+    ax.set_ylabel("factual race")
+    for i, j in zip(*np.nonzero(np.isfinite(grid)), strict=True):
+        dark = abs(grid[i, j]) > 0.55 * lim  # the colour map's ends are dark: white text there
+        ax.text(j, i, f"{grid[i, j]:+.2f}\nn = {counts[i, j]}", ha="center", va="center",
+                fontsize=7, color="white" if dark else "black")  # fmt: skip
+    fig.colorbar(im, ax=ax, label="mean education change (levels)")
+    subtitle(ax, model, int(counts.sum()), "total effect, counterfactual minus factual")
+    fig.suptitle("Education change under a race intervention", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def _income_histograms(plt, sex: list[dict], model: str):
+    import numpy as np
+
+    incomes = {}
+    for a, b in (("Female", "Male"), ("Male", "Female")):
+        group = [r for r in sex if tuple(r["intervention"]) == (a, b)]
+        incomes[(a, b)] = (len(group), {
+            name: [v / 1000 for r in group if len(r["Income"]) > col
+                   if (v := census.parse_income(r["Income"][col]))]
+            for col, name in enumerate(census.COLUMNS)
+        })  # fmt: skip
+    top = max((max(v) for _, series in incomes.values() for v in series.values() if v), default=20)
+    bins = np.arange(0, top + 20, 20)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.4), sharey=True)
+    for ax, ((a, b), (n, series)) in zip(axes, incomes.items(), strict=True):
+        for name, values in series.items():
+            if values:
+                ax.hist(values, bins=bins, histtype="step", lw=2, label=name, color=COLOURS[name])
+        ax.set_xlim(0, bins[-1])
+        subtitle(ax, model, n, f"{a} → {b}, total effect")
+        ax.set_xlabel("income (k$, zeros dropped)")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+    axes[0].set_ylabel("records")
+    fig.suptitle("Income under a sex intervention (total effect)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def write(rows: Sequence[dict], out: str | Path, model: str = "") -> Path:
     """`report.md` and the figures in `out`; returns the report's path."""
+    import matplotlib.pyplot as plt
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    write_text(out / "report.md", markdown(rows, figures(rows, out)))
+    written = []
+    for stem, fig in figures(rows, model).items():
+        written.append(out / f"{stem}.png")
+        fig.savefig(written[-1], dpi=120)
+        plt.close(fig)
+    write_text(out / "report.md", markdown(rows, written))
     return out / "report.md"

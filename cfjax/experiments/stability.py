@@ -22,6 +22,7 @@ import dataclasses
 import hashlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import jax
 import numpy as np
@@ -32,6 +33,7 @@ from cfjax.causal.replay import interventionals
 from cfjax.core.checks import as_key
 from cfjax.core.scm import Sampler
 from cfjax.experiments.folder import finished, open_study, process
+from cfjax.experiments.plots import COLOURS, errorbars, mean_interval, subtitle
 from cfjax.runtime.lm import LM
 
 SYSTEM = "Keep your replies short and to the point."  # the paper's system prompt
@@ -124,13 +126,15 @@ def run(
         for s in range(0, len(todo), settings.batch_prompts):
             units.append((mechanism, todo[s : s + settings.batch_prompts]))
     return process(
-        out, units, lambda u: _unit(lm, prompts, u[1], u[0], settings),
+        out, units, lambda u, tick: _unit(lm, prompts, u[1], u[0], settings, tick),
         items=lambda u: [(i, u[0]) for i in u[1]], size=lambda u: len(u[1]),
         desc="prompts x mechanisms", unit="prompt", progress=progress, on_unit=on_unit,
     )  # fmt: skip
 
 
-def _unit(lm: LM, prompts: Sequence[str], ids: list[int], mechanism: str, settings: Settings):
+def _unit(lm: LM, prompts: Sequence[str], ids: list[int], mechanism: str, settings: Settings, tick=lambda _f: None):  # fmt: skip
+    """One batch of prompts under one mechanism: factuals, then the counterfactual and the
+    interventional answer at each intervention (a third of the unit's progress each)."""
     samplers = settings.samplers(mechanism)
     cells = [(i, s) for i in ids for s in samplers]
     keys = [jax.random.fold_in(as_key(settings.seed), i) for i, _ in cells]
@@ -140,6 +144,7 @@ def _unit(lm: LM, prompts: Sequence[str], ids: list[int], mechanism: str, settin
         system=SYSTEM if isinstance(prompts[ids[0]], str) else None,  # token ids: as given
         stop_tokens=() if settings.ignore_stop else None,
     )  # fmt: skip
+    tick(1 / 3)
     plan = []  # (cell, factual, position, fresh key)
     base = as_key(settings.seed + 1)
     for c, ((i, s), fact) in enumerate(zip(cells, factuals, strict=True)):
@@ -169,6 +174,7 @@ def _unit(lm: LM, prompts: Sequence[str], ids: list[int], mechanism: str, settin
     if not plan:
         return []
     cfs = counterfactuals(lm, [f for _, f, _, _ in plan], edits)
+    tick(2 / 3)
     fresh = jax.numpy.stack([k for *_, k in plan])
     ints = interventionals(lm, [f for _, f, _, _ in plan], edits, keys=fresh)
     rows = []
@@ -185,62 +191,77 @@ def _unit(lm: LM, prompts: Sequence[str], ids: list[int], mechanism: str, settin
     return rows
 
 
-def plot(rows: Sequence[dict], out: str | Path) -> list[Path]:
-    """The paper's figures as PNG, mean normalised edit distance with 95% confidence intervals:
-    against τ (counterfactual vs interventional, gumbel vs inverse-cdf), against p and k."""
+def figures(rows: Sequence[dict], model: str = "") -> dict[str, Any]:
+    """The paper's figures (matplotlib figures by file stem), mean normalised edit distance
+    with 95% intervals: against τ (counterfactual vs interventional, gumbel vs inverse-cdf),
+    against p and k. Each says its model, n and sampler; the series are dodged."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out = Path(out)
-    written = []
-
-    def series(select, key):
+    def points(select, key, column):
         xs = sorted({r[key] for r in rows if select(r)})
-        for x in xs:
-            group = [r for r in rows if select(r) and r[key] == x]
-            yield x, group
+        return [(x, *mean_interval([r[column] for r in rows if select(r) and r[key] == x])) for x in xs]  # fmt: skip
 
-    def draw(ax, select, key, column, label, style):
-        points = [
-            (x, np.mean([r[column] for r in g]), 1.96 * np.std([r[column] for r in g]) / np.sqrt(len(g)))
-            for x, g in series(select, key)
-        ]  # fmt: skip
-        if points:
-            x, y, e = map(np.asarray, zip(*points, strict=True))
-            ax.errorbar(x, y, yerr=e, fmt=style, capsize=4, label=label)
+    def temps(select):
+        return ", ".join(
+            f"τ = {t:g}" for t in sorted({r["temperature"] for r in rows if select(r)})
+        )
 
     vocab = lambda m: lambda r: r["mechanism"] == m and r["top_k"] is None and r["top_p"] is None  # noqa: E731
-    figs = {
-        "tau": ("temperature τ", "temperature", vocab("gumbel")),
-        "top_p": ("p (τ = 0.6)", "top_p", lambda r: r["top_p"] is not None),
-        "top_k": ("k (τ = 0.6)", "top_k", lambda r: r["top_k"] is not None),
-    }
-    for name, (xlabel, key, select) in figs.items():
+    specs = {  # stem: (x label, x key, rows, sampler words, [(column, select, label, marker, colour)])
+        "distance_vs_tau": ("temperature τ", "temperature", vocab("gumbel"), "gumbel, full vocabulary",
+                            [("cf_distance", None, "counterfactual", "o", COLOURS["counterfactual"]),
+                             ("int_distance", None, "interventional", "s", COLOURS["interventional"])]),
+        "distance_vs_top_p": ("p", "top_p", lambda r: r["top_p"] is not None, "top-p",
+                              [("cf_distance", None, "counterfactual", "o", COLOURS["counterfactual"]),
+                               ("int_distance", None, "interventional", "s", COLOURS["interventional"])]),
+        "distance_vs_top_k": ("k", "top_k", lambda r: r["top_k"] is not None, "top-k",
+                              [("cf_distance", None, "counterfactual", "o", COLOURS["counterfactual"]),
+                               ("int_distance", None, "interventional", "s", COLOURS["interventional"])]),
+        "mechanisms_vs_tau": ("temperature τ", "temperature",
+                              lambda r: vocab("gumbel")(r) or vocab("inverse-cdf")(r),
+                              "counterfactual, full vocabulary",
+                              [("cf_distance", vocab("gumbel"), "gumbel", "o", COLOURS["counterfactual"]),
+                               ("cf_distance", vocab("inverse-cdf"), "inverse-cdf", "^", "tab:green")]),
+    }  # fmt: skip
+    out = {}
+    for stem, (xlabel, key, select, sampler, series) in specs.items():
+        if stem == "mechanisms_vs_tau" and not any(vocab("inverse-cdf")(r) for r in rows):
+            continue
         if not any(select(r) for r in rows):
             continue
-        fig, ax = plt.subplots(figsize=(6, 4))
-        draw(ax, select, key, "cf_distance", "counterfactual", "o-")
-        draw(ax, select, key, "int_distance", "interventional", "s--")
+        fig, ax = plt.subplots(figsize=(6, 4.2))
+        for i, (column, only, label, marker, colour) in enumerate(series):
+            chosen = select if only is None else only
+            errorbars(ax, points(chosen, key, column), label=label, marker=marker, colour=colour,
+                      shift=i, of=len(series), log=key == "top_k")  # fmt: skip
         if key == "top_k":
             ax.set_xscale("log")
+            grid = sorted({r[key] for r in rows if select(r)})
+            ax.set_xticks(grid, [str(k) for k in grid])
+            ax.minorticks_off()
+        words = sampler if key == "temperature" else f"{sampler}, {temps(select)}"
+        subtitle(ax, model, sum(map(select, rows)), words)
+        fig.suptitle(
+            "Counterfactual stability: normalised edit distance to the factual", fontsize=10
+        )
         ax.set_xlabel(xlabel)
-        ax.set_ylabel("normalised edit distance")
+        ax.set_ylabel("normalised edit distance (mean, 95% interval)")
         ax.legend()
         fig.tight_layout()
-        written.append(out / f"distance_vs_{name}.png")
-        fig.savefig(written[-1], dpi=120)
-        plt.close(fig)
-    if any(vocab("inverse-cdf")(r) for r in rows):
-        fig, ax = plt.subplots(figsize=(6, 4))
-        draw(ax, vocab("gumbel"), "temperature", "cf_distance", "gumbel (counterfactual)", "o-")
-        draw(ax, vocab("inverse-cdf"), "temperature", "cf_distance", "inverse-cdf (counterfactual)", "^-")  # fmt: skip
-        ax.set_xlabel("temperature τ")
-        ax.set_ylabel("normalised edit distance")
-        ax.legend()
-        fig.tight_layout()
-        written.append(out / "mechanisms_vs_tau.png")
+        out[stem] = fig
+    return out
+
+
+def plot(rows: Sequence[dict], out: str | Path, model: str = "") -> list[Path]:
+    """`figures` written as PNG into `out`; returns their paths."""
+    import matplotlib.pyplot as plt
+
+    written = []
+    for stem, fig in figures(rows, model).items():
+        written.append(Path(out) / f"{stem}.png")
         fig.savefig(written[-1], dpi=120)
         plt.close(fig)
     return written
