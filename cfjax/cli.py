@@ -161,10 +161,10 @@ def cmd_counterfactual(args) -> int:
     console.print(f"[dim]load {t1 - t0:.1f}s, {label} {t2 - t1:.1f}s[/dim]")
     if args.out:
         result.to_json(args.out)
-        console.print(f"trace: {args.out}")
+        console.print(f"trace: {args.out}", soft_wrap=True, markup=False)
     if args.html:
         write_text(args.html, present.html_diff(lm.tokenizer, trace, {label: result}))
-        console.print(f"side-by-side diff: {args.html}")
+        console.print(f"side-by-side diff: {args.html}", soft_wrap=True, markup=False)
     return 0
 
 

@@ -125,9 +125,9 @@ def show(console, tokenizer, factual: Trace, others: Sequence[tuple[str, Trace]]
 
     def block(title: str, text: Text) -> None:
         if console.is_terminal:
-            console.print(Panel(text, title=printable(title), title_align="left"))
+            console.print(Panel(text, title=Text(printable(title)), title_align="left"))
         else:
-            console.print(f"--- {printable(title)}", soft_wrap=True)
+            console.print(f"--- {printable(title)}", soft_wrap=True, markup=False)
             console.print(text, soft_wrap=True)
 
     f_text = None
@@ -141,7 +141,8 @@ def show(console, tokenizer, factual: Trace, others: Sequence[tuple[str, Trace]]
         if other.alignment is not None:
             same, total = kept_after_edit(factual, other)
             console.print(f"{title.split(':')[0]}: {same}/{total} tokens after the edit equal "
-                          f"the factual ones (edit at token {other.alignment['edit_start']})")  # fmt: skip
+                          f"the factual ones (edit at token {other.alignment['edit_start']})",
+                          soft_wrap=True, markup=False)  # fmt: skip
 
 
 def describe(record: dict, tokenizer=None) -> str:
