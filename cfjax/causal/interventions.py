@@ -64,39 +64,53 @@ class ReplaceTokens(Intervention):
         p.edits.append((self.position, self.position + count, list(self.tokens)))
 
 
+class _TextEdit(Intervention):
+    """A response edit given as text: the span `old` (its `occurrence`-th match) becomes `new`,
+    made on characters and mapped to the tokens that cover them."""
+
+    occurrence: int
+
+    def span(self) -> tuple[str, str]:
+        """(old text, new text)."""
+        raise NotImplementedError
+
+    def edit(self, lm, trace, p):
+        p.edits.append(text_edit(lm, trace, *self.span(), self.occurrence))
+
+
 @dataclasses.dataclass(frozen=True)
-class ReplaceText(Intervention):
+class ReplaceText(_TextEdit):
     """Replace the `occurrence`-th (1-based) `old` string of the response text by `new`."""
 
     old: str
     new: str
     occurrence: int = 1
 
-    def edit(self, lm, trace, p):
-        p.edits.append(text_edit(lm, trace, self.old, self.new, self.occurrence))
+    def span(self):
+        return self.old, self.new
 
 
 @dataclasses.dataclass(frozen=True)
-class InsertText(Intervention):
+class InsertText(_TextEdit):
     """Insert `text` right after the `occurrence`-th `after` string of the response."""
 
     text: str
     after: str
     occurrence: int = 1
 
-    def edit(self, lm, trace, p):
-        p.edits.append(text_edit(lm, trace, self.after, self.after + self.text, self.occurrence))
+    def span(self):
+        return self.after, self.after + self.text
 
 
 @dataclasses.dataclass(frozen=True)
-class DeleteText(Intervention):
+class DeleteText(_TextEdit):
     """Delete the `occurrence`-th `text` string of the response."""
 
     text: str
     occurrence: int = 1
 
-    def edit(self, lm, trace, p):
-        p.edits.append(text_edit(lm, trace, self.text, "", self.occurrence))
+    def span(self):
+        return self.text, ""
 
 
 @dataclasses.dataclass(frozen=True)

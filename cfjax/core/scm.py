@@ -245,13 +245,7 @@ def _rank_order(z: jax.Array) -> jax.Array:
     return lax.sort((-z, jnp.arange(v, dtype=jnp.int32)), num_keys=1, is_stable=True)[1]
 
 
-def choose(
-    logits: jax.Array,
-    key: jax.Array,
-    step: jax.Array | int,
-    sampler: Sampler,
-    noise_value: jax.Array | None = None,
-) -> tuple[jax.Array, jax.Array]:
+def choose(logits: jax.Array, key: jax.Array, step: jax.Array | int, sampler: Sampler, noise_value: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:  # fmt: skip
     """(int32 token, f32 log-prob) for ONE row f32[V] of logits at response step `step`.
 
     `noise_value` f32[V], if given, replaces the step's key-derived Gumbel noise (abduction).

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from pathlib import Path
 
 from cfjax import arguments as arg
@@ -118,7 +119,12 @@ def cmd_stability(args) -> int:
     if args.plot:
         from cfjax.experiments.census import read_rows
 
-        for png in stability.plot(read_rows(rows_file), args.out, lm.model_id):
+        with warnings.catch_warnings(record=True) as caught:  # one readable line each
+            warnings.simplefilter("always")
+            pngs = stability.plot(read_rows(rows_file), args.out, lm.model_id)
+        for w in caught:
+            print(f"warning: {w.message}", file=sys.stderr)
+        for png in pngs:
             print(f"figure: {png}", file=sys.stderr)
     return 0
 
