@@ -149,26 +149,12 @@ class Attention(nnx.Module):
                 keys, values = keys[..., : index + t], values[:, :, : index + t]
         q = q.reshape(b, t, c.n_kv_heads, c.q_per_kv, c.head_dim)
         scale = np.float32(1 / np.sqrt(c.head_dim))
-        if t == 1:
-            # One query (the decode step): plain multiply-and-sums over the cache as it lies, each
-            # reducing over a non-minor axis (see KVCache), which XLA fuses into one vectorised
-            # pass over each K/V block; a dot made XLA copy the cache (relayouts) every step.
-            q1 = q[:, 0].astype(jnp.float32)  # [B, KV, G, D]
-            scores = (q1[..., None] * keys[:, :, None].astype(jnp.float32)).sum(-2)
-            scores = jnp.where(visible[:, None, None, 0, :], scores * scale, _NEG)  # [B,KV,G,S]
-            probs = jax.nn.softmax(scores, axis=-1)
-            out = (probs[..., None] * values[:, :, None].astype(jnp.float32)).sum(-2)
-            out = out[:, None].astype(x.dtype)  # [B, 1, KV, G, D]
-        elif layer_k is not None and not isinstance(index, int):
-            # The few tokens of a speculative scoring pass: the same multiply-and-sums, with the
-            # queries as one more axis.
-            qf = q.astype(jnp.float32).transpose(0, 2, 3, 1, 4)  # [B, KV, G, T, D]
-            kf = keys[:, :, None, None].astype(jnp.float32)  # [B, KV, 1, 1, D, S]
-            scores = (qf[..., None] * kf).sum(-2)  # [B, KV, G, T, S]
-            scores = jnp.where(visible[:, None, None], scores * scale, _NEG)
-            probs = jax.nn.softmax(scores, axis=-1)
-            vf = values[:, :, None, None].astype(jnp.float32)  # [B, KV, 1, 1, S, D]
-            out = (probs[..., None] * vf).sum(-2)  # [B, KV, G, T, D]
+        if layer_k is not None and not isinstance(index, int):
+            # The decode step (T = 1) and a speculative scoring pass (a few T) over the cache as
+            # it lies: the per-backend form of `cached_attention`.
+            qt = q.transpose(0, 2, 3, 1, 4)  # [B, KV, G, T, D]
+            mask = visible[:, None, None]  # [B, 1, 1, T, S]
+            out = cached_attention(qt, keys, values, mask, scale)  # [B, KV, G, T, D] f32
             out = out.transpose(0, 3, 1, 2, 4).astype(x.dtype)  # [B, T, KV, G, D]
         else:
             scores = einsum_f32("btkgd,bkds->bkgts", q, keys.astype(q.dtype)) * scale
@@ -177,6 +163,38 @@ class Attention(nnx.Module):
             out = einsum_f32("bkgts,bksd->btkgd", probs.astype(values.dtype), values)
             out = out.astype(x.dtype)
         return self.o(out.reshape(b, t, c.n_heads * c.head_dim)), layer_k, layer_v
+
+
+def attention_sums(q, keys, values, mask, scale):
+    """The CPU's form: multiply-and-sums in float32 over the cache as it lies, each reducing
+    over a non-minor axis (see KVCache), which XLA:CPU fuses into one vectorised pass over each
+    K/V block (a dot made XLA:CPU copy the cache, relayouts, every step)."""
+    f32 = jnp.float32
+    scores = (q.astype(f32)[..., None] * keys[:, :, None, None].astype(f32)).sum(-2)
+    probs = jax.nn.softmax(jnp.where(mask, scores * scale, _NEG), axis=-1)  # [B, KV, G, T, S]
+    return (probs[..., None] * values[:, :, None, None].astype(f32)).sum(-2)
+
+
+def attention_dots(q, keys, values, mask, scale):
+    """The accelerators' form: dot contractions that read the cache in its stored dtype and
+    accumulate in float32 (`preferred_element_type`), with no float32 copy of the cache."""
+    f32 = jnp.float32
+    scores = jnp.einsum("bkgtd,bkds->bkgts", q.astype(keys.dtype), keys, preferred_element_type=f32)  # fmt: skip
+    probs = jax.nn.softmax(jnp.where(mask, scores * scale, _NEG), axis=-1)
+    return jnp.einsum("bkgts,bksd->bkgtd", probs.astype(values.dtype), values, preferred_element_type=f32)  # fmt: skip
+
+
+def cached_attention(q, keys, values, mask, scale) -> jax.Array:
+    """Attention of queries `[B, KV, G, T, D]` over the cache (keys `[B, KV, D, S]`, values
+    `[B, KV, S, D]`, `mask` broadcastable to `[B, KV, G, T, S]`): float32 `[B, KV, G, T, D]`.
+
+    One function for the decode step and the speculative scoring pass, in a form per backend
+    (a static choice when lowering for one platform): float32 multiply-and-sums on the CPU,
+    cache-dtype dots with float32 accumulation elsewhere. Factual, counterfactual, resumed and
+    abducted runs all take the same form on a given backend.
+    """
+    return jax.lax.platform_dependent(q, keys, values, mask, cpu=functools.partial(attention_sums, scale=scale),
+                                      default=functools.partial(attention_dots, scale=scale))  # fmt: skip
 
 
 class MLP(nnx.Module):

@@ -1,0 +1,87 @@
+"""The accelerators' forms, checked on the CPU (issue 31): the decode chunk and the prefill of a
+small bfloat16 config lower for CUDA and TPU (`jax.export`), and there the decode attention
+contracts the bf16 cache in dots that accumulate in float32, with no float32 copy of the cache.
+Lowered for the CPU, the same chunk does widen the cache (its multiply-and-sum form): the check
+can fail."""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import cfjax
+from cfjax.core import decode, kernel, model, scm
+from cfjax.core.cache import init_cache
+
+CONFIG = cfjax.preset("tiny")
+BATCH, BUCKET, WIDTH = 2, 32, 8
+LENGTH = kernel.cache_length(BUCKET, WIDTH, chunk=WIDTH)
+SD = jax.ShapeDtypeStruct
+
+
+def _chunk(params, cache, key_data, start, last, forced, noise_index):
+    """One decode chunk of `WIDTH` steps, as the driver runs it, from raw key data."""
+    sampler = jax.tree_util.tree_map(jnp.asarray, scm.stack([cfjax.Sampler(1.0)] * BATCH, CONFIG.vocab_size))  # fmt: skip
+    rows = kernel.Rows(jax.random.wrap_key_data(key_data), start, sampler, forced, noise_index)
+    state = kernel.State(last, cache, jnp.int32(BUCKET), jnp.zeros((BATCH,), bool))
+    return decode.decode(CONFIG, kernel.Options(early_exit=True), params, rows, state, jnp.int32(WIDTH))  # fmt: skip
+
+
+def _export_chunk(platforms):
+    params = model.param_shapes(CONFIG, jnp.bfloat16)
+    cache = jax.eval_shape(lambda: init_cache(CONFIG, BATCH, LENGTH, jnp.bfloat16))
+    i32 = lambda *shape: SD(shape, jnp.int32)  # noqa: E731
+    args = (params, cache, SD((BATCH, 2), jnp.uint32), i32(BATCH), i32(BATCH), i32(BATCH, WIDTH), i32(BATCH, WIDTH))  # fmt: skip
+    return jax.export.export(jax.jit(_chunk), platforms=platforms)(*args)
+
+
+KEYS = f"{BATCH}x{CONFIG.n_kv_heads}x{CONFIG.head_dim}x{LENGTH}"  # a layer's key cache
+VALUES = f"{BATCH}x{CONFIG.n_kv_heads}x{LENGTH}x{CONFIG.head_dim}"
+
+
+def _widens_the_cache(text: str) -> bool:
+    """Whether a layer's bf16 key or value cache (with any unit axes inserted) is converted to
+    float32 somewhere in the module."""
+    b, kv, d, s = BATCH, CONFIG.n_kv_heads, CONFIG.head_dim, LENGTH
+    shapes = (rf"{b}x{kv}x(?:1x)*{d}x{s}", rf"{b}x{kv}x(?:1x)*{s}x{d}")
+    return any(re.search(rf"stablehlo\.convert .*tensor<{shape}xbf16>\) -> tensor<[0-9x]*xf32>", text) for shape in shapes)  # fmt: skip
+
+
+@pytest.mark.parametrize("platforms", [("cuda", "tpu")], ids=["cuda+tpu"])
+def test_the_decode_chunk_lowers_for_accelerators_without_a_float32_cache(platforms):
+    exported = _export_chunk(platforms)
+    assert exported.platforms == platforms
+    text = exported.mlir_module()
+    dots = [line for line in text.splitlines() if "stablehlo.dot_general" in line]
+    assert any(f"tensor<{KEYS}xbf16>" in d and "f32>" in d.split("->")[-1] for d in dots)
+    assert any(f"tensor<{VALUES}xbf16>" in d for d in dots)
+    assert not _widens_the_cache(text)
+
+
+def test_on_the_cpu_the_cache_is_widened_for_the_multiply_and_sum():
+    assert _widens_the_cache(_export_chunk(("cpu",)).mlir_module())
+
+
+def test_the_prefill_lowers_for_accelerators():
+    params = model.param_shapes(CONFIG, jnp.bfloat16)
+    prompt, lengths = SD((BATCH, BUCKET), jnp.int32), SD((BATCH,), jnp.int32)
+    fill = lambda p, t, n: kernel.prefill(CONFIG, p, t, n, LENGTH)  # noqa: E731
+    exported = jax.export.export(jax.jit(fill), platforms=("cuda", "tpu"))(params, prompt, lengths)
+    assert (
+        exported.platforms == ("cuda", "tpu") and "stablehlo.dot_general" in exported.mlir_module()
+    )
+
+
+def test_the_two_forms_agree():
+    """The dot form (run here on the CPU in float32) gives the multiply-and-sum's attention."""
+    rng = jax.random.split(jax.random.key(0), 3)
+    q = jax.random.normal(rng[0], (2, 2, 2, 3, 16))
+    keys = jax.random.normal(rng[1], (2, 2, 16, 40))
+    values = jax.random.normal(rng[2], (2, 2, 40, 16))
+    mask = (jnp.arange(40) < 30)[None, None, None, None, :]
+    sums = model.attention_sums(q, keys, values, mask, 0.25)
+    dots = model.attention_dots(q, keys, values, mask, 0.25)
+    assert jnp.allclose(sums, dots, atol=1e-5)
