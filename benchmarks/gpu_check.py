@@ -75,7 +75,10 @@ def main() -> None:
         "--profile-steps", type=int, default=0, help="then trace this many batch-1 steps, per op"
     )
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="64 new tokens and no profile (≤ 3 min on an H200)")  # fmt: skip
     args = ap.parse_args()
+    if args.quick:
+        args.new_tokens, args.profile_steps = min(args.new_tokens, 64), 0
 
     config = cfjax.preset(args.config)
     dtype = jnp.dtype(args.dtype)
@@ -136,6 +139,8 @@ def main() -> None:
             )
             row.update(yardsticks(lm, prompts, args.new_tokens, tok_s, t0.tokens))
             row.update(speculative(lm, prompts, args.new_tokens, tok_s, t0.tokens))
+        else:
+            row.update(invariance(lm, prompts, args.new_tokens))
         rows.append(row)
         if not args.json:  # progress: a long GPU run shows each batch as it finishes
             print("  ".join(f"{k}={v}" for k, v in row.items()), flush=True)
@@ -218,6 +223,26 @@ def speculative(lm, prompts, steps: int, tok_s: float, tokens, lookahead: int = 
         "speculative_flips": int(sum(a != b for a, b in zip(out.tokens[0], tokens, strict=True))),
         "speculative_compile_s": round(first_s - warm_s, 1),
     }
+
+
+def invariance(lm, prompts, steps: int) -> dict:
+    """Batch invariance of row 0 (issue 30): its tokens and log-probs alone, in a batch of
+    identical rows and in the batch of different prompts, each row with its own key. Flips:
+    tokens that differ from the row alone; the largest log-prob difference where they agree."""
+    from cfjax.runtime.request import row_keys
+
+    keys = row_keys(1, len(prompts))
+    run = lambda ps, ks: generate(
+        lm, ps, key=ks, sampler=Sampler(temperature=1.0), max_new_tokens=steps, stop_tokens=()
+    )  # noqa: E731,E501
+    alone = run([prompts[0]], keys[:1])[0]
+    flips, diff = 0, 0.0
+    for batch in ([prompts[0]] * len(prompts), prompts):
+        other = run(batch, keys)[0]
+        flips += sum(a != b for a, b in zip(other.tokens, alone.tokens, strict=True))
+        agree = next((i for i, (a, b) in enumerate(zip(other.tokens, alone.tokens, strict=True)) if a != b), len(alone.tokens))  # fmt: skip
+        diff = max(diff, float(np.max(np.abs(np.subtract(other.logprobs[:agree], alone.logprobs[:agree])), initial=0.0)))  # fmt: skip
+    return {"invariance_flips": int(flips), "invariance_max_logprob_diff": diff}
 
 
 def compile_split(lm, batch: int, prompt_len: int, steps: int) -> dict:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check in one invocation (issue 7). On a GPU machine:
 #   bash benchmarks/gpu_check.sh            # Llama 3 8B config, random bf16 weights
+#   bash benchmarks/gpu_check.sh --quick    # 64 new tokens, no per-op profile
 # On a CPU it runs a tiny config so the script itself stays tested:
 #   CFJAX_GPU_CHECK_CONFIG=tiny bash benchmarks/gpu_check.sh
 set -euo pipefail

@@ -159,6 +159,9 @@ def test_gpu_check_json(outputs):
     assert _positive(first["plain_scan_tok_s"]) and _positive(first["matmul_floor_tok_s"])
     assert 0 <= first["plain_scan_same_first_tokens"] <= 24
     assert "plain_scan_tok_s" not in r["rows"][1]
+    # Batch invariance of a row alone, in identical rows and among other prompts (issue 30).
+    second = r["rows"][1]
+    assert second["invariance_flips"] >= 0 and second["invariance_max_logprob_diff"] >= 0
     # Speculative decoding with the int8 variant of the same weights as the draft.
     assert first["speculative_flips"] == 0 and 0 <= first["acceptance_rate"] <= 1
     assert _positive(first["speculative_tok_s"]) and _positive(first["speculative_over_plain"])
