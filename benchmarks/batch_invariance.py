@@ -1,0 +1,108 @@
+"""Where a row's results depend on its batch (issue 30): classes of batch sizes that agree.
+
+For each op of a decode step at SmolLM2's shapes (the dense layers, RMSNorm's row reduction, the
+decode attention, the log-softmax over the vocabulary), and for `generate` on the whole model,
+row 0 is computed in batches of M rows (the other rows random or other prompts) and the batch
+sizes whose row 0 is bit-identical are grouped: one group means the op is batch-invariant.
+
+    python benchmarks/batch_invariance.py                 # float32 and bfloat16, SmolLM2
+    python benchmarks/batch_invariance.py --config tiny --json   # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from common import DEFAULT_MODEL, load_lm
+
+SIZES = (1, 2, 3, 4, 8, 9, 16, 32, 64)
+PROMPTS = ["Write one sentence about rain.", "Name a fruit.", "What is two plus two?", "Say hello.",
+           "Describe a cat.", "Tell me a joke.", "Why is the sky blue?", "Count to five."]  # fmt: skip
+
+
+def classes(fn, row: np.ndarray, rest, sizes=SIZES) -> list[list[int]]:
+    """Groups of batch sizes M whose row 0 of `fn(batch)` is bit-identical; `rest(M)` gives a
+    batch whose row 0 is overwritten by `row`."""
+    f = jax.jit(fn)
+    groups: dict[bytes, list[int]] = {}
+    for m in sizes:
+        x = rest(m)
+        x[0] = row
+        groups.setdefault(np.asarray(f(jnp.asarray(x)))[0].tobytes(), []).append(m)
+    return list(groups.values())
+
+
+def ops(config, dtype) -> dict:
+    """The classes of each op of a decode step at `config`'s shapes."""
+    rng = np.random.default_rng(0)
+    d, hd, kv, g = config.dim, config.head_dim, config.n_kv_heads, config.n_heads // config.n_kv_heads  # fmt: skip
+    rand = lambda *shape: rng.standard_normal(shape).astype(np.float32)  # noqa: E731
+    out = {}
+    shapes = {"qkv": (d, (config.n_heads + 2 * kv) * hd), "o": (config.n_heads * hd, d),
+              "gate_up": (d, 2 * config.ffn_dim), "down": (config.ffn_dim, d),
+              "head": (d, config.vocab_size)}  # fmt: skip
+    for name, (k, n) in shapes.items():
+        w = jnp.asarray(rand(k, n) * 0.05, dtype)
+        out[f"dense {name} {k}x{n}"] = classes(lambda x, w=w: x.astype(dtype) @ w, rand(k), lambda m, k=k: rand(m, k))  # fmt: skip
+    out[f"rmsnorm {d}"] = classes(lambda x: x * jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + 1e-5), rand(d), lambda m: rand(m, d))  # fmt: skip
+    out["log_softmax vocab"] = classes(lambda x: jax.nn.log_softmax(x, -1), rand(config.vocab_size), lambda m: rand(m, config.vocab_size))  # fmt: skip
+    s = 192  # cache slots
+    keys = rand(kv, hd, s)
+
+    def attention(q):  # the CPU's decode attention form, against one row's fixed cache
+        scores = (q.reshape(-1, kv, g, hd)[..., None] * keys[None, :, None]).sum(-2)
+        return jax.nn.softmax(scores, axis=-1).reshape(q.shape[0], -1)
+
+    out[f"decode attention {s} slots"] = classes(attention, rand(kv * g * hd), lambda m: rand(m, kv * g * hd))  # fmt: skip
+    return out
+
+
+def whole_model(lm) -> list[list[str]]:
+    """Classes of `generate` batches whose row 0 (the same prompt and key) is bit-identical."""
+    import cfjax
+
+    keys = jax.random.split(jax.random.key(9), 64)
+    others = ["Name a colour.", "Say goodbye.", "What is three?", "Describe a dog.",
+              "A poem, please.", "Name a city.", "Why is grass green?", "Count to three."] * 8  # fmt: skip
+    chat = lm.tokenizer is not None
+    prompts = PROMPTS if chat else [[1 + i, 5, 9, 17] for i in range(8)]
+    others = others if chat else [[40 + i % 50, 7, 3] for i in range(64)]
+    runs = {f"B{m}": [prompts[0]] + others[: m - 1] for m in SIZES}
+    runs["B8 other prompts"] = prompts
+    groups: dict[tuple, list[str]] = {}
+    for name, batch in runs.items():
+        out = cfjax.generate(lm, batch, key=keys[: len(batch)], sampler=cfjax.Sampler(0.8), max_new_tokens=20)  # fmt: skip
+        row = out[0]
+        groups.setdefault((tuple(row.tokens), tuple(row.logprobs)), []).append(name)
+    return list(groups.values())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=DEFAULT_MODEL, help="model name or path (%(default)s)")
+    ap.add_argument("--config", help="random weights of this preset instead (e.g. tiny)")
+    ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    ap.add_argument("--json", action="store_true", help="print the JSON object only")
+    args = ap.parse_args()
+    result = {"jax": jax.__version__, "backend": jax.default_backend(), "by_dtype": {}}
+    for name in args.dtypes:
+        import cfjax
+
+        lm = cfjax.quantize(load_lm(args.model, args.config)[0], "bfloat16") if name == "bfloat16" else load_lm(args.model, args.config)[0]  # fmt: skip
+        result["by_dtype"][name] = {
+            "ops": ops(lm.config, jnp.dtype(name)),
+            "generate": whole_model(lm),
+        }
+        if not args.json:
+            for op, groups in result["by_dtype"][name]["ops"].items():
+                print(f"{name:9s} {op:28s} {groups}")
+            print(f"{name:9s} {'generate (row 0)':28s} {result['by_dtype'][name]['generate']}")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
