@@ -198,12 +198,14 @@ def yardsticks(lm, prompts, steps: int, tok_s: float, tokens) -> dict:
 def speculative(lm, prompts, steps: int, tok_s: float, tokens, lookahead: int = 4) -> dict:
     """The same rows decoded speculatively with the int8 variant of the same weights as the
     draft: its speed over plain decoding, the draft's acceptance, and the tokens that differ
-    from plain decoding (a flip: the multi-token pass rounding a near-tie otherwise)."""
+    from plain decoding (a flip: the multi-token pass rounding a near-tie otherwise); and what
+    a step of the draft alone costs against a step of the target alone (`draft_step_cost`)."""
     try:
         from cfjax.causal.factual import draft_for
         from cfjax.runtime.request import row_keys
 
-        draft = draft_for(lm, cfjax.quantize(lm, "int8"), lookahead)
+        int8 = cfjax.quantize(lm, "int8")
+        draft = draft_for(lm, int8, lookahead)
         request = driver.Request(
             [list(p) for p in prompts], row_keys(1, len(prompts)),
             [Sampler(temperature=1.0)] * len(prompts), steps,
@@ -211,6 +213,9 @@ def speculative(lm, prompts, steps: int, tok_s: float, tokens, lookahead: int = 
         run = functools.partial(driver.run, lm.config, lm.params, request, stop_tokens=(), draft=draft)  # fmt: skip
         _, first_s = timed(run)
         out, warm_s = timed(run)
+        alone = functools.partial(driver.run, int8.config, int8.params, request, stop_tokens=())
+        timed(alone)
+        draft_s = timed(alone)[1]
     except Exception as e:  # noqa: BLE001 (the checks above must still be printed)
         return {"speculative_error": f"{type(e).__name__}: {e}"}
     spec_tok_s = len(prompts) * steps / warm_s
@@ -222,6 +227,7 @@ def speculative(lm, prompts, steps: int, tok_s: float, tokens, lookahead: int = 
         "tokens_per_round": round(emitted / out.rounds, 2),
         "speculative_flips": int(sum(a != b for a, b in zip(out.tokens[0], tokens, strict=True))),
         "speculative_compile_s": round(first_s - warm_s, 1),
+        "draft_step_cost": round(draft_s * tok_s / (len(prompts) * steps), 3),
     }
 
 

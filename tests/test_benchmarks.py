@@ -165,6 +165,7 @@ def test_gpu_check_json(outputs):
     # Speculative decoding with the int8 variant of the same weights as the draft.
     assert first["speculative_flips"] == 0 and 0 <= first["acceptance_rate"] <= 1
     assert _positive(first["speculative_tok_s"]) and _positive(first["speculative_over_plain"])
+    assert _positive(first["draft_step_cost"])  # the int8 draft's step over the target's
     assert all(_positive(row["tok_s"]) for row in r["rows"])
     split = r["compile_split"]  # the prefill and the chunk program, lowered and compiled apart
     assert split["batch"] == 1
