@@ -17,17 +17,6 @@ import jax.numpy as jnp
 import numpy as np
 
 import cfjax
-from cfjax.causal import (
-    AutoIntervention,
-    ChangeModel,
-    ChangeSampler,
-    DeleteText,
-    EditPrompt,
-    InsertText,
-    ReplaceText,
-    ReplaceTokens,
-    Steer,
-)
 from cfjax.core import model
 
 SAMPLERS = {
@@ -62,36 +51,38 @@ def tiny_runs() -> dict:
     other = jax.tree_util.tree_map(lambda x: x * 1.2 if x.dtype == jnp.float32 else x, lm.params)
     vector = jax.random.normal(jax.random.key(8), (lm.config.dim,)) * 2.0
     kinds = {
-        "replace": ReplaceTokens(5, (9,)),
-        "insert": ReplaceTokens(5, (9, 10), count=0),
-        "delete": ReplaceTokens(5, (), count=2),
-        "prompt": EditPrompt(tokens=(3, 17, 98, 5)),
-        "sampler": ChangeSampler(temperature=0.3),
-        "topk": ChangeSampler(top_k=5),
-        "model": ChangeModel(other),
-        "steer": Steer(0, vector, 4.0),
-        "auto": AutoIntervention(4, top_p=1.0),
-        "two": [ReplaceTokens(2, (9,)), ReplaceTokens(8, (1,))],
-        "null": ReplaceTokens(6, (fact.tokens[6],)),
+        "replace": cfjax.ReplaceTokens(5, (9,)),
+        "insert": cfjax.ReplaceTokens(5, (9, 10), count=0),
+        "delete": cfjax.ReplaceTokens(5, (), count=2),
+        "prompt": cfjax.EditPrompt(tokens=(3, 17, 98, 5)),
+        "sampler": cfjax.ChangeSampler(temperature=0.3),
+        "topk": cfjax.ChangeSampler(top_k=5),
+        "model": cfjax.ChangeModel(other),
+        "steer": cfjax.Steer(0, vector, 4.0),
+        "auto": cfjax.AutoIntervention(4, top_p=1.0),
+        "two": [cfjax.ReplaceTokens(2, (9,)), cfjax.ReplaceTokens(8, (1,))],
+        "null": cfjax.ReplaceTokens(6, (fact.tokens[6],)),
     }
     for name, iv in kinds.items():
         out[f"cf/{name}"] = record(cfjax.counterfactual(lm, fact, iv))
     out["cf/resume_at"] = record(
-        cfjax.counterfactual(lm, fact, ReplaceTokens(5, (9,)), resume_at=3)
+        cfjax.counterfactual(lm, fact, cfjax.ReplaceTokens(5, (9,)), resume_at=3)
     )
-    out["cf/no_reuse"] = record(cfjax.counterfactual(lm, fact, ReplaceTokens(9, (2,)), reuse_cache=False))  # fmt: skip
-    out["cf/capped"] = record(cfjax.counterfactual(lm, fact, ReplaceTokens(9, (2,)), max_new_tokens=12))  # fmt: skip
-    batch = [ReplaceTokens(i, ((fact.tokens[i] + 1) % lm.config.vocab_size,)) for i in range(16)]
+    out["cf/no_reuse"] = record(cfjax.counterfactual(lm, fact, cfjax.ReplaceTokens(9, (2,)), reuse_cache=False))  # fmt: skip
+    out["cf/capped"] = record(cfjax.counterfactual(lm, fact, cfjax.ReplaceTokens(9, (2,)), max_new_tokens=12))  # fmt: skip
+    batch = [
+        cfjax.ReplaceTokens(i, ((fact.tokens[i] + 1) % lm.config.vocab_size,)) for i in range(16)
+    ]
     out["cf/batch16"] = [record(t) for t in cfjax.counterfactuals(lm, fact, batch)]
     out["interventionals"] = [
         record(t)
-        for t in cfjax.interventionals(lm, [fact] * 3, [ReplaceTokens(5, (9,))] * 3, keys=6)
+        for t in cfjax.interventionals(lm, [fact] * 3, [cfjax.ReplaceTokens(5, (9,))] * 3, keys=6)
     ]
     for name, s in (("t1", cfjax.Sampler(1.0)), ("t0.7-topp", cfjax.Sampler(0.7, top_p=0.9))):
         abducted = cfjax.abduct(lm, PROMPTS[0], fact.tokens[:12], key=5, sampler=s, num_samples=3,
                                 full_support=True, max_new_tokens=20)  # fmt: skip
         out[f"abduct/{name}"] = [record(t) for t in abducted]
-        cfs = cfjax.counterfactuals(lm, abducted, [ReplaceTokens(3, (9,))] * 3)
+        cfs = cfjax.counterfactuals(lm, abducted, [cfjax.ReplaceTokens(3, (9,))] * 3)
         out[f"abduct/{name}/cf"] = [record(t) for t in cfs]
     twin = lm.replace(params=other, model_id="tiny2")
     for name, models in (("stacked", [lm, twin]), ("int8", [lm, cfjax.quantize(lm, "int8")])):
@@ -105,17 +96,17 @@ def tiny_runs() -> dict:
                           stop_tokens=STOP, draft=draft)  # fmt: skip
     out["speculative/generate"] = [record(t) for t in spec]
     out["speculative/cf"] = record(
-        cfjax.counterfactual(lm, fact, ReplaceTokens(5, (9,)), draft=draft)
+        cfjax.counterfactual(lm, fact, cfjax.ReplaceTokens(5, (9,)), draft=draft)
     )
     wide = cfjax.generate(
         lm, [[5, 6, 7 + b] for b in range(16)], key=7, max_new_tokens=40, chunk=16
     )
     out["wide16"] = [record(t) for t in wide]
-    out["wide16/cf"] = [record(t) for t in cfjax.counterfactuals(lm, wide, [ReplaceTokens(20, (4,))] * 16)]  # fmt: skip
+    out["wide16/cf"] = [record(t) for t in cfjax.counterfactuals(lm, wide, [cfjax.ReplaceTokens(20, (4,))] * 16)]  # fmt: skip
     bf = cfjax.quantize(lm, "bfloat16")
     bfact = cfjax.generate(bf, PROMPTS, key=4, sampler=cfjax.Sampler(0.8), max_new_tokens=20)
     out["bfloat16"] = [record(t) for t in bfact]
-    out["bfloat16/cf"] = record(cfjax.counterfactual(bf, bfact[0], ReplaceTokens(3, (9,))))
+    out["bfloat16/cf"] = record(cfjax.counterfactual(bf, bfact[0], cfjax.ReplaceTokens(3, (9,))))
     return out
 
 
@@ -145,19 +136,19 @@ def smollm2_runs() -> dict:
     fact = cfjax.generate(lm, prompts[0], key=9, sampler=cfjax.Sampler(0.7), max_new_tokens=24)
     words = fact.text.split()
     kinds = {
-        "replace_text": ReplaceText("Ahab", "Maeve"),
-        "insert_text": InsertText(" indeed", words[1]),
-        "delete_text": DeleteText(words[3]),
-        "prompt": EditPrompt(prompt="Tell me a story about a captain named Maeve."),
-        "system": EditPrompt(system="You are a pirate."),
-        "sampler": ChangeSampler(temperature=0.3),
+        "replace_text": cfjax.ReplaceText("Ahab", "Maeve"),
+        "insert_text": cfjax.InsertText(" indeed", words[1]),
+        "delete_text": cfjax.DeleteText(words[3]),
+        "prompt": cfjax.EditPrompt(prompt="Tell me a story about a captain named Maeve."),
+        "system": cfjax.EditPrompt(system="You are a pirate."),
+        "sampler": cfjax.ChangeSampler(temperature=0.3),
     }
     for name, iv in kinds.items():
         out[f"cf/{name}"] = record(cfjax.counterfactual(lm, fact, iv))
     abducted = cfjax.abduct(lm, prompts[1], "An apple.", key=3, sampler=cfjax.Sampler(1.0),
                             num_samples=2, max_new_tokens=16)  # fmt: skip
     out["abduct"] = [record(t) for t in abducted]
-    out["abduct/cf"] = [record(t) for t in cfjax.counterfactuals(lm, abducted, [ReplaceText("apple", "orange")] * 2)]  # fmt: skip
+    out["abduct/cf"] = [record(t) for t in cfjax.counterfactuals(lm, abducted, [cfjax.ReplaceText("apple", "orange")] * 2)]  # fmt: skip
     return out
 
 

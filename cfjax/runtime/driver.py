@@ -114,8 +114,9 @@ class _Layout:
     def calls(self) -> list[tuple[int, int]]:
         """The (first, end) steps of each call of the chunk program: the chunks, each cut into
         calls of at most `every` steps."""
-        ends = [*self.starts()[1:], self.steps]
-        return [(t, min(t + self.every, e)) for s, e in zip(self.starts(), ends, strict=True) for t in range(s, e, self.every)]  # fmt: skip
+        starts = self.starts()
+        ends = [*starts[1:], self.steps]
+        return [(t, min(t + self.every, e)) for s, e in zip(starts, ends, strict=True) for t in range(s, e, self.every)]  # fmt: skip
 
     def starts(self) -> list[int]:
         """The first step of each chunk: every `chunk` steps from `first`, or with a growing
@@ -169,16 +170,15 @@ def run(
     chunk = chunk or (resume.chunk if resume is not None else DEFAULT_CHUNK)
     if request.cache_steps is not None and request.cache_steps < request.steps:
         raise ValueError(f"cache_steps {request.cache_steps} is below the {request.steps} steps to run")  # fmt: skip
+    options = Options(kernel.stop_tuple(stop_tokens), True, request.keep_logits,
+                      None if draft is None else draft.spec)  # fmt: skip
     bucket = kernel.bucket_length(max(len(p) for p in request.prompts))
-    spare = 0 if draft is None else draft.lookahead
-    length = kernel.cache_length(bucket, request.cache_steps or request.steps, chunk, spare)
+    length = kernel.cache_length(bucket, request.cache_steps or request.steps, chunk, options.spare)
     if resume is not None and (resume.bucket, resume.cache.length, resume.chunk) != (bucket, length, chunk):  # fmt: skip
         resume = None  # a cache of another layout cannot serve this run
     first = 0 if resume is None else resume.step
     every = chunk if report_every is None else min(chunk, count(report_every, "report_every"))
     layout = _Layout(bucket, length, chunk, first, request.steps, grow, every)
-    options = Options(kernel.stop_tuple(stop_tokens), True, request.keep_logits,
-                      None if draft is None else draft.spec)  # fmt: skip
     with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
         return _run(config, params, request, layout, options, resume, on_chunk, mesh, draft)
 
@@ -200,7 +200,8 @@ def _run(config, params, request: Request, layout: _Layout, options: Options, re
         chunk_rows = dataclasses.replace(rows, **{k: None if x is None else x[:, s : s + layout.chunk] for k, x in steps_in.items()})  # fmt: skip
         state, chunk_out, iterations = decode_chunk(config, options, params, chunk_rows, state,
                                                     jnp.asarray(end - s, jnp.int32), None if draft is None else draft.params)  # fmt: skip
-        rounds += int(iterations)
+        if draft is not None:  # (a host round trip: only where the rounds are reported)
+            rounds += int(iterations)
         # Only the chunk's own steps: a resumed run's first chunk ends before its width.
         out.append(jax.tree_util.tree_map(lambda x, n=end - s: np.swapaxes(spec.fetch(x), 0, 1)[:, :n], chunk_out))  # fmt: skip
         if on_chunk is not None:
