@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import pytest
 
 import cfjax
-from cfjax.core import decode, kernel, model, scm
+from cfjax.core import decode, invariant, kernel, model, scm
 from cfjax.core.cache import init_cache
 
 CONFIG = cfjax.preset("tiny")
@@ -39,7 +39,9 @@ def _export_chunk(platforms):
 
 
 KEYS = f"{BATCH}x{CONFIG.n_kv_heads}x{CONFIG.head_dim}x{LENGTH}"  # a layer's key cache
-VALUES = f"{BATCH}x{CONFIG.n_kv_heads}x{LENGTH}x{CONFIG.head_dim}"
+# The value cache enters its dots in blocks of slots (`invariant.slot_blocks`), zero-padded.
+BLOCKS = -(-LENGTH // invariant.BLOCK)
+VALUE_BLOCKS = f"{BATCH}x{CONFIG.n_kv_heads}x{BLOCKS}x{invariant.BLOCK}x{CONFIG.head_dim}"
 
 
 def _widens_the_cache(text: str) -> bool:
@@ -57,7 +59,7 @@ def test_the_decode_chunk_lowers_for_accelerators_without_a_float32_cache(platfo
     text = exported.mlir_module()
     dots = [line for line in text.splitlines() if "stablehlo.dot_general" in line]
     assert any(f"tensor<{KEYS}xbf16>" in d and "f32>" in d.split("->")[-1] for d in dots)
-    assert any(f"tensor<{VALUES}xbf16>" in d for d in dots)
+    assert any(f"tensor<{VALUE_BLOCKS}xbf16>" in d and "f32>" in d.split("->")[-1] for d in dots)
     assert not _widens_the_cache(text)
 
 

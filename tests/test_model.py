@@ -124,10 +124,10 @@ def test_prefill_then_decode_matches_forward(tiny_lm):
     cache = init_cache(c, 2, 64)
     start = jnp.zeros((2,), jnp.int32)
     logits, cache = step(c, p, tokens[:, :32], start, cache, 0)
-    np.testing.assert_allclose(logits, full[:, :32], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(logits, full[:, :32], atol=3e-4, rtol=0)
     for t in range(32, 48):
         logits, cache = step(c, p, tokens[:, t : t + 1], start, cache, t)
-        np.testing.assert_allclose(logits[:, 0], full[:, t], atol=1e-4, rtol=0)
+        np.testing.assert_allclose(logits[:, 0], full[:, t], atol=3e-4, rtol=0)
 
 
 def test_static_index_attends_over_the_filled_slots_only(tiny_lm):

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cfjax.core import quant, spec, steering
+from cfjax.core import invariant, quant, spec, steering
 from cfjax.core.cache import KEY_SLOT_AXIS, VALUE_SLOT_AXIS, KVCache, write
 from cfjax.core.config import LlamaConfig
 
@@ -111,7 +111,9 @@ class RMSNorm(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
-        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        # The mean square in a fixed order of additions: the same bits in any batch.
+        mean_square = invariant.tree_sum(x32 * x32, -1)[..., None] / np.float32(x.shape[-1])
+        normed = x32 * jax.lax.rsqrt(mean_square + self.eps)
         return (normed.astype(x.dtype) * self.scale[...]).astype(x.dtype)
 
 
@@ -130,68 +132,91 @@ class Attention(nnx.Module):
         self.o = _linear(c.n_heads * c.head_dim, c.dim, dtype, rngs)
 
     def __call__(self, x, cos_sin, visible, layer_k, layer_v, index):
-        """Attend from `x` `[B, T, dim]`; returns (output, updated layer k, updated layer v)."""
+        """Attend from `x` `[B, T, dim]`; returns (output, updated layer k, updated layer v).
+
+        With a cache (the prefill, the decode step, a speculative scoring pass) every sum is
+        batch-invariant (`invariant`); without one (training, scoring whole texts) plain XLA.
+        """
         c = self.config
         b, t, _ = x.shape
-        qkv = self.qkv(x).reshape(b, t, c.n_heads + 2 * c.n_kv_heads, c.head_dim)
+        cached = layer_k is not None
+        qkv = linear(x, self.qkv.kernel[...], cached)
+        qkv = qkv.reshape(b, t, c.n_heads + 2 * c.n_kv_heads, c.head_dim)
         q, k, v = jnp.split(qkv, [c.n_heads, c.n_heads + c.n_kv_heads], axis=2)
         q = apply_rope(q, cos_sin)
         k = apply_rope(k, cos_sin)
         k, v = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)  # as cached: [B,KV,D,T], [B,KV,T,D]
-        if layer_k is None:  # no cache: attend within the given tokens
-            keys, values = k, v
-        else:
+        q = q.reshape(b, t, c.n_kv_heads, c.q_per_kv, c.head_dim)
+        scale = np.float32(1 / np.sqrt(c.head_dim))
+        if cached:
             layer_k = write(layer_k, k, index, KEY_SLOT_AXIS)
             layer_v = write(layer_v, v, index, VALUE_SLOT_AXIS)
             keys, values = layer_k, layer_v
             # A static index (the prefill's 0): only slots before index + T can be visible.
             if isinstance(index, int):
                 keys, values = keys[..., : index + t], values[:, :, : index + t]
-        q = q.reshape(b, t, c.n_kv_heads, c.q_per_kv, c.head_dim)
-        scale = np.float32(1 / np.sqrt(c.head_dim))
-        if layer_k is not None and not isinstance(index, int):
-            # The decode step (T = 1) and a speculative scoring pass (a few T) over the cache as
-            # it lies: the per-backend form of `cached_attention`.
-            qt = q.transpose(0, 2, 3, 1, 4)  # [B, KV, G, T, D]
             mask = visible[:, None, None]  # [B, 1, 1, T, S]
-            out = cached_attention(qt, keys, values, mask, scale)  # [B, KV, G, T, D] f32
+            out = cached_attention(q.transpose(0, 2, 3, 1, 4), keys, values, mask, scale)
             out = out.transpose(0, 3, 1, 2, 4).astype(x.dtype)  # [B, T, KV, G, D]
         else:
-            scores = einsum_f32("btkgd,bkds->bkgts", q, keys.astype(q.dtype)) * scale
+            scores = einsum_f32("btkgd,bkds->bkgts", q, k.astype(q.dtype)) * scale
             scores = jnp.where(visible[:, None, None, :, :], scores, _NEG)
             probs = jax.nn.softmax(scores, axis=-1)
-            out = einsum_f32("bkgts,bksd->btkgd", probs.astype(values.dtype), values)
+            out = einsum_f32("bkgts,bksd->btkgd", probs.astype(v.dtype), v)
             out = out.astype(x.dtype)
-        return self.o(out.reshape(b, t, c.n_heads * c.head_dim)), layer_k, layer_v
+        out = out.reshape(b, t, c.n_heads * c.head_dim)
+        return linear(out, self.o.kernel[...], cached), layer_k, layer_v
+
+
+def linear(x: jax.Array, kernel: jax.Array, cached: bool) -> jax.Array:
+    """`x @ kernel`: batch-invariant (`invariant.dense`) on the cached paths; a plain dot
+    without a cache (differentiable, for training)."""
+    return invariant.dense(x, kernel) if cached else invariant.matmul(x, kernel)
+
+
+def _softmax_weighted(scores, mask, scale, weighted_sum) -> jax.Array:
+    """Softmax-weighted values: `weighted_sum(e)` over `slot_sum(e)`, e = exp(score - max),
+    masked slots exactly 0. The max is exact in any order, so the sums fix every bit."""
+    scores = jnp.where(mask, scores * scale, _NEG)
+    e = jnp.exp(scores - invariant.tree_max(scores)[..., None])
+    return weighted_sum(e) / invariant.slot_sum(e, -1)[..., None]
 
 
 def attention_sums(q, keys, values, mask, scale):
-    """The CPU's form: multiply-and-sums in float32 over the cache as it lies, each reducing
-    over a non-minor axis (see KVCache), which XLA:CPU fuses into one vectorised pass over each
-    K/V block (a dot made XLA:CPU copy the cache, relayouts, every step)."""
+    """The CPU's form: float32 multiply-and-sums over the cache as it lies, summed in the fixed
+    orders of `invariant` (each reduction over a non-minor axis: XLA:CPU fuses a product and
+    its sums into one vectorised pass over each K/V block, where a dot copied the cache)."""
     f32 = jnp.float32
-    scores = (q.astype(f32)[..., None] * keys[:, :, None, None].astype(f32)).sum(-2)
-    probs = jax.nn.softmax(jnp.where(mask, scores * scale, _NEG), axis=-1)  # [B, KV, G, T, S]
-    return (probs[..., None] * values[:, :, None, None].astype(f32)).sum(-2)
+    scores = invariant.tree_sum(q.astype(f32)[..., None] * keys[:, :, None, None].astype(f32), -2)  # fmt: skip
+    weighted = lambda e: invariant.slot_sum(e[..., None] * values[:, :, None, None].astype(f32), -2)  # noqa: E731  # fmt: skip
+    return _softmax_weighted(scores, mask, scale, weighted)
 
 
 def attention_dots(q, keys, values, mask, scale):
-    """The accelerators' form: dot contractions that read the cache in its stored dtype and
-    accumulate in float32 (`preferred_element_type`), with no float32 copy of the cache."""
+    """The accelerators' form: dots that read the cache in its stored dtype and accumulate in
+    float32 (`preferred_element_type`), no float32 copy of the cache. Each dot contracts a
+    fixed length (the head, or one block of `invariant.BLOCK` slots); blocks are summed in slot
+    order, as in the CPU's form."""
     f32 = jnp.float32
     scores = jnp.einsum("bkgtd,bkds->bkgts", q.astype(keys.dtype), keys, preferred_element_type=f32)  # fmt: skip
-    probs = jax.nn.softmax(jnp.where(mask, scores * scale, _NEG), axis=-1)
-    return jnp.einsum("bkgts,bksd->bkgtd", probs.astype(values.dtype), values, preferred_element_type=f32)  # fmt: skip
+
+    def weighted(e):
+        e = invariant.slot_blocks(e.astype(values.dtype), -1)  # [B, KV, G, T, N, BLOCK]
+        blocks = invariant.slot_blocks(values, 2)  # [B, KV, N, BLOCK, D]
+        partial = jnp.einsum("bkgtnc,bkncd->bkgtnd", e, blocks, preferred_element_type=f32)
+        return invariant.in_order(partial, -2)
+
+    return _softmax_weighted(scores, mask, scale, weighted)
 
 
 def cached_attention(q, keys, values, mask, scale) -> jax.Array:
     """Attention of queries `[B, KV, G, T, D]` over the cache (keys `[B, KV, D, S]`, values
     `[B, KV, S, D]`, `mask` broadcastable to `[B, KV, G, T, S]`): float32 `[B, KV, G, T, D]`.
 
-    One function for the decode step and the speculative scoring pass, in a form per backend
-    (a static choice when lowering for one platform): float32 multiply-and-sums on the CPU,
-    cache-dtype dots with float32 accumulation elsewhere. Factual, counterfactual, resumed and
-    abducted runs all take the same form on a given backend.
+    One function for the prefill, the decode step and the speculative scoring pass, in a form
+    per backend (a static choice when lowering for one platform): float32 multiply-and-sums on
+    the CPU, cache-dtype dots with float32 accumulation elsewhere. Factual, counterfactual,
+    resumed and abducted runs all take the same form on a given backend.
     """
     return jax.lax.platform_dependent(q, keys, values, mask, cpu=functools.partial(attention_sums, scale=scale),
                                       default=functools.partial(attention_dots, scale=scale))  # fmt: skip
@@ -205,9 +230,9 @@ class MLP(nnx.Module):
         self.gate_up = _linear(config.dim, 2 * config.ffn_dim, dtype, rngs)
         self.down = _linear(config.ffn_dim, config.dim, dtype, rngs)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        gate, up = jnp.split(self.gate_up(x), 2, axis=-1)
-        return self.down(jax.nn.silu(gate) * up)
+    def __call__(self, x: jax.Array, cached: bool) -> jax.Array:
+        gate, up = jnp.split(linear(x, self.gate_up.kernel[...], cached), 2, axis=-1)
+        return linear(jax.nn.silu(gate) * up, self.down.kernel[...], cached)
 
 
 class Block(nnx.Module):
@@ -224,7 +249,7 @@ class Block(nnx.Module):
             self.attn_norm(x), cos_sin, visible, layer_k, layer_v, index
         )
         x = x + h
-        return x + self.mlp(self.mlp_norm(x)), layer_k, layer_v
+        return x + self.mlp(self.mlp_norm(x), layer_k is not None), layer_k, layer_v
 
 
 class Llama(nnx.Module):
@@ -265,10 +290,14 @@ class Llama(nnx.Module):
         x = self.final_norm(x)
         # Contract against the embedding's feature axis directly (no transposed copy of [V, D]).
         if self.config.tie_embeddings:
-            head, spec = self.embed.embedding[...], "btd,vd->btv"
+            head, contract = self.embed.embedding[...], 1
         else:
-            head, spec = self.lm_head.kernel[...], "btd,dv->btv"
-        logits = einsum_f32(spec, x, head.astype(x.dtype))
+            head, contract = self.lm_head.kernel[...], 0
+        head = head.astype(x.dtype)
+        if cache is None:
+            logits = invariant.matmul(x, head, contract, wide=True)
+        else:
+            logits = invariant.dense(x, head, contract, wide=True)
         return logits, (None if cache is None else KVCache(new_k, new_v))
 
     def residual(self, tokens: jax.Array, start: jax.Array, layer: int) -> jax.Array:

@@ -19,7 +19,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from cfjax.core import scm
+from cfjax.core import invariant, scm
 from cfjax.core.checks import as_key
 
 # When rounding leaves another token within this relative margin of the observed one, the
@@ -39,7 +39,7 @@ def race(zm: jax.Array, token: jax.Array | int, key: jax.Array, prior_noise: jax
     zm = jnp.asarray(zm, jnp.float32)
     prior_noise = jnp.asarray(prior_noise, jnp.float32)
     token = jnp.asarray(token, jnp.int32)
-    logp = jax.nn.log_softmax(zm)
+    logp = invariant.log_softmax(zm)
     key_t, key_e = jax.random.split(as_key(key))
     tiny = jnp.finfo(jnp.float32).tiny
     t = jnp.maximum(jax.random.exponential(key_t, (), jnp.float32), tiny)
@@ -50,7 +50,7 @@ def race(zm: jax.Array, token: jax.Array | int, key: jax.Array, prior_noise: jax
     g = jnp.where(jnp.isfinite(zm), g, prior_noise)
     # In exact arithmetic the observed token wins; make sure it does in float32 too (_MARGIN).
     # (A token alone in the support has no rival: `other` is -inf and nothing changes.)
-    other = jnp.max(jnp.where(is_token, -jnp.inf, zm + g))
+    other = invariant.tree_max(jnp.where(is_token, -jnp.inf, zm + g))
     zk, gk = zm[token], g[token]
     size = jnp.where(jnp.isfinite(other), jnp.abs(other), 0.0)
     scale = jnp.maximum(jnp.maximum(size, jnp.abs(zk)), 1.0)

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from cfjax.core import invariant
 from cfjax.core.checks import as_key
 from cfjax.core.truncation import mask_logits
 
@@ -168,14 +169,15 @@ def stack(samplers: Sequence[Sampler], vocab_size: int) -> Sampler:
 def argmax(x: jax.Array) -> jax.Array:
     """int32 index of the first maximum along the last axis: `jnp.argmax`, NaN counting as max.
 
-    Written as a max, then the lowest index that attains it: two plain reductions that XLA:CPU
-    vectorises and keeps out of the noise's fusion. `jnp.argmax` lowers to one (value, index)
+    Written as a max, then the lowest index that attains it: two elementwise halvings
+    (`invariant`) that XLA vectorises and keeps out of the noise's fusion, and that no backend
+    hands to a library fusion with its own `log` for the noise. `jnp.argmax` lowers to one (value, index)
     reduction that runs element by element, and fused with the Gumbel noise it cost more than
     the whole sampling step (3x at batch 64).
     """
-    m = jnp.max(x, axis=-1, keepdims=True)
+    m = invariant.tree_max(x)[..., None]
     ids = lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
-    return jnp.min(jnp.where((x == m) | jnp.isnan(x), ids, x.shape[-1]), axis=-1)
+    return invariant.tree_min(jnp.where((x == m) | jnp.isnan(x), ids, x.shape[-1]))
 
 
 def noise(key: jax.Array, step: jax.Array | int, vocab_size: int) -> jax.Array:
@@ -223,7 +225,7 @@ def log_probs(logits: jax.Array, sampler: Sampler) -> jax.Array:
     point = lambda: jnp.where(_point_mass(logits), 0.0, -jnp.inf).astype(jnp.float32)
     if greedy is True:
         return point()
-    lp = jax.nn.log_softmax(sampler_logits(logits, sampler), axis=-1)
+    lp = invariant.log_softmax(sampler_logits(logits, sampler))
     return lp if greedy is False else jnp.where(greedy[..., None], point(), lp)
 
 
@@ -269,8 +271,8 @@ def choose_or_force(
     forced = jnp.asarray(forced, jnp.int32)
     token = jnp.where(forced >= 0, forced, token)
     # log_softmax(scores)[token], without materialising the other V - 1 entries.
-    top = jnp.max(scores)
-    logprob = (scores[token] - top) - jnp.log(jnp.sum(jnp.exp(scores - top)))
+    top = invariant.tree_max(scores)
+    logprob = (scores[token] - top) - jnp.log(invariant.tree_sum(jnp.exp(scores - top)))
     return token, logprob
 
 
@@ -299,7 +301,7 @@ def _draw(logits, key, step, sampler: Sampler, noise_value) -> tuple[jax.Array, 
         order = _rank_order(zm)
         token = order[argmax(zm[order] + g)]
     else:  # inverse-cdf
-        probs = jax.nn.softmax(zm)
+        probs = invariant.softmax(zm)
         cdf = jnp.cumsum(probs)
         # Scaling u by the total keeps the draw inside [0, cdf[-1]) when rounding leaves the
         # sum below 1; requiring probs > 0 means a masked token can never be hit by rounding.

@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from cfjax.core import invariant
+
 # Up to this k, top-k uses lax.top_k (fast for small k) and the nucleus the paper's cumsum over
 # the k sorted values; beyond it (or top-p alone) both use the sort-free bisection below.
 TOP_K_DIRECT = 1024
@@ -38,7 +40,7 @@ def _prefix_keep(keys: jax.Array, w: jax.Array, limit: jax.Array | float) -> jax
     """
 
     def weight_above(kappa):
-        return jnp.sum(jnp.where(keys > kappa, w, jnp.zeros_like(w)))
+        return invariant.tree_sum(jnp.where(keys > kappa, w, jnp.zeros_like(w)))
 
     def set_bit(i, x):
         cand = x | lax.shift_right_logical(jnp.uint32(0x80000000), i.astype(jnp.uint32))
@@ -49,7 +51,9 @@ def _prefix_keep(keys: jax.Array, w: jax.Array, limit: jax.Array | float) -> jax
     edge = lax.fori_loop(0, 32, set_bit, jnp.uint32(0)) + jnp.uint32(1)
     tie = keys == edge
     nth = jnp.cumsum(tie.astype(jnp.int32)) - 1  # place within the tie group, by token id
-    w_edge = jnp.max(jnp.where(tie, w, jnp.zeros_like(w)))  # tied tokens have equal weight
+    w_edge = invariant.tree_max(
+        jnp.where(tie, w, jnp.zeros_like(w))
+    )  # tied tokens have equal weight
     return (keys > edge) | (tie & (weight_above(edge) + nth * w_edge <= limit))
 
 
@@ -73,7 +77,7 @@ def _keep_1d(z: jax.Array, top_k: Any, top_p: Any, direct: int) -> jax.Array:
         if nucleus:
             # softmax over the top-k set == softmax of the top-k-masked z. The paper's rule,
             # elementwise on the sorted probabilities: drop when `probs_sum - probs_sort > p`.
-            probs = jax.nn.softmax(vals)
+            probs = invariant.softmax(vals)
             keep = ~(jnp.cumsum(probs) - probs > top_p) | (top_p >= 1.0)
         return jnp.zeros((v,), bool).at[idx].set(keep)
     keys = _order_key(z)
@@ -82,7 +86,7 @@ def _keep_1d(z: jax.Array, top_k: Any, top_p: Any, direct: int) -> jax.Array:
         keep = _prefix_keep(keys, jnp.ones((v,), jnp.int32), jnp.asarray(top_k) - 1)
     if nucleus:
         # Tokens cut by top-k have probability 0, so they move no other token's mass.
-        probs = jax.nn.softmax(jnp.where(keep, z, -jnp.inf))
+        probs = invariant.softmax(jnp.where(keep, z, -jnp.inf))
         keep = keep & (_prefix_keep(keys, probs, top_p) | (top_p >= 1.0))
     return keep
 

@@ -1,0 +1,165 @@
+"""Batch-invariant arithmetic: sums and matmuls whose result for a row does not depend on the
+batch it is computed in (DESIGN.md §3, issue 30).
+
+XLA may order a reduction however it likes, and picks it by shape: a row's RMSNorm statistic,
+its attention sums and its matmuls came out rounded differently in a batch of 1, 3, 8 or 64
+rows, and by a cache of 192 or 256 slots. Here every reduction the decode kernel needs is
+spelled out so that the order of its additions is fixed by construction:
+
+- `tree_sum` adds halves elementwise. Elementwise adds are never reassociated by XLA, on any
+  backend, so the order is the one written here; `tree_max`, `softmax` and `log_softmax` build
+  on it, and keep XLA:CPU from moving a reduction and its `exp` into a fusion whose `exp`
+  rounds otherwise (see `tree_max`).
+- `slot_sum` sums over cache slots in blocks of `BLOCK` (a tree within a block, blocks in slot
+  order). Prompts are left-padded into buckets that are multiples of `BLOCK` (kernel.MIN_BUCKET),
+  so a row's tokens sit at the same offset within their blocks whatever the batch, and the
+  blocks before and after them, all masked, add exact zeros.
+- `dense` feeds a matmul tiles of rows whose shape depends on the row count through classes
+  measured not to change a row's rounding (see `tiles`); under `vmap` it folds the mapped axis
+  into the rows (`custom_vmap`), so `core.sample` under `vmap` tiles the same way.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+BLOCK = 32  # cache slots per block of `slot_sum`; divides every prompt bucket
+ROWS = 32  # most rows in one matmul tile
+
+
+def _tree(x: jax.Array, axis: int, combine, neutral) -> jax.Array:
+    """`x` folded over `axis` by `combine`, padded with `neutral` to a power of two and halved
+    elementwise (the order depends on the axis length alone)."""
+    axis = axis % x.ndim
+    n = x.shape[axis]
+    size = 1 << max(n - 1, 0).bit_length()
+    if size != n:
+        pad = [(0, 0)] * x.ndim
+        pad[axis] = (0, size - n)
+        x = jnp.pad(x, pad, constant_values=neutral)
+    while size > 1:
+        size //= 2
+        x = combine(jax.lax.slice_in_dim(x, 0, size, axis=axis), jax.lax.slice_in_dim(x, size, 2 * size, axis=axis))  # fmt: skip
+    return jax.lax.index_in_dim(x, 0, axis, keepdims=False)
+
+
+def tree_sum(x: jax.Array, axis: int = -1) -> jax.Array:
+    """Sum over `axis` in a fixed order: halves added elementwise (zeros padding the length to a
+    power of two)."""
+    return _tree(x, axis, jnp.add, 0)
+
+
+def tree_max(x: jax.Array, axis: int = -1) -> jax.Array:
+    """Max over `axis` by elementwise halving. A max is exact in any order, but an XLA reduce
+    lets XLA:CPU hand it, with the `exp` that follows, to an XNNPACK fusion from a size on,
+    whose `exp` rounds differently (a row's softmax changed at 16 rows of 4 x 96 scores)."""
+    return _tree(x, axis, jnp.maximum, -jnp.inf)
+
+
+def tree_min(x: jax.Array, axis: int = -1) -> jax.Array:
+    """Min over `axis` by elementwise halving (integers or floats)."""
+    big = jnp.iinfo(x.dtype).max if jnp.issubdtype(x.dtype, jnp.integer) else jnp.inf
+    return _tree(x, axis, jnp.minimum, big)
+
+
+def log_softmax(x: jax.Array) -> jax.Array:
+    """`jax.nn.log_softmax` over the last axis, from `tree_max` and `tree_sum`."""
+    shifted = x - tree_max(x)[..., None]
+    return shifted - jnp.log(tree_sum(jnp.exp(shifted)))[..., None]
+
+
+def softmax(x: jax.Array) -> jax.Array:
+    """`jax.nn.softmax` over the last axis, from `tree_max` and `tree_sum`."""
+    e = jnp.exp(x - tree_max(x)[..., None])
+    return e / tree_sum(e)[..., None]
+
+
+def slot_blocks(x: jax.Array, axis: int) -> jax.Array:
+    """`x` with its slot `axis` padded with zeros to whole blocks and split as (blocks, BLOCK)."""
+    axis = axis % x.ndim
+    n = x.shape[axis]
+    blocks = math.ceil(n / BLOCK)
+    if blocks * BLOCK != n:
+        pad = [(0, 0)] * x.ndim
+        pad[axis] = (0, blocks * BLOCK - n)
+        x = jnp.pad(x, pad)
+    return x.reshape(x.shape[:axis] + (blocks, BLOCK) + x.shape[axis + 1 :])
+
+
+def in_order(x: jax.Array, axis: int) -> jax.Array:
+    """Sum over `axis` strictly in index order (leading and trailing zeros change no bit)."""
+    axis = axis % x.ndim
+    n = x.shape[axis]
+    item = lambda i: jax.lax.dynamic_index_in_dim(x, i, axis, keepdims=False)  # noqa: E731
+    if n > 64:  # a loop, to keep the program small: the same additions
+        return jax.lax.fori_loop(1, n, lambda i, t: t + item(i), item(0))
+    total = item(0)
+    for i in range(1, n):
+        total = total + item(i)
+    return total
+
+
+def slot_sum(x: jax.Array, axis: int) -> jax.Array:
+    """Sum over the slot `axis`: a `tree_sum` within each block of `BLOCK` slots, then the
+    blocks in slot order. Leading or trailing blocks of zeros, as other rows' longer prompts or
+    a longer cache add, leave every bit of the sum as it was."""
+    axis = axis % x.ndim
+    return in_order(tree_sum(slot_blocks(x, axis), axis + 1), axis)
+
+
+def tiles(m: int) -> tuple[int, int]:
+    """(tile count, rows per tile) for a matmul over `m` rows: at least 2 rows and at most
+    `ROWS` per tile. XLA:CPU rounds a row identically for every row count in 2..32 (one tiled
+    kernel), but not at 1 (a matrix-vector kernel) nor past 32 (Eigen's blocking), measured at
+    SmolLM2's and the tiny config's shapes (`benchmarks/batch_invariance.py`)."""
+    count = math.ceil(m / ROWS)
+    return count, max(2, math.ceil(m / count))
+
+
+def matmul(x: jax.Array, w: jax.Array, contract: int = 0, wide: bool = False) -> jax.Array:
+    """`x [..., K]` against `w` contracted on its axis `contract`: in the dtype of `x`, or with
+    `wide` in float32 (accelerators accumulate bfloat16 products in float32; XLA:CPU fails on
+    such mixed dots, "Unsupported element type for DotThunk", so there both operands are widened
+    first: the same exact products and float32 sums)."""
+    dims = (((x.ndim - 1,), (contract,)), ((), ()))
+    if not wide:
+        return jax.lax.dot_general(x, w, dims)
+    f32 = jnp.float32
+    widened = lambda x, w: jax.lax.dot_general(x.astype(f32), w.astype(f32), dims)  # noqa: E731
+    mixed = lambda x, w: jax.lax.dot_general(x, w, dims, preferred_element_type=f32)  # noqa: E731
+    if x.dtype == f32 and w.dtype == f32:
+        return widened(x, w)
+    return jax.lax.platform_dependent(x, w, cpu=widened, default=mixed)
+
+
+def _tiled(x: jax.Array, w: jax.Array, contract: int, wide: bool) -> jax.Array:
+    rows = x.reshape(-1, x.shape[-1])
+    m = rows.shape[0]
+    count, size = tiles(m)
+    rows = jnp.pad(rows, ((0, count * size - m), (0, 0)))
+    if count == 1:
+        out = matmul(rows, w, contract, wide)
+    else:
+        out = jax.lax.map(lambda t: matmul(t, w, contract, wide), rows.reshape(count, size, -1))
+    return out.reshape(count * size, -1)[:m].reshape(*x.shape[:-1], -1)
+
+
+def dense(x: jax.Array, w: jax.Array, contract: int = 0, wide: bool = False) -> jax.Array:
+    """`matmul(x, w, contract, wide)` with each row rounded as it is in any other batch."""
+
+    @jax.custom_batching.custom_vmap
+    def fn(x, w):
+        return _tiled(x, w, contract, wide)
+
+    @fn.def_vmap
+    def rule(axis_size, in_batched, x, w):
+        x_batched, w_batched = in_batched
+        if w_batched:  # one matrix per mapped element: each alone, in turn
+            x = x if x_batched else jnp.broadcast_to(x, (axis_size,) + x.shape)
+            return jax.lax.map(lambda xw: dense(*xw, contract, wide), (x, w)), True
+        return dense(x, w, contract, wide), True  # the mapped axis is just more rows
+
+    return fn(x, w)
