@@ -3,7 +3,8 @@
 For each op of a decode step at SmolLM2's shapes (the dense layers, RMSNorm's row reduction, the
 decode attention, the log-softmax over the vocabulary), and for `generate` on the whole model,
 row 0 is computed in batches of M rows (the other rows random or other prompts) and the batch
-sizes whose row 0 is bit-identical are grouped: one group means the op is batch-invariant.
+sizes whose row 0 is bit-identical are grouped: one group means the op is batch-invariant. Each
+op is measured in XLA's plain form and in cfjax's (`cfjax.core.invariant`).
 
     python benchmarks/batch_invariance.py                 # float32 and bfloat16, SmolLM2
     python benchmarks/batch_invariance.py --config tiny --json   # smoke test
@@ -37,7 +38,10 @@ def classes(fn, row: np.ndarray, rest, sizes=SIZES) -> list[list[int]]:
 
 
 def ops(config, dtype) -> dict:
-    """The classes of each op of a decode step at `config`'s shapes."""
+    """Per op of a decode step at `config`'s shapes: the classes of XLA's plain form and of
+    cfjax's (`cfjax.core.invariant`, `model.attention_sums`)."""
+    from cfjax.core import invariant, model
+
     rng = np.random.default_rng(0)
     d, hd, kv, g = config.dim, config.head_dim, config.n_kv_heads, config.n_heads // config.n_kv_heads  # fmt: skip
     rand = lambda *shape: rng.standard_normal(shape).astype(np.float32)  # noqa: E731
@@ -45,19 +49,31 @@ def ops(config, dtype) -> dict:
     shapes = {"qkv": (d, (config.n_heads + 2 * kv) * hd), "o": (config.n_heads * hd, d),
               "gate_up": (d, 2 * config.ffn_dim), "down": (config.ffn_dim, d),
               "head": (d, config.vocab_size)}  # fmt: skip
+    both = lambda plain, ours, row, rest: {"xla": classes(plain, row, rest), "cfjax": classes(ours, row, rest)}  # noqa: E731  # fmt: skip
     for name, (k, n) in shapes.items():
         w = jnp.asarray(rand(k, n) * 0.05, dtype)
-        out[f"dense {name} {k}x{n}"] = classes(lambda x, w=w: x.astype(dtype) @ w, rand(k), lambda m, k=k: rand(m, k))  # fmt: skip
-    out[f"rmsnorm {d}"] = classes(lambda x: x * jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + 1e-5), rand(d), lambda m: rand(m, d))  # fmt: skip
-    out["log_softmax vocab"] = classes(lambda x: jax.nn.log_softmax(x, -1), rand(config.vocab_size), lambda m: rand(m, config.vocab_size))  # fmt: skip
+        out[f"dense {name} {k}x{n}"] = both(lambda x, w=w: x.astype(dtype) @ w, lambda x, w=w: invariant.dense(x.astype(dtype), w),
+                                            rand(k), lambda m, k=k: rand(m, k))  # fmt: skip
+    mean_square = lambda x: x * jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + 1e-5)  # noqa: E731
+    tree_square = lambda x: x * jax.lax.rsqrt(invariant.tree_sum(x * x)[:, None] / d + 1e-5)  # noqa: E731
+    out[f"rmsnorm {d}"] = both(mean_square, tree_square, rand(d), lambda m: rand(m, d))
+    out["log_softmax vocab"] = both(lambda x: jax.nn.log_softmax(x, -1), invariant.log_softmax,
+                                    rand(config.vocab_size), lambda m: rand(m, config.vocab_size))  # fmt: skip
     s = 192  # cache slots
-    keys = rand(kv, hd, s)
+    keys, values = rand(kv, hd, s), rand(kv, s, hd)
 
-    def attention(q):  # the CPU's decode attention form, against one row's fixed cache
+    def plain(q):  # the previous decode attention: XLA's reductions and softmax
         scores = (q.reshape(-1, kv, g, hd)[..., None] * keys[None, :, None]).sum(-2)
-        return jax.nn.softmax(scores, axis=-1).reshape(q.shape[0], -1)
+        probs = jax.nn.softmax(scores, axis=-1)
+        return (probs[..., None] * values[None, :, None]).sum(-2).reshape(q.shape[0], -1)
 
-    out[f"decode attention {s} slots"] = classes(attention, rand(kv * g * hd), lambda m: rand(m, kv * g * hd))  # fmt: skip
+    def ours(q):
+        q = q.reshape(-1, kv, g, 1, hd)
+        b = q.shape[0]
+        k, v = (jnp.broadcast_to(a, (b, *a.shape)) for a in (keys, values))
+        return model.attention_sums(q, k, v, jnp.ones((1, 1, 1, 1, s), bool), np.float32(hd**-0.5)).reshape(b, -1)  # fmt: skip
+
+    out[f"decode attention {s} slots"] = both(plain, ours, rand(kv * g * hd), lambda m: rand(m, kv * g * hd))  # fmt: skip
     return out
 
 
@@ -98,8 +114,8 @@ def main() -> None:
             "generate": whole_model(lm),
         }
         if not args.json:
-            for op, groups in result["by_dtype"][name]["ops"].items():
-                print(f"{name:9s} {op:28s} {groups}")
+            for op, forms in result["by_dtype"][name]["ops"].items():
+                print(f"{name:9s} {op:28s} xla {forms['xla']}  cfjax {forms['cfjax']}")
             print(f"{name:9s} {'generate (row 0)':28s} {result['by_dtype'][name]['generate']}")
     print(json.dumps(result))
 

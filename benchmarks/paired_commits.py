@@ -1,6 +1,6 @@
 """This checkout's CPU speed against another tree's (a commit before a change): paired rounds.
 
-Each round runs `decode.py --batches 1` (cfjax only: tok/s of `generate`) and
+Each round runs `decode.py` at batch 1 and 64 (cfjax only: tok/s of `generate`) and
 `counterfactual.py` (factual, counterfactual and batched seconds) once in each tree, the two
 trees taking turns and alternating which goes first, so that each round's ratio compares runs
 a minute apart (single runs on a 2-core VM move by ±9%). Reported: per measure, the median over
@@ -25,9 +25,15 @@ HERE = Path(__file__).resolve().parent
 DECODE = ["decode.py", "--batches", "1", "--no-transformers", "--plain-batches",
           "--speculative-batches", "--json"]  # fmt: skip
 COUNTERFACTUAL = ["counterfactual.py", "--repeats", "1", "--json"]
+SCRIPTS = {
+    "decode": DECODE,  # batch 1, 256 new tokens
+    "decode64": [DECODE[0], "--batches", "64", "--new-tokens", "64", *DECODE[3:]],
+    "counterfactual": COUNTERFACTUAL,
+}
 # (script, key in its JSON, higher is better)
 MEASURES = [
     ("decode", "cfjax_tok_s", True),
+    ("decode64", "cfjax_tok_s", True),
     ("counterfactual", "factual_s", False),
     ("counterfactual", "cf_edit0_s", False),
     ("counterfactual", "cf_reuse_middle_s", False),
@@ -53,7 +59,7 @@ def main() -> None:
     ratios: dict[str, list[float]] = {f"{s}.{k}": [] for s, k, _ in MEASURES}
     for r in range(args.rounds):
         order = ["new", "old"] if r % 2 == 0 else ["old", "new"]
-        got = {t: {"decode": run(trees[t], DECODE), "counterfactual": run(trees[t], COUNTERFACTUAL)} for t in order}  # fmt: skip
+        got = {t: {name: run(trees[t], cmd) for name, cmd in SCRIPTS.items()} for t in order}
         for script, key, _ in MEASURES:
             ratios[f"{script}.{key}"].append(got["new"][script][key] / got["old"][script][key])
         print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.3f}" for k, v in ratios.items()), file=sys.stderr)  # fmt: skip

@@ -61,6 +61,14 @@ def test_the_decode_chunk_lowers_for_accelerators_without_a_float32_cache(platfo
     assert any(f"tensor<{KEYS}xbf16>" in d and "f32>" in d.split("->")[-1] for d in dots)
     assert any(f"tensor<{VALUE_BLOCKS}xbf16>" in d and "f32>" in d.split("->")[-1] for d in dots)
     assert not _widens_the_cache(text)
+    # Every weight matmul runs on tiles of one fixed shape (`invariant.ACCELERATOR_ROWS` rows),
+    # whatever the batch (here 2 rows): batch-invariant by construction.
+    weights = [
+        re.search(r"\(tensor<(\d+)x\d+x(?:bf16|f32)>, tensor<\d+x\d+x(?:bf16|f32)>\)", d)
+        for d in dots
+    ]
+    rows = {int(m.group(1)) for m in weights if m}
+    assert rows == {invariant.ACCELERATOR_ROWS}, rows
 
 
 def test_on_the_cpu_the_cache_is_widened_for_the_multiply_and_sum():

@@ -77,6 +77,19 @@ def test_speculative_example_runs_as_shown(capsys):
     assert printed[0] == "same tokens: True" and printed[2] == "same counterfactual: True"
 
 
+@pytest.mark.slow
+def test_batch_invariance_example_runs_as_shown(capsys):
+    import jax
+
+    import cfjax
+
+    code, shown = _blocks("### Batch invariance")
+    exec(compile(code, str(README), "exec"), {"cfjax": cfjax, "jax": jax})
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert printed == shown
+    assert printed[-1] == "same tokens: True same log-probs, bit for bit: True"
+
+
 def test_api_at_a_glance_names_exist_and_say_what_their_docstrings_say():
     """Every row of the README's API table names a public object whose docstring's first
     sentence is the row's summary; and the table covers every top-level function `cfjax`

@@ -14,9 +14,9 @@ spelled out so that the order of its additions is fixed by construction:
   order). Prompts are left-padded into buckets that are multiples of `BLOCK` (kernel.MIN_BUCKET),
   so a row's tokens sit at the same offset within their blocks whatever the batch, and the
   blocks before and after them, all masked, add exact zeros.
-- `dense` feeds a matmul tiles of rows whose shape depends on the row count through classes
-  measured not to change a row's rounding (see `tiles`); under `vmap` it folds the mapped axis
-  into the rows (`custom_vmap`), so `core.sample` under `vmap` tiles the same way.
+- `dense` feeds a matmul tiles of rows: of one fixed shape on accelerators, and on the CPU of
+  row counts measured not to change a row's rounding (see `tiles`); under `vmap` it folds the
+  mapped axis into the rows (`custom_vmap`), so `core.sample` under `vmap` tiles the same way.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ import jax
 import jax.numpy as jnp
 
 BLOCK = 32  # cache slots per block of `slot_sum`; divides every prompt bucket
-ROWS = 32  # most rows in one matmul tile
+ROWS = 32  # most rows in one matmul tile on the CPU
+ACCELERATOR_ROWS = 64  # rows of every matmul tile on GPU and TPU: weight reads dominate there
 
 
 def _tree(x: jax.Array, axis: int, combine, neutral) -> jax.Array:
@@ -44,6 +45,14 @@ def _tree(x: jax.Array, axis: int, combine, neutral) -> jax.Array:
         size //= 2
         x = combine(jax.lax.slice_in_dim(x, 0, size, axis=axis), jax.lax.slice_in_dim(x, size, 2 * size, axis=axis))  # fmt: skip
     return jax.lax.index_in_dim(x, 0, axis, keepdims=False)
+
+
+def rounded(x: jax.Array) -> jax.Array:
+    """`x` (a product) rounded before anything adds to it. XLA:CPU contracts a product and the
+    addition that consumes it into one fused multiply-add when the two share a fusion, which
+    depends on the rest of the program (a batch's other samplers decided it for the tempered
+    logits); a select between them (NaN stays NaN) keeps them apart in every program."""
+    return jnp.where(jnp.isnan(x), jnp.asarray(jnp.nan, x.dtype), x)
 
 
 def tree_sum(x: jax.Array, axis: int = -1) -> jax.Array:
@@ -74,7 +83,7 @@ def log_softmax(x: jax.Array) -> jax.Array:
 def softmax(x: jax.Array) -> jax.Array:
     """`jax.nn.softmax` over the last axis, from `tree_max` and `tree_sum`."""
     e = jnp.exp(x - tree_max(x)[..., None])
-    return e / tree_sum(e)[..., None]
+    return e * (1 / tree_sum(e))[..., None]  # see model._softmax_weighted
 
 
 def slot_blocks(x: jax.Array, axis: int) -> jax.Array:
@@ -110,11 +119,17 @@ def slot_sum(x: jax.Array, axis: int) -> jax.Array:
     return in_order(tree_sum(slot_blocks(x, axis), axis + 1), axis)
 
 
-def tiles(m: int) -> tuple[int, int]:
-    """(tile count, rows per tile) for a matmul over `m` rows: at least 2 rows and at most
-    `ROWS` per tile. XLA:CPU rounds a row identically for every row count in 2..32 (one tiled
-    kernel), but not at 1 (a matrix-vector kernel) nor past 32 (Eigen's blocking), measured at
-    SmolLM2's and the tiny config's shapes (`benchmarks/batch_invariance.py`)."""
+def tiles(m: int, fixed: int | None = None) -> tuple[int, int]:
+    """(tile count, rows per tile) for a matmul over `m` rows.
+
+    `fixed=None` (the CPU): at least 2 and at most `ROWS` rows per tile. XLA:CPU rounds a row
+    identically for every row count in 2..32 (one XNNPACK kernel), but not at 1 (a
+    matrix-vector kernel) nor past 32 (another blocking), measured at SmolLM2's and the tiny
+    config's shapes (`benchmarks/batch_invariance.py`). `fixed=n` (accelerators): tiles of
+    exactly n rows, so every matmul has one shape whatever the batch, and a GEMM of one shape
+    computes every row alike (by construction; `gpu_check` counts flips)."""
+    if fixed is not None:
+        return math.ceil(m / fixed), fixed
     count = math.ceil(m / ROWS)
     return count, max(2, math.ceil(m / count))
 
@@ -135,10 +150,10 @@ def matmul(x: jax.Array, w: jax.Array, contract: int = 0, wide: bool = False) ->
     return jax.lax.platform_dependent(x, w, cpu=widened, default=mixed)
 
 
-def _tiled(x: jax.Array, w: jax.Array, contract: int, wide: bool) -> jax.Array:
+def _tiled(x: jax.Array, w: jax.Array, contract: int, wide: bool, fixed: int | None) -> jax.Array:  # fmt: skip
     rows = x.reshape(-1, x.shape[-1])
     m = rows.shape[0]
-    count, size = tiles(m)
+    count, size = tiles(m, fixed)
     rows = jnp.pad(rows, ((0, count * size - m), (0, 0)))
     if count == 1:
         out = matmul(rows, w, contract, wide)
@@ -147,12 +162,18 @@ def _tiled(x: jax.Array, w: jax.Array, contract: int, wide: bool) -> jax.Array:
     return out.reshape(count * size, -1)[:m].reshape(*x.shape[:-1], -1)
 
 
+def _per_backend(x: jax.Array, w: jax.Array, contract: int, wide: bool) -> jax.Array:
+    cpu = lambda x, w: _tiled(x, w, contract, wide, None)  # noqa: E731
+    other = lambda x, w: _tiled(x, w, contract, wide, ACCELERATOR_ROWS)  # noqa: E731
+    return jax.lax.platform_dependent(x, w, cpu=cpu, default=other)
+
+
 def dense(x: jax.Array, w: jax.Array, contract: int = 0, wide: bool = False) -> jax.Array:
     """`matmul(x, w, contract, wide)` with each row rounded as it is in any other batch."""
 
     @jax.custom_batching.custom_vmap
     def fn(x, w):
-        return _tiled(x, w, contract, wide)
+        return _per_backend(x, w, contract, wide)
 
     @fn.def_vmap
     def rule(axis_size, in_batched, x, w):

@@ -98,7 +98,8 @@ def apply_rope(x: jax.Array, cos_sin: tuple[jax.Array, jax.Array]) -> jax.Array:
     cos, sin = cos_sin
     x32 = x.astype(jnp.float32)
     x1, x2 = jnp.split(x32, 2, axis=-1)
-    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    r = invariant.rounded  # no fused multiply-adds, whose use varies with the program
+    out = jnp.concatenate([r(x1 * cos) - r(x2 * sin), r(x2 * cos) + r(x1 * sin)], axis=-1)
     return out.astype(x.dtype)
 
 
@@ -112,7 +113,9 @@ class RMSNorm(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
         # The mean square in a fixed order of additions: the same bits in any batch.
-        mean_square = invariant.tree_sum(x32 * x32, -1)[..., None] / np.float32(x.shape[-1])
+        mean_square = invariant.tree_sum(invariant.rounded(x32 * x32), -1)[..., None] * np.float32(
+            1 / x.shape[-1]
+        )
         normed = x32 * jax.lax.rsqrt(mean_square + self.eps)
         return (normed.astype(x.dtype) * self.scale[...]).astype(x.dtype)
 
@@ -175,11 +178,13 @@ def linear(x: jax.Array, kernel: jax.Array, cached: bool) -> jax.Array:
 
 
 def _softmax_weighted(scores, mask, scale, weighted_sum) -> jax.Array:
-    """Softmax-weighted values: `weighted_sum(e)` over `slot_sum(e)`, e = exp(score - max),
-    masked slots exactly 0. The max is exact in any order, so the sums fix every bit."""
-    scores = jnp.where(mask, scores * scale, _NEG)
+    """Softmax-weighted values: `weighted_sum(e)` times 1 / `slot_sum(e)`, e = exp(score -
+    max), masked slots exactly 0. The max is exact in any order, so the sums fix every bit (a
+    product by the reciprocal, which XLA would otherwise make of a division in some programs
+    only)."""
+    scores = jnp.where(mask, invariant.rounded(scores * scale), _NEG)
     e = jnp.exp(scores - invariant.tree_max(scores)[..., None])
-    return weighted_sum(e) / invariant.slot_sum(e, -1)[..., None]
+    return weighted_sum(e) * (1 / invariant.slot_sum(e, -1))[..., None]
 
 
 def attention_sums(q, keys, values, mask, scale):
@@ -187,8 +192,8 @@ def attention_sums(q, keys, values, mask, scale):
     orders of `invariant` (each reduction over a non-minor axis: XLA:CPU fuses a product and
     its sums into one vectorised pass over each K/V block, where a dot copied the cache)."""
     f32 = jnp.float32
-    scores = invariant.tree_sum(q.astype(f32)[..., None] * keys[:, :, None, None].astype(f32), -2)  # fmt: skip
-    weighted = lambda e: invariant.slot_sum(e[..., None] * values[:, :, None, None].astype(f32), -2)  # noqa: E731  # fmt: skip
+    scores = invariant.tree_sum(invariant.rounded(q.astype(f32)[..., None] * keys[:, :, None, None].astype(f32)), -2)  # fmt: skip
+    weighted = lambda e: invariant.slot_sum(invariant.rounded(e[..., None] * values[:, :, None, None].astype(f32)), -2)  # noqa: E731  # fmt: skip
     return _softmax_weighted(scores, mask, scale, weighted)
 
 

@@ -46,7 +46,9 @@ def race(zm: jax.Array, token: jax.Array | int, key: jax.Array, prior_noise: jax
     e = jnp.maximum(jax.random.exponential(key_e, zm.shape, jnp.float32), tiny)
     is_token = jnp.arange(zm.shape[0]) == token
     # log p_k from log_softmax stays finite when p_k underflows in float32.
-    g = jnp.where(is_token, -jnp.log(t) - logp[token], -jnp.log(e + jnp.exp(logp) * t))
+    g = jnp.where(
+        is_token, -jnp.log(t) - logp[token], -jnp.log(e + invariant.rounded(jnp.exp(logp) * t))
+    )
     g = jnp.where(jnp.isfinite(zm), g, prior_noise)
     # In exact arithmetic the observed token wins; make sure it does in float32 too (_MARGIN).
     # (A token alone in the support has no rival: `other` is -inf and nothing changes.)
@@ -54,8 +56,9 @@ def race(zm: jax.Array, token: jax.Array | int, key: jax.Array, prior_noise: jax
     zk, gk = zm[token], g[token]
     size = jnp.where(jnp.isfinite(other), jnp.abs(other), 0.0)
     scale = jnp.maximum(jnp.maximum(size, jnp.abs(zk)), 1.0)
-    lead = (other - zk) + scale * _MARGIN
-    gk = jnp.where(zk + gk - other > scale * _MARGIN, gk, jnp.maximum(gk, lead))
+    margin = invariant.rounded(scale * _MARGIN)  # no fused multiply-add (see `invariant`)
+    lead = (other - zk) + margin
+    gk = jnp.where(zk + gk - other > margin, gk, jnp.maximum(gk, lead))
     g = jnp.where(is_token, gk, g)
     return jnp.where(jnp.isfinite(zk), g, jnp.nan)
 

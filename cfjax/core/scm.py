@@ -204,14 +204,17 @@ def sampler_logits(logits: jax.Array, sampler: Sampler) -> jax.Array:
     """
     z = jnp.asarray(logits, jnp.float32)
     t, k, p = sampler.temperature, sampler.top_k, sampler.top_p
+    # Logits times 1/τ, not logits / τ: XLA rewrites a division by a broadcast scalar into that
+    # product in some programs and not in others (a batch's other samplers decided it), so only
+    # the product, rounded (`invariant.rounded`), is the same in every batch.
     if isinstance(t, float):
-        return mask_logits(z / jnp.float32(t), k, p)
+        return mask_logits(invariant.rounded(z * (np.float32(1) / np.float32(t))), k, p)
     greedy = jnp.asarray(t) == 0
     t = jnp.maximum(jnp.asarray(t, jnp.float32), jnp.float32(MIN_TEMPERATURE))
     t = jnp.where(greedy, jnp.float32(1), t)
     k = None if k is None else jnp.where(greedy, z.shape[-1], k)
     p = None if p is None else jnp.where(greedy, jnp.float32(1), p)
-    return mask_logits(z / t, k, p)
+    return mask_logits(invariant.rounded(z * (1 / t)), k, p)
 
 
 def _point_mass(logits: jax.Array) -> jax.Array:
