@@ -39,8 +39,8 @@ def classes(fn, row: np.ndarray, rest, sizes=SIZES) -> list[list[int]]:
 
 def ops(config, dtype) -> dict:
     """Per op of a decode step at `config`'s shapes: the classes of XLA's plain form and of
-    cfjax's (`cfjax.core.invariant`, `model.attention_sums`)."""
-    from cfjax.core import invariant, model
+    cfjax's (`cfjax.core.invariant`, `attention.attention_sums`)."""
+    from cfjax.core import attention, invariant
 
     rng = np.random.default_rng(0)
     d, hd, kv, g = config.dim, config.head_dim, config.n_kv_heads, config.n_heads // config.n_kv_heads  # fmt: skip
@@ -71,7 +71,7 @@ def ops(config, dtype) -> dict:
         q = q.reshape(-1, kv, g, 1, hd)
         b = q.shape[0]
         k, v = (jnp.broadcast_to(a, (b, *a.shape)) for a in (keys, values))
-        return model.attention_sums(q, k, v, jnp.ones((1, 1, 1, 1, s), bool), np.float32(hd**-0.5)).reshape(b, -1)  # fmt: skip
+        return attention.attention_sums(q, k, v, jnp.ones((1, 1, 1, 1, s), bool), np.float32(hd**-0.5)).reshape(b, -1)  # fmt: skip
 
     out[f"decode attention {s} slots"] = both(plain, ours, rand(kv * g * hd), lambda m: rand(m, kv * g * hd))  # fmt: skip
     return out

@@ -85,13 +85,13 @@ def test_core_sample_under_vmap_is_each_call_alone(dtype):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_smollm2_batches_are_their_rows(dtype):
     """The issue's case (SmolLM2 in bfloat16: a row's tokens changed from step 3 in a batch of
-    two) and a batch of eight chat prompts, in both dtypes."""
+    two), in both dtypes, and in bfloat16 a batch of eight chat prompts."""
     lm = cfjax.load("smollm2-135m-instruct", dtype=dtype)
     prompts = ["Name a fruit.", "Write one sentence about rain.", "What is two plus two?",
                "Say hello.", "Describe a cat.", "Tell me a joke.", "Why is the sky blue?",
                "Count to five."]  # fmt: skip
     run = lambda ps, key: cfjax.generate(lm, ps, key=key, sampler=Sampler(0.8), max_new_tokens=24)  # noqa: E731  # fmt: skip
-    for ps in (prompts[:2], prompts):
+    for ps in (prompts[:2], prompts) if dtype == "bfloat16" else (prompts[:2],):
         batch = run(ps, jax.random.key(9))
         for i, row in enumerate(batch):
             _same(row, run([ps[i]], row.key[None])[0], f"{ps[i]!r} at {i} of {len(ps)}")

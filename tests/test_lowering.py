@@ -1,5 +1,5 @@
 """The accelerators' forms, checked on the CPU (issue 31): the decode chunk and the prefill of a
-small bfloat16 config lower for CUDA and TPU (`jax.export`), and there the decode attention
+small bfloat16 config lower for CUDA and TPU (`jax.export` under `invariant.forms_for`), and there the decode attention
 contracts the bf16 cache in dots that accumulate in float32, with no float32 copy of the cache.
 Lowered for the CPU, the same chunk does widen the cache (its multiply-and-sum form): the check
 can fail."""
@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import pytest
 
 import cfjax
-from cfjax.core import decode, invariant, kernel, model, scm
+from cfjax.core import attention, decode, invariant, kernel, model, scm
 from cfjax.core.cache import init_cache
 
 CONFIG = cfjax.preset("tiny")
@@ -35,7 +35,10 @@ def _export_chunk(platforms):
     cache = jax.eval_shape(lambda: init_cache(CONFIG, BATCH, LENGTH, jnp.bfloat16))
     i32 = lambda *shape: SD(shape, jnp.int32)  # noqa: E731
     args = (params, cache, SD((BATCH, 2), jnp.uint32), i32(BATCH), i32(BATCH), i32(BATCH, WIDTH), i32(BATCH, WIDTH))  # fmt: skip
-    return jax.export.export(jax.jit(_chunk), platforms=platforms)(*args)
+    # The per-backend forms are chosen while tracing (`invariant.forms_for`); a fresh function
+    # object, so that no program traced for another platform is reused.
+    with invariant.forms_for(platforms[0]):
+        return jax.export.export(jax.jit(lambda *a: _chunk(*a)), platforms=platforms)(*args)
 
 
 KEYS = f"{BATCH}x{CONFIG.n_kv_heads}x{CONFIG.head_dim}x{LENGTH}"  # a layer's key cache
@@ -79,7 +82,10 @@ def test_the_prefill_lowers_for_accelerators():
     params = model.param_shapes(CONFIG, jnp.bfloat16)
     prompt, lengths = SD((BATCH, BUCKET), jnp.int32), SD((BATCH,), jnp.int32)
     fill = lambda p, t, n: kernel.prefill(CONFIG, p, t, n, LENGTH)  # noqa: E731
-    exported = jax.export.export(jax.jit(fill), platforms=("cuda", "tpu"))(params, prompt, lengths)
+    with invariant.forms_for("cuda"):
+        exported = jax.export.export(jax.jit(fill), platforms=("cuda", "tpu"))(
+            params, prompt, lengths
+        )
     assert (
         exported.platforms == ("cuda", "tpu") and "stablehlo.dot_general" in exported.mlir_module()
     )
@@ -92,6 +98,6 @@ def test_the_two_forms_agree():
     keys = jax.random.normal(rng[1], (2, 2, 16, 40))
     values = jax.random.normal(rng[2], (2, 2, 40, 16))
     mask = (jnp.arange(40) < 30)[None, None, None, None, :]
-    sums = model.attention_sums(q, keys, values, mask, 0.25)
-    dots = model.attention_dots(q, keys, values, mask, 0.25)
+    sums = attention.attention_sums(q, keys, values, mask, 0.25)
+    dots = attention.attention_dots(q, keys, values, mask, 0.25)
     assert jnp.allclose(sums, dots, atol=1e-5)

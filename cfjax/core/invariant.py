@@ -21,6 +21,8 @@ spelled out so that the order of its additions is fixed by construction:
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 
 import jax
@@ -29,6 +31,26 @@ import jax.numpy as jnp
 BLOCK = 32  # cache slots per block of `slot_sum`; divides every prompt bucket
 ROWS = 32  # most rows in one matmul tile on the CPU
 ACCELERATOR_ROWS = 64  # rows of every matmul tile on GPU and TPU: weight reads dominate there
+_FORMS_FOR = contextvars.ContextVar("cfjax_forms_for", default=None)
+
+
+@contextlib.contextmanager
+def forms_for(platform: str):
+    """Trace the per-backend forms (`on_cpu`) of `platform` instead of the default backend's:
+    to `jax.export` for accelerators from a CPU host, under a fresh `jax.jit` (a traced
+    program is cached without this setting)."""
+    token = _FORMS_FOR.set(platform)
+    try:
+        yield
+    finally:
+        _FORMS_FOR.reset(token)
+
+
+def on_cpu() -> bool:
+    """Whether programs traced now take the CPU's forms (of the default backend unless
+    `forms_for` says otherwise). Chosen while tracing, in Python: `lax.platform_dependent`
+    traced every form of ~150 ops per forward and doubled the tracing time."""
+    return (_FORMS_FOR.get() or jax.default_backend()) == "cpu"
 
 
 def _tree(x: jax.Array, axis: int, combine, neutral) -> jax.Array:
@@ -38,9 +60,9 @@ def _tree(x: jax.Array, axis: int, combine, neutral) -> jax.Array:
     n = x.shape[axis]
     size = 1 << max(n - 1, 0).bit_length()
     if size != n:
-        pad = [(0, 0)] * x.ndim
-        pad[axis] = (0, size - n)
-        x = jnp.pad(x, pad, constant_values=neutral)
+        pad = [(0, 0, 0)] * x.ndim
+        pad[axis] = (0, size - n, 0)
+        x = jax.lax.pad(x, jnp.asarray(neutral, x.dtype), pad)
     while size > 1:
         size //= 2
         x = combine(jax.lax.slice_in_dim(x, 0, size, axis=axis), jax.lax.slice_in_dim(x, size, 2 * size, axis=axis))  # fmt: skip
@@ -52,26 +74,26 @@ def rounded(x: jax.Array) -> jax.Array:
     addition that consumes it into one fused multiply-add when the two share a fusion, which
     depends on the rest of the program (a batch's other samplers decided it for the tempered
     logits); a select between them (NaN stays NaN) keeps them apart in every program."""
-    return jnp.where(jnp.isnan(x), jnp.asarray(jnp.nan, x.dtype), x)
+    return jax.lax.select(jax.lax.ne(x, x), jax.lax.full_like(x, jnp.nan), x)
 
 
 def tree_sum(x: jax.Array, axis: int = -1) -> jax.Array:
     """Sum over `axis` in a fixed order: halves added elementwise (zeros padding the length to a
     power of two)."""
-    return _tree(x, axis, jnp.add, 0)
+    return _tree(x, axis, jax.lax.add, 0)
 
 
 def tree_max(x: jax.Array, axis: int = -1) -> jax.Array:
     """Max over `axis` by elementwise halving. A max is exact in any order, but an XLA reduce
     lets XLA:CPU hand it, with the `exp` that follows, to an XNNPACK fusion from a size on,
     whose `exp` rounds differently (a row's softmax changed at 16 rows of 4 x 96 scores)."""
-    return _tree(x, axis, jnp.maximum, -jnp.inf)
+    return _tree(x, axis, jax.lax.max, -jnp.inf)
 
 
 def tree_min(x: jax.Array, axis: int = -1) -> jax.Array:
     """Min over `axis` by elementwise halving (integers or floats)."""
     big = jnp.iinfo(x.dtype).max if jnp.issubdtype(x.dtype, jnp.integer) else jnp.inf
-    return _tree(x, axis, jnp.minimum, big)
+    return _tree(x, axis, jax.lax.min, big)
 
 
 def log_softmax(x: jax.Array) -> jax.Array:
@@ -83,7 +105,7 @@ def log_softmax(x: jax.Array) -> jax.Array:
 def softmax(x: jax.Array) -> jax.Array:
     """`jax.nn.softmax` over the last axis, from `tree_max` and `tree_sum`."""
     e = jnp.exp(x - tree_max(x)[..., None])
-    return e * (1 / tree_sum(e))[..., None]  # see model._softmax_weighted
+    return e * (1 / tree_sum(e))[..., None]  # see attention._softmax_weighted
 
 
 def slot_blocks(x: jax.Array, axis: int) -> jax.Array:
@@ -145,9 +167,7 @@ def matmul(x: jax.Array, w: jax.Array, contract: int = 0, wide: bool = False) ->
     f32 = jnp.float32
     widened = lambda x, w: jax.lax.dot_general(x.astype(f32), w.astype(f32), dims)  # noqa: E731
     mixed = lambda x, w: jax.lax.dot_general(x, w, dims, preferred_element_type=f32)  # noqa: E731
-    if x.dtype == f32 and w.dtype == f32:
-        return widened(x, w)
-    return jax.lax.platform_dependent(x, w, cpu=widened, default=mixed)
+    return widened(x, w) if on_cpu() or (x.dtype == f32 and w.dtype == f32) else mixed(x, w)
 
 
 def _tiled(x: jax.Array, w: jax.Array, contract: int, wide: bool, fixed: int | None) -> jax.Array:  # fmt: skip
@@ -162,18 +182,12 @@ def _tiled(x: jax.Array, w: jax.Array, contract: int, wide: bool, fixed: int | N
     return out.reshape(count * size, -1)[:m].reshape(*x.shape[:-1], -1)
 
 
-def _per_backend(x: jax.Array, w: jax.Array, contract: int, wide: bool) -> jax.Array:
-    cpu = lambda x, w: _tiled(x, w, contract, wide, None)  # noqa: E731
-    other = lambda x, w: _tiled(x, w, contract, wide, ACCELERATOR_ROWS)  # noqa: E731
-    return jax.lax.platform_dependent(x, w, cpu=cpu, default=other)
-
-
 def dense(x: jax.Array, w: jax.Array, contract: int = 0, wide: bool = False) -> jax.Array:
     """`matmul(x, w, contract, wide)` with each row rounded as it is in any other batch."""
 
     @jax.custom_batching.custom_vmap
     def fn(x, w):
-        return _per_backend(x, w, contract, wide)
+        return _tiled(x, w, contract, wide, None if on_cpu() else ACCELERATOR_ROWS)
 
     @fn.def_vmap
     def rule(axis_size, in_batched, x, w):

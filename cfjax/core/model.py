@@ -29,10 +29,9 @@ import numpy as np
 from flax import nnx
 
 from cfjax.core import invariant, quant, spec, steering
+from cfjax.core.attention import NEG, cached_attention
 from cfjax.core.cache import KEY_SLOT_AXIS, VALUE_SLOT_AXIS, KVCache, write
 from cfjax.core.config import LlamaConfig
-
-_NEG = float(np.finfo(np.float32).min)
 
 
 def _pure(state) -> dict:
@@ -48,11 +47,9 @@ def einsum_f32(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
     products and float32 sums, and what XLA:CPU does to its bfloat16 dots anyway.
     """
     f32 = jnp.float32
-    wide = lambda a, b: jnp.einsum(spec, a.astype(f32), b.astype(f32))
-    mixed = lambda a, b: jnp.einsum(spec, a, b, preferred_element_type=f32)
-    if a.dtype == f32 and b.dtype == f32:
-        return wide(a, b)
-    return jax.lax.platform_dependent(a, b, cpu=wide, default=mixed)
+    if invariant.on_cpu() or (a.dtype == f32 and b.dtype == f32):
+        return jnp.einsum(spec, a.astype(f32), b.astype(f32))
+    return jnp.einsum(spec, a, b, preferred_element_type=f32)
 
 
 def rope_frequencies(config: LlamaConfig) -> np.ndarray:
@@ -163,7 +160,7 @@ class Attention(nnx.Module):
             out = out.transpose(0, 3, 1, 2, 4).astype(x.dtype)  # [B, T, KV, G, D]
         else:
             scores = einsum_f32("btkgd,bkds->bkgts", q, k.astype(q.dtype)) * scale
-            scores = jnp.where(visible[:, None, None, :, :], scores, _NEG)
+            scores = jnp.where(visible[:, None, None, :, :], scores, NEG)
             probs = jax.nn.softmax(scores, axis=-1)
             out = einsum_f32("bkgts,bksd->btkgd", probs.astype(v.dtype), v)
             out = out.astype(x.dtype)
@@ -175,56 +172,6 @@ def linear(x: jax.Array, kernel: jax.Array, cached: bool) -> jax.Array:
     """`x @ kernel`: batch-invariant (`invariant.dense`) on the cached paths; a plain dot
     without a cache (differentiable, for training)."""
     return invariant.dense(x, kernel) if cached else invariant.matmul(x, kernel)
-
-
-def _softmax_weighted(scores, mask, scale, weighted_sum) -> jax.Array:
-    """Softmax-weighted values: `weighted_sum(e)` times 1 / `slot_sum(e)`, e = exp(score -
-    max), masked slots exactly 0. The max is exact in any order, so the sums fix every bit (a
-    product by the reciprocal, which XLA would otherwise make of a division in some programs
-    only)."""
-    scores = jnp.where(mask, invariant.rounded(scores * scale), _NEG)
-    e = jnp.exp(scores - invariant.tree_max(scores)[..., None])
-    return weighted_sum(e) * (1 / invariant.slot_sum(e, -1))[..., None]
-
-
-def attention_sums(q, keys, values, mask, scale):
-    """The CPU's form: float32 multiply-and-sums over the cache as it lies, summed in the fixed
-    orders of `invariant` (each reduction over a non-minor axis: XLA:CPU fuses a product and
-    its sums into one vectorised pass over each K/V block, where a dot copied the cache)."""
-    f32 = jnp.float32
-    scores = invariant.tree_sum(invariant.rounded(q.astype(f32)[..., None] * keys[:, :, None, None].astype(f32)), -2)  # fmt: skip
-    weighted = lambda e: invariant.slot_sum(invariant.rounded(e[..., None] * values[:, :, None, None].astype(f32)), -2)  # noqa: E731  # fmt: skip
-    return _softmax_weighted(scores, mask, scale, weighted)
-
-
-def attention_dots(q, keys, values, mask, scale):
-    """The accelerators' form: dots that read the cache in its stored dtype and accumulate in
-    float32 (`preferred_element_type`), no float32 copy of the cache. Each dot contracts a
-    fixed length (the head, or one block of `invariant.BLOCK` slots); blocks are summed in slot
-    order, as in the CPU's form."""
-    f32 = jnp.float32
-    scores = jnp.einsum("bkgtd,bkds->bkgts", q.astype(keys.dtype), keys, preferred_element_type=f32)  # fmt: skip
-
-    def weighted(e):
-        e = invariant.slot_blocks(e.astype(values.dtype), -1)  # [B, KV, G, T, N, BLOCK]
-        blocks = invariant.slot_blocks(values, 2)  # [B, KV, N, BLOCK, D]
-        partial = jnp.einsum("bkgtnc,bkncd->bkgtnd", e, blocks, preferred_element_type=f32)
-        return invariant.in_order(partial, -2)
-
-    return _softmax_weighted(scores, mask, scale, weighted)
-
-
-def cached_attention(q, keys, values, mask, scale) -> jax.Array:
-    """Attention of queries `[B, KV, G, T, D]` over the cache (keys `[B, KV, D, S]`, values
-    `[B, KV, S, D]`, `mask` broadcastable to `[B, KV, G, T, S]`): float32 `[B, KV, G, T, D]`.
-
-    One function for the prefill, the decode step and the speculative scoring pass, in a form
-    per backend (a static choice when lowering for one platform): float32 multiply-and-sums on
-    the CPU, cache-dtype dots with float32 accumulation elsewhere. Factual, counterfactual,
-    resumed and abducted runs all take the same form on a given backend.
-    """
-    return jax.lax.platform_dependent(q, keys, values, mask, cpu=functools.partial(attention_sums, scale=scale),
-                                      default=functools.partial(attention_dots, scale=scale))  # fmt: skip
 
 
 class MLP(nnx.Module):
