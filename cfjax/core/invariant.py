@@ -55,7 +55,9 @@ def on_cpu() -> bool:
 
 def _tree(x: jax.Array, axis: int, combine, neutral) -> jax.Array:
     """`x` folded over `axis` by `combine`, padded with `neutral` to a power of two and halved
-    elementwise (the order depends on the axis length alone)."""
+    elementwise (element i with i + n/2, level after level: the order depends on the axis length
+    alone). Three levels at a time are one expression over eighths of `x`, which XLA makes one
+    fusion (one fusion per level read and wrote every level's halves: compile and run time)."""
     axis = axis % x.ndim
     n = x.shape[axis]
     size = 1 << max(n - 1, 0).bit_length()
@@ -64,8 +66,15 @@ def _tree(x: jax.Array, axis: int, combine, neutral) -> jax.Array:
         pad[axis] = (0, size - n, 0)
         x = jax.lax.pad(x, jnp.asarray(neutral, x.dtype), pad)
     while size > 1:
-        size //= 2
-        x = combine(jax.lax.slice_in_dim(x, 0, size, axis=axis), jax.lax.slice_in_dim(x, size, 2 * size, axis=axis))  # fmt: skip
+        parts = min(8, size)
+        part = size // parts
+        pieces = [
+            jax.lax.slice_in_dim(x, i * part, (i + 1) * part, axis=axis) for i in range(parts)
+        ]
+        while len(pieces) > 1:  # the halving levels, in order: piece i with piece i + half
+            half = len(pieces) // 2
+            pieces = [combine(pieces[i], pieces[i + half]) for i in range(half)]
+        x, size = pieces[0], part
     return jax.lax.index_in_dim(x, 0, axis, keepdims=False)
 
 
@@ -87,7 +96,8 @@ def tree_max(x: jax.Array, axis: int = -1) -> jax.Array:
     """Max over `axis` by elementwise halving. A max is exact in any order, but an XLA reduce
     lets XLA:CPU hand it, with the `exp` that follows, to an XNNPACK fusion from a size on,
     whose `exp` rounds differently (a row's softmax changed at 16 rows of 4 x 96 scores)."""
-    return _tree(x, axis, jax.lax.max, -jnp.inf)
+    low = jnp.iinfo(x.dtype).min if jnp.issubdtype(x.dtype, jnp.integer) else -jnp.inf
+    return _tree(x, axis, jax.lax.max, low)
 
 
 def tree_min(x: jax.Array, axis: int = -1) -> jax.Array:
