@@ -56,8 +56,8 @@ def on_cpu() -> bool:
 def _tree(x: jax.Array, axis: int, combine, neutral) -> jax.Array:
     """`x` folded over `axis` by `combine`, padded with `neutral` to a power of two and halved
     elementwise (element i with i + n/2, level after level: the order depends on the axis length
-    alone). Three levels at a time are one expression over eighths of `x`, which XLA makes one
-    fusion (one fusion per level read and wrote every level's halves: compile and run time)."""
+    alone). Three levels at a time are written as one expression over eighths of `x`: the same
+    additions, with a third of the intermediate arrays of one level at a time."""
     axis = axis % x.ndim
     n = x.shape[axis]
     size = 1 << max(n - 1, 0).bit_length()
