@@ -166,18 +166,24 @@ def tiles(m: int, fixed: int | None = None) -> tuple[int, int]:
     return count, max(2, math.ceil(m / count))
 
 
+def f32_dot(dot, a: jax.Array, b: jax.Array) -> jax.Array:
+    """`dot(a, b, preferred_element_type)` with a float32 result from operands of any float
+    dtype. Accelerators multiply bfloat16 operands with float32 accumulation and output;
+    XLA:CPU (jax 0.10) fails at run time on such mixed dots ("Unsupported element type for
+    DotThunk: BF16 x BF16 = F32"), so there both operands are widened first: the same exact
+    products and float32 sums, and what XLA:CPU does to its bfloat16 dots anyway."""
+    f32 = jnp.float32
+    if on_cpu() or (a.dtype == f32 and b.dtype == f32):
+        return dot(a.astype(f32), b.astype(f32), None)
+    return dot(a, b, f32)
+
+
 def matmul(x: jax.Array, w: jax.Array, contract: int = 0, wide: bool = False) -> jax.Array:
     """`x [..., K]` against `w` contracted on its axis `contract`: in the dtype of `x`, or with
-    `wide` in float32 (accelerators accumulate bfloat16 products in float32; XLA:CPU fails on
-    such mixed dots, "Unsupported element type for DotThunk", so there both operands are widened
-    first: the same exact products and float32 sums)."""
+    `wide` in float32 (`f32_dot`)."""
     dims = (((x.ndim - 1,), (contract,)), ((), ()))
-    if not wide:
-        return jax.lax.dot_general(x, w, dims)
-    f32 = jnp.float32
-    widened = lambda x, w: jax.lax.dot_general(x.astype(f32), w.astype(f32), dims)  # noqa: E731
-    mixed = lambda x, w: jax.lax.dot_general(x, w, dims, preferred_element_type=f32)  # noqa: E731
-    return widened(x, w) if on_cpu() or (x.dtype == f32 and w.dtype == f32) else mixed(x, w)
+    dot = lambda x, w, out: jax.lax.dot_general(x, w, dims, preferred_element_type=out)  # noqa: E731
+    return f32_dot(dot, x, w) if wide else dot(x, w, None)
 
 
 def _tiled(x: jax.Array, w: jax.Array, contract: int, wide: bool, fixed: int | None) -> jax.Array:  # fmt: skip

@@ -39,17 +39,9 @@ def _pure(state) -> dict:
 
 
 def einsum_f32(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
-    """`einsum` with a float32 result, from operands of any float dtype.
-
-    Accelerators multiply bfloat16 operands with float32 accumulation and output. XLA:CPU
-    (jax 0.10) fails at run time on some such dots ("Unsupported element type for DotThunk:
-    BF16 x BF16 = F32"), so on the CPU both operands are widened first: the same exact
-    products and float32 sums, and what XLA:CPU does to its bfloat16 dots anyway.
-    """
-    f32 = jnp.float32
-    if invariant.on_cpu() or (a.dtype == f32 and b.dtype == f32):
-        return jnp.einsum(spec, a.astype(f32), b.astype(f32))
-    return jnp.einsum(spec, a, b, preferred_element_type=f32)
+    """`einsum` with a float32 result, from operands of any float dtype (`invariant.f32_dot`)."""
+    dot = lambda a, b, out: jnp.einsum(spec, a, b, preferred_element_type=out)  # noqa: E731
+    return invariant.f32_dot(dot, a, b)
 
 
 def rope_frequencies(config: LlamaConfig) -> np.ndarray:
@@ -110,9 +102,8 @@ class RMSNorm(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
         # The mean square in a fixed order of additions: the same bits in any batch.
-        mean_square = invariant.tree_sum(invariant.rounded(x32 * x32), -1)[..., None] * np.float32(
-            1 / x.shape[-1]
-        )
+        squares = invariant.rounded(x32 * x32)
+        mean_square = invariant.tree_sum(squares, -1)[..., None] * np.float32(1 / x.shape[-1])
         normed = x32 * jax.lax.rsqrt(mean_square + self.eps)
         return (normed.astype(x.dtype) * self.scale[...]).astype(x.dtype)
 

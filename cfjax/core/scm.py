@@ -171,9 +171,9 @@ def argmax(x: jax.Array) -> jax.Array:
 
     Written as a max, then the lowest index that attains it: two elementwise halvings
     (`invariant`) that XLA vectorises and keeps out of the noise's fusion, and that no backend
-    hands to a library fusion with its own `log` for the noise. `jnp.argmax` lowers to one (value, index)
-    reduction that runs element by element, and fused with the Gumbel noise it cost more than
-    the whole sampling step (3x at batch 64).
+    hands to a library fusion with its own `log` for the noise. `jnp.argmax` lowers to one
+    (value, index) reduction that runs element by element, and fused with the Gumbel noise it
+    cost more than the whole sampling step (3x at batch 64).
     """
     m = invariant.tree_max(x)[..., None]
     ids = lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)

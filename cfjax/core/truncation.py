@@ -51,9 +51,8 @@ def _prefix_keep(keys: jax.Array, w: jax.Array, limit: jax.Array | float) -> jax
     edge = lax.fori_loop(0, 32, set_bit, jnp.uint32(0)) + jnp.uint32(1)
     tie = keys == edge
     nth = jnp.cumsum(tie.astype(jnp.int32)) - 1  # place within the tie group, by token id
-    w_edge = invariant.tree_max(
-        jnp.where(tie, w, jnp.zeros_like(w))
-    )  # tied tokens have equal weight
+    # Tied tokens have equal weight.
+    w_edge = invariant.tree_max(jnp.where(tie, w, jnp.zeros_like(w)))
     return (keys > edge) | (tie & (weight_above(edge) + nth * w_edge <= limit))
 
 
