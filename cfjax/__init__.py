@@ -4,6 +4,8 @@
     trace = cfjax.generate(lm, "Tell me a story about a captain named Ahab.", key=0)
     cf = cfjax.counterfactual(lm, trace, cfjax.ReplaceText("Ahab", "Maeve"))
     posts = cfjax.abduct(lm, prompt, "a text the model did not write", key=0, num_samples=64)
+    chat = cfjax.converse(lm, ["Name a colour.", "Why that one?"], key=0)
+    cf = cfjax.counterfactual(lm, chat, cfjax.AtTurn(0, cfjax.EditPrompt(prompt="Name a fruit.")))
 
 Layers, each importing only those below it: `cfjax.core` (config, model, cache, the sampling
 SCM, the decode kernel and `cfjax.core.sample`: pure, no host state), `cfjax.runtime` (the
@@ -18,9 +20,11 @@ from importlib.metadata import version as _version
 
 from cfjax import core, sharding
 from cfjax.causal import (
+    AtTurn,
     AutoIntervention,
     ChangeModel,
     ChangeSampler,
+    Conversation,
     DeleteText,
     EditPrompt,
     InsertText,
@@ -30,6 +34,7 @@ from cfjax.causal import (
     Summary,
     Trace,
     abduct,
+    converse,
     counterfactual,
     counterfactuals,
     coupled,
@@ -45,9 +50,11 @@ from cfjax.weights import convert, list_models, load, save
 
 __all__ = [
     "LM",
+    "AtTurn",
     "AutoIntervention",
     "ChangeModel",
     "ChangeSampler",
+    "Conversation",
     "DeleteText",
     "EditPrompt",
     "InsertText",
@@ -61,6 +68,7 @@ __all__ = [
     "Summary",
     "Trace",
     "abduct",
+    "converse",
     "convert",
     "core",
     "counterfactual",

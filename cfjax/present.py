@@ -174,6 +174,11 @@ def describe(record: dict, tokenizer=None) -> str:
         return f"other weights: {record.get('name')}"
     if kind == "Steer":
         return f"steer layer {record['layer']} by scale {record['scale']} ({record['at']})"
+    if kind == "Context":
+        return "the counterfactual conversation before this turn"
+    if kind == "AtTurn":
+        inner = "; ".join(describe(r, tokenizer) for r in record["interventions"])
+        return f"at turn {record['turn']}: {inner}"
     return str(record)
 
 

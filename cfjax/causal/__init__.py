@@ -5,6 +5,7 @@
 """
 
 from cfjax.causal.abduction import Summary, abduct, posterior_noise, summarize
+from cfjax.causal.conversation import Conversation, converse
 from cfjax.causal.coupling import coupled
 from cfjax.causal.factual import generate
 from cfjax.causal.interventions import (
@@ -21,9 +22,12 @@ from cfjax.causal.interventions import (
 )
 from cfjax.causal.replay import counterfactual, counterfactuals, interventional, interventionals
 from cfjax.causal.trace import Trace
+from cfjax.causal.turns import AtTurn
 
 __all__ = [
+    "AtTurn",
     "AutoIntervention",
+    "Conversation",
     "ChangeModel",
     "ChangeSampler",
     "DeleteText",
@@ -36,6 +40,7 @@ __all__ = [
     "Summary",
     "Trace",
     "abduct",
+    "converse",
     "counterfactual",
     "coupled",
     "counterfactuals",

@@ -69,9 +69,30 @@ def generate(
     max_new_tokens = count(max_new_tokens)
     batch = is_batch(prompt)
     prompts = [Prompt.of(lm, p, chat=chat, system=system) for p in (prompt if batch else [prompt])]
+    traces = sample_rows(
+        lm, prompts, row_keys(key, len(prompts)), _samplers(sampler, len(prompts)),
+        max_new_tokens, stop_tokens=stop_tokens, chunk=chunk, stream=stream, draft=draft,
+        lookahead=lookahead,
+    )  # fmt: skip
+    return traces if batch else traces[0]
+
+
+def sample_rows(
+    lm: LM,
+    prompts: list[Prompt],
+    keys: Any,
+    samplers: list[Sampler],
+    max_new_tokens: int,
+    *,
+    stop_tokens: Sequence[int] | None = None,
+    chunk: int = DEFAULT_CHUNK,
+    stream: Callable[[str], None] | None = None,
+    draft: LM | None = None,
+    lookahead: int = speculative.DEFAULT_LOOKAHEAD,
+) -> list[Trace]:
+    """One factual batch: row b samples a response to `prompts[b]` with noise key `keys[b]`
+    (checked prompts, the cache kept for counterfactuals); `generate`'s engine."""
     check_request(lm, [p.tokens for p in prompts], max_new_tokens)
-    keys = row_keys(key, len(prompts))
-    samplers = _samplers(sampler, len(prompts))
     stops = stop_tokens_of(lm, stop_tokens)
     streamer = _Streamer(lm, stops, stream) if stream else None
     request = driver.Request([p.tokens for p in prompts], keys, samplers, max_new_tokens)
@@ -81,21 +102,13 @@ def generate(
     )  # fmt: skip
     lm.caches.keep(lm.params, out, [(p.tokens, t) for p, t in zip(prompts, out.tokens, strict=True)])  # fmt: skip
     traces = [
-        new_trace(
-            lm,
-            p,
-            out.tokens[b],
-            out.logprobs[b],
-            key=keys[b],
-            sampler=samplers[b],
-            max_new_tokens=max_new_tokens,
-            stop_tokens=stops,
-        )  # fmt: skip
+        new_trace(lm, p, out.tokens[b], out.logprobs[b], key=keys[b], sampler=samplers[b],
+                  max_new_tokens=max_new_tokens, stop_tokens=stops)  # fmt: skip
         for b, p in enumerate(prompts)
     ]
     if streamer is not None:
         streamer.finish(traces[0].text)
-    return traces if batch else traces[0]
+    return traces
 
 
 def draft_for(lm: LM, draft: LM | None, lookahead: int) -> speculative.Draft | None:

@@ -133,7 +133,7 @@ class EditPrompt(Intervention):
     def edit(self, lm, trace, p):
         if self.tokens is not None:
             new_prompt = [int(t) for t in self.tokens]
-            p.prompt = p.system = None
+            p.prompt = p.system = p.history = None
             p.chat = False
         elif p.prompt is None:
             raise ValueError("EditPrompt with text needs a trace made from a text prompt")
@@ -145,7 +145,7 @@ class EditPrompt(Intervention):
         else:
             p.prompt = self.prompt if self.prompt is not None else p.prompt
             p.system = self.system if self.system is not None else p.system
-            new_prompt = prompt_tokens(lm, p.prompt, chat=p.chat, system=p.system)
+            new_prompt = prompt_tokens(lm, p.prompt, chat=p.chat, system=p.system, history=p.history)  # fmt: skip
         p.prompt_changed = p.prompt_changed or new_prompt != p.prompt_tokens
         p.prompt_tokens = new_prompt
 
@@ -278,6 +278,7 @@ def plan(
         prompt=trace.prompt,
         system=trace.system,
         chat=trace.chat,
+        history=trace.history,
     )
     for iv in interventions:
         if not isinstance(iv, Intervention):

@@ -38,6 +38,7 @@ class Plan:
     prompt: str | None = None
     system: str | None = None
     chat: bool = False
+    history: list[dict] | None = None  # a conversation's earlier turns, rendered before prompt
     records: list[dict] = dataclasses.field(default_factory=list)
     # For each forced step, the factual step its kept token was copied from (None: edited token).
     forced_from: list[int | None] = dataclasses.field(default_factory=list)

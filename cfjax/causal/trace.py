@@ -55,6 +55,9 @@ class Trace:
     stop_tokens: tuple[int, ...] = ()
     interventions: list[dict] = dataclasses.field(default_factory=list)
     alignment: dict | None = None  # counterfactuals: {"edit_start", "resume_at", "aligned_to"}
+    # A later turn of a conversation: the user and assistant messages before `prompt`, in order
+    # (`{"role", "content"}`); the prompt tokens render system + history + prompt.
+    history: list[dict] | None = None
     # Abducted traces (and their counterfactuals): how the noise of the observed steps is made,
     # {"key", "prompt_tokens", "tokens", "sampler", "full_support"}; see `cfjax.abduct`.
     posterior: dict | None = None
@@ -111,19 +114,25 @@ class Trace:
     def from_json(cls, text_or_path: str | Path) -> Trace:
         """Parse a file written by `to_json` (a `Path`, or a str naming a file), or JSON text (a
         str starting with "{")."""
-        text = str(text_or_path)
-        if isinstance(text_or_path, Path) or not text.lstrip().startswith("{"):
-            path = Path(text_or_path)
-            try:
-                text = path.read_text(encoding="utf-8")
-            except OSError as e:
-                raise FileNotFoundError(f"{path}: cannot read trace ({e.strerror})") from None
+        return cls.from_dict(read_json(text_or_path, "trace"))
+
+
+def read_json(text_or_path: str | Path, what: str) -> Any:
+    """The JSON of a file (a `Path`, or a str naming a file) or of JSON text (a str starting
+    with "{"), with errors that name `what` was read."""
+    text = str(text_or_path)
+    if isinstance(text_or_path, Path) or not text.lstrip().startswith("{"):
+        path = Path(text_or_path)
         try:
-            return cls.from_dict(json.loads(text))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"trace is not valid JSON: {e}") from None
-        except RecursionError:
-            raise ValueError("trace is not a cfjax trace: JSON nested too deeply") from None
+            text = path.read_text(encoding="utf-8")
+        except OSError as e:
+            raise FileNotFoundError(f"{path}: cannot read {what} ({e.strerror})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{what} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise ValueError(f"{what} is not a cfjax {what}: JSON nested too deeply") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,13 +143,16 @@ class Prompt:
     text: str | None = None  # the user message
     system: str | None = None
     chat: bool = False
+    history: list[dict] | None = None  # earlier turns of a conversation
 
     @classmethod
-    def of(cls, lm: Any, prompt: str | Sequence[int], *, chat: bool, system: str | None) -> Prompt:
-        """Text through the chat template (or encoded with `chat=False`), or ids as given."""
-        tokens = prompt_tokens(lm, prompt, chat=chat, system=system)
+    def of(cls, lm: Any, prompt: str | Sequence[int], *, chat: bool, system: str | None,
+           history: list[dict] | None = None) -> Prompt:  # fmt: skip
+        """Text through the chat template (or encoded with `chat=False`), or ids as given;
+        `history`: the conversation's earlier messages, rendered before `prompt`."""
+        tokens = prompt_tokens(lm, prompt, chat=chat, system=system, history=history)
         if isinstance(prompt, str):
-            return cls(tokens, prompt, system, chat)
+            return cls(tokens, prompt, system, chat, history or None)
         return cls(tokens)
 
 
@@ -168,7 +180,7 @@ def new_trace(lm: Any, prompt: Prompt, tokens: Sequence[int], logprobs: Sequence
         max_new_tokens=max_new_tokens,
         noise_index=list(range(len(tokens))) if noise_index is None else [int(i) for i in noise_index],
         logprobs=[float(x) for x in logprobs], text=text_of(lm, tokens, stop_tokens),
-        prompt=prompt.text, system=prompt.system, chat=prompt.chat,
+        prompt=prompt.text, system=prompt.system, chat=prompt.chat, history=prompt.history,
         stop_tokens=tuple(int(t) for t in stop_tokens), **record,
     )  # fmt: skip
 
@@ -213,11 +225,29 @@ def _check_fields(d: dict) -> None:
             raise ValueError(f"trace field {name} must be a string or null")
     if "chat" in d and not isinstance(d["chat"], bool):
         raise ValueError("trace field chat must be true or false")
+    if d.get("history") is not None:
+        check_messages(d["history"], "trace field history")
     ivs = d.get("interventions", [])
     if not isinstance(ivs, list) or not all(isinstance(x, dict) for x in ivs):
         raise ValueError("trace field interventions must be a list of objects")
     if d.get("alignment") is not None and not isinstance(d["alignment"], dict):
         raise ValueError("trace field alignment must be an object or null")
+
+
+def check_messages(messages: Any, what: str) -> None:
+    """Chat messages of a conversation: `{"role": "user" | "assistant", "content": str}` each."""
+    if not isinstance(messages, list):
+        raise ValueError(f"{what} must be a list of messages")
+    for i, m in enumerate(messages):
+        if (
+            not isinstance(m, dict)
+            or set(m) != {"role", "content"}
+            or m["role"] not in ("user", "assistant")
+            or not isinstance(m["content"], str)
+        ):
+            raise ValueError(
+                f"{what}[{i}] must be {{'role': 'user' or 'assistant', 'content': text}}, got {m!r:.80}"
+            )
 
 
 def _check_posterior(p: dict) -> dict:

@@ -30,9 +30,17 @@ def row_keys(key: Any, batch: int) -> jax.Array:
 
 
 def prompt_tokens(
-    lm: Any, prompt: str | Sequence[int], *, chat: bool = True, system: str | None = None
+    lm: Any,
+    prompt: str | Sequence[int],
+    *,
+    chat: bool = True,
+    system: str | None = None,
+    history: Sequence[dict] | None = None,
 ) -> list[int]:
-    """Token ids of one prompt: token ids as given, text through the chat template or encoded."""
+    """Token ids of one prompt: token ids as given, text through the chat template or encoded.
+
+    `history`: the earlier messages of a conversation (user and assistant, in order), rendered
+    between the system message and `prompt`."""
     if isinstance(prompt, str):
         if lm.tokenizer is None:
             raise ValueError("a text prompt needs a tokenizer: this model has none; pass token ids")
@@ -41,16 +49,18 @@ def prompt_tokens(
                 "a system message needs the chat template: it cannot be given with chat=False "
                 "(--no-chat)"
             )
+        if history and not chat:
+            raise ValueError("a conversation's earlier turns need the chat template (chat=True)")
         if chat:
-            messages = ([{"role": "system", "content": system}] if system is not None else []) + [
-                {"role": "user", "content": prompt}
-            ]
+            messages = [{"role": "system", "content": system}] if system is not None else []
+            messages += [dict(m) for m in history or ()] + [{"role": "user", "content": prompt}]
             return list(lm.tokenizer.chat(messages))
         # The model's own setting: a GGUF's add_bos_token, an HF tokenizer's post-processor.
         bos = lm.tokenizer.bos_id if getattr(lm.tokenizer, "add_bos", True) else None
         return ([bos] if bos is not None else []) + list(lm.tokenizer.encode(prompt))
-    if system is not None:
-        raise ValueError("a system message applies to a text prompt; token ids are used as given")
+    if system is not None or history:
+        what = "a system message" if system is not None else "a conversation history"
+        raise ValueError(f"{what} applies to a text prompt; token ids are used as given")
     tokens = list(token_ids(prompt, "prompt"))
     if not tokens:
         raise ValueError("the prompt is empty: give at least one token")
