@@ -170,8 +170,13 @@ def converse(
     for k in range(turns):
         active = [b for b, r in enumerate(rows) if k < len(r)]
         prompts = [
-            Prompt.of(lm, rows[b][k], chat=True, system=system,
-                      history=history_after(out[b][-1]) if k else None)  # fmt: skip
+            Prompt.of(
+                lm,
+                rows[b][k],
+                chat=True,
+                system=system,
+                history=history_after(out[b][-1]) if k else None,
+            )  # fmt: skip
             for b in active
         ]
         made = sample_rows(
@@ -183,4 +188,3 @@ def converse(
             out[b].append(t)
     convs = [Conversation(keys[b], out[b]) for b in range(len(rows))]
     return convs if batch else convs[0]
-

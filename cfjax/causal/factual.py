@@ -102,8 +102,16 @@ def sample_rows(
     )  # fmt: skip
     lm.caches.keep(lm.params, out, [(p.tokens, t) for p, t in zip(prompts, out.tokens, strict=True)])  # fmt: skip
     traces = [
-        new_trace(lm, p, out.tokens[b], out.logprobs[b], key=keys[b], sampler=samplers[b],
-                  max_new_tokens=max_new_tokens, stop_tokens=stops)  # fmt: skip
+        new_trace(
+            lm,
+            p,
+            out.tokens[b],
+            out.logprobs[b],
+            key=keys[b],
+            sampler=samplers[b],
+            max_new_tokens=max_new_tokens,
+            stop_tokens=stops,
+        )  # fmt: skip
         for b, p in enumerate(prompts)
     ]
     if streamer is not None:

@@ -21,7 +21,7 @@ import numpy as np
 
 from cfjax.causal.abduction import observed_steps
 from cfjax.causal.factual import draft_for
-from cfjax.causal.interventions import Intervention, plan
+from cfjax.causal.interventions import plan
 from cfjax.causal.plan import Plan
 from cfjax.causal.trace import Prompt, Trace, new_trace
 from cfjax.core import speculative

@@ -136,7 +136,7 @@ def replay_conversations(
         raise ValueError("no rows: give at least one conversation and intervention")
     by_turn = [_by_turn(c, iv) for c, iv in zip(convs, interventions, strict=True)]
     first = [min(t) for t in by_turn]
-    out: list[list[Trace]] = [list(c.turns[: f]) for c, f in zip(convs, first, strict=True)]
+    out: list[list[Trace]] = [list(c.turns[:f]) for c, f in zip(convs, first, strict=True)]
     for k in range(min(first), max(len(c.turns) for c in convs)):
         rows = [b for b, c in enumerate(convs) if first[b] <= k < len(c.turns)]
         traces = [convs[b].turns[k] for b in rows]
