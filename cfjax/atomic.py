@@ -13,10 +13,15 @@ from pathlib import Path
 
 def write_text(path: str | os.PathLike, text: str) -> None:
     """Write `text` (UTF-8) to `path` through a hidden sibling renamed into place."""
+    write_bytes(path, text.encode("utf-8"))
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` through a hidden sibling renamed into place."""
     path = Path(path)
     tmp = path.parent / f".{path.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
     try:
-        tmp.write_text(text, encoding="utf-8")
+        tmp.write_bytes(data)
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)

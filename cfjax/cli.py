@@ -1,4 +1,7 @@
-"""The `cfjax` command: generate, counterfactual, abduct, experiment, convert, models, serve, demo.
+"""The `cfjax` command: counterfactual token generation from the command line.
+
+Subcommands: generate, converse, counterfactual, attribute, abduct, experiment, convert, models,
+serve, demo.
 
 Every failure the user can cause (a bad argument, a missing file, an edit that does not apply)
 ends with one readable line on stderr and a non-zero exit, never a traceback.
@@ -132,9 +135,21 @@ def cmd_counterfactual(args) -> int:
     from rich.console import Console
 
     from cfjax import present
-    from cfjax.causal import Trace, counterfactual, interventional
+    from cfjax.causal import counterfactual, interventional
+    from cfjax.causal.conversation import Conversation, load
 
-    trace = Trace.from_json(args.trace)
+    trace = load(args.trace)
+    conversation = trace if isinstance(trace, Conversation) else None
+    if conversation is not None:
+        if args.turn is None:
+            raise ValueError(f"{args.trace} is a conversation: say which turn the intervention changes with --turn K")  # fmt: skip
+        if args.resume_at is not None or args.html is not None:
+            raise ValueError("--resume-at and --html apply to a single answer, not a conversation")  # fmt: skip
+        if args.turn >= len(conversation.turns):
+            raise ValueError(f"--turn {args.turn}: the conversation has turns 0 to {len(conversation.turns) - 1}")  # fmt: skip
+        trace = conversation.turns[args.turn]
+    elif args.turn is not None:
+        raise ValueError(f"--turn: {args.trace} is a single answer, not a conversation")
     change = _sampler(args, base=trace.sampler)
     _check_edit_flags(args, change)
     for out in (args.out, args.html):  # before the work, so that a bad path loses nothing
@@ -147,6 +162,10 @@ def cmd_counterfactual(args) -> int:
     t0 = time.perf_counter()
     lm = _replay_model(trace, args.model, args.dtype)
     ivs = _interventions(args, lm, trace, change)
+    if conversation is not None:
+        from cfjax.cli_chat import counterfactual_conversation
+
+        return counterfactual_conversation(args, conversation, lm, ivs)
     t1 = time.perf_counter()
     if args.interventional:
         result = interventional(lm, trace, ivs, key=args.seed)
@@ -268,8 +287,24 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_converse(args) -> int:
+    from cfjax.cli_chat import cmd_converse as converse
+
+    return converse(args, _load, _sampler)
+
+
+def cmd_attribute(args) -> int:
+    from cfjax.cli_attribute import cmd_attribute as attribute
+
+    if args.unit is None:
+        args.unit = "word" if args.over == "prompt" else "token"
+    return attribute(args, _replay_model)
+
+
 COMMANDS = {
     "generate": cmd_generate,
+    "converse": cmd_converse,
+    "attribute": cmd_attribute,
     "counterfactual": cmd_counterfactual,
     "abduct": cmd_abduct,
     "experiment": run_experiment,

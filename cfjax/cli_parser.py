@@ -79,8 +79,21 @@ def parser(description: str) -> argparse.ArgumentParser:
     g.add_argument("--out", type=Path, default=None, help="write the trace JSON here")
     _sampler_args(g, defaults=True)
 
+    cv = sub.add_parser("converse", help="answer a script of user messages, turn by turn")
+    cv.add_argument("--model", default=DEFAULT_MODEL, help="name, model dir or .gguf")
+    cv.add_argument("--user", required=True, action="append", type=arg.text,
+                    help="a user message (repeat: one per turn, in order)")  # fmt: skip
+    cv.add_argument("--system", default=None, help="a system message")
+    cv.add_argument("--seed", type=arg.seed, default=0, help="the conversation's key, in [0, 2**32)")  # fmt: skip
+    cv.add_argument("--max-new-tokens", type=arg.positive, default=128, help="budget of each turn")  # fmt: skip
+    cv.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="params dtype (default: stored)")  # fmt: skip
+    cv.add_argument("--out", type=Path, default=None, help="write the conversation JSON here")
+    _sampler_args(cv, defaults=True)
+
     c = sub.add_parser("counterfactual", help="what would the model have written if ...")
-    c.add_argument("trace", type=Path, help="trace JSON written by `cfjax generate --out`")
+    c.add_argument("trace", type=Path, help="trace JSON of `cfjax generate --out` (or `converse --out`)")  # fmt: skip
+    c.add_argument("--turn", type=arg.natural, default=None,
+                   help="a conversation's turn the intervention changes (0 = the first answer)")  # fmt: skip
     c.add_argument(
         "--model", default=None, help="another location of the trace's model (default: its id)"
     )
@@ -132,6 +145,22 @@ def parser(description: str) -> argparse.ArgumentParser:
         ("top-p", arg.probability),
     ):
         a.add_argument(f"--new-{name}", type=kind, default=None, help=f"intervention: {name}")
+
+    at = sub.add_parser("attribute", help="the effect of each word of the prompt on the answer")
+    at.add_argument("trace", type=Path, help="trace JSON written by `cfjax generate --out`")
+    at.add_argument("--model", default=None, help="another location of the trace's model (default: its id)")  # fmt: skip
+    at.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="default: the trace's")  # fmt: skip
+    at.add_argument("--over", default="prompt", choices=["prompt", "response"], help="whose units")  # fmt: skip
+    at.add_argument("--unit", default=None, choices=["word", "token"],
+                    help="default: word over the prompt, token over the response")  # fmt: skip
+    at.add_argument("--replace", default=None, metavar="TEXT", help="put TEXT in each unit's place (default: remove it)")  # fmt: skip
+    at.add_argument("--auto", action="store_true", help="another token from the model's top-p set instead")  # fmt: skip
+    at.add_argument("--contains", default=None, help="report whether each answer still contains this")  # fmt: skip
+    at.add_argument("--no-interventional", action="store_true", help="skip the fresh-noise runs")
+    at.add_argument("--seed", type=arg.seed, default=1, help="fresh noise (and --auto's draws)")
+    at.add_argument("--batch-size", type=arg.positive, default=64, help="rows per engine batch")
+    at.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
+    at.add_argument("--plot", type=Path, default=None, help="write a heatmap (.png, .svg, .pdf)")
 
     add_experiment_parsers(sub, _Parser)
 

@@ -43,3 +43,23 @@ def mean_interval(values: Sequence[float]) -> tuple[float, float, int]:
     """Mean, the half-width of its normal 95% interval, and n."""
     values = np.asarray(values, float)
     return float(values.mean()), float(1.96 * values.std() / np.sqrt(len(values))), len(values)
+
+
+def attribution_heatmap(ax, effects: Sequence, *, title: str) -> None:
+    """Each unit of an attribution (`cfjax.causal.attribution.UnitEffect`) as a cell coloured
+    by its distance from the factual answer: the counterfactual row (same noise) above the
+    interventional one (fresh noise, when run), the units' text along the bottom."""
+    rows = [[e.distance for e in effects]]
+    labels = ["counterfactual\n(same noise)"]
+    if all(e.interventional_distance is not None for e in effects):
+        rows.append([e.interventional_distance for e in effects])
+        labels.append("interventional\n(fresh noise)")
+    image = ax.imshow(np.asarray(rows, float), cmap="Oranges", vmin=0.0, vmax=1.0, aspect="auto")
+    ax.set_xticks(range(len(effects)), [e.text for e in effects], rotation=60, ha="right", fontsize=8)  # fmt: skip
+    ax.set_yticks(range(len(rows)), labels, fontsize=8)
+    for y, row in enumerate(rows):
+        for x, v in enumerate(row):
+            ax.text(x, y, f"{v:.2f}", ha="center", va="center", fontsize=6,
+                    color="white" if v > 0.6 else "black")  # fmt: skip
+    ax.set_title(title, fontsize=9)
+    ax.figure.colorbar(image, ax=ax, label="distance from the factual answer", shrink=0.8)
