@@ -572,3 +572,64 @@ def test_edit_flags_are_checked_before_the_model_loads(fact_file, capsys):
         capsys, "abduct", "--model", "/no/such/model", "--prompt", "p", "--response", "r"
     )
     _one_line(err, "no intervention given")
+
+
+# --- conversations and attribution ---------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_converse_then_a_counterfactual_turn_then_attribute(tmp_path):
+    """SmolLM2: a three-turn chat, the counterfactual of its first message (earlier turns none,
+    later turns replayed), the null intervention (every turn again), and an attribution plot."""
+    from cfjax.causal.conversation import Conversation
+
+    conv_path, cf_path, null_path = tmp_path / "c.json", tmp_path / "cf.json", tmp_path / "n.json"
+    proc = run_cli("converse", "--user", "Name a fruit.", "--user", "Why do people like it?",
+                   "--user", "Write a haiku about it.", "--seed", "2", "--temperature", "0.7",
+                   "--max-new-tokens", "16", "--out", str(conv_path))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    conv = Conversation.from_json(conv_path)
+    assert len(conv.turns) == 3 and all(f"assistant {k}: " in proc.stdout for k in range(3))
+    proc = run_cli("counterfactual", str(conv_path), "--turn", "1", "--prompt", "Why do people hate it?",
+                   "--out", str(cf_path))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    cf = Conversation.from_json(cf_path)
+    assert cf.turns[0].to_dict() == conv.turns[0].to_dict()
+    assert cf.user_messages == ["Name a fruit.", "Why do people hate it?", "Write a haiku about it."]  # fmt: skip
+    assert "assistant 0 (before the intervention, unchanged)" in proc.stdout
+    assert "--- counterfactual turn 2" in proc.stdout
+    proc = run_cli("counterfactual", str(conv_path), "--turn", "0", "--temperature", "0.7",
+                   "--out", str(null_path))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    null = Conversation.from_json(null_path)
+    assert [t.tokens for t in null.turns] == [t.tokens for t in conv.turns]
+
+    plot, rows = tmp_path / "attr.png", tmp_path / "rows.json"
+    proc = run_cli("attribute", str(conv_path), "--no-interventional", "--plot", str(plot),
+                   "--out", str(rows))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert f"plot: {plot}" in proc.stdout and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    effects = json.loads(rows.read_text())
+    assert [e["text"] for e in effects] == ["Write", "a", "haiku", "about", "it", "."]
+    assert all(e["trace"]["history"] == conv.turns[2].history for e in effects)
+
+
+def test_conversation_and_attribution_flags_are_checked_before_the_model_loads(fact_file, tmp_path, capsys):  # fmt: skip
+    turn = json.loads(fact_file.read_text()) | {"chat": True}  # as if made by `converse`
+    conv_file = tmp_path / "conv.json"
+    conv_file.write_text(json.dumps(turn | {"turns": [turn], "conversation_key": [0, 3]}))
+    model = ["--model", "/no/such/model"]
+    for args, message in (
+        (["counterfactual", conv_file, "--temperature", "0.5"], "say which turn"),
+        (["counterfactual", fact_file, "--turn", "0", "--temperature", "0.5"], "not a conversation"),
+        (["attribute", fact_file, "--plot", tmp_path / "a.gif"], "name a .png, .svg, .pdf file"),
+        (["attribute", fact_file, "--auto", "--replace", "x"], "not both"),
+        (["converse", "--user", " "], "--user: is empty"),
+    ):  # fmt: skip
+        rc, err = _cli(capsys, *args, *model)
+        assert rc == 1
+        _one_line(err, message)
+    # A conversation's turns are chat turns (this trace was made without the chat template).
+    conv_file.write_text(json.dumps(turn | {"turns": [turn | {"chat": False}], "conversation_key": [0, 3]}))  # fmt: skip
+    rc, err = _cli(capsys, "counterfactual", conv_file, "--turn", "0", "--temperature", "0.5", *model)  # fmt: skip
+    _one_line(err, "conversation turn 0 is not a chat turn")

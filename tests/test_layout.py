@@ -27,6 +27,8 @@ LAYERS = [
     "demo",
     "experiments",
     "serve",
+    "cli_chat",
+    "cli_attribute",
     "cli_parser",
     "cli",
 ]

@@ -1,5 +1,5 @@
-"""The README's `cfjax.core.sample`, abduction and model-intervention examples run as shown, on
-the embedded SmolLM2."""
+"""The README's examples (`cfjax.core.sample`, abduction, model interventions, conversations,
+attribution, ...) run as shown, on the embedded SmolLM2."""
 
 from __future__ import annotations
 
@@ -90,6 +90,21 @@ def test_batch_invariance_example_runs_as_shown(capsys):
     assert printed[-1] == "same tokens: True same log-probs, bit for bit: True"
 
 
+@pytest.mark.slow
+def test_conversation_example_runs_as_shown(capsys):
+    printed, _ = _run_on_smollm2("### Conversations", capsys)
+    assert printed[0].split(":")[0] == "turn 0, factual" and len(printed) == 7
+    assert printed[-1] == "null edit at turn 1, every turn the same: True"
+
+
+@pytest.mark.slow
+def test_attribution_example_runs_as_shown(capsys):
+    printed, _ = _run_on_smollm2("### Attribution", capsys)
+    rows = [line.split() for line in printed[1:]]
+    assert [r[0] for r in rows if r[-1] == "False"] == ["Ahab"]  # the only word "Ahab" needs
+    assert max(float(r[2]) for r in rows) == float(next(r[2] for r in rows if r[0] == "Ahab"))
+
+
 def test_api_at_a_glance_names_exist_and_say_what_their_docstrings_say():
     """Every row of the README's API table names a public object whose docstring's first
     sentence is the row's summary; and the table covers every top-level function `cfjax`
@@ -108,5 +123,6 @@ def test_api_at_a_glance_names_exist_and_say_what_their_docstrings_say():
         assert summary.replace("\\|", "|") == doc.split(". ")[0].rstrip(".") + ".", name
     listed = {name for name, _ in rows}
     for name in ("generate", "counterfactual", "counterfactuals", "interventional",
-                 "interventionals", "abduct", "coupled", "load", "core.sample"):  # fmt: skip
+                 "interventionals", "abduct", "coupled", "load", "core.sample", "converse",
+                 "attribute"):  # fmt: skip
         assert name in listed, name

@@ -5,6 +5,7 @@
 """
 
 from cfjax.causal.abduction import Summary, abduct, posterior_noise, summarize
+from cfjax.causal.attribution import attribute
 from cfjax.causal.conversation import Conversation, converse
 from cfjax.causal.coupling import coupled
 from cfjax.causal.factual import generate
@@ -40,6 +41,7 @@ __all__ = [
     "Summary",
     "Trace",
     "abduct",
+    "attribute",
     "converse",
     "counterfactual",
     "coupled",
