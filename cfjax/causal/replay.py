@@ -79,8 +79,10 @@ def interventional(
     draft: LM | None = None,
     lookahead: int = speculative.DEFAULT_LOOKAHEAD,
 ) -> Trace | Conversation:
-    """The same intervention with fresh noise drawn from `key` (the interventional baseline;
-    for a conversation, from the first changed turn on, turn k with `fold_in(key, k)`)."""
+    """The same intervention with fresh noise drawn from `key` (the interventional baseline).
+
+    A conversation draws fresh noise from its first changed turn on, turn k from
+    `fold_in(key, k)`."""
     fresh = as_key(key)
     return _rows(
         lm, [trace], [intervention], [fresh], True, None, reuse_cache, chunk, max_new_tokens,
