@@ -498,3 +498,130 @@ def test_each_panel_says_what_it_is(app, lm):
     assert cf["about"].startswith("replace token 2 by ")
     assert cf["about"].endswith(f"{same}/{total} tokens after the edit equal the factual ones")
     assert "tokens after the edit" in r.json()["interventional"][0]["about"]
+
+
+# --- conversations and attribution (issue 34) ----------------------------------------------------
+
+CHAT = {"messages": ["the captain sailed", "a calm sea"], "seed": 3, "max_new_tokens": 12}
+
+
+def same_turns(view: dict, conv) -> None:
+    """The page's turns show the conversation's tokens (all but a final stop token)."""
+    assert len(view["turns"]) == len(conv.turns)
+    for shown, turn in zip(view["turns"], conv.turns, strict=True):
+        ids = [x["id"] for x in shown["assistant"]["tokens"]]
+        assert ids == turn.tokens[: len(ids)] and len(ids) >= len(turn.tokens) - turn.stopped
+
+
+def test_converse_and_a_counterfactual_turn_match_the_library(app, lm):
+    c = _client(app)
+    r = c.post("/api/converse", json=CHAT)
+    assert r.status_code == 200, r.text
+    view = r.json()["conversation"]
+    conv = cfjax.converse(lm, CHAT["messages"], key=3, max_new_tokens=12)
+    assert [t["user"] for t in view["turns"]] == CHAT["messages"]
+    same_turns(view, conv)
+    # The whole conversation downloads as JSON and loads as a Conversation.
+    saved = cfjax.Conversation.from_json(c.get(f"/api/traces/{view['id']}.json").text)
+    assert [t.tokens for t in saved.turns] == [t.tokens for t in conv.turns]
+    edit = {"conversation_id": view["id"], "turn": 0, "position": 2, "token_id": 7}
+    r = c.post("/api/conversation/counterfactual", json=edit)
+    assert r.status_code == 200, r.text
+    other = r.json()["counterfactual_conversation"]
+    want = cfjax.counterfactual(lm, conv, cfjax.AtTurn(0, cfjax.ReplaceTokens(2, [7])))
+    same_turns(other, want)
+    assert other["turns"][0]["assistant"]["tokens"][2]["changed"]
+    assert c.get("/api/state").json()["view"]["counterfactual_conversation"]["id"] == other["id"]
+    r = c.post("/api/conversation/counterfactual", json={**edit, "position": None, "prompt": "a storm"})  # fmt: skip
+    assert r.json()["counterfactual_conversation"]["turns"][0]["user"] == "a storm"
+
+
+def test_attribution_matches_the_library(app, lm):
+    from cfjax.causal.attribution import attribute
+
+    c = _client(app)
+    fact = c.post("/api/generate", json=GEN).json()["factual"]
+    r = c.post("/api/attribute", json={"trace_id": fact["id"]})
+    assert r.status_code == 200, r.text
+    a = r.json()["attribution"]
+    trace = cfjax.Trace.from_json(c.get(f"/api/traces/{fact['id']}.json").text)
+    want = attribute(lm, trace)
+    assert [(x["text"], x["distance"], x["interventional_distance"]) for x in a["rows"]] == [
+        (e.text, e.distance, e.interventional_distance) for e in want
+    ]
+    assert a["prompt"] == "the captain sailed" and a["rows"][1]["trace"]["prompt"] == "the sailed"
+
+
+@pytest.mark.parametrize(
+    "path, payload, message",
+    [
+        ("/api/converse", {**CHAT, "messages": ["ok", " "]}, "the prompt is empty"),
+        ("/api/converse", {**CHAT, "messages": ["w"] * 100}, "samples 100 is over this server's limit"),
+        ("/api/converse", {**CHAT, "max_new_tokens": 10_000}, "over this server's limit of 64"),
+        ("/api/conversation/counterfactual", {"conversation_id": "nope", "turn": 0, "prompt": "x"}, "no trace 'nope'"),
+        ("/api/attribute", {"trace_id": "nope"}, "no trace 'nope'"),
+    ],
+)  # fmt: skip
+def test_conversation_and_attribution_input_is_checked(lm, path, payload, message):
+    app = create_app(lm, max_new_tokens=64, max_samples=8)
+    r = _client(app).post(path, json=payload)
+    assert r.status_code in (400, 404) and message in r.json()["detail"], r.text
+
+
+def test_a_conversation_is_not_a_trace_and_long_prompts_are_not_attributed(lm):
+    c = _client(create_app(lm, max_new_tokens=64, max_samples=4))
+    conv = c.post("/api/converse", json=CHAT).json()["conversation"]
+    for path, body in (("/api/counterfactual", {"trace_id": conv["id"], "position": 1, "token_id": 3}),
+                       ("/api/attribute", {"trace_id": conv["id"]})):  # fmt: skip
+        r = c.post(path, json=body)
+        assert r.status_code == 400 and "is a conversation" in r.json()["detail"], r.text
+    fact = c.post("/api/generate", json={**GEN, "prompt": "the captain sailed across a calm sea"}).json()["factual"]  # fmt: skip
+    r = c.post("/api/attribute", json={"trace_id": fact["id"]})
+    assert r.status_code == 400 and "samples 7 is over this server's limit of 4" in r.json()["detail"]  # fmt: skip
+    r = c.post("/api/conversation/counterfactual", json={"conversation_id": conv["id"], "turn": 5, "prompt": "x"})  # fmt: skip
+    assert r.status_code == 400 and "turns 0 to 1" in r.json()["detail"]
+
+
+def test_attribution_and_conversations_in_chromium(server):
+    """The prompt's words coloured by their effect (a click shows that word's counterfactual),
+    and a conversation whose answer tokens open the picker: the edit replays the later turns
+    beside the factual chat. A screenshot is saved (tests/artifacts/serve-chat.png)."""
+    from pathlib import Path
+
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as p:
+        browser, page = _generated(p, server, 1400, 1100, seed="3", max_new_tokens="16")
+        page.click("#attribute")
+        words = page.locator("#attributed .word")
+        expect(words.first).to_be_visible(timeout=60_000)
+        assert words.all_inner_texts() == ["the", "captain", "sailed"]
+        rows = page.evaluate("fetch('/api/state').then(r => r.json())")["view"]["attribution"][
+            "rows"
+        ]
+        assert words.nth(1).get_attribute("title").startswith(f"without \"captain\": distance {rows[1]['distance']:.2f}")  # fmt: skip
+        words.nth(1).click()
+        shown = page.locator("#counterfactual .tok").all_inner_texts()
+        assert shown == [t["text"] for t in rows[1]["trace"]["tokens"]]
+
+        page.fill("#chat-script", "the captain sailed\na calm sea")
+        page.click("#converse")
+        answers = page.locator("#chat .bubble.assistant")
+        expect(answers.nth(1).locator(".tok").first).to_be_visible(timeout=60_000)
+        assert page.locator("#chat .bubble.user").all_inner_texts() == ["the captain sailed", "a calm sea"]  # fmt: skip
+        answers.nth(0).locator(".tok").nth(2).click()
+        candidate = page.locator("#candidates .candidate").first
+        expect(candidate).to_be_visible(timeout=30_000)
+        chosen = int(candidate.get_attribute("data-id"))
+        candidate.click()
+        cf = page.locator("#chat-cf .bubble.assistant")
+        expect(cf.nth(1).locator(".tok").first).to_be_visible(timeout=60_000)
+        view = page.evaluate("fetch('/api/state').then(r => r.json())")["view"]
+        other = view["counterfactual_conversation"]
+        assert other["turns"][0]["assistant"]["tokens"][2]["id"] == chosen
+        for k in range(2):
+            assert cf.nth(k).locator(".tok").all_inner_texts() == [t["text"] for t in other["turns"][k]["assistant"]["tokens"]]  # fmt: skip
+        out = Path(__file__).parent / "artifacts"
+        out.mkdir(exist_ok=True)
+        page.screenshot(path=str(out / "serve-chat.png"), full_page=True)
+        browser.close()

@@ -23,6 +23,7 @@ import queue
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import jax
 import numpy as np
@@ -31,7 +32,7 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Streamin
 from pydantic import BaseModel, Field
 
 import cfjax
-from cfjax.causal import ChangeSampler, EditPrompt, ReplaceText, ReplaceTokens, Trace
+from cfjax.causal import ChangeSampler, Conversation, EditPrompt, ReplaceText, ReplaceTokens, Trace
 from cfjax.causal.plan import step_log_probs
 from cfjax.present import (
     _pieces,
@@ -43,6 +44,7 @@ from cfjax.present import (
     settings_line,
 )
 from cfjax.runtime.lm import LM
+from cfjax.serve import turns_api
 from cfjax.serve.sessions import Sessions
 
 STATIC = Path(__file__).parent / "static"
@@ -343,9 +345,15 @@ def create_app(
             "samples": len(cfs), "old": body.old, "new": body.new,
         })  # fmt: skip
 
+    turns_api.add_routes(app, lm, SimpleNamespace(
+        sessions=sessions, session_of=session_of, remember=remember, view=view,
+        check_length=check_length, check_samples=check_samples, check_prompt=check_prompt,
+        tokens_of=tokens_of, max_new_tokens=max_new_tokens,
+    ))  # fmt: skip
+
     @app.get("/api/traces/{trace_id}.json")
     def export_json(trace_id: str, request: Request):
-        trace = sessions.trace(request.state.sid, trace_id)
+        trace = sessions.trace(request.state.sid, trace_id, (Trace, Conversation))
         return Response(trace.to_json(), media_type="application/json",
                         headers={"Content-Disposition": f'attachment; filename="{trace_id}.json"'})  # fmt: skip
 

@@ -6,10 +6,11 @@ from __future__ import annotations
 import secrets
 import threading
 import time
+from typing import Any
 
 from fastapi import HTTPException
 
-from cfjax.causal import Trace
+from cfjax.causal import Conversation, Trace
 
 
 class Sessions:
@@ -56,15 +57,19 @@ class Sessions:
         if len(session["traces"]) + n > self.max_traces:
             raise HTTPException(409, f"this session holds {len(session['traces'])} traces and may hold {self.max_traces}: start a new session (clear the explorer's cookie)")  # fmt: skip
 
-    def add(self, session: dict, trace: Trace) -> str:
+    def add(self, session: dict, trace: Trace | Conversation) -> str:
         tid = secrets.token_hex(6)
         with self.lock:
             session["traces"][tid] = trace
         return tid
 
-    def trace(self, sid: str | None, tid: str) -> Trace:
+    def trace(self, sid: str | None, tid: str, kind: type | tuple = Trace) -> Any:
+        """The session's trace (or conversation) `tid`, of the `kind` the request needs."""
         session = self.find(sid)
         trace = session["traces"].get(tid) if session is not None else None
         if trace is None:
             raise HTTPException(404, f"no trace {tid!r} in this session")
+        if not isinstance(trace, kind):
+            what = "a conversation" if isinstance(trace, Conversation) else "a single answer"
+            raise HTTPException(400, f"{tid!r} is {what}, which this request does not take")
         return trace

@@ -6,7 +6,7 @@ let state = { factual: null, counterfactual: null, interventional: [], edit: nul
 // An error shows next to the control that caused it: the form's (#error), the abduction's, or
 // the "more samples" button's; showing one clears the others.
 function showError(message, where = "error") {
-  ["error", "abduct-error", "more-error"].forEach((id) => { $(id).textContent = id === where ? message || "" : ""; });
+  ["error", "abduct-error", "more-error", "chat-error"].forEach((id) => { $(id).textContent = id === where ? message || "" : ""; });
 }
 
 // One readable sentence for a refused request (FastAPI's validation errors are a list).
@@ -45,7 +45,7 @@ function sampler() {
   return { temperature: number("temperature") ?? 1, top_k: number("top_k"), top_p: number("top_p") };
 }
 
-function renderTokens(el, view, { clickable = false, chosen = null } = {}) {
+function renderTokens(el, view, { clickable = false, chosen = null, pick = undefined } = {}) {
   el.textContent = "";
   if (!view) return;
   view.tokens.forEach((t) => {
@@ -59,7 +59,7 @@ function renderTokens(el, view, { clickable = false, chosen = null } = {}) {
     span.textContent = t.text;
     span.title = `token ${t.i} (id ${t.id}): p = ${t.p.toFixed(3)}`;
     span.dataset.i = t.i;
-    if (clickable) span.addEventListener("click", () => openPicker(t, view));
+    if (clickable) span.addEventListener("click", () => openPicker(t, view, pick));
     el.appendChild(span);
   });
 }
@@ -113,6 +113,8 @@ function apply(payload) {
   state.interventional = payload.interventional || [];
   render();
   if (payload.abducted) renderAbducted(payload);
+  if (payload.attribution) renderAttribution(payload.attribution);
+  if (payload.conversation) renderChat(payload);
 }
 
 async function generate() {
@@ -140,7 +142,8 @@ async function generate() {
   } catch (e) { showError(e.message); } finally { idle(); }
 }
 
-async function openPicker(token, base) {
+// `pick(edit)` applies the chosen replacement (default: a counterfactual of `base`).
+async function openPicker(token, base, pick = (edit) => intervene(edit, 1, base)) {
   showError("");
   try {
     const data = await api(`/api/candidates?trace_id=${base.id}&position=${token.i}`);
@@ -149,10 +152,10 @@ async function openPicker(token, base) {
     data.candidates.filter((c) => c.id !== data.factual).forEach((c) => {
       const b = document.createElement("button"); b.className = "candidate";
       b.textContent = `${JSON.stringify(c.text)}  p = ${c.p.toFixed(3)}`; b.dataset.id = c.id;
-      b.addEventListener("click", () => intervene({ position: token.i, token_id: c.id }, 1, base));
+      b.addEventListener("click", () => pick({ position: token.i, token_id: c.id }));
       box.appendChild(b);
     });
-    $("use-text").onclick = () => intervene({ position: token.i, text: $("replacement").value }, 1, base);
+    $("use-text").onclick = () => pick({ position: token.i, text: $("replacement").value });
     $("picker").hidden = false;
   } catch (e) { showError(e.message); }
 }
@@ -214,6 +217,70 @@ async function abduct() {
   } catch (e) { showError(e.message, "abduct-error"); } finally { idle(); }
 }
 
+// Attribution: the prompt's words coloured by how far the answer moved without each.
+function renderAttribution(a) {
+  state.attribution = a;
+  const box = $("attributed"); box.textContent = "";
+  let at = 0;
+  a.rows.forEach((row) => {
+    box.appendChild(document.createTextNode(a.prompt.slice(at, row.span[0])));
+    const w = document.createElement("span"); w.className = "word"; w.textContent = row.text;
+    w.style.background = `rgba(216, 96, 0, ${row.distance.toFixed(3)})`;
+    if (row.distance > 0.6) w.style.color = "#fff";
+    const fresh = row.interventional_distance === null ? "" : `, fresh noise ${row.interventional_distance.toFixed(2)}`;
+    w.title = `without ${JSON.stringify(row.text)}: distance ${row.distance.toFixed(2)}, ${Math.round(100 * row.kept_share)}% of the tokens kept${fresh}`;
+    w.dataset.unit = row.unit;
+    w.addEventListener("click", () => { state.counterfactual = row.trace; state.interventional = []; render(); });
+    box.appendChild(w); at = row.span[1];
+  });
+  box.appendChild(document.createTextNode(a.prompt.slice(at)));
+  $("attribution").hidden = false;
+}
+
+async function attributeWords() {
+  if (!state.factual) { showError("generate a factual response first"); return; }
+  showError(""); busy("attributing the prompt's words", ["attributed"]);
+  try { apply(await api("/api/attribute", { trace_id: state.factual.id })); } catch (e) { showError(e.message); } finally { idle(); }
+}
+
+// Conversations: each turn's user message and answer; an answer's tokens open the picker, and
+// the edit becomes the counterfactual conversation beside the factual one.
+function renderTurns(el, conv, clickable) {
+  el.textContent = "";
+  if (!conv) return;
+  if (conv.system) { const s = document.createElement("div"); s.className = "bubble system"; s.textContent = `system: ${conv.system}`; el.appendChild(s); }
+  conv.turns.forEach((turn, k) => {
+    const user = document.createElement("div"); user.className = "bubble user"; user.textContent = turn.user;
+    const answer = document.createElement("div"); answer.className = "bubble assistant tokens"; answer.dataset.turn = k;
+    renderTokens(answer, turn.assistant, clickable ? { clickable: true, pick: (edit) => editTurn(k, edit) } : {});
+    el.appendChild(user); el.appendChild(answer);
+  });
+}
+
+function renderChat(payload) {
+  state.conversation = payload.conversation;
+  renderTurns($("chat"), payload.conversation, true);
+  renderTurns($("chat-cf"), payload.counterfactual_conversation || null, false);
+}
+
+async function converse() {
+  const messages = $("chat-script").value.split("\n").map((m) => m.trim()).filter((m) => m);
+  showError("", "chat-error"); busy("answering turn by turn", ["chat"]);
+  try {
+    renderChat(await api("/api/converse", { messages, system: $("system").value || null, seed: number("seed") ?? 0,
+      max_new_tokens: Math.min(number("max_new_tokens") ?? 32, 64), ...sampler() }));
+  } catch (e) { showError(e.message, "chat-error"); } finally { idle(); }
+}
+
+async function editTurn(turn, edit) {
+  $("picker").hidden = true; showError("", "chat-error"); busy(`replaying from turn ${turn}`, ["chat-cf"]);
+  try {
+    renderChat(await api("/api/conversation/counterfactual", { conversation_id: state.conversation.id, turn, ...edit }));
+  } catch (e) { showError(e.message, "chat-error"); } finally { idle(); }
+}
+
+$("attribute").addEventListener("click", attributeWords);
+$("converse").addEventListener("click", converse);
 $("generate").addEventListener("click", generate);
 $("rerun").addEventListener("click", rerun);
 $("more").addEventListener("click", more);
