@@ -95,3 +95,48 @@ def test_smollm2_batches_are_their_rows(dtype):
         batch = run(ps, jax.random.key(9))
         for i, row in enumerate(batch):
             _same(row, run([ps[i]], row.key[None])[0], f"{ps[i]!r} at {i} of {len(ps)}")
+
+
+# --- batch_invariant=False: XLA's own ops, for speed --------------------------------------------
+
+
+def _lowered_step(lm: cfjax.LM, batch: int) -> str:
+    """The decode step's program (one token per row of `batch`, a 64-slot cache), as text."""
+    from cfjax.core.cache import init_cache
+
+    cache = init_cache(lm.config, batch, 64, model.compute_dtype(lm.params))
+    args = (lm.params, np.zeros((batch, 1), np.int32), np.zeros(batch, np.int32), cache, 32)
+    return jax.jit(model.apply, static_argnums=0).lower(lm.config, *args).as_text()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_batch_variant_mode_keeps_the_causal_guarantees(dtype):
+    """`lm.replace(batch_invariant=False)`: XLA's own sums and one dot per weight (no tiles, no
+    rounding barriers), results within rounding of the invariant mode, and a null edit still
+    reproduces its factual run exactly when both run alone (in a batch a row may round
+    otherwise: what this mode gives up)."""
+    lm = _tiny(dtype)
+    fast = lm.replace(batch_invariant=False)
+    assert fast.config.batch_invariant is False and fast.caches is not lm.caches
+    invariant_step, plain_step = _lowered_step(lm, 64), _lowered_step(fast, 64)
+    assert "stablehlo.while" in invariant_step and "stablehlo.while" not in plain_step  # tiles
+    assert plain_step.count("stablehlo.select") < invariant_step.count("stablehlo.select")
+    prompts, samplers = _rows(8, seed=2)
+    run = lambda m: cfjax.generate(m, prompts, key=4, chat=False, sampler=samplers, max_new_tokens=STEPS)  # noqa: E731  # fmt: skip
+    exact, quick = run(lm), run(fast)
+    if dtype == "float32":
+        agree = [(a, b) for a, b in zip(exact, quick, strict=True) if a.tokens == b.tokens]
+        assert len(agree) >= 6
+        for a, b in agree:
+            np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-4)
+    fact = cfjax.generate(fast, prompts[1], key=4, chat=False, sampler=samplers[1], max_new_tokens=STEPS)  # fmt: skip
+    null = cfjax.counterfactual(fast, fact, cfjax.ReplaceTokens(4, [fact.tokens[4]]), reuse_cache=False)  # fmt: skip
+    _same(null, fact, "null edit, batch-variant mode")
+
+
+def test_batch_invariance_is_an_execution_choice_not_a_model_property():
+    c = cfjax.preset("tiny").replace(batch_invariant=False)
+    assert "batch_invariant" not in c.to_dict()  # never written to a checkpoint
+    assert cfjax.LlamaConfig.from_dict(c.to_dict()).batch_invariant is True
+    with pytest.raises(ValueError, match="batch_invariant must be true or false"):
+        cfjax.preset("tiny").replace(batch_invariant="no")

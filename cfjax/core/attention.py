@@ -46,6 +46,8 @@ def attention_dots(q, keys, values, mask, scale):
     scores = jnp.einsum("bkgtd,bkds->bkgts", q.astype(keys.dtype), keys, preferred_element_type=f32)  # fmt: skip
 
     def weighted(e):
+        if not invariant.enabled():  # one dot over every slot
+            return jnp.einsum("bkgts,bksd->bkgtd", e.astype(values.dtype), values, preferred_element_type=f32)  # fmt: skip
         e = invariant.slot_blocks(e.astype(values.dtype), -1)  # [B, KV, G, T, N, BLOCK]
         blocks = invariant.slot_blocks(values, 2)  # [B, KV, N, BLOCK, D]
         partial = jnp.einsum("bkgtnc,bkncd->bkgtnd", e, blocks, preferred_element_type=f32)

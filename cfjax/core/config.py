@@ -48,6 +48,11 @@ class LlamaConfig:
     max_seq_len: int = 4096
     tie_embeddings: bool = False
     name: str = "llama"
+    # How the network is computed, not what it is: batch-invariant sums and matmul tiles (a
+    # row's bits never depend on its batch; the default), or XLA's own, faster ops
+    # (`cfjax.core.invariant`). Static, so each mode compiles its own programs; not written to
+    # checkpoints (`to_dict`).
+    batch_invariant: bool = True
 
     def __post_init__(self) -> None:
         # Types and ranges first (a config read from a file may hold anything): every size an
@@ -63,6 +68,8 @@ class LlamaConfig:
             ):
                 raise ValueError(f"config {self.name}: {field} must be an integer >= 1, got {value!r}")  # fmt: skip
             object.__setattr__(self, field, int(value))
+        if not isinstance(self.batch_invariant, bool):
+            raise ValueError(f"config {self.name}: batch_invariant must be true or false, got {self.batch_invariant!r}")  # fmt: skip
         for field in ("norm_eps", "rope_theta"):
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:  # fmt: skip
@@ -93,8 +100,11 @@ class LlamaConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
-        """Plain JSON-able dict (inverse of `from_dict`)."""
-        return dataclasses.asdict(self)
+        """Plain JSON-able dict (inverse of `from_dict`) of the model's shapes and constants
+        (not `batch_invariant`, an execution choice)."""
+        d = dataclasses.asdict(self)
+        del d["batch_invariant"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> LlamaConfig:

@@ -17,6 +17,11 @@ spelled out so that the order of its additions is fixed by construction:
 - `dense` feeds a matmul tiles of rows: of one fixed shape on accelerators, and on the CPU of
   row counts measured not to change a row's rounding (see `tiles`); under `vmap` it folds the
   mapped axis into the rows (`custom_vmap`), so `core.sample` under `vmap` tiles the same way.
+
+A model whose config says `batch_invariant=False` traces its network under
+`batch_invariance(False)`: every helper here is then XLA's own op (a reduce, one matmul, no
+rounding barrier), faster, with a row's rounding free to depend on its batch again. The
+sampler's sums (`scm`, `truncation`, `posterior`) stay invariant in both modes (cheap per row).
 """
 
 from __future__ import annotations
@@ -32,6 +37,24 @@ BLOCK = 32  # cache slots per block of `slot_sum`; divides every prompt bucket
 ROWS = 32  # most rows in one matmul tile on the CPU
 ACCELERATOR_ROWS = 64  # rows of every matmul tile on GPU and TPU: weight reads dominate there
 _FORMS_FOR = contextvars.ContextVar("cfjax_forms_for", default=None)
+_INVARIANT = contextvars.ContextVar("cfjax_batch_invariant", default=True)
+
+
+@contextlib.contextmanager
+def batch_invariance(enabled: bool):
+    """Trace the helpers below in their batch-invariant forms (`True`, the default) or as XLA's
+    own ops. Set by `model.apply` from the static `config.batch_invariant`, so each mode is its
+    own compiled program."""
+    token = _INVARIANT.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _INVARIANT.reset(token)
+
+
+def enabled() -> bool:
+    """Whether programs traced now take the batch-invariant forms."""
+    return _INVARIANT.get()
 
 
 @contextlib.contextmanager
@@ -83,12 +106,16 @@ def rounded(x: jax.Array) -> jax.Array:
     addition that consumes it into one fused multiply-add when the two share a fusion, which
     depends on the rest of the program (a batch's other samplers decided it for the tempered
     logits); a select between them (NaN stays NaN) keeps them apart in every program."""
+    if not enabled():
+        return x
     return jax.lax.select(jax.lax.ne(x, x), jax.lax.full_like(x, jnp.nan), x)
 
 
 def tree_sum(x: jax.Array, axis: int = -1) -> jax.Array:
     """Sum over `axis` in a fixed order: halves added elementwise (zeros padding the length to a
     power of two)."""
+    if not enabled():
+        return jnp.sum(x, axis)
     return _tree(x, axis, jax.lax.add, 0)
 
 
@@ -96,12 +123,16 @@ def tree_max(x: jax.Array, axis: int = -1) -> jax.Array:
     """Max over `axis` by elementwise halving. A max is exact in any order, but an XLA reduce
     lets XLA:CPU hand it, with the `exp` that follows, to an XNNPACK fusion from a size on,
     whose `exp` rounds differently (a row's softmax changed at 16 rows of 4 x 96 scores)."""
+    if not enabled():
+        return jnp.max(x, axis)
     low = jnp.iinfo(x.dtype).min if jnp.issubdtype(x.dtype, jnp.integer) else -jnp.inf
     return _tree(x, axis, jax.lax.max, low)
 
 
 def tree_min(x: jax.Array, axis: int = -1) -> jax.Array:
     """Min over `axis` by elementwise halving (integers or floats)."""
+    if not enabled():
+        return jnp.min(x, axis)
     big = jnp.iinfo(x.dtype).max if jnp.issubdtype(x.dtype, jnp.integer) else jnp.inf
     return _tree(x, axis, jax.lax.min, big)
 
@@ -147,6 +178,8 @@ def slot_sum(x: jax.Array, axis: int) -> jax.Array:
     """Sum over the slot `axis`: a `tree_sum` within each block of `BLOCK` slots, then the
     blocks in slot order. Leading or trailing blocks of zeros, as other rows' longer prompts or
     a longer cache add, leave every bit of the sum as it was."""
+    if not enabled():
+        return jnp.sum(x, axis)
     axis = axis % x.ndim
     return in_order(tree_sum(slot_blocks(x, axis), axis + 1), axis)
 
@@ -200,6 +233,8 @@ def _tiled(x: jax.Array, w: jax.Array, contract: int, wide: bool, fixed: int | N
 
 def dense(x: jax.Array, w: jax.Array, contract: int = 0, wide: bool = False) -> jax.Array:
     """`matmul(x, w, contract, wide)` with each row rounded as it is in any other batch."""
+    if not enabled():
+        return matmul(x, w, contract, wide)
 
     @jax.custom_batching.custom_vmap
     def fn(x, w):

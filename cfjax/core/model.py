@@ -323,7 +323,8 @@ def apply(
     model, steer = _network(config, params)
     if steer is not None:
         steer = steer["delta"] * steer["prompt"] if prompt else steer["delta"]
-    return model(tokens, start, cache, index, cos_sin, steer)
+    with invariant.batch_invariance(config.batch_invariant):
+        return model(tokens, start, cache, index, cos_sin, steer)
 
 
 def _network(config: LlamaConfig, params) -> tuple[Llama, dict | None]:
@@ -340,4 +341,5 @@ def residual(config: LlamaConfig, params: dict, tokens: jax.Array, layer: int) -
     `tokens` (no cache, no padding), as a steering vector is added to it."""
     model, _ = _network(config, params)
     start = jnp.zeros((tokens.shape[0],), jnp.int32)
-    return model.residual(tokens, start, layer)
+    with invariant.batch_invariance(config.batch_invariant):
+        return model.residual(tokens, start, layer)

@@ -39,7 +39,17 @@ class LM:
         return model.compute_dtype(self.params)
 
     def replace(self, **changes: Any) -> LM:
-        """A copy with some fields changed (e.g. other params: a fine-tune or a weight edit)."""
+        """A copy with some fields changed (e.g. other params: a fine-tune or a weight edit).
+
+        `batch_invariant=False` computes the network with XLA's own sums and matmuls: faster,
+        but a row's rounding may then depend on its batch (see `cfjax.core.invariant`); the
+        copy gets stores of its own, so no cache crosses between the two modes."""
+        if "batch_invariant" in changes:
+            flag = changes.pop("batch_invariant")
+            changes["config"] = changes.get("config", self.config).replace(batch_invariant=flag)
+            if changes["config"].batch_invariant != self.config.batch_invariant:
+                changes.setdefault("caches", CacheStore())
+                changes.setdefault("observations", ArrayStore())
         return dataclasses.replace(self, **changes)
 
 
