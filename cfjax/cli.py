@@ -147,6 +147,8 @@ def cmd_counterfactual(args) -> int:
             raise ValueError("--resume-at and --html apply to a single answer, not a conversation")  # fmt: skip
         if args.turn >= len(conversation.turns):
             raise ValueError(f"--turn {args.turn}: the conversation has turns 0 to {len(conversation.turns) - 1}")  # fmt: skip
+        if args.system is not None and args.turn != 0:
+            raise ValueError("--system: the system message precedes every turn; give it with --turn 0")  # fmt: skip
         trace = conversation.turns[args.turn]
     elif args.turn is not None:
         raise ValueError(f"--turn: {args.trace} is a single answer, not a conversation")

@@ -622,6 +622,8 @@ def test_conversation_and_attribution_flags_are_checked_before_the_model_loads(f
     for args, message in (
         (["counterfactual", conv_file, "--temperature", "0.5"], "say which turn"),
         (["counterfactual", fact_file, "--turn", "0", "--temperature", "0.5"], "not a conversation"),
+        (["counterfactual", conv_file, "--turn", "0", "--system", "be brief", "--resume-at", "1"], "--resume-at and --html"),
+        (["counterfactual", conv_file, "--turn", "3", "--temperature", "0.5"], "turns 0 to 0"),
         (["attribute", fact_file, "--plot", tmp_path / "a.gif"], "name a .png, .svg, .pdf file"),
         (["attribute", fact_file, "--auto", "--replace", "x"], "not both"),
         (["converse", "--user", " "], "--user: is empty"),
