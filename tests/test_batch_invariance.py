@@ -82,6 +82,7 @@ def test_core_sample_under_vmap_is_each_call_alone(dtype):
         assert np.asarray(one.logprobs).tobytes() == np.asarray(many.logprobs[i]).tobytes()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_smollm2_batches_are_their_rows(dtype):
     """The issue's case (SmolLM2 in bfloat16: a row's tokens changed from step 3 in a batch of

@@ -43,6 +43,15 @@ COMMANDS = {
         *("--config", "tiny", "--prompts", "2", "--reference-prompts", "1"),
         *("--temperatures", "0.7,1.0", "--new-tokens", "16"),
     ],
+    "attribution": [
+        "attribution.py",
+        *("--config", "tiny", "--words", "5", "--new-tokens", "8", "--sequential", "2"),
+        *("--repeats", "1"),
+    ],
+    "invariance_cost": [
+        "invariance_cost.py",
+        *("--config", "tiny", "--batches", "1", "4", "--new-tokens", "8", "--rounds", "2"),
+    ],
     "abduction": [
         "abduction.py",
         *("--config", "tiny", "--observed", "24", "--samples", "4", "--reference-samples", "2"),
@@ -132,6 +141,21 @@ def test_counterfactual_json(outputs):
     assert r["batch"] == 4 and r["sequential_timed"] == 2
     assert r["batched_matches_sequential"] is True
     assert len(r["cf_over_factual_rounds"]) == len(r["batched64_speedup_rounds"]) == 1
+
+
+def test_attribution_json(outputs):
+    r = outputs["attribution"]
+    assert r["units"] == 5 and r["sequential_timed"] == 2 and r["batched_matches_one_by_one"] is True  # fmt: skip
+    assert _positive(r["speedup"]) and r["speedup"] == pytest.approx(np.median(r["speedup_rounds"]))  # fmt: skip
+    assert r["sequential_scaled_s"] == pytest.approx(r["sequential_subset_s"] * 5 / 2, rel=0.01)
+
+
+def test_invariance_cost_json(outputs):
+    r = outputs["invariance_cost"]["batches"]
+    assert set(r) == {"1", "4"}
+    for row in r.values():
+        assert _positive(row["variant_over_invariant"]) and _positive(row["invariant_tok_s"])
+        assert set(row["compile_s"]) == {"invariant", "variant"}
 
 
 def test_abduction_json(outputs):

@@ -213,6 +213,7 @@ def test_chunk_size_changes_no_token(lm, base, chunk):
     np.testing.assert_allclose(t.logprobs, base.logprobs, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_jit_scan_equals_eager_step_by_step(lm, base):
     """A Python loop of un-jitted single steps on an unpadded cache, choosing with scm.choose."""
     c, p, steps = lm.config, lm.params, 24

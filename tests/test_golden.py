@@ -25,7 +25,7 @@ def _differences(want, got, where=""):
     return [] if want == got else [f"{where}: {str(want)[:120]} != {str(got)[:120]}"]
 
 
-@pytest.mark.parametrize("model", ["tiny", "smollm2"])
+@pytest.mark.parametrize("model", ["tiny", pytest.param("smollm2", marks=pytest.mark.slow)])
 def test_golden_runs_are_bit_identical(model):
     runs = golden_runs.tiny_runs() if model == "tiny" else golden_runs.smollm2_runs()
     assert set(runs) == set(GOLDEN[model])

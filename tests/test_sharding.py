@@ -96,6 +96,7 @@ def test_memory_counts_shards_by_the_rules():
     assert data["params_bytes"] == one["params_bytes"] and data["cache_bytes"] == eight["cache_bytes"]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_sharded_runs_on_eight_devices(tmp_path):
     """generate, counterfactual(s) and core.sample on (8, 1), (2, 4) and (1, 8) meshes equal the
     one-device runs; every leaf is placed by the rules; loads read onto the shards."""

@@ -1,0 +1,83 @@
+"""What batch invariance costs, and what `batch_invariant=False` buys back, on this machine.
+
+`generate` on SmolLM2-135M-Instruct float32 (no stop token, temperature 1) at batch 1 and at
+batch 64, the default batch-invariant engine against `lm.replace(batch_invariant=False)` (XLA's
+own sums and matmuls), both warm. Rounds interleave the two modes, and each round's ratio is
+paired (single runs on this VM move by ±9% between rounds); the medians are reported.
+
+    python benchmarks/invariance_cost.py           # table
+    python benchmarks/invariance_cost.py --json    # {"batch": {"variant_over_invariant", ...}}
+    python benchmarks/invariance_cost.py --config tiny --batches 1 4 --new-tokens 8 --json  # smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+
+import numpy as np
+from common import (  # fmt: skip
+    DEFAULT_MODEL,
+    DEFAULT_PROMPT,
+    CompileClock,
+    interleaved,
+    load_lm,
+    machine,
+    paired_ratio,
+    prompt_for,
+)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=DEFAULT_MODEL, help="model name or path (default: %(default)s)")  # fmt: skip
+    ap.add_argument("--config", help="random weights of this preset instead (e.g. tiny)")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 64])
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians reported)")
+    ap.add_argument("--json", action="store_true", help="print the JSON object only")
+    args = ap.parse_args()
+
+    import jax
+
+    import cfjax
+    from cfjax import Sampler
+
+    lm, _ = load_lm(args.model, args.config)
+    modes = {"invariant": lm, "variant": lm.replace(batch_invariant=False)}
+    prompt = prompt_for(lm, DEFAULT_PROMPT, 40)
+    clock = CompileClock()
+    result: dict = {}
+    for batch in args.batches:
+
+        def run(m, batch=batch):
+            return cfjax.generate(m, [prompt] * batch, key=1, sampler=Sampler(1.0),
+                                  max_new_tokens=args.new_tokens, stop_tokens=())  # fmt: skip
+
+        compile_s = {}
+        for name, m in modes.items():
+            with clock.measure() as c:
+                run(m)  # warm-up: compiles this mode's programs
+            compile_s[name] = round(c[0], 2)
+        calls = {name: functools.partial(run, m) for name, m in modes.items()}
+        outs, times = interleaved(calls, args.rounds)
+        same = sum(a.tokens == b.tokens for a, b in zip(outs["invariant"], outs["variant"], strict=True))  # fmt: skip
+        result[str(batch)] = {
+            "variant_over_invariant": round(paired_ratio(times["invariant"], times["variant"]), 3),
+            "invariant_tok_s": round(
+                batch * args.new_tokens / float(np.median(times["invariant"])), 1
+            ),  # fmt: skip
+            "variant_tok_s": round(batch * args.new_tokens / float(np.median(times["variant"])), 1),
+            "compile_s": compile_s,
+            "rows_with_equal_tokens": f"{same}/{batch}",
+        }
+        if not args.json:
+            print(f"batch {batch}: {result[str(batch)]}", flush=True)
+    out = {"batches": result, "new_tokens": args.new_tokens, "rounds": args.rounds,
+           "model": lm.model_id, "jax": jax.__version__, **machine()}  # fmt: skip
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
