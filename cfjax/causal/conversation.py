@@ -12,16 +12,14 @@ records the earlier messages as `history`. A one-turn conversation is the `Trace
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import jax
 
-from cfjax.atomic import write_text
 from cfjax.causal.factual import _samplers, sample_rows
-from cfjax.causal.trace import Prompt, Trace, key_from_list, key_to_list, read_json
+from cfjax.causal.trace import Prompt, Trace, key_from_list, key_to_list, read_json, write_json
 from cfjax.core import speculative
 from cfjax.core.checks import count
 from cfjax.core.kernel import DEFAULT_CHUNK
@@ -94,10 +92,8 @@ class Conversation:
         return cls(key, out, ivs)
 
     def to_json(self, path: str | Path | None = None) -> str:
-        text = json.dumps(self.to_dict(), ensure_ascii=False, indent=1)
-        if path is not None:
-            write_text(path, text)
-        return text
+        """Serialise; also write to `path` if given."""
+        return write_json(self.to_dict(), path)
 
     @classmethod
     def from_json(cls, text_or_path: str | Path) -> Conversation:

@@ -105,16 +105,21 @@ class Trace:
 
     def to_json(self, path: str | Path | None = None) -> str:
         """Serialise; also write to `path` if given."""
-        text = json.dumps(self.to_dict(), ensure_ascii=False, indent=1)
-        if path is not None:
-            write_text(path, text)
-        return text
+        return write_json(self.to_dict(), path)
 
     @classmethod
     def from_json(cls, text_or_path: str | Path) -> Trace:
         """Parse a file written by `to_json` (a `Path`, or a str naming a file), or JSON text (a
         str starting with "{")."""
         return cls.from_dict(read_json(text_or_path, "trace"))
+
+
+def write_json(d: dict, path: str | Path | None) -> str:
+    """`d` as indented JSON text, also written (atomically) to `path` if given."""
+    text = json.dumps(d, ensure_ascii=False, indent=1)
+    if path is not None:
+        write_text(path, text)
+    return text
 
 
 def read_json(text_or_path: str | Path, what: str) -> Any:

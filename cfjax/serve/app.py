@@ -279,21 +279,25 @@ def create_app(
         return {"position": position, "factual": int(trace.tokens[position]),
                 "candidates": [{"id": int(t), "text": tok.decode([int(t)]), "p": float(probs[t])} for t in top]}  # fmt: skip
 
+    def token_edit(position: int, token_id: int | None, text: str | None, length: int, where: str) -> ReplaceTokens:  # fmt: skip
+        """The edit of token `position` of a response of `length` tokens (`where`, for the
+        error): to the token `token_id`, or to the tokens of `text`, checked."""
+        if not 0 <= position < length:
+            raise ValueError(f"position {position} is outside {where} (0 to {length - 1})")
+        if token_id is not None:
+            if not 0 <= token_id < lm.config.vocab_size:
+                raise ValueError(f"unknown token id {token_id} (the vocabulary has {lm.config.vocab_size})")  # fmt: skip
+            return ReplaceTokens(position, [token_id])
+        if text:
+            tokens = tokens_of(text, "edit text")
+            check_length(position + len(tokens), "the edited response's forced length")
+            return ReplaceTokens(position, tokens, count=1)
+        raise ValueError("a token edit needs token_id or text")
+
     def interventions(body: Edit, trace: Trace) -> list:
         out = []
         if body.position is not None:
-            if not 0 <= body.position < len(trace.tokens):
-                raise ValueError(f"position {body.position} is outside the response (0 to {len(trace.tokens) - 1})")  # fmt: skip
-            if body.token_id is not None:
-                if not 0 <= body.token_id < lm.config.vocab_size:
-                    raise ValueError(f"unknown token id {body.token_id} (the vocabulary has {lm.config.vocab_size})")  # fmt: skip
-                out.append(ReplaceTokens(body.position, [body.token_id]))
-            elif body.text:
-                tokens = tokens_of(body.text, "edit text")
-                check_length(body.position + len(tokens), "the edited response's forced length")
-                out.append(ReplaceTokens(body.position, tokens, count=1))
-            else:
-                raise ValueError("a token edit needs token_id or text")
+            out.append(token_edit(body.position, body.token_id, body.text, len(trace.tokens), "the response"))  # fmt: skip
         if body.prompt is not None or body.system is not None:
             if body.prompt is not None:
                 check_prompt(body.prompt, None)
@@ -348,7 +352,7 @@ def create_app(
     turns_api.add_routes(app, lm, SimpleNamespace(
         sessions=sessions, session_of=session_of, remember=remember, view=view,
         check_length=check_length, check_samples=check_samples, check_prompt=check_prompt,
-        tokens_of=tokens_of, max_new_tokens=max_new_tokens,
+        tokens_of=tokens_of, token_edit=token_edit, max_new_tokens=max_new_tokens,
     ))  # fmt: skip
 
     @app.get("/api/traces/{trace_id}.json")

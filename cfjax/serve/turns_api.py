@@ -15,7 +15,7 @@ from fastapi import FastAPI, Request
 from pydantic import BaseModel, Field
 
 import cfjax
-from cfjax.causal import AtTurn, Conversation, EditPrompt, ReplaceTokens
+from cfjax.causal import AtTurn, Conversation, EditPrompt
 from cfjax.causal.attribution import attribute, prompt_units
 from cfjax.runtime.lm import LM
 
@@ -48,7 +48,7 @@ class AttributeBody(BaseModel):
 def add_routes(app: FastAPI, lm: LM, h: SimpleNamespace) -> None:
     """Register `/api/converse`, `/api/conversation/counterfactual` and `/api/attribute`. `h`:
     the app's helpers (sessions, session_of, remember, view, check_length, check_samples,
-    check_prompt, tokens_of, max_new_tokens)."""
+    check_prompt, tokens_of, token_edit, max_new_tokens)."""
 
     def conversation_view(cid: str, conv: Conversation, session: dict, factual: Conversation | None = None) -> dict:  # fmt: skip
         turns = []
@@ -84,18 +84,8 @@ def add_routes(app: FastAPI, lm: LM, h: SimpleNamespace) -> None:
         answer = conv.turns[body.turn]
         ivs = []
         if body.position is not None:
-            if not 0 <= body.position < len(answer.tokens):
-                raise ValueError(f"position {body.position} is outside turn {body.turn}'s answer (0 to {len(answer.tokens) - 1})")  # fmt: skip
-            if body.token_id is not None:
-                if not 0 <= body.token_id < lm.config.vocab_size:
-                    raise ValueError(f"unknown token id {body.token_id} (the vocabulary has {lm.config.vocab_size})")  # fmt: skip
-                ivs.append(ReplaceTokens(body.position, [body.token_id]))
-            elif body.text:
-                tokens = h.tokens_of(body.text, "edit text")
-                h.check_length(body.position + len(tokens), "the edited answer's forced length")
-                ivs.append(ReplaceTokens(body.position, tokens, count=1))
-            else:
-                raise ValueError("a token edit needs token_id or text")
+            where = f"turn {body.turn}'s answer"
+            ivs.append(h.token_edit(body.position, body.token_id, body.text, len(answer.tokens), where))  # fmt: skip
         if body.prompt is not None:
             h.check_prompt(body.prompt, None)
             ivs.append(EditPrompt(prompt=body.prompt))
