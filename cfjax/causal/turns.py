@@ -132,8 +132,6 @@ def replay_conversations(
 ) -> list[Conversation]:
     """Row b: `interventions[b]` (AtTurn, or a list of them) on `convs[b]`, with its factual
     noise, or with fresh noise from `fresh_keys[b]` from the first changed turn on."""
-    if not convs:
-        raise ValueError("no rows: give at least one conversation and intervention")
     by_turn = [_by_turn(c, iv) for c, iv in zip(convs, interventions, strict=True)]
     first = [min(t) for t in by_turn]
     out: list[list[Trace]] = [list(c.turns[:f]) for c, f in zip(convs, first, strict=True)]
