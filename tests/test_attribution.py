@@ -44,10 +44,21 @@ def test_distances_match_a_numpy_levenshtein():
 
 
 @pytest.fixture(scope="module")
-def lm(tmp_path_factory):
+def tiny(tmp_path_factory):
     tok = _train_spm(tmp_path_factory.mktemp("spm"), seed=0)
     config = cfjax.preset("tiny")
     return cfjax.LM(config, init_params(config, jax.random.key(0), scale=4.0), model_id="tiny").replace(tokenizer=tok)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def lm(tiny):
+    return tiny
+
+
+@pytest.fixture(scope="module", params=["float32", "bfloat16"])
+def both(tiny, request):
+    """The tiny model in each dtype, for the equalities the project promises."""
+    return tiny if request.param == "float32" else cfjax.quantize(tiny, "bfloat16")
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +66,9 @@ def fact(lm):
     return cfjax.generate(lm, PROMPT, key=3, sampler=Sampler(1.0, top_p=0.9), max_new_tokens=16, chat=False)  # fmt: skip
 
 
-def test_each_word_removed_is_the_one_by_one_counterfactual(lm, fact):
+def test_each_word_removed_is_the_one_by_one_counterfactual(both):
+    lm = both
+    fact = cfjax.generate(lm, PROMPT, key=3, sampler=Sampler(1.0, top_p=0.9), max_new_tokens=16, chat=False)  # fmt: skip
     effects = attribute(lm, fact, key=7)
     words = PROMPT.split()
     assert [e.text for e in effects] == words
@@ -74,7 +87,9 @@ def test_each_word_removed_is_the_one_by_one_counterfactual(lm, fact):
     assert any(e.distance > 0 for e in effects)
 
 
-def test_the_null_edit_of_every_word_changes_nothing(lm, fact):
+def test_the_null_edit_of_every_word_changes_nothing(both):
+    lm = both
+    fact = cfjax.generate(lm, PROMPT, key=3, sampler=Sampler(1.0, top_p=0.9), max_new_tokens=16, chat=False)  # fmt: skip
     effects = attribute(lm, fact, replace={w: w for w in PROMPT.split()}, contains=fact.text[:6],
                         interventional=False)  # fmt: skip
     assert len(effects) == len(PROMPT.split())

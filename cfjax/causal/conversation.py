@@ -161,7 +161,7 @@ def converse(
     rows, batch = scripts(messages)
     keys = row_keys(key, len(rows))
     turns = max(len(r) for r in rows)
-    samplers = _samplers(sampler, turns)
+    samplers = _samplers(sampler, turns, each="turn")
     out: list[list[Trace]] = [[] for _ in rows]
     for k in range(turns):
         active = [b for b, r in enumerate(rows) if k < len(r)]

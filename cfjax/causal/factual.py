@@ -131,12 +131,12 @@ def draft_for(lm: LM, draft: LM | None, lookahead: int) -> speculative.Draft | N
     return speculative.Draft(draft.config, draft.params, lookahead)
 
 
-def _samplers(sampler: Sampler | Sequence[Sampler] | None, batch: int) -> list[Sampler]:
+def _samplers(sampler: Sampler | Sequence[Sampler] | None, batch: int, each: str = "row") -> list[Sampler]:  # fmt: skip
     if sampler is None:
         return [Sampler()] * batch
     if isinstance(sampler, Sampler):
         return [sampler] * batch
     samplers = list(sampler)
     if len(samplers) != batch or not all(isinstance(s, Sampler) for s in samplers):
-        raise ValueError(f"sampler: give one Sampler or one per row ({batch}), got {sampler!r}")
+        raise ValueError(f"sampler: give one Sampler or one per {each} ({batch}), got {sampler!r}")
     return samplers
