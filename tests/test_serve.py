@@ -621,6 +621,15 @@ def test_attribution_and_conversations_in_chromium(server):
         assert other["turns"][0]["assistant"]["tokens"][2]["id"] == chosen
         for k in range(2):
             assert cf.nth(k).locator(".tok").all_inner_texts() == [t["text"] for t in other["turns"][k]["assistant"]["tokens"]]  # fmt: skip
+        # A user message edited in place: the counterfactual chat answers it and the turns after.
+        page.once("dialog", lambda dialog: dialog.accept("a storm at night"))
+        page.locator("#chat .bubble.user").nth(1).click()
+        expect(page.locator("#chat-cf .bubble.user").nth(1)).to_have_text("a storm at night", timeout=60_000)  # fmt: skip
+        other = page.evaluate("fetch('/api/state').then(r => r.json())")["view"]["counterfactual_conversation"]  # fmt: skip
+        assert other["interventions"][-1]["interventions"] == [{"type": "EditPrompt", "prompt": "a storm at night", "system": None, "tokens": None}]  # fmt: skip
+        kept = other["turns"][0]["assistant"]["tokens"]  # turn 0, before the edit: as it was
+        assert [t["id"] for t in kept] == [t["id"] for t in view["conversation"]["turns"][0]["assistant"]["tokens"]]  # fmt: skip
+        assert not any(t["changed"] for t in kept)
         out = Path(__file__).parent / "artifacts"
         out.mkdir(exist_ok=True)
         page.screenshot(path=str(out / "serve-chat.png"), full_page=True)

@@ -251,6 +251,13 @@ function renderTurns(el, conv, clickable) {
   if (conv.system) { const s = document.createElement("div"); s.className = "bubble system"; s.textContent = `system: ${conv.system}`; el.appendChild(s); }
   conv.turns.forEach((turn, k) => {
     const user = document.createElement("div"); user.className = "bubble user"; user.textContent = turn.user;
+    if (clickable) {  // a user message can be edited: every answer from this turn on is replayed
+      user.title = "click to edit this message"; user.classList.add("editable");
+      user.addEventListener("click", () => {
+        const text = window.prompt(`Edit user message ${k}; the answers from turn ${k} on are replayed with their noise`, turn.user);
+        if (text !== null && text !== turn.user) editTurn(k, { prompt: text });
+      });
+    }
     const answer = document.createElement("div"); answer.className = "bubble assistant tokens"; answer.dataset.turn = k;
     renderTokens(answer, turn.assistant, clickable ? { clickable: true, pick: (edit) => editTurn(k, edit) } : {});
     el.appendChild(user); el.appendChild(answer);
