@@ -4,6 +4,9 @@ batch size also a textbook JAX decode and the weight matmuls alone, timed on the
 and speculative decoding with the int8 variant of those weights as the draft (speed over plain
 decoding, acceptance, flips); then the first batch's compile time split into the prefill's and
 the decode chunk's, each lowered and compiled apart (what a scan over layers would shrink).
+With `--profile-steps N`: the per-op trace of N batch-1 steps (`profile`), and per batch row
+the 10 costliest ops of a warm step traced in a child process with CUDA command buffers off
+(`rows[i].profile`, each `op` and `ms_per_step`).
 
 Random weights of a named config (no download): on a GPU `--config llama3-8b`; on this CPU the
 same script runs with `--config tiny` so it stays tested. Prints a table and, with --json, JSON.
@@ -17,7 +20,11 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -161,6 +168,8 @@ def main() -> None:
     result["compile_split"] = compile_split(lm, args.batches[0], args.prompt_len, args.new_tokens)
     if args.profile_steps:
         result["profile"] = decode_profile(lm, args.profile_steps, args.prompt_len)
+        for row in rows:  # per batch, in a child process with CUDA command buffers off
+            row["profile"] = batch_profile(args, row["batch"])
     if args.json:
         print(json.dumps(result))
         return
@@ -300,6 +309,23 @@ def decode_profile(lm, steps: int, prompt_len: int) -> dict:
     except Exception as e:  # noqa: BLE001 (the checks above must still be printed)
         return {"error": f"{type(e).__name__}: {e}"}
     return {**out, "ops": out["ops"][:25]}
+
+
+def batch_profile(args, batch: int) -> list[dict] | dict:
+    """The 10 costliest ops of a warm decode step at `batch` (`op`, `ms_per_step`), traced by
+    `profile_decode.py` in a child process with CUDA command buffers off (they hide the
+    kernels from the profiler; the timings above keep them on) and a fifth of the GPU memory
+    (this process holds its own pool). An error is reported in place of the ops."""
+    env = {**os.environ, "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.2",
+           "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_gpu_enable_command_buffer=".strip()}  # fmt: skip
+    cmd = [sys.executable, str(Path(__file__).with_name("profile_decode.py")), "--config", args.config,
+           "--dtype", args.dtype, "--batch", str(batch), "--steps", str(args.profile_steps),
+           "--prompt-len", str(args.prompt_len), "--json"]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {"error": (proc.stderr.strip().splitlines() or ["profile_decode.py failed"])[-1]}
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    return [{"op": o["op"], "ms_per_step": o["ms_per_step"]} for o in out["ops"][:10]]
 
 
 if __name__ == "__main__":

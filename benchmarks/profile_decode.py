@@ -148,6 +148,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=DEFAULT_MODEL)
     ap.add_argument("--config", help="random weights of this preset instead (e.g. tiny)")
+    ap.add_argument("--dtype", default=None, help="with --config: the random weights' dtype (default float32)")  # fmt: skip
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--steps", type=int, default=128, help="decode steps traced")
     ap.add_argument("--chunk", type=int, default=kernel.DEFAULT_CHUNK)
@@ -157,6 +158,10 @@ def main() -> None:
     args = ap.parse_args()
 
     lm = load_lm(args.model, args.config)[0]
+    if args.config is not None and args.dtype is not None:  # drawn in that dtype, as gpu_check's
+        from cfjax.core import model
+
+        lm = lm.replace(params=model.init_params(lm.config, jax.random.key(0), dtype=jnp.dtype(args.dtype)))  # fmt: skip
     result = {**profile(lm, args.batch, args.steps, args.chunk, args.prompt_len), **machine()}
     if args.json:
         print(json.dumps(result))
