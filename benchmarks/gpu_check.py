@@ -165,6 +165,7 @@ def main() -> None:
         "init_run_s": round(init_run_s, 1),
         "rows": rows,
     }
+    add_transformers(rows, config, args)
     result["compile_split"] = compile_split(lm, args.batches[0], args.prompt_len, args.new_tokens)
     if args.profile_steps:
         result["profile"] = decode_profile(lm, args.profile_steps, args.prompt_len)
@@ -309,6 +310,30 @@ def decode_profile(lm, steps: int, prompt_len: int) -> dict:
     except Exception as e:  # noqa: BLE001 (the checks above must still be printed)
         return {"error": f"{type(e).__name__}: {e}"}
     return {**out, "ops": out["ops"][:25]}
+
+
+def add_transformers(rows: list[dict], config, args) -> None:
+    """Per row, transformers `generate` on the same config and shapes in a child process
+    (`gpu_peer.py`): the dynamic cache, and on an accelerator the static cache compiled by
+    `torch.compile`, with cfjax's speed over the latter. An error is reported in the rows."""
+    spec = {"config": config.to_dict(), "dtype": args.dtype, "prompt_len": args.prompt_len,
+            "new_tokens": args.new_tokens, "batches": [r["batch"] for r in rows],
+            "compile": jax.default_backend() != "cpu"}  # fmt: skip
+    cmd = [sys.executable, str(Path(__file__).with_name("gpu_peer.py")), json.dumps(spec)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})  # fmt: skip
+    if proc.returncode != 0:
+        for row in rows:
+            row["transformers_error"] = (proc.stderr.strip().splitlines() or ["gpu_peer.py failed"])[-1]  # fmt: skip
+        return
+    peer = json.loads(proc.stdout.strip().splitlines()[-1])
+    for row, theirs in zip(rows, peer["rows"], strict=True):
+        static = theirs["static_tok_s"]
+        row["transformers_dynamic_tok_s"] = round(theirs["dynamic_tok_s"], 1)
+        row["transformers_static_tok_s"] = None if static is None else round(static, 1)
+        row["over_transformers_static"] = (
+            None if static is None else round(row["tok_s"] / static, 3)
+        )
+        row["torch"] = peer["torch"]
 
 
 def batch_profile(args, batch: int) -> list[dict] | dict:

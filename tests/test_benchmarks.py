@@ -198,6 +198,9 @@ def test_gpu_check_json(outputs):
     p = r["profile"]  # the per-op trace of batch-1 steps that follows the timings
     assert p["batch"] == 1 and p["steps"] == 8 and 0 < len(p["ops"]) <= 25
     assert {o["op"].split()[0] for o in p["ops"]} & {"dot", "ynn_fusion"}
+    for row in r["rows"]:  # transformers on the same config and shapes, in a child process
+        assert _positive(row["transformers_dynamic_tok_s"]), row
+        assert row["transformers_static_tok_s"] is None  # torch.compile: on accelerators only
     for row in r["rows"]:  # per batch, traced in a child process (command buffers off)
         ops = row["profile"]
         assert isinstance(ops, list) and 0 < len(ops) <= 10, ops
