@@ -528,6 +528,9 @@ def test_converse_and_a_counterfactual_turn_match_the_library(app, lm):
     r = c.post("/api/conversation/counterfactual", json=edit)
     assert r.status_code == 200, r.text
     other = r.json()["counterfactual_conversation"]
+    assert (
+        r.json()["conversation"] == view
+    )  # the factual's view is kept, its turns not stored again
     want = cfjax.counterfactual(lm, conv, cfjax.AtTurn(0, cfjax.ReplaceTokens(2, [7])))
     same_turns(other, want)
     assert other["turns"][0]["assistant"]["tokens"][2]["changed"]

@@ -20,9 +20,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
-import numpy as np
 
 from cfjax.causal.interventions import AutoIntervention, EditPrompt, Intervention, ReplaceTokens
+from cfjax.causal.plan import other_token
 from cfjax.causal.replay import counterfactuals, interventionals
 from cfjax.causal.trace import Trace
 from cfjax.core import scm
@@ -129,13 +129,8 @@ def _auto_prompt_edits(lm: LM, trace: Trace, spans, auto: Auto) -> list[tuple[st
         covered = [i for i, (s, e) in enumerate(token_spans) if s < b and e > a]
         first, last = covered[0], covered[-1] + 1
         logp = scm.log_probs(logits[at + first - 1], scm.Sampler(1.0, top_p=auto.top_p))
-        logp = logp.at[ids[first]].set(-np.inf)
-        if not bool(np.isfinite(np.asarray(logp)).any()):
-            out.append(None)
-            continue
-        key = jax.random.fold_in(as_key(auto.seed), u)
-        new = int(jax.random.categorical(key, logp))
-        out.append((tok.decode(ids[:first] + [new] + ids[last:]), tok.decode([new])))
+        new = other_token(logp, ids[first], auto.seed, u)
+        out.append(None if new is None else (tok.decode(ids[:first] + [new] + ids[last:]), tok.decode([new])))  # fmt: skip
     return out
 
 

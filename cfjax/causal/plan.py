@@ -125,16 +125,23 @@ def step_log_probs(lm: LM, trace: Trace, position: int, top_p: float | None = No
 def auto_edit(lm: LM, trace: Trace, pos: int, top_p: float, seed: int) -> tuple[int, int, list[int]]:  # fmt: skip
     """The paper's automatic intervention at `pos`: a different token drawn from the top-p set
     of the factual distribution, with the intervention's own randomness (`seed`)."""
-    logp = step_log_probs(lm, trace, pos, top_p)
-    logp = logp.at[trace.tokens[pos]].set(-jnp.inf)
-    if not bool(jnp.isfinite(logp).any()):
+    token = other_token(step_log_probs(lm, trace, pos, top_p), trace.tokens[pos], seed, pos)
+    if token is None:
         raise ValueError(
             f"AutoIntervention at position {pos}: the top-p {top_p} set holds only the "
             f"factual token {trace.tokens[pos]}; no other token to choose"
         )
-    key = jax.random.fold_in(as_key(seed), pos)
-    token = int(jax.random.categorical(key, logp))  # the intervention's own randomness
     return pos, pos + 1, [token]
+
+
+def other_token(logp: jax.Array, factual: int, seed: int, index: int) -> int | None:
+    """A token other than `factual` drawn from the log-probabilities `logp` with the
+    intervention's own randomness (`fold_in(key(seed), index)`); None when `logp` leaves no
+    other token any mass."""
+    logp = logp.at[factual].set(-jnp.inf)
+    if not bool(jnp.isfinite(logp).any()):
+        return None
+    return int(jax.random.categorical(jax.random.fold_in(as_key(seed), index), logp))
 
 
 def check_params(lm: LM, params: Any) -> Any:

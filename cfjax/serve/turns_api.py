@@ -74,6 +74,8 @@ def add_routes(app: FastAPI, lm: LM, h: SimpleNamespace) -> None:
         conv = cfjax.converse(lm, body.messages, key=body.seed, sampler=sampler,
                               max_new_tokens=body.max_new_tokens, system=body.system)  # fmt: skip
         view = conversation_view(h.sessions.add(session, conv), conv, session)
+        # Kept, so that its counterfactuals show it without storing its turns again.
+        session.setdefault("conversation_views", {})[view["id"]] = view
         return h.remember(session, {"conversation": view})
 
     @app.post("/api/conversation/counterfactual")
@@ -91,9 +93,12 @@ def add_routes(app: FastAPI, lm: LM, h: SimpleNamespace) -> None:
             ivs.append(EditPrompt(prompt=body.prompt))
         if not ivs:
             raise ValueError("no intervention: edit a token of an answer or a user message")
-        session = h.session_of(request, 1 + len(conv.turns))
+        session = h.session_of(request, 1 + 2 * len(conv.turns))  # the turns of both views
         cf = cfjax.counterfactual(lm, conv, AtTurn(body.turn, ivs))
-        factual = conversation_view(body.conversation_id, conv, session)
+        factual = session.get("conversation_views", {}).get(body.conversation_id)
+        if factual is None:  # a counterfactual conversation edited in turn: viewed once
+            factual = conversation_view(body.conversation_id, conv, session)
+            session.setdefault("conversation_views", {})[body.conversation_id] = factual
         other = conversation_view(h.sessions.add(session, cf), cf, session, conv)
         return h.remember(session, {"conversation": factual, "counterfactual_conversation": other})
 
