@@ -1,4 +1,4 @@
-"""Sharded runs on 8 fake CPU devices, against the same runs on one device (issue 18).
+"""Sharded runs on 8 fake CPU devices, against the same runs on one device (issues 18 and 30).
 
 Run by tests/test_sharding.py in a child process (the device count is fixed when jax starts):
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/sharded_checks.py OUT.json
@@ -81,6 +81,39 @@ def first_flip(a, b):
     return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), None)
 
 
+def lp_diff(traces, refs) -> float:
+    """The largest log-prob difference of rows with the same tokens (inf if tokens differ)."""
+    if [t.tokens for t in traces] != [t.tokens for t in refs]:
+        return float("inf")
+    def diff(a, b):  # equal entries (infinite ones included) differ by 0
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        return float(np.where(a == b, 0.0, np.abs(a - b)).max(initial=0.0))
+
+    return max(diff(a.logprobs, b.logprobs) for a, b in zip(traces, refs, strict=True))
+
+
+def check_bfloat16(path, iv, report) -> None:
+    """bfloat16: a data-parallel mesh gives one device's bits (each device tiles its own rows
+    as one device tiles them); model-parallel meshes sum a contraction split over devices in
+    another order (recorded: log-prob differences, rows whose tokens differ)."""
+    one = cfjax.load(path, dtype="bfloat16")
+    run = lambda lm: cfjax.generate(lm, PROMPTS, key=3, sampler=cfjax.Sampler(0.9), max_new_tokens=24, stop_tokens=())  # noqa: E731  # fmt: skip
+    ref = run(one)
+    ref_cfs = cfjax.counterfactuals(one, ref, iv)
+    for data, model in ((8, 1), (2, 4), (1, 8)):
+        lm = cfjax.load(path, mesh=sharding.mesh(data=data, model=model), dtype="bfloat16")
+        got = run(lm)
+        cfs = cfjax.counterfactuals(lm, got, iv)
+        report[f"bfloat16_{data}x{model}"] = {
+            "logprob_max_diff": max(lp_diff([a], [b]) for a, b in zip(got, ref, strict=True)),
+            "rows_with_other_tokens": sum(a.tokens != b.tokens for a, b in zip(got, ref, strict=True)),  # fmt: skip
+        }
+        if model == 1:
+            for a, b in zip(got + cfs, ref + ref_cfs, strict=True):
+                assert a.tokens == b.tokens, (data, model)
+                assert np.asarray(a.logprobs).tobytes() == np.asarray(b.logprobs).tobytes(), (data, model)  # fmt: skip
+
+
 def main(out: str) -> None:
     assert jax.device_count() == 8, jax.devices()
     report = {}
@@ -150,6 +183,11 @@ def main(out: str) -> None:
                 "200 tokens": all(f is None for f in flips),
             }
             report[f"same_{data}x{model}"] = same
+            pairs = {"generate": (got, ref), "counterfactuals": (cfs, ref_cfs),
+                     "abduct": (abducted_cf, ref_abducted_cf), "coupled": (sum(pair, []), sum(ref_coupled, []))}  # fmt: skip
+            report[f"logprob_max_diff_{data}x{model}"] = {k: lp_diff(*v) for k, v in pairs.items()}
+            if model == 1:  # data parallel: each device tiles its own rows, bit for bit
+                assert all(v == 0.0 for v in report[f"logprob_max_diff_{data}x{model}"].values()), report  # fmt: skip
             if (data, model) == (2, 4):  # the sharded golden run (tests/golden_runs.py)
                 report["golden"] = {
                     "generate": [record(t) for t in got],
@@ -157,6 +195,7 @@ def main(out: str) -> None:
                     "abduct_cf": [record(t) for t in abducted_cf],
                 }
             assert all(same.values()), (data, model, same, flips)
+        check_bfloat16(Path(tmp) / "hf", iv, report)
         # Bad input: a model axis that does not divide the KV heads, an unknown axis.
         tiny = cfjax.LM(cfjax.preset("tiny"), cfjax.core.model.init_params(cfjax.preset("tiny"), jax.random.key(0)))  # fmt: skip
         try:

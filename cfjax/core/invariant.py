@@ -219,7 +219,32 @@ def matmul(x: jax.Array, w: jax.Array, contract: int = 0, wide: bool = False) ->
     return f32_dot(dot, x, w) if wide else dot(x, w, None)
 
 
+def data_shards(batch: int) -> int:
+    """How many ways the rows of a batch of `batch` are split in the program being traced: the
+    `data` axis of the mesh set by `jax.set_mesh` when it divides the batch (as the engine
+    shards its cache, `spec.batch_axis`), else 1."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or "data" not in mesh.axis_names:
+        return 1
+    data = mesh.shape["data"]
+    return data if data > 1 and batch % data == 0 else 1
+
+
 def _tiled(x: jax.Array, w: jax.Array, contract: int, wide: bool, fixed: int | None) -> jax.Array:  # fmt: skip
+    """`matmul` over tiles of `x`'s rows (2 to `ROWS` on the CPU, exactly `fixed` elsewhere),
+    cut within each data shard: on a mesh whose `data` axis splits the rows, each device tiles
+    its own rows (`shard_map` over `data`; the `model` axis stays XLA's), so its tiles hold the
+    rows of the same rows' tiles on one device and round them alike."""
+    shards = data_shards(x.shape[0]) if x.ndim > 1 else 1
+    if shards > 1:
+        own = jax.sharding.PartitionSpec("data")
+        local = lambda x, w: _row_tiles(x, w, contract, wide, fixed)  # noqa: E731
+        return jax.shard_map(local, in_specs=(own, jax.sharding.PartitionSpec()), out_specs=own,
+                             axis_names={"data"}, check_vma=False)(x, w)  # fmt: skip
+    return _row_tiles(x, w, contract, wide, fixed)
+
+
+def _row_tiles(x: jax.Array, w: jax.Array, contract: int, wide: bool, fixed: int | None) -> jax.Array:  # fmt: skip
     rows = x.reshape(-1, x.shape[-1])
     m = rows.shape[0]
     count, size = tiles(m, fixed)
