@@ -85,6 +85,7 @@ def lp_diff(traces, refs) -> float:
     """The largest log-prob difference of rows with the same tokens (inf if tokens differ)."""
     if [t.tokens for t in traces] != [t.tokens for t in refs]:
         return float("inf")
+
     def diff(a, b):  # equal entries (infinite ones included) differ by 0
         a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
         return float(np.where(a == b, 0.0, np.abs(a - b)).max(initial=0.0))
@@ -106,7 +107,9 @@ def check_bfloat16(path, iv, report) -> None:
         cfs = cfjax.counterfactuals(lm, got, iv)
         report[f"bfloat16_{data}x{model}"] = {
             "logprob_max_diff": max(lp_diff([a], [b]) for a, b in zip(got, ref, strict=True)),
-            "rows_with_other_tokens": sum(a.tokens != b.tokens for a, b in zip(got, ref, strict=True)),  # fmt: skip
+            "rows_with_other_tokens": sum(
+                a.tokens != b.tokens for a, b in zip(got, ref, strict=True)
+            ),  # fmt: skip
         }
         if model == 1:
             for a, b in zip(got + cfs, ref + ref_cfs, strict=True):
