@@ -18,6 +18,10 @@ experiments and the CLI on top.
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as _version
 
+from cfjax.compilation import use_compilation_cache
+
+use_compilation_cache()  # before any program is compiled: JAX reads the setting once
+
 from cfjax import core, sharding
 from cfjax.causal import (
     AtTurn,

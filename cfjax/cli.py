@@ -9,12 +9,10 @@ ends with one readable line on stderr and a non-zero exit, never a traceback.
 
 from __future__ import annotations
 
-import os
 import signal
 import sys
 import threading
 import time
-from pathlib import Path
 
 from cfjax.atomic import check_writable, check_writable_folder, write_text
 from cfjax.cli_parser import parser
@@ -353,25 +351,8 @@ def _signals_interrupt() -> dict:
     return {s: signal.signal(s, interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
 
 
-def use_compilation_cache() -> None:
-    """Keep compiled programs on disk across runs: with SmolLM2 a second `cfjax generate` saves
-    ~2 s of its ~6.5 s jit compilation (tracing and loading the programs remain).
-
-    `CFJAX_COMPILATION_CACHE` names the folder (default `~/.cache/cfjax/xla`), empty turns it
-    off; a folder set through JAX's own `JAX_COMPILATION_CACHE_DIR` is kept. A process-wide JAX
-    setting, so only the console script makes it, never the library.
-    """
-    import jax
-
-    cache_home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    folder = os.environ.get("CFJAX_COMPILATION_CACHE", str(cache_home / "cfjax" / "xla"))
-    if folder and not jax.config.jax_compilation_cache_dir:
-        jax.config.update("jax_compilation_cache_dir", folder)
-
-
 def console() -> int:
-    """The `cfjax` console script: `main` with the persistent compilation cache."""
-    use_compilation_cache()
+    """The `cfjax` console script (the persistent compilation cache is on: `import cfjax`)."""
     return main()
 
 
