@@ -142,3 +142,29 @@ def test_batch_invariance_is_an_execution_choice_not_a_model_property():
     assert cfjax.LlamaConfig.from_dict(c.to_dict()).batch_invariant is True
     with pytest.raises(ValueError, match="batch_invariant must be true or false"):
         cfjax.preset("tiny").replace(batch_invariant="no")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_prefill_window_changes_no_bit(dtype):
+    """The host's prefill computes only the last whole blocks that hold the prompts
+    (`kernel.prefill_window`: 96 of the 128 slots here); every real slot's keys and values, in
+    every layer, are those of a prefill of the whole bucket, bit for bit."""
+    from cfjax.runtime import driver
+    from cfjax.runtime.request import padded
+
+    lm = _tiny(dtype)
+    prompts = [list(range(1, 71)), list(range(3, 40)), [5, 6], list(range(2, 90))]
+    prompt, lengths = padded(prompts)
+    bucket = prompt.shape[1]
+    window = kernel.prefill_window(int(lengths.max()), bucket)
+    assert (bucket, window) == (128, 96)
+    whole, start = driver.prefill(lm.config, lm.params, prompt, lengths, bucket + 64, None)
+    part, start_w = driver.prefill(lm.config, lm.params, prompt, lengths, bucket + 64, window)
+    assert np.array_equal(start, start_w) and np.array_equal(whole.last, part.last)
+    for a, b in zip(whole.cache.k + whole.cache.v, part.cache.k + part.cache.v, strict=True):
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        slots = 3 if a.shape[3] == bucket + 64 else 2  # keys [B,KV,D,S], values [B,KV,S,D]
+        for row, first in enumerate(np.asarray(start)):
+            real = [slice(None)] * 3
+            real[slots - 1] = slice(int(first), bucket)
+            assert np.asarray(a[row][tuple(real)]).tobytes() == np.asarray(b[row][tuple(real)]).tobytes()  # fmt: skip

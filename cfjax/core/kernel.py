@@ -12,7 +12,10 @@ Slot layout of one row (prompt of length n in a buffer of P = bucket slots, left
    0            start = P - (n - 1)        P-1   P        P+1       P+2
 Step i writes its input token at slot P + i and chooses response token i. The cache has
 `cache_length(P, steps)` slots, a function of the two static sizes alone, so `core.sample` on a
-prompt padded to `bucket_length(n)` runs exactly the program shapes `cfjax.generate` runs.
+prompt padded to `bucket_length(n)` runs exactly the program shapes `cfjax.generate` runs. The
+host driver's prefill computes only the last whole 32-slot blocks that hold a prompt
+(`prefill_window`); `core.sample`, whose prompt lengths may be traced, prefills the whole bucket:
+the same keys and values in every real slot.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from cfjax.core import model, posterior, scm, spec
+from cfjax.core import invariant, model, posterior, scm, spec
 from cfjax.core.cache import KVCache, init_cache
 from cfjax.core.config import LlamaConfig
 
@@ -157,14 +160,28 @@ def layout(prompt: jax.Array, prompt_length: jax.Array) -> tuple[jax.Array, ...]
     return prefix, last.astype(jnp.int32), start
 
 
-def prefill(config: LlamaConfig, params, prompt, prompt_length, length: int) -> tuple[State, jax.Array]:  # fmt: skip
+def prefill_window(longest: int, bucket: int) -> int:
+    """The prefill's slots for prompts of at most `longest` tokens in a `bucket`: the last whole
+    blocks of 32 slots that hold every row's `prompt[:-1]` (at least one block).
+
+    The slots before the window are padding in every row, masked for every query; leaving them
+    out changes no bit of a real slot's keys and values (the same keys attended, the same sums
+    and matmul rows: `invariant`), and saves their share of a compute-bound prefill (a 73-token
+    prompt's bucket has 128 slots, its window 96)."""
+    blocks = -(-max(longest - 1, 1) // invariant.BLOCK)
+    return min(bucket, blocks * invariant.BLOCK)
+
+
+def prefill(config: LlamaConfig, params, prompt, prompt_length, length: int, window: int | None = None) -> tuple[State, jax.Array]:  # fmt: skip
     """Fill a fresh cache of `length` slots (in the params' dtype) with the prompts: the state
-    ready for step 0, and each row's first real slot."""
+    ready for step 0, and each row's first real slot. `window` (static, default the whole
+    bucket): compute only the last `window` slots of the bucket (`prefill_window`)."""
     prefix, last, start = layout(prompt, prompt_length)
     cache = init_cache(config, prompt.shape[0], length, model.compute_dtype(params))
     cache = spec.constrain_cache(cache, config)  # under a mesh: sharded by the rules
+    skip = 0 if window is None else prompt.shape[1] - window
     # Only the cache is kept, so XLA drops the unused LM head of the prompt positions.
-    cache = model.apply(config, params, prefix, start, cache, 0, prompt=True)[1]
+    cache = model.apply(config, params, prefix[:, skip:], start, cache, skip, prompt=True)[1]
     cache = spec.constrain_cache(cache, config)
     index = jnp.asarray(prompt.shape[1], jnp.int32)
     return State(last, cache, index, jnp.zeros(last.shape, bool)), start

@@ -30,7 +30,7 @@ from cfjax.runtime.request import padded
 # From this many rows on, a run on the CPU grows its cache by default (see `grows_by_default`).
 GROW_MIN_BATCH = 16
 
-prefill = jax.jit(kernel.prefill, static_argnums=(0, 4))
+prefill = jax.jit(kernel.prefill, static_argnums=(0, 4, 5))
 decode_chunk = jax.jit(decode.decode, static_argnums=(0, 1), donate_argnums=(4,))
 """One chunk: up to `n` steps (a traced count <= the chunk width), ending early once every row
 is done, so one compiled program serves a short last chunk, a resumed run and a stopped batch."""
@@ -224,7 +224,8 @@ def _run(config, params, request: Request, layout: _Layout, options: Options, re
 def _initial_state(config, params, prompt, lengths, layout: _Layout, resume: Resume | None):
     """The state at the run's first step: a prefill, or the resume's stored cache."""
     if resume is None:
-        return prefill(config, params, prompt, lengths, layout.slots(layout.first))
+        window = kernel.prefill_window(int(np.max(lengths)), layout.bucket)
+        return prefill(config, params, prompt, lengths, layout.slots(layout.first), window)
     batch = prompt.shape[0]
     state = State(jnp.asarray(resume.last, jnp.int32), resume.cache,
                   jnp.asarray(layout.bucket + layout.first, jnp.int32), jnp.zeros((batch,), bool))  # fmt: skip
