@@ -93,6 +93,14 @@ def lp_diff(traces, refs) -> float:
     return max(diff(a.logprobs, b.logprobs) for a, b in zip(traces, refs, strict=True))
 
 
+def vmapped_sample(config, params) -> tuple:
+    """`jit(vmap(core.sample))` over the 8 prompts: (tokens, log-probs)."""
+    prompt = jnp.zeros((8, 32), jnp.int32).at[:, :6].set(jnp.asarray(PROMPTS))
+    run = lambda p, k: cfjax.core.sample(config, params, p, 6, k, cfjax.Sampler(0.9), max_new_tokens=16)  # noqa: E731  # fmt: skip
+    out = jax.jit(jax.vmap(run))(prompt, jax.random.split(jax.random.key(8), 8))
+    return np.asarray(out.tokens), np.asarray(out.logprobs)
+
+
 def check_bfloat16(path, iv, report) -> None:
     """bfloat16: a data-parallel mesh gives one device's bits (each device tiles its own rows
     as one device tiles them); model-parallel meshes sum a contraction split over devices in
@@ -101,6 +109,7 @@ def check_bfloat16(path, iv, report) -> None:
     run = lambda lm: cfjax.generate(lm, PROMPTS, key=3, sampler=cfjax.Sampler(0.9), max_new_tokens=24, stop_tokens=())  # noqa: E731  # fmt: skip
     ref = run(one)
     ref_cfs = cfjax.counterfactuals(one, ref, iv)
+    ref_sampled = vmapped_sample(one.config, one.params)
     for data, model in ((8, 1), (2, 4), (1, 8)):
         lm = cfjax.load(path, mesh=sharding.mesh(data=data, model=model), dtype="bfloat16")
         got = run(lm)
@@ -111,7 +120,10 @@ def check_bfloat16(path, iv, report) -> None:
                 a.tokens != b.tokens for a, b in zip(got, ref, strict=True)
             ),  # fmt: skip
         }
-        if model == 1:
+        if model == 1:  # also a user's own jit(vmap(core.sample)) under jax.set_mesh
+            with jax.set_mesh(lm.params["final_norm"]["scale"].sharding.mesh):
+                sampled = vmapped_sample(one.config, lm.params)
+            assert all(np.asarray(x).tobytes() == np.asarray(y).tobytes() for x, y in zip(sampled, ref_sampled, strict=True))  # fmt: skip
             for a, b in zip(got + cfs, ref + ref_cfs, strict=True):
                 assert a.tokens == b.tokens, (data, model)
                 assert np.asarray(a.logprobs).tobytes() == np.asarray(b.logprobs).tobytes(), (data, model)  # fmt: skip
