@@ -168,3 +168,16 @@ def test_the_prefill_window_changes_no_bit(dtype):
             real = [slice(None)] * 3
             real[slots - 1] = slice(int(first), bucket)
             assert np.asarray(a[row][tuple(real)]).tobytes() == np.asarray(b[row][tuple(real)]).tobytes()  # fmt: skip
+
+
+def test_prefill_windows_per_bucket():
+    """Quarters of the bucket, whole 32-slot blocks at least: at most three prefill programs
+    for the prompts a bucket holds (longer than its half)."""
+    assert [kernel.prefill_window(n, 32) for n in (1, 2, 20, 32)] == [32] * 4
+    assert [kernel.prefill_window(n, 64) for n in (33, 34, 64)] == [32, 64, 64]
+    assert [kernel.prefill_window(n, 128) for n in (65, 66, 97, 98, 128)] == [64, 96, 96, 128, 128]
+    for bucket in (256, 1024, 4096):
+        lengths = range(bucket // 2 + 1, bucket + 1)
+        assert all(kernel.bucket_length(n) == bucket for n in lengths)
+        windows = {kernel.prefill_window(n, bucket) for n in lengths}
+        assert windows == {bucket // 2, 3 * bucket // 4, bucket}, (bucket, windows)

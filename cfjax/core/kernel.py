@@ -13,7 +13,7 @@ Slot layout of one row (prompt of length n in a buffer of P = bucket slots, left
 Step i writes its input token at slot P + i and chooses response token i. The cache has
 `cache_length(P, steps)` slots, a function of the two static sizes alone, so `core.sample` on a
 prompt padded to `bucket_length(n)` runs exactly the program shapes `cfjax.generate` runs. The
-host driver's prefill computes only the last whole 32-slot blocks that hold a prompt
+host driver's prefill computes only the last quarters of the bucket that hold a prompt
 (`prefill_window`); `core.sample`, whose prompt lengths may be traced, prefills the whole bucket:
 the same keys and values in every real slot.
 """
@@ -161,15 +161,17 @@ def layout(prompt: jax.Array, prompt_length: jax.Array) -> tuple[jax.Array, ...]
 
 
 def prefill_window(longest: int, bucket: int) -> int:
-    """The prefill's slots for prompts of at most `longest` tokens in a `bucket`: the last whole
-    blocks of 32 slots that hold every row's `prompt[:-1]` (at least one block).
+    """The prefill's slots for prompts of at most `longest` tokens in a `bucket`: the last
+    quarters of the bucket (whole blocks of 32 slots at least) that hold every row's
+    `prompt[:-1]`.
 
     The slots before the window are padding in every row, masked for every query; leaving them
     out changes no bit of a real slot's keys and values (the same keys attended, the same sums
     and matmul rows: `invariant`), and saves their share of a compute-bound prefill (a 73-token
-    prompt's bucket has 128 slots, its window 96)."""
-    blocks = -(-max(longest - 1, 1) // invariant.BLOCK)
-    return min(bucket, blocks * invariant.BLOCK)
+    prompt's bucket has 128 slots, its window 96). Quarters bound the prefill programs to three
+    per bucket (a bucket holds prompts longer than its half)."""
+    step = max(invariant.BLOCK, bucket // 4)
+    return min(bucket, -(-max(longest - 1, 1) // step) * step)
 
 
 def prefill(config: LlamaConfig, params, prompt, prompt_length, length: int, window: int | None = None) -> tuple[State, jax.Array]:  # fmt: skip
