@@ -93,10 +93,10 @@ def lp_diff(traces, refs) -> float:
     return max(diff(a.logprobs, b.logprobs) for a, b in zip(traces, refs, strict=True))
 
 
-def vmapped_sample(config, params) -> tuple:
+def vmapped_sample(config, params, sampler) -> tuple:
     """`jit(vmap(core.sample))` over the 8 prompts: (tokens, log-probs)."""
-    prompt = jnp.zeros((8, 32), jnp.int32).at[:, :6].set(jnp.asarray(PROMPTS))
-    run = lambda p, k: cfjax.core.sample(config, params, p, 6, k, cfjax.Sampler(0.9), max_new_tokens=16)  # noqa: E731  # fmt: skip
+    prompt = jnp.zeros((8, 16), jnp.int32).at[:, :6].set(jnp.asarray(PROMPTS))
+    run = lambda p, k: cfjax.core.sample(config, params, p, 6, k, sampler, max_new_tokens=16)  # noqa: E731  # fmt: skip
     out = jax.jit(jax.vmap(run))(prompt, jax.random.split(jax.random.key(8), 8))
     return np.asarray(out.tokens), np.asarray(out.logprobs)
 
@@ -109,7 +109,7 @@ def check_bfloat16(path, iv, report) -> None:
     run = lambda lm: cfjax.generate(lm, PROMPTS, key=3, sampler=cfjax.Sampler(0.9), max_new_tokens=24, stop_tokens=())  # noqa: E731  # fmt: skip
     ref = run(one)
     ref_cfs = cfjax.counterfactuals(one, ref, iv)
-    ref_sampled = vmapped_sample(one.config, one.params)
+    ref_sampled = vmapped_sample(one.config, one.params, cfjax.Sampler(0.9))
     for data, model in ((8, 1), (2, 4), (1, 8)):
         lm = cfjax.load(path, mesh=sharding.mesh(data=data, model=model), dtype="bfloat16")
         got = run(lm)
@@ -121,8 +121,8 @@ def check_bfloat16(path, iv, report) -> None:
             ),  # fmt: skip
         }
         if model == 1:  # also a user's own jit(vmap(core.sample)) under jax.set_mesh
-            with jax.set_mesh(lm.params["final_norm"]["scale"].sharding.mesh):
-                sampled = vmapped_sample(one.config, lm.params)
+            with jax.set_mesh(spec.mesh_of(lm.params)):
+                sampled = vmapped_sample(one.config, lm.params, cfjax.Sampler(0.9))
             assert all(np.asarray(x).tobytes() == np.asarray(y).tobytes() for x, y in zip(sampled, ref_sampled, strict=True))  # fmt: skip
             for a, b in zip(got + cfs, ref + ref_cfs, strict=True):
                 assert a.tokens == b.tokens, (data, model)
@@ -144,11 +144,7 @@ def main(out: str) -> None:
         ref_logits = np.asarray(cfjax.forward(one, tokens))
 
         def sample(params):
-            prompt = jnp.zeros((8, 16), jnp.int32).at[:, :6].set(jnp.asarray(PROMPTS))
-            run = lambda p, k: cfjax.core.sample(
-                one.config, params, p, 6, k, sampler, max_new_tokens=16
-            )  # noqa: E731
-            return np.asarray(jax.jit(jax.vmap(run))(prompt, jax.random.split(jax.random.key(8), 8)).tokens)  # fmt: skip
+            return vmapped_sample(one.config, params, sampler)[0]
 
         ref_sample = sample(one.params)
         two = one.replace(
