@@ -90,10 +90,11 @@ def placer(config: LlamaConfig, mesh: Mesh):
     """`place(path, array)` for a loader: puts one host tensor (split or fused layout) on its
     shards."""
     spec.check_divisible(config, mesh.shape["model"])
+    columns = spec.column_axes(config)
     split = {
-        ("attn", "q"): ("embed", "heads"), ("attn", "k"): ("embed", "kv_heads"),
-        ("attn", "v"): ("embed", "kv_heads"), ("mlp", "gate"): ("embed", "ffn"),
-        ("mlp", "up"): ("embed", "ffn"),
+        ("attn", "q"): columns("heads"), ("attn", "k"): columns("kv_heads"),
+        ("attn", "v"): columns("kv_heads"), ("mlp", "gate"): columns("ffn"),
+        ("mlp", "up"): columns("ffn"),
     }  # fmt: skip
     table = spec.param_spec(config)
 

@@ -1,5 +1,8 @@
 """Sharded runs on 8 fake CPU devices, against the same runs on one device (issues 18 and 30).
 
+Data-parallel meshes give one device's bits; model-parallel ones do with `model_blocks=8`
+(`check_model_blocks`), and agree up to rounding without (recorded).
+
 Run by tests/test_sharding.py in a child process (the device count is fixed when jax starts):
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/sharded_checks.py OUT.json
 Every check asserts; OUT.json records what was measured (logit differences, token flips).
@@ -36,6 +39,9 @@ PROMPTS = [[1, 5 + b, 17, 33, 64, 9 + 3 * b] for b in range(8)]
 def expected_partition(config, path, leaf):
     """The rule table's PartitionSpec of a params leaf (an independent transcription)."""
     name = "/".join(map(str, path))
+    columns = ("qkv/kernel", "gate_up/kernel", "lm_head/kernel")
+    if config.model_blocks > 1 and name.endswith(columns):  # split by whole blocks of rows
+        return jax.sharding.PartitionSpec("model", None)
     if name.endswith("qkv/kernel") or name.endswith("gate_up/kernel"):
         return jax.sharding.PartitionSpec(None, "model")
     if name.endswith("o/kernel") or name.endswith("down/kernel"):
@@ -129,6 +135,33 @@ def check_bfloat16(path, iv, report) -> None:
                 assert np.asarray(a.logprobs).tobytes() == np.asarray(b.logprobs).tobytes(), (data, model)  # fmt: skip
 
 
+def check_model_blocks(path, tied_path, iv, report) -> None:
+    """`model_blocks=8`: on (2, 4) and (1, 8) meshes `generate`, `counterfactuals` and a user's
+    `jit(vmap(core.sample))` give one device's bits, in float32 and bfloat16, with a head of its
+    own and a tied one (blocks of the vocabulary)."""
+    sampler = cfjax.Sampler(0.9)
+    run = lambda lm: cfjax.generate(lm, PROMPTS, key=3, sampler=sampler, max_new_tokens=24, stop_tokens=())  # noqa: E731  # fmt: skip
+    for dtype, source in (("float32", path), ("bfloat16", path), ("bfloat16", tied_path)):
+        one = cfjax.load(source, dtype=dtype, model_blocks=8)
+        ref = run(one)
+        refs = ref + cfjax.counterfactuals(one, ref, iv)
+        ref_sampled = vmapped_sample(one.config, one.params, sampler)
+        for data, model in ((2, 4), (1, 8)):
+            mesh = sharding.mesh(data=data, model=model)
+            lm = cfjax.load(source, dtype=dtype, mesh=mesh, model_blocks=8)
+            check_placement(lm, mesh, report)
+            got = run(lm)
+            got = got + cfjax.counterfactuals(lm, got, iv)
+            with jax.set_mesh(mesh):
+                sampled = vmapped_sample(one.config, lm.params, sampler)
+            name = f"model_blocks_{dtype}{'_tied' if source == tied_path else ''}_{data}x{model}"
+            report[name] = lp_diff(got, refs)
+            for a, b in zip(got, refs, strict=True):
+                assert a.tokens == b.tokens, name
+                assert np.asarray(a.logprobs).tobytes() == np.asarray(b.logprobs).tobytes(), name
+            assert all(np.asarray(x).tobytes() == np.asarray(y).tobytes() for x, y in zip(sampled, ref_sampled, strict=True)), name  # fmt: skip
+
+
 def main(out: str) -> None:
     assert jax.device_count() == 8, jax.devices()
     report = {}
@@ -207,6 +240,8 @@ def main(out: str) -> None:
                 }
             assert all(same.values()), (data, model, same, flips)
         check_bfloat16(Path(tmp) / "hf", iv, report)
+        hf_llama(Path(tmp) / "tied", init_std=0.3, **{**HF, "tie_word_embeddings": True})
+        check_model_blocks(Path(tmp) / "hf", Path(tmp) / "tied", iv, report)
         # Bad input: a model axis that does not divide the KV heads, an unknown axis.
         tiny = cfjax.LM(cfjax.preset("tiny"), cfjax.core.model.init_params(cfjax.preset("tiny"), jax.random.key(0)))  # fmt: skip
         try:

@@ -101,3 +101,23 @@ def test_the_two_forms_agree():
     sums = attention.attention_sums(q, keys, values, mask, 0.25)
     dots = attention.attention_dots(q, keys, values, mask, 0.25)
     assert jnp.allclose(sums, dots, atol=1e-5)
+
+
+def test_blocked_matmuls_lower_for_accelerators_as_one_dot_shape_per_block():
+    """`model_blocks=8`: every weight matmul of the prefill is a dot batched over 8 blocks, of
+    64-row tiles, bfloat16 operands accumulated in float32, for CUDA and TPU."""
+    config = CONFIG.replace(model_blocks=8)
+    params = model.param_shapes(config, jnp.bfloat16)
+    prompt, lengths = SD((BATCH, BUCKET), jnp.int32), SD((BATCH,), jnp.int32)
+    fill = lambda p, t, n: kernel.prefill(config, p, t, n, LENGTH)  # noqa: E731
+    with invariant.forms_for("cuda"):
+        exported = jax.export.export(jax.jit(fill), platforms=("cuda", "tpu"))(params, prompt, lengths)  # fmt: skip
+    rows, c = invariant.ACCELERATOR_ROWS, config
+    blocked = re.findall(
+        rf"batching_dims = \[1\] x \[0\], contracting_dims = \[2\] x \[1\] : "
+        rf"\(tensor<{rows}x8x(\d+)xbf16>, tensor<8x\d+x(\d+)xbf16>\) -> tensor<8x{rows}x\d+xf32>",
+        exported.mlir_module(),
+    )
+    qkv = (c.n_heads + 2 * c.n_kv_heads) * c.head_dim
+    widths = {(c.dim // 8, qkv), (c.dim // 8, c.dim), (c.dim // 8, 2 * c.ffn_dim), (c.ffn_dim // 8, c.dim), (c.dim // 8, c.vocab_size)}  # fmt: skip
+    assert {(int(k), int(n)) for k, n in blocked} == widths

@@ -100,7 +100,8 @@ def test_memory_counts_shards_by_the_rules():
 def test_sharded_runs_on_eight_devices(tmp_path):
     """generate, counterfactual(s) and core.sample on (8, 1), (2, 4) and (1, 8) meshes equal the
     one-device runs; on the data-parallel (8, 1) mesh bit for bit, in float32 and bfloat16
-    (log-probs included); every leaf is placed by the rules; loads read onto the shards."""
+    (log-probs included), and on (2, 4) and (1, 8) with `model_blocks=8` bit for bit too; every
+    leaf is placed by the rules; loads read onto the shards."""
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
     out = tmp_path / "report.json"
     run = subprocess.run([sys.executable, str(HERE / "sharded_checks.py"), str(out)], env=env,
@@ -112,6 +113,8 @@ def test_sharded_runs_on_eight_devices(tmp_path):
     assert report["logits_max_diff_8x1"] == 0.0
     assert set(report["logprob_max_diff_8x1"].values()) == {0.0}
     assert report["bfloat16_8x1"] == {"logprob_max_diff": 0.0, "rows_with_other_tokens": 0}
+    blocked = {k: v for k, v in report.items() if k.startswith("model_blocks_")}
+    assert len(blocked) == 6 and set(blocked.values()) == {0.0}, blocked  # every mesh: bits
     # The (2, 4) run, token for token and log-prob for log-prob, as recorded before the engine
     # became one decode kernel (tests/golden_runs.py).
     golden = json.loads((HERE / "data" / "golden.json").read_text())["sharded"]

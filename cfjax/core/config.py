@@ -53,6 +53,10 @@ class LlamaConfig:
     # (`cfjax.core.invariant`). Static, so each mode compiles its own programs; not written to
     # checkpoints (`to_dict`).
     batch_invariant: bool = True
+    # Each weight matmul of the batch-invariant engine as this many fixed blocks along the axis a
+    # model-parallel mesh splits (`invariant.blocked_matmul`): a mesh whose model axis divides it
+    # gives one device's bits. 1: one dot per matmul tile, the fastest. Not written either.
+    model_blocks: int = 1
 
     def __post_init__(self) -> None:
         # Types and ranges first (a config read from a file may hold anything): every size an
@@ -89,6 +93,19 @@ class LlamaConfig:
             )
         if self.head_dim % 2:
             raise ValueError(f"config {self.name}: head_dim {self.head_dim} must be even for RoPE")
+        self._check_model_blocks()
+
+    def _check_model_blocks(self) -> None:
+        """`model_blocks` an integer >= 1 that divides every axis it cuts: the contractions of
+        the matmuls (dim, the attention features, ffn_dim) and a tied head's vocabulary."""
+        b = self.model_blocks
+        if isinstance(b, bool) or not (isinstance(b, int) or _is_np_int(b)) or b < 1:
+            raise ValueError(f"config {self.name}: model_blocks must be an integer >= 1, got {b!r}")  # fmt: skip
+        object.__setattr__(self, "model_blocks", int(b))
+        for what, n in (("dim", self.dim), ("attention features (n_heads x head_dim)", self.n_heads * self.head_dim),
+                        ("ffn_dim", self.ffn_dim), ("vocab_size", self.vocab_size if self.tie_embeddings else b)):  # fmt: skip
+            if n % b:
+                raise ValueError(f"config {self.name}: model_blocks {b} does not divide the {n} {what}")  # fmt: skip
 
     @property
     def q_per_kv(self) -> int:
@@ -101,9 +118,9 @@ class LlamaConfig:
 
     def to_dict(self) -> dict:
         """Plain JSON-able dict (inverse of `from_dict`) of the model's shapes and constants
-        (not `batch_invariant`, an execution choice)."""
+        (not `batch_invariant` nor `model_blocks`, execution choices)."""
         d = dataclasses.asdict(self)
-        del d["batch_invariant"]
+        del d["batch_invariant"], d["model_blocks"]
         return d
 
     @classmethod

@@ -17,6 +17,10 @@ spelled out so that the order of its additions is fixed by construction:
 - `dense` feeds a matmul tiles of rows: of one fixed shape on accelerators, and on the CPU of
   row counts measured not to change a row's rounding (see `tiles`); under `vmap` it folds the
   mapped axis into the rows (`custom_vmap`), so `core.sample` under `vmap` tiles the same way.
+- With `config.model_blocks = n > 1`, `dense` cuts each weight into n fixed blocks along the
+  axis a model-parallel mesh splits (the contraction, or a tied head's vocabulary) and runs
+  one dot per block (`blocked_matmul`): a device holding n / model of the blocks runs the same
+  dots as one device does, so a model-parallel mesh gives one device's bits.
 
 A model whose config says `batch_invariant=False` traces its network under
 `batch_invariance(False)`: every helper here is then XLA's own op (a reduce, one matmul, no
@@ -42,18 +46,21 @@ ACCELERATOR_ROWS = 64  # rows of every matmul tile on GPU and TPU: weight reads 
 UNROLLED_TILES = 4
 _FORMS_FOR = contextvars.ContextVar("cfjax_forms_for", default=None)
 _INVARIANT = contextvars.ContextVar("cfjax_batch_invariant", default=True)
+_BLOCKS = contextvars.ContextVar("cfjax_model_blocks", default=1)
 
 
 @contextlib.contextmanager
-def batch_invariance(enabled: bool):
+def batch_invariance(enabled: bool, blocks: int = 1):
     """Trace the helpers below in their batch-invariant forms (`True`, the default) or as XLA's
-    own ops. Set by `model.apply` from the static `config.batch_invariant`, so each mode is its
-    own compiled program."""
-    token = _INVARIANT.set(bool(enabled))
+    own ops, with each weight matmul of `dense` in `blocks` fixed blocks (`blocked_matmul`).
+    Set by `model.apply` from the static `config.batch_invariant` and `config.model_blocks`, so
+    each mode is its own compiled program."""
+    tokens = _INVARIANT.set(bool(enabled)), _BLOCKS.set(int(blocks))
     try:
         yield
     finally:
-        _INVARIANT.reset(token)
+        _INVARIANT.reset(tokens[0])
+        _BLOCKS.reset(tokens[1])
 
 
 def enabled() -> bool:
@@ -62,7 +69,7 @@ def enabled() -> bool:
 
 
 @contextlib.contextmanager
-def forms_for(platform: str):
+def forms_for(platform: str | None):
     """Trace the per-backend forms (`on_cpu`) of `platform` instead of the default backend's:
     to `jax.export` for accelerators from a CPU host, under a fresh `jax.jit` (a traced
     program is cached without this setting)."""
@@ -223,6 +230,57 @@ def matmul(x: jax.Array, w: jax.Array, contract: int = 0, wide: bool = False) ->
     return f32_dot(dot, x, w) if wide else dot(x, w, None)
 
 
+def round_to(x: jax.Array, dtype) -> jax.Array:
+    """float32 `x` rounded once to `dtype`. `reduce_precision` first: XLA may drop a
+    float32 -> bfloat16 -> float32 round trip where a later op widens the value again
+    (`xla_allow_excess_precision`), depending on the program; a value already on the bfloat16
+    grid rounds the same either way."""
+    dtype = jnp.dtype(dtype)
+    if dtype == x.dtype:
+        return x
+    info = jnp.finfo(dtype)
+    return jax.lax.reduce_precision(x, info.nexp, info.nmant).astype(dtype)
+
+
+def blocked_matmul(x: jax.Array, w: jax.Array, contract: int, wide: bool, blocks: int) -> jax.Array:  # fmt: skip
+    """`matmul` as `blocks` dots, one per fixed block of `w` along the axis a model-parallel
+    mesh splits (`spec.RULES`): its first axis, a free reshape of the stored layout.
+
+    `contract=0` (`w [K, N]`, the layer kernels and an untied head): each block contracts K /
+    blocks features into a float32 partial `[m, N]`, and the partials are added in block order,
+    then rounded once to the dtype of `x` (unless `wide`). `contract=1` (a tied head `[V, D]`):
+    each block gives V / blocks of the logits. Every block is a dot of one shape, whether one
+    device runs all of them (a batched dot: the same kernel per block) or a device of a mesh
+    whose model axis divides `blocks` runs its share, so both round every block alike."""
+    n = w.shape[0] // blocks
+    if contract == 0:
+        # `x` whole on every device too: GSPMD would otherwise split the features of the
+        # residual stream like the blocks, and exchange slices in each of its sums.
+        xs = _gathered(x).reshape(x.shape[0], blocks, n)
+        ws = w.reshape(blocks, n, w.shape[1])
+        dims = (((2,), (1,)), ((1,), (0,)))
+        dot = lambda a, b, out: jax.lax.dot_general(a, b, dims, preferred_element_type=out)  # noqa: E731
+        # The partials [blocks, m, N], gathered from the devices holding their blocks (one
+        # all-gather; left alone, GSPMD kept the sum split over the features and exchanged
+        # slices of every later tree), then added in block order.
+        total = in_order(_gathered(f32_dot(dot, xs, ws)), 0)
+        return total if wide else round_to(total, x.dtype)
+    xs = jnp.broadcast_to(x, (blocks,) + x.shape)
+    ws = w.reshape(blocks, n, w.shape[1])
+    dims = (((2,), (2,)), ((0,), (0,)))
+    dot = lambda a, b, out: jax.lax.dot_general(a, b, dims, preferred_element_type=out)  # noqa: E731
+    out = f32_dot(dot, xs, ws) if wide else dot(xs, ws, None)  # [blocks, m, V / blocks]
+    return out.transpose(1, 0, 2).reshape(x.shape[0], -1)
+
+
+def _gathered(x: jax.Array) -> jax.Array:
+    """`x` whole on every device of the `model` axis of the mesh being traced under."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.shape.get("model", 1) == 1:
+        return x
+    return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec())
+
+
 def data_shards(batch: int) -> int:
     """How many ways the rows of a batch of `batch` are split in the program being traced: the
     `data` axis of the mesh set by `jax.set_mesh` when it divides the batch (as the engine
@@ -234,7 +292,7 @@ def data_shards(batch: int) -> int:
     return data if data > 1 and batch % data == 0 else 1
 
 
-def _tiled(x: jax.Array, w: jax.Array, contract: int, wide: bool, fixed: int | None) -> jax.Array:  # fmt: skip
+def _tiled(x: jax.Array, w: jax.Array, contract: int, wide: bool, fixed: int | None, blocks: int) -> jax.Array:  # fmt: skip
     """`matmul` over tiles of `x`'s rows (2 to `ROWS` on the CPU, exactly `fixed` elsewhere),
     cut within each data shard: on a mesh whose `data` axis splits the rows, each device tiles
     its own rows (`shard_map` over `data`; the `model` axis stays XLA's), so its tiles hold the
@@ -242,21 +300,25 @@ def _tiled(x: jax.Array, w: jax.Array, contract: int, wide: bool, fixed: int | N
     shards = data_shards(x.shape[0]) if x.ndim > 1 else 1
     if shards > 1:
         own = jax.sharding.PartitionSpec("data")
-        local = lambda x, w: _row_tiles(x, w, contract, wide, fixed)  # noqa: E731
+        local = lambda x, w: _row_tiles(x, w, contract, wide, fixed, blocks)  # noqa: E731
         return jax.shard_map(local, in_specs=(own, jax.sharding.PartitionSpec()), out_specs=own,
                              axis_names={"data"}, check_vma=False)(x, w)  # fmt: skip
-    return _row_tiles(x, w, contract, wide, fixed)
+    return _row_tiles(x, w, contract, wide, fixed, blocks)
 
 
-def _row_tiles(x: jax.Array, w: jax.Array, contract: int, wide: bool, fixed: int | None) -> jax.Array:  # fmt: skip
+def _row_tiles(x: jax.Array, w: jax.Array, contract: int, wide: bool, fixed: int | None, blocks: int) -> jax.Array:  # fmt: skip
     rows = x.reshape(-1, x.shape[-1])
     m = rows.shape[0]
     count, size = tiles(m, fixed)
     rows = jnp.pad(rows, ((0, count * size - m), (0, 0)))
-    if count <= UNROLLED_TILES:  # one dot per tile, in one program: no loop to run
-        out = jnp.concatenate([matmul(t, w, contract, wide) for t in jnp.split(rows, count)])
+    if blocks > 1:
+        tile = lambda t: blocked_matmul(t, w, contract, wide, blocks)  # noqa: E731
     else:
-        out = jax.lax.map(lambda t: matmul(t, w, contract, wide), rows.reshape(count, size, -1))
+        tile = lambda t: matmul(t, w, contract, wide)  # noqa: E731
+    if count <= UNROLLED_TILES:  # one dot per tile, in one program: no loop to run
+        out = jnp.concatenate([tile(t) for t in jnp.split(rows, count)])
+    else:
+        out = jax.lax.map(tile, rows.reshape(count, size, -1))
     return out.reshape(count * size, -1)[:m].reshape(*x.shape[:-1], -1)
 
 
@@ -264,17 +326,22 @@ def dense(x: jax.Array, w: jax.Array, contract: int = 0, wide: bool = False) -> 
     """`matmul(x, w, contract, wide)` with each row rounded as it is in any other batch."""
     if not enabled():
         return matmul(x, w, contract, wide)
+    # The mode of this trace, for the vmap rule: JAX may run the rule after the `with` blocks
+    # that set it have exited (a `vmap` of a loop batches the loop's body later).
+    blocks, forms = _BLOCKS.get(), _FORMS_FOR.get()
 
     @jax.custom_batching.custom_vmap
     def fn(x, w):
-        return _tiled(x, w, contract, wide, None if on_cpu() else ACCELERATOR_ROWS)
+        fixed = None if on_cpu() else ACCELERATOR_ROWS
+        return _tiled(x, w, contract, wide, fixed, blocks)
 
     @fn.def_vmap
     def rule(axis_size, in_batched, x, w):
         x_batched, w_batched = in_batched
-        if w_batched:  # one matrix per mapped element: each alone, in turn
-            x = x if x_batched else jnp.broadcast_to(x, (axis_size,) + x.shape)
-            return jax.lax.map(lambda xw: dense(*xw, contract, wide), (x, w)), True
-        return dense(x, w, contract, wide), True  # the mapped axis is just more rows
+        with batch_invariance(True, blocks), forms_for(forms):
+            if w_batched:  # one matrix per mapped element: each alone, in turn
+                x = x if x_batched else jnp.broadcast_to(x, (axis_size,) + x.shape)
+                return jax.lax.map(lambda xw: dense(*xw, contract, wide), (x, w)), True
+            return dense(x, w, contract, wide), True  # the mapped axis is just more rows
 
     return fn(x, w)

@@ -323,7 +323,7 @@ def apply(
     model, steer = _network(config, params)
     if steer is not None:
         steer = steer["delta"] * steer["prompt"] if prompt else steer["delta"]
-    with invariant.batch_invariance(config.batch_invariant):
+    with invariant.batch_invariance(config.batch_invariant, config.model_blocks):
         return model(tokens, start, cache, index, cos_sin, steer)
 
 
@@ -341,5 +341,5 @@ def residual(config: LlamaConfig, params: dict, tokens: jax.Array, layer: int) -
     `tokens` (no cache, no padding), as a steering vector is added to it."""
     model, _ = _network(config, params)
     start = jnp.zeros((tokens.shape[0],), jnp.int32)
-    with invariant.batch_invariance(config.batch_invariant):
+    with invariant.batch_invariance(config.batch_invariant, config.model_blocks):
         return model.residual(tokens, start, layer)

@@ -36,6 +36,10 @@ RULES: dict[str, str | None] = {
     "cache_seq": None,
     "layers": None,
     "channel": None,  # a quantization scale's size-1 axis
+    # With `config.model_blocks > 1` the column kernels (qkv, gate_up, an untied head) are split
+    # over `model` by their contraction instead, in whole blocks (`invariant.blocked_matmul`).
+    "blocks": "model",
+    "columns": None,
 }
 
 
@@ -69,17 +73,18 @@ def param_spec(config: LlamaConfig, dtype: Any = jnp.float32) -> dict:
     """The params pytree (fused layout, as `model.init_params` makes it) as `ArrayInfo`s."""
     c = config
     q, kv = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+    columns = column_axes(c)
     norm = lambda: {"scale": _leaf((c.dim,), dtype, "embed", init=ONES_INIT)}  # noqa: E731
     kernel = lambda shape, *axes: {"kernel": _leaf(shape, dtype, *axes, init=KERNEL_INIT)}  # noqa: E731
     layer = {
         "attn_norm": norm(),
         "attn": {
-            "qkv": kernel((c.dim, q + 2 * kv), "embed", "qkv"),
+            "qkv": kernel((c.dim, q + 2 * kv), *columns("qkv")),
             "o": kernel((q, c.dim), "heads", "embed"),
         },
         "mlp_norm": norm(),
         "mlp": {
-            "gate_up": kernel((c.dim, 2 * c.ffn_dim), "embed", "gate_up"),
+            "gate_up": kernel((c.dim, 2 * c.ffn_dim), *columns("gate_up")),
             "down": kernel((c.ffn_dim, c.dim), "ffn", "embed"),
         },
     }
@@ -90,8 +95,17 @@ def param_spec(config: LlamaConfig, dtype: Any = jnp.float32) -> dict:
         "final_norm": norm(),
     }
     if not c.tie_embeddings:
-        spec["lm_head"] = kernel((c.dim, c.vocab_size), "embed", "vocab")
+        spec["lm_head"] = kernel((c.dim, c.vocab_size), *columns("vocab"))
     return spec
+
+
+def column_axes(config: LlamaConfig):
+    """`axes(out)`: the logical axes of a kernel `[dim, out]` whose output columns the rules
+    split (`("embed", out)`), or, with `model_blocks > 1`, whose contraction they split in whole
+    blocks (`("blocks", "columns")`)."""
+    if config.model_blocks > 1:
+        return lambda out: ("blocks", "columns")
+    return lambda out: ("embed", out)
 
 
 def cache_spec(config: LlamaConfig, batch: int, length: int, dtype: Any = jnp.float32) -> dict:
@@ -137,6 +151,11 @@ def leaf_info(spec: dict, path: tuple) -> ArrayInfo:
 def check_divisible(config: LlamaConfig, model: int) -> None:
     """Clear errors for a mesh whose model axis cannot split this model along the rules."""
     if model > 1:
+        if config.model_blocks > 1 and config.model_blocks % model:
+            raise ValueError(
+                f"the mesh's model axis ({model}) does not divide model_blocks "
+                f"({config.model_blocks}): each device must hold whole blocks"
+            )
         for name, n in (("KV heads", config.n_kv_heads), ("attention heads", config.n_heads),
                         ("MLP features (ffn_dim)", config.ffn_dim),
                         ("vocabulary entries", config.vocab_size)):  # fmt: skip

@@ -12,7 +12,9 @@ import jax.numpy as jnp
 from cfjax.core import model, quant
 from cfjax.core.checks import check_tokens
 from cfjax.core.config import LlamaConfig
+from cfjax.core.spec import mesh_of
 from cfjax.runtime.store import ArrayStore, CacheStore
+from cfjax.sharding import shard_params
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,14 +44,23 @@ class LM:
         """A copy with some fields changed (e.g. other params: a fine-tune or a weight edit).
 
         `batch_invariant=False` computes the network with XLA's own sums and matmuls: faster,
-        but a row's rounding may then depend on its batch (see `cfjax.core.invariant`); the
-        copy gets stores of its own, so no cache crosses between the two modes."""
-        if "batch_invariant" in changes:
-            flag = changes.pop("batch_invariant")
-            changes["config"] = changes.get("config", self.config).replace(batch_invariant=flag)
-            if changes["config"].batch_invariant != self.config.batch_invariant:
-                changes.setdefault("caches", CacheStore())
-                changes.setdefault("observations", ArrayStore())
+        but a row's rounding may then depend on its batch (see `cfjax.core.invariant`).
+        `model_blocks=n` computes each weight matmul in n fixed blocks, so that a
+        model-parallel mesh whose model axis divides n gives one device's bits (params on a
+        mesh are placed anew by its rules). Either way the copy gets stores of its own, so no
+        cache crosses between two ways of computing."""
+        modes = {k: changes.pop(k) for k in ("batch_invariant", "model_blocks") if k in changes}
+        if modes:
+            changes["config"] = changes.get("config", self.config).replace(**modes)
+        config = changes.get("config", self.config)
+        if (config.batch_invariant, config.model_blocks) != (self.config.batch_invariant, self.config.model_blocks):  # fmt: skip
+            changes.setdefault("caches", CacheStore())
+            changes.setdefault("observations", ArrayStore())
+        if config.model_blocks != self.config.model_blocks:
+            params = changes.get("params", self.params)
+            mesh = mesh_of(params)
+            if mesh is not None:
+                changes["params"] = shard_params(config, params, mesh)
         return dataclasses.replace(self, **changes)
 
 

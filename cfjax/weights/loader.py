@@ -241,16 +241,21 @@ def _assemble(source: Source, path: Path, dtype, progress: bool | None, mesh=Non
     )
 
 
-def load(spec: str | Path, dtype=None, *, progress: bool | None = None, mesh=None) -> LM:
+def load(spec: str | Path, dtype=None, *, progress: bool | None = None, mesh=None,
+         model_blocks: int = 1) -> LM:  # fmt: skip
     """Load a model from a path or known name; params in `dtype` (default: the source's own).
 
     `NAME@int8` (any name, path or id) is the weight-only int8 variant of that model
     (`cfjax.quantize`); `NAME@bfloat16` its bfloat16 copy. With a `mesh`
     (`cfjax.sharding.mesh`), each tensor is placed on its shards as it is read.
+    `model_blocks=n` computes each weight matmul in n fixed blocks (`LM.replace`): the model
+    then gives the same bits on one device and on any mesh whose model axis divides n.
 
     The source's own dtype is bfloat16 for bf16 checkpoints and float32 otherwise (float32,
     float16 and dequantised GGUF tensors). `progress` shows a bar (default: on a terminal).
     """
+    if model_blocks != 1:  # placed anew on a mesh by the rules of the blocks
+        return load(spec, dtype, progress=progress, mesh=mesh).replace(model_blocks=model_blocks)
     head, sep, tail = str(spec).rpartition("@")
     if sep and tail == "int8" and not Path(spec).expanduser().exists():
         variant = quantize(load(head, dtype, progress=progress, mesh=mesh), "int8")
