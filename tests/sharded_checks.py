@@ -94,7 +94,8 @@ def lp_diff(traces, refs) -> float:
 
     def diff(a, b):  # equal entries (infinite ones included) differ by 0
         a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-        return float(np.where(a == b, 0.0, np.abs(a - b)).max(initial=0.0))
+        with np.errstate(invalid="ignore"):  # inf - inf where both are -inf: equal, 0 below
+            return float(np.where(a == b, 0.0, np.abs(a - b)).max(initial=0.0))
 
     return max(diff(a.logprobs, b.logprobs) for a, b in zip(traces, refs, strict=True))
 
@@ -230,6 +231,10 @@ def main(out: str) -> None:
             pairs = {"generate": (got, ref), "counterfactuals": (cfs, ref_cfs),
                      "abduct": (abducted_cf, ref_abducted_cf), "coupled": (sum(pair, []), sum(ref_coupled, []))}  # fmt: skip
             report[f"logprob_max_diff_{data}x{model}"] = {k: lp_diff(*v) for k, v in pairs.items()}
+            # On any one mesh a row is batch-invariant: alone, it is its row of the batch.
+            alone = cfjax.generate(lm, PROMPTS[5], key=got[5].key, sampler=sampler, max_new_tokens=24, stop_tokens=())  # fmt: skip
+            assert alone.tokens == got[5].tokens, (data, model)
+            assert np.asarray(alone.logprobs).tobytes() == np.asarray(got[5].logprobs).tobytes(), (data, model)  # fmt: skip
             if model == 1:  # data parallel: each device tiles its own rows, bit for bit
                 assert all(v == 0.0 for v in report[f"logprob_max_diff_{data}x{model}"].values()), report  # fmt: skip
             if (data, model) == (2, 4):  # the sharded golden run (tests/golden_runs.py)

@@ -100,8 +100,9 @@ def test_memory_counts_shards_by_the_rules():
 def test_sharded_runs_on_eight_devices(tmp_path):
     """generate, counterfactual(s) and core.sample on (8, 1), (2, 4) and (1, 8) meshes equal the
     one-device runs; on the data-parallel (8, 1) mesh bit for bit, in float32 and bfloat16
-    (log-probs included), and on (2, 4) and (1, 8) with `model_blocks=8` bit for bit too; every
-    leaf is placed by the rules; loads read onto the shards."""
+    (log-probs included), and on (2, 4) and (1, 8) with `model_blocks=8` bit for bit too; on
+    every mesh a row alone is its row of the batch, bit for bit; every leaf is placed by the
+    rules; loads read onto the shards."""
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
     out = tmp_path / "report.json"
     run = subprocess.run([sys.executable, str(HERE / "sharded_checks.py"), str(out)], env=env,
