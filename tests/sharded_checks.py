@@ -161,6 +161,12 @@ def check_model_blocks(path, tied_path, iv, report) -> None:
                 assert a.tokens == b.tokens, name
                 assert np.asarray(a.logprobs).tobytes() == np.asarray(b.logprobs).tobytes(), name
             assert all(np.asarray(x).tobytes() == np.asarray(y).tobytes() for x, y in zip(sampled, ref_sampled, strict=True)), name  # fmt: skip
+    # Blocks on params placed for no blocks would split them otherwise than the rules: refused.
+    try:
+        cfjax.load(path, mesh=sharding.mesh(data=2, model=4)).replace(model_blocks=8)
+        raise AssertionError("model_blocks on params placed for columns")
+    except ValueError as e:
+        assert "cfjax.load(..., mesh=mesh, model_blocks=n)" in str(e), e
 
 
 def main(out: str) -> None:

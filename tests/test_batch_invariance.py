@@ -181,3 +181,37 @@ def test_prefill_windows_per_bucket():
         assert all(kernel.bucket_length(n) == bucket for n in lengths)
         windows = {kernel.prefill_window(n, bucket) for n in lengths}
         assert windows == {bucket // 2, 3 * bucket // 4, bucket}, (bucket, windows)
+
+
+_EXCESS_PRECISION_CHILD = """
+import hashlib, jax, numpy as np, cfjax
+from cfjax.core import model
+c = cfjax.preset("tiny")
+lm = cfjax.quantize(cfjax.LM(c, model.init_params(c, jax.random.key(0), scale=3.0)), "bfloat16")
+h = hashlib.sha256()
+for m in (lm, cfjax.quantize(lm, "int8")):  # the int8 one dequantizes to bfloat16
+    rows = cfjax.generate(m, [[1, 5, 17, 33], list(range(2, 60))], key=9, sampler=cfjax.Sampler(0.8), max_new_tokens=12, stop_tokens=())
+    for t in rows + [cfjax.counterfactual(m, rows[0], cfjax.ReplaceTokens(2, [7]))]:
+        h.update(np.asarray(t.tokens, np.int64).tobytes() + np.asarray(t.logprobs, np.float32).tobytes())
+h.update(np.asarray(cfjax.forward(lm, [[1, 5, 17, 33, 64]])).tobytes())
+print(h.hexdigest())
+"""
+
+
+def test_bfloat16_bits_are_written_in_the_program_not_left_to_xla():
+    """Every bfloat16 rounding of the network is explicit (`invariant.round_to`), so XLA's
+    excess-precision rewrites (`--xla_allow_excess_precision`, on by default, applied where a
+    program's fusions allow) change no bit: runs with the flag on and off are identical. Before,
+    they were not, and which roundings XLA kept could differ from one program to another."""
+    import os
+    import subprocess
+    import sys
+
+    def run(xla_flags: str) -> str:
+        env = {**os.environ, "XLA_FLAGS": xla_flags, "CFJAX_COMPILATION_CACHE": ""}
+        out = subprocess.run([sys.executable, "-c", _EXCESS_PRECISION_CHILD], env=env,
+                             capture_output=True, text=True, timeout=600)  # fmt: skip
+        assert out.returncode == 0, out.stderr[-2000:]
+        return out.stdout.strip().splitlines()[-1]
+
+    assert run("") == run("--xla_allow_excess_precision=false")

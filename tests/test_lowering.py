@@ -64,6 +64,8 @@ def test_the_decode_chunk_lowers_for_accelerators_without_a_float32_cache(platfo
     assert any(f"tensor<{KEYS}xbf16>" in d and "f32>" in d.split("->")[-1] for d in dots)
     assert any(f"tensor<{VALUE_BLOCKS}xbf16>" in d and "f32>" in d.split("->")[-1] for d in dots)
     assert not _widens_the_cache(text)
+    # bfloat16 roundings are explicit: no excess-precision pass of XLA can skip them.
+    assert "stablehlo.reduce_precision" in text
     # Every weight matmul runs on tiles of one fixed shape (`invariant.ACCELERATOR_ROWS` rows),
     # whatever the batch (here 2 rows): batch-invariant by construction.
     weights = [

@@ -231,15 +231,22 @@ def matmul(x: jax.Array, w: jax.Array, contract: int = 0, wide: bool = False) ->
 
 
 def round_to(x: jax.Array, dtype) -> jax.Array:
-    """float32 `x` rounded once to `dtype`. `reduce_precision` first: XLA may drop a
+    """float32 `x` rounded once to `dtype`, whatever XLA does with it next. XLA may drop a
     float32 -> bfloat16 -> float32 round trip where a later op widens the value again
-    (`xla_allow_excess_precision`), depending on the program; a value already on the bfloat16
-    grid rounds the same either way."""
+    (`xla_allow_excess_precision`, on by default), depending on the program: bfloat16 results
+    would then carry float32 bits into some programs and not others. `reduce_precision`
+    first puts the value on the bfloat16 grid in float32, where no pass removes it."""
     dtype = jnp.dtype(dtype)
     if dtype == x.dtype:
         return x
     info = jnp.finfo(dtype)
     return jax.lax.reduce_precision(x, info.nexp, info.nmant).astype(dtype)
+
+
+def add(a: jax.Array, b: jax.Array) -> jax.Array:
+    """`a + b` in the dtype of `a`, computed in float32 and rounded once (`round_to`): what
+    XLA does for a bfloat16 add, with the rounding kept in every program."""
+    return round_to(a.astype(jnp.float32) + b.astype(jnp.float32), a.dtype)
 
 
 def blocked_matmul(x: jax.Array, w: jax.Array, contract: int, wide: bool, blocks: int) -> jax.Array:  # fmt: skip

@@ -89,7 +89,7 @@ def apply_rope(x: jax.Array, cos_sin: tuple[jax.Array, jax.Array]) -> jax.Array:
     x1, x2 = jnp.split(x32, 2, axis=-1)
     r = invariant.rounded  # no fused multiply-adds, whose use varies with the program
     out = jnp.concatenate([r(x1 * cos) - r(x2 * sin), r(x2 * cos) + r(x1 * sin)], axis=-1)
-    return out.astype(x.dtype)
+    return invariant.round_to(out, x.dtype)
 
 
 class RMSNorm(nnx.Module):
@@ -105,7 +105,8 @@ class RMSNorm(nnx.Module):
         squares = invariant.rounded(x32 * x32)
         mean_square = invariant.tree_sum(squares, -1)[..., None] * np.float32(1 / x.shape[-1])
         normed = x32 * jax.lax.rsqrt(mean_square + self.eps)
-        return (normed.astype(x.dtype) * self.scale[...]).astype(x.dtype)
+        scaled = invariant.round_to(normed, x.dtype).astype(jnp.float32) * self.scale[...].astype(jnp.float32)  # fmt: skip
+        return invariant.round_to(scaled, x.dtype)
 
 
 def _linear(d_in: int, d_out: int, dtype, rngs: nnx.Rngs) -> nnx.Linear:
@@ -148,13 +149,13 @@ class Attention(nnx.Module):
                 keys, values = keys[..., : index + t], values[:, :, : index + t]
             mask = visible[:, None, None]  # [B, 1, 1, T, S]
             out = cached_attention(q.transpose(0, 2, 3, 1, 4), keys, values, mask, scale)
-            out = out.transpose(0, 3, 1, 2, 4).astype(x.dtype)  # [B, T, KV, G, D]
+            out = invariant.round_to(out.transpose(0, 3, 1, 2, 4), x.dtype)  # [B, T, KV, G, D]
         else:
             scores = einsum_f32("btkgd,bkds->bkgts", q, k.astype(q.dtype)) * scale
             scores = jnp.where(visible[:, None, None, :, :], scores, NEG)
             probs = jax.nn.softmax(scores, axis=-1)
             out = einsum_f32("bkgts,bksd->btkgd", probs.astype(v.dtype), v)
-            out = out.astype(x.dtype)
+            out = invariant.round_to(out, x.dtype)
         out = out.reshape(b, t, c.n_heads * c.head_dim)
         return linear(out, self.o.kernel[...], cached), layer_k, layer_v
 
@@ -175,7 +176,17 @@ class MLP(nnx.Module):
 
     def __call__(self, x: jax.Array, cached: bool) -> jax.Array:
         gate, up = jnp.split(linear(x, self.gate_up.kernel[...], cached), 2, axis=-1)
-        return linear(jax.nn.silu(gate) * up, self.down.kernel[...], cached)
+        return linear(swiglu(gate, up), self.down.kernel[...], cached)
+
+
+def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
+    """`silu(gate) * up` with the roundings of its ops in the dtype of `gate` written out
+    (`invariant.round_to`): sigmoid, times gate, times up."""
+    f32, dtype = jnp.float32, gate.dtype
+    g = gate.astype(f32)
+    sigmoid = invariant.round_to(jax.nn.sigmoid(g), dtype).astype(f32)
+    silu = invariant.round_to(g * sigmoid, dtype).astype(f32)
+    return invariant.round_to(silu * up.astype(f32), dtype)
 
 
 class Block(nnx.Module):
@@ -191,8 +202,8 @@ class Block(nnx.Module):
         h, layer_k, layer_v = self.attn(
             self.attn_norm(x), cos_sin, visible, layer_k, layer_v, index
         )
-        x = x + h
-        return x + self.mlp(self.mlp_norm(x), layer_k is not None), layer_k, layer_v
+        x = invariant.add(x, h)
+        return invariant.add(x, self.mlp(self.mlp_norm(x), layer_k is not None)), layer_k, layer_v
 
 
 class Llama(nnx.Module):
@@ -227,7 +238,7 @@ class Llama(nnx.Module):
             lv = None if cache is None else cache.v[i]
             x, lk, lv = layer(x, cos_sin, visible, lk, lv, index)
             if steer is not None:
-                x = x + steer[i].astype(x.dtype)
+                x = invariant.add(x, steer[i].astype(x.dtype))
             new_k.append(lk)
             new_v.append(lv)
         x = self.final_norm(x)

@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cfjax.core import invariant
+
 KINDS = ("int8", "bfloat16")
 _QMAX = 127.0
 _WEIGHTS = {"kernel": 0, "embedding": 1}  # leaf name -> the axis the scale is shared along
@@ -71,7 +73,7 @@ def dequantize(params: dict, dtype: Any = None) -> dict:
             name = next(n for n in _WEIGHTS if n in d)
             w = d[name].astype(jnp.float32) * d["qscale"]
             return {k: v for k, v in d.items() if k not in (name, "qscale")} | {
-                name: w.astype(dtype)
+                name: invariant.round_to(w, dtype)  # kept rounded where a dot widens it again
             }
         return {k: walk(v) if isinstance(v, dict) else v for k, v in d.items()}
 

@@ -14,7 +14,6 @@ from cfjax.core.checks import check_tokens
 from cfjax.core.config import LlamaConfig
 from cfjax.core.spec import mesh_of
 from cfjax.runtime.store import ArrayStore, CacheStore
-from cfjax.sharding import shard_params
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,9 +45,10 @@ class LM:
         `batch_invariant=False` computes the network with XLA's own sums and matmuls: faster,
         but a row's rounding may then depend on its batch (see `cfjax.core.invariant`).
         `model_blocks=n` computes each weight matmul in n fixed blocks, so that a
-        model-parallel mesh whose model axis divides n gives one device's bits (params on a
-        mesh are placed anew by its rules). Either way the copy gets stores of its own, so no
-        cache crosses between two ways of computing."""
+        model-parallel mesh whose model axis divides n gives one device's bits (on such a mesh
+        the blocks need params placed by their rules: `cfjax.load(..., model_blocks=n)`).
+        Either way the copy gets stores of its own, so no cache crosses between two ways of
+        computing."""
         modes = {k: changes.pop(k) for k in ("batch_invariant", "model_blocks") if k in changes}
         if modes:
             changes["config"] = changes.get("config", self.config).replace(**modes)
@@ -56,11 +56,14 @@ class LM:
         if (config.batch_invariant, config.model_blocks) != (self.config.batch_invariant, self.config.model_blocks):  # fmt: skip
             changes.setdefault("caches", CacheStore())
             changes.setdefault("observations", ArrayStore())
-        if config.model_blocks != self.config.model_blocks:
-            params = changes.get("params", self.params)
-            mesh = mesh_of(params)
-            if mesh is not None:
-                changes["params"] = shard_params(config, params, mesh)
+        mesh = mesh_of(self.params)
+        if (config.model_blocks != self.config.model_blocks and "params" not in changes
+                and mesh is not None and mesh.shape["model"] > 1):  # fmt: skip
+            raise ValueError(
+                "model_blocks changes how a model-parallel mesh splits the params: load with "
+                "cfjax.load(..., mesh=mesh, model_blocks=n), or give params placed for the new "
+                "config (cfjax.sharding.shard_params)"
+            )
         return dataclasses.replace(self, **changes)
 
 

@@ -255,7 +255,10 @@ def load(spec: str | Path, dtype=None, *, progress: bool | None = None, mesh=Non
     float16 and dequantised GGUF tensors). `progress` shows a bar (default: on a terminal).
     """
     if model_blocks != 1:  # placed anew on a mesh by the rules of the blocks
-        return load(spec, dtype, progress=progress, mesh=mesh).replace(model_blocks=model_blocks)
+        lm = load(spec, dtype, progress=progress, mesh=mesh)
+        config = lm.config.replace(model_blocks=model_blocks)
+        params = lm.params if mesh is None else shard_params(config, lm.params, mesh)
+        return lm.replace(config=config, params=params)
     head, sep, tail = str(spec).rpartition("@")
     if sep and tail == "int8" and not Path(spec).expanduser().exists():
         variant = quantize(load(head, dtype, progress=progress, mesh=mesh), "int8")
