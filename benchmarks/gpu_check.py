@@ -4,6 +4,8 @@ batch size also a textbook JAX decode and the weight matmuls alone, timed on the
 and speculative decoding with the int8 variant of those weights as the draft (speed over plain
 decoding, acceptance, flips); then the first batch's compile time split into the prefill's and
 the decode chunk's, each lowered and compiled apart (what a scan over layers would shrink).
+Per batch row (not with `--quick`) the same rows with `model_blocks=8`, the blocked matmuls
+that make model-parallel meshes bit-exact: `model_blocks_tok_s` and its ratio to the default.
 With `--profile-steps N`: the per-op trace of N batch-1 steps (`profile`), and per batch row
 the 10 costliest ops of a warm step traced in a child process with CUDA command buffers off
 (`rows[i].profile`, each `op` and `ms_per_step`).
@@ -148,6 +150,8 @@ def main() -> None:
             row.update(speculative(lm, prompts, args.new_tokens, tok_s, t0.tokens))
         else:
             row.update(invariance(lm, prompts, args.new_tokens))
+        if not args.quick:
+            row.update(blocks_cost(lm, prompts, args.new_tokens, tok_s, traces[0].tokens))
         rows.append(row)
         if not args.json:  # progress: a long GPU run shows each batch as it finishes
             print("  ".join(f"{k}={v}" for k, v in row.items()), flush=True)
@@ -238,6 +242,27 @@ def speculative(lm, prompts, steps: int, tok_s: float, tokens, lookahead: int = 
         "speculative_flips": int(sum(a != b for a, b in zip(out.tokens[0], tokens, strict=True))),
         "speculative_compile_s": round(first_s - warm_s, 1),
         "draft_step_cost": round(draft_s * tok_s / (len(prompts) * steps), 3),
+    }
+
+
+def blocks_cost(lm, prompts, steps: int, tok_s: float, tokens, blocks: int = 8) -> dict:
+    """The same rows with `model_blocks=8` (each weight matmul as 8 blocks, bit-exact on
+    model-parallel meshes): its speed over the default engine and the row-0 tokens that differ
+    from it (float32 partials summed in another order may round a near-tie otherwise)."""
+    try:
+        blocked = lm.replace(model_blocks=blocks)
+        run = functools.partial(generate, blocked, prompts, key=1, sampler=Sampler(temperature=1.0),
+                                max_new_tokens=steps, stop_tokens=())  # fmt: skip
+        _, first_s = timed(run)
+        out, warm_s = timed(run)
+    except Exception as e:  # noqa: BLE001 (the checks above must still be printed)
+        return {"model_blocks_error": f"{type(e).__name__}: {e}"}
+    blocked_tok_s = len(prompts) * steps / warm_s
+    return {
+        "model_blocks_tok_s": round(blocked_tok_s, 1),
+        "model_blocks_over_default": round(blocked_tok_s / tok_s, 3),
+        "model_blocks_other_tokens": int(sum(a != b for a, b in zip(out[0].tokens, tokens, strict=True))),  # fmt: skip
+        "model_blocks_compile_s": round(first_s - warm_s, 1),
     }
 
 

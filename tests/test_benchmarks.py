@@ -191,6 +191,9 @@ def test_gpu_check_json(outputs):
     assert _positive(first["speculative_tok_s"]) and _positive(first["speculative_over_plain"])
     assert _positive(first["draft_step_cost"])  # the int8 draft's step over the target's
     assert all(_positive(row["tok_s"]) for row in r["rows"])
+    for row in r["rows"]:  # the same rows with model_blocks=8 (issue 30)
+        assert _positive(row["model_blocks_tok_s"]) and _positive(row["model_blocks_over_default"])
+        assert 0 <= row["model_blocks_other_tokens"] <= 24
     split = r["compile_split"]  # the prefill and the chunk program, lowered and compiled apart
     assert split["batch"] == 1
     for part in ("prefill_lower_s", "prefill_compile_s", "chunk_lower_s", "chunk_compile_s"):
