@@ -52,6 +52,11 @@ COMMANDS = {
         "invariance_cost.py",
         *("--config", "tiny", "--batches", "1", "4", "--new-tokens", "8", "--rounds", "2"),
     ],
+    "blocks_cost": [
+        "invariance_cost.py",
+        *("--config", "tiny", "--batches", "2", "--new-tokens", "8", "--rounds", "1"),
+        *("--model-blocks", "8"),
+    ],
     "abduction": [
         "abduction.py",
         *("--config", "tiny", "--observed", "24", "--samples", "4", "--reference-samples", "2"),
@@ -156,6 +161,12 @@ def test_invariance_cost_json(outputs):
     for row in r.values():
         assert _positive(row["variant_over_invariant"]) and _positive(row["invariant_tok_s"])
         assert set(row["compile_s"]) == {"invariant", "variant"}
+
+
+def test_invariance_cost_against_model_blocks_json(outputs):
+    (row,) = outputs["blocks_cost"]["batches"].values()
+    assert _positive(row["blocked_over_invariant"]) and _positive(row["blocked_tok_s"])
+    assert set(row["compile_s"]) == {"invariant", "blocked"}
 
 
 def test_abduction_json(outputs):
