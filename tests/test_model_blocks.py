@@ -103,6 +103,8 @@ def test_model_blocks_is_checked_and_not_part_of_the_model():
     tied = TINY.replace(tie_embeddings=True, vocab_size=260)
     with pytest.raises(ValueError, match="does not divide the 260 vocab_size"):
         tied.replace(model_blocks=8)
+    with pytest.raises(ValueError, match="model_blocks must be an integer >= 1, got 0"):
+        cfjax.load("no/such/model", model_blocks=0)  # refused before anything is read
     config = TINY.replace(model_blocks=BLOCKS)
     assert "model_blocks" not in config.to_dict()
     assert cfjax.LlamaConfig.from_dict(config.to_dict()) == TINY

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from cfjax.atomic import remove_stale_partials
+from cfjax.core.checks import count
 from cfjax.core.config import LlamaConfig
 from cfjax.runtime.lm import LM, quantize
 from cfjax.sharding import placer, shard_params
@@ -254,7 +255,7 @@ def load(spec: str | Path, dtype=None, *, progress: bool | None = None, mesh=Non
     The source's own dtype is bfloat16 for bf16 checkpoints and float32 otherwise (float32,
     float16 and dequantised GGUF tensors). `progress` shows a bar (default: on a terminal).
     """
-    if model_blocks != 1:  # placed anew on a mesh by the rules of the blocks
+    if count(model_blocks, "model_blocks") != 1:  # placed anew on a mesh by the blocks' rules
         lm = load(spec, dtype, progress=progress, mesh=mesh)
         config = lm.config.replace(model_blocks=model_blocks)
         params = lm.params if mesh is None else shard_params(config, lm.params, mesh)
