@@ -263,7 +263,7 @@ def blocks_cost(lm, prompts, steps: int, tok_s: float, tokens, blocks: int = 8) 
         "model_blocks_over_default": round(blocked_tok_s / tok_s, 3),
         "model_blocks_other_tokens": int(
             sum(a != b for a, b in zip(out[0].tokens, tokens, strict=True))
-        ),  # fmt: skip
+        ),
         "model_blocks_compile_s": round(first_s - warm_s, 1),
     }
 

@@ -90,7 +90,7 @@ def placer(config: LlamaConfig, mesh: Mesh):
     """`place(path, array)` for a loader: puts one host tensor (split or fused layout) on its
     shards."""
     spec.check_divisible(config, mesh.shape["model"])
-    columns = spec.column_axes(config)
+    columns = lambda out: spec.column_axes(config, out)  # noqa: E731
     split = {
         ("attn", "q"): columns("heads"), ("attn", "k"): columns("kv_heads"),
         ("attn", "v"): columns("kv_heads"), ("mlp", "gate"): columns("ffn"),

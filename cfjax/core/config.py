@@ -102,8 +102,11 @@ class LlamaConfig:
         if isinstance(b, bool) or not (isinstance(b, int) or _is_np_int(b)) or b < 1:
             raise ValueError(f"config {self.name}: model_blocks must be an integer >= 1, got {b!r}")  # fmt: skip
         object.__setattr__(self, "model_blocks", int(b))
-        for what, n in (("dim", self.dim), ("attention features (n_heads x head_dim)", self.n_heads * self.head_dim),
-                        ("ffn_dim", self.ffn_dim), ("vocab_size", self.vocab_size if self.tie_embeddings else b)):  # fmt: skip
+        cut = [("dim", self.dim), ("attention features (n_heads x head_dim)", self.n_heads * self.head_dim),
+               ("ffn_dim", self.ffn_dim)]  # fmt: skip
+        if self.tie_embeddings:  # a tied head is cut along the vocabulary
+            cut.append(("vocab_size", self.vocab_size))
+        for what, n in cut:
             if n % b:
                 raise ValueError(f"config {self.name}: model_blocks {b} does not divide the {n} {what}")  # fmt: skip
 

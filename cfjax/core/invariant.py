@@ -259,23 +259,22 @@ def blocked_matmul(x: jax.Array, w: jax.Array, contract: int, wide: bool, blocks
     each block gives V / blocks of the logits. Every block is a dot of one shape, whether one
     device runs all of them (a batched dot: the same kernel per block) or a device of a mesh
     whose model axis divides `blocks` runs its share, so both round every block alike."""
-    n = w.shape[0] // blocks
+    ws = w.reshape(blocks, w.shape[0] // blocks, w.shape[1])
     if contract == 0:
         # `x` whole on every device too: GSPMD would otherwise split the features of the
         # residual stream like the blocks, and exchange slices in each of its sums.
-        xs = _gathered(x).reshape(x.shape[0], blocks, n)
-        ws = w.reshape(blocks, n, w.shape[1])
+        xs = _gathered(x).reshape(x.shape[0], blocks, -1)
         dims = (((2,), (1,)), ((1,), (0,)))
-        dot = lambda a, b, out: jax.lax.dot_general(a, b, dims, preferred_element_type=out)  # noqa: E731
+    else:
+        xs = jnp.broadcast_to(x, (blocks,) + x.shape)
+        dims = (((2,), (2,)), ((0,), (0,)))
+    dot = lambda a, b, out: jax.lax.dot_general(a, b, dims, preferred_element_type=out)  # noqa: E731
+    if contract == 0:
         # The partials [blocks, m, N], gathered from the devices holding their blocks (one
         # all-gather; left alone, GSPMD kept the sum split over the features and exchanged
         # slices of every later tree), then added in block order.
         total = in_order(_gathered(f32_dot(dot, xs, ws)), 0)
         return total if wide else round_to(total, x.dtype)
-    xs = jnp.broadcast_to(x, (blocks,) + x.shape)
-    ws = w.reshape(blocks, n, w.shape[1])
-    dims = (((2,), (2,)), ((0,), (0,)))
-    dot = lambda a, b, out: jax.lax.dot_general(a, b, dims, preferred_element_type=out)  # noqa: E731
     out = f32_dot(dot, xs, ws) if wide else dot(xs, ws, None)  # [blocks, m, V / blocks]
     return out.transpose(1, 0, 2).reshape(x.shape[0], -1)
 

@@ -73,7 +73,7 @@ def param_spec(config: LlamaConfig, dtype: Any = jnp.float32) -> dict:
     """The params pytree (fused layout, as `model.init_params` makes it) as `ArrayInfo`s."""
     c = config
     q, kv = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
-    columns = column_axes(c)
+    columns = lambda out: column_axes(c, out)  # noqa: E731
     norm = lambda: {"scale": _leaf((c.dim,), dtype, "embed", init=ONES_INIT)}  # noqa: E731
     kernel = lambda shape, *axes: {"kernel": _leaf(shape, dtype, *axes, init=KERNEL_INIT)}  # noqa: E731
     layer = {
@@ -99,13 +99,11 @@ def param_spec(config: LlamaConfig, dtype: Any = jnp.float32) -> dict:
     return spec
 
 
-def column_axes(config: LlamaConfig):
-    """`axes(out)`: the logical axes of a kernel `[dim, out]` whose output columns the rules
-    split (`("embed", out)`), or, with `model_blocks > 1`, whose contraction they split in whole
+def column_axes(config: LlamaConfig, out: str) -> tuple[str, str]:
+    """The logical axes of a kernel `[dim, out]` whose output columns the rules split
+    (`("embed", out)`), or, with `model_blocks > 1`, whose contraction they split in whole
     blocks (`("blocks", "columns")`)."""
-    if config.model_blocks > 1:
-        return lambda out: ("blocks", "columns")
-    return lambda out: ("embed", out)
+    return ("blocks", "columns") if config.model_blocks > 1 else ("embed", out)
 
 
 def cache_spec(config: LlamaConfig, batch: int, length: int, dtype: Any = jnp.float32) -> dict:

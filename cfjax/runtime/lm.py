@@ -56,14 +56,14 @@ class LM:
         if (config.batch_invariant, config.model_blocks) != (self.config.batch_invariant, self.config.model_blocks):  # fmt: skip
             changes.setdefault("caches", CacheStore())
             changes.setdefault("observations", ArrayStore())
-        mesh = mesh_of(self.params)
-        if (config.model_blocks != self.config.model_blocks and "params" not in changes
-                and mesh is not None and mesh.shape["model"] > 1):  # fmt: skip
-            raise ValueError(
-                "model_blocks changes how a model-parallel mesh splits the params: load with "
-                "cfjax.load(..., mesh=mesh, model_blocks=n), or give params placed for the new "
-                "config (cfjax.sharding.shard_params)"
-            )
+        if config.model_blocks != self.config.model_blocks and "params" not in changes:
+            mesh = mesh_of(self.params)
+            if mesh is not None and mesh.shape["model"] > 1:
+                raise ValueError(
+                    "model_blocks changes how a model-parallel mesh splits the params: load "
+                    "with cfjax.load(..., mesh=mesh, model_blocks=n), or give params placed for "
+                    "the new config (cfjax.sharding.shard_params)"
+                )
         return dataclasses.replace(self, **changes)
 
 
