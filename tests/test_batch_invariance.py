@@ -146,7 +146,7 @@ def test_batch_invariance_is_an_execution_choice_not_a_model_property():
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_the_prefill_window_changes_no_bit(dtype):
-    """The host's prefill computes only the last whole blocks that hold the prompts
+    """The host's prefill computes only the first whole blocks that hold the prompts
     (`kernel.prefill_window`: 96 of the 128 slots here); every real slot's keys and values, in
     every layer, are those of a prefill of the whole bucket, bit for bit."""
     from cfjax.runtime import driver

@@ -91,8 +91,11 @@ def _request(lm: LM, traces: list[Trace], plans: list[Plan], keys, fresh: bool, 
     noise_index = np.stack([_noise_map(t, p, steps, fresh) for t, p in zip(traces, plans, strict=True)])  # fmt: skip
     # The cache keeps the factual run's size, so that a capped batch still resumes from it.
     cache_steps = max(steps, *(t.max_new_tokens for t in traces))
+    # Edited prompts of one trace share their unedited prefix with its prompt: filled once.
+    factual = {tuple(t.prompt_tokens) for t in traces}
+    reference = list(traces[0].prompt_tokens) if len(factual) == 1 and any(p.prompt_changed for p in plans) else None  # fmt: skip
     request = driver.Request(prompts, jnp.stack(keys), [p.sampler for p in plans], steps, forced,
-                             noise_index, cache_steps=cache_steps)  # fmt: skip
+                             noise_index, cache_steps=cache_steps, reference=reference)  # fmt: skip
     return request, limits
 
 

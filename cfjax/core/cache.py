@@ -4,6 +4,7 @@ The cache is a plain pytree, so it can be donated to `jax.jit` (XLA then updates
 and carried through the decode loop. Slots are absolute positions in the padded sequence: prompts
 are left-padded, so row `b`'s first real token sits at slot `start[b]` and every row writes
 its next token at the same slot index, which keeps the update a single `dynamic_update_slice`.
+(The prefill fills prompts from slot 0 first, where a row may write at its own slot: `write`.)
 """
 
 from __future__ import annotations
@@ -58,7 +59,11 @@ def init_cache(config: LlamaConfig, batch: int, length: int, dtype=jnp.float32) 
 
 
 def write(layer_cache: jax.Array, new: jax.Array, index: jax.Array, axis: int) -> jax.Array:
-    """Write `new` at slots `[index, index + T)` of one layer's cache, slots along `axis`."""
+    """Write `new` at slots `[index, index + T)` of one layer's cache, slots along `axis`
+    (`index` a scalar, or `[B]`: each row at its own slot)."""
+    index = jnp.asarray(index, jnp.int32)
+    if index.ndim:
+        return jax.vmap(lambda c, n, i: write(c[None], n[None], i, axis)[0])(layer_cache, new, index)
     zero = jnp.zeros((), jnp.int32)
     at = [zero] * 4
     at[axis] = jnp.asarray(index, jnp.int32)

@@ -11,9 +11,9 @@ spelled out so that the order of its additions is fixed by construction:
   on it, and keep XLA:CPU from moving a reduction and its `exp` into a fusion whose `exp`
   rounds otherwise (see `tree_max`).
 - `slot_sum` sums over cache slots in blocks of `BLOCK` (a tree within a block, blocks in slot
-  order). Prompts are left-padded into buckets that are multiples of `BLOCK` (kernel.MIN_BUCKET),
-  so a row's tokens sit at the same offset within their blocks whatever the batch, and the
-  blocks before and after them, all masked, add exact zeros.
+  order). The prefill computes prompts from slot 0, and the decode has them left-padded into
+  buckets that are multiples of `BLOCK` (kernel.MIN_BUCKET), so a row's tokens sit at the same
+  offset within their blocks whatever the batch, and the masked slots add exact zeros.
 - `dense` feeds a matmul tiles of rows: of one fixed shape on accelerators, and on the CPU of
   row counts measured not to change a row's rounding (see `tiles`); under `vmap` it folds the
   mapped axis into the rows (`custom_vmap`), so `core.sample` under `vmap` tiles the same way.

@@ -12,10 +12,15 @@ Slot layout of one row (prompt of length n in a buffer of P = bucket slots, left
    0            start = P - (n - 1)        P-1   P        P+1       P+2
 Step i writes its input token at slot P + i and chooses response token i. The cache has
 `cache_length(P, steps)` slots, a function of the two static sizes alone, so `core.sample` on a
-prompt padded to `bucket_length(n)` runs exactly the program shapes `cfjax.generate` runs. The
-host driver's prefill computes only the last quarters of the bucket that hold a prompt
-(`prefill_window`); `core.sample`, whose prompt lengths may be traced, prefills the whole bucket:
-the same keys and values in every real slot.
+prompt padded to `bucket_length(n)` runs exactly the program shapes `cfjax.generate` runs.
+
+The prefill computes the prompts anchored at slot 0 (`fill`), where a slot's keys and values
+depend on the tokens up to it alone, and then moves each row into this layout (`roll_in`): so
+prompts that share a prefix share its keys and values bit for bit, which lets a batch of edited
+prompts reuse the unedited prefix (`runtime.prefix`). The host driver's prefill computes only
+the first quarters of the bucket that hold a prompt (`prefill_window`); `core.sample`, whose
+prompt lengths may be traced, prefills the whole bucket: the same keys and values in every real
+slot.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from cfjax.core import invariant, model, posterior, scm, spec
-from cfjax.core.cache import KVCache, init_cache
+from cfjax.core.cache import KEY_SLOT_AXIS, VALUE_SLOT_AXIS, KVCache, init_cache
 from cfjax.core.config import LlamaConfig
 
 MIN_BUCKET = 32
@@ -160,33 +165,82 @@ def layout(prompt: jax.Array, prompt_length: jax.Array) -> tuple[jax.Array, ...]
     return prefix, last.astype(jnp.int32), start
 
 
+def anchored(prompt: jax.Array, prompt_length: jax.Array) -> jax.Array:
+    """Right-padded prompts `[B, P]` with lengths `[B]` as the prefill computes them:
+    `prompt[:n-1]` from slot 0, zeros after (the last token is decoded)."""
+    n = jnp.asarray(prompt_length, jnp.int32)
+    slots = jnp.arange(prompt.shape[1], dtype=jnp.int32)[None, :]
+    return jnp.where(slots < (n - 1)[:, None], prompt, 0).astype(jnp.int32)
+
+
 def prefill_window(longest: int, bucket: int) -> int:
-    """The prefill's slots for prompts of at most `longest` tokens in a `bucket`: the last
+    """The prefill's slots for prompts of at most `longest` tokens in a `bucket`: the first
     quarters of the bucket (whole blocks of 32 slots at least) that hold every row's
     `prompt[:-1]`.
 
-    The slots before the window are padding in every row, masked for every query; leaving them
-    out changes no bit of a real slot's keys and values (the same keys attended, the same sums
-    and matmul rows: `invariant`), and saves their share of a compute-bound prefill (a 73-token
-    prompt's bucket has 128 slots, its window 96). Quarters bound the prefill programs to three
-    per bucket (a bucket holds prompts longer than its half)."""
+    The slots past the window are padding in every row, invisible to every real query; leaving
+    them out changes no bit of a real slot's keys and values (the same keys attended, the same
+    sums and matmul rows: `invariant`), and saves their share of a compute-bound prefill (a
+    73-token prompt's bucket has 128 slots, its window 96). Quarters bound the prefill programs
+    to three per bucket (a bucket holds prompts longer than its half)."""
     step = max(invariant.BLOCK, bucket // 4)
     return min(bucket, -(-max(longest - 1, 1) // step) * step)
 
 
+def fill(config: LlamaConfig, params, tokens: jax.Array, index, cache: KVCache) -> KVCache:
+    """Prompt tokens `[B, T]` written at slots `[index, index + T)` of an anchored cache (every
+    row's prompt from slot 0, so a slot is its token's position), `index` a static int or `[B]`.
+
+    A slot's keys and values are a function of the tokens up to it alone, bit for bit: the
+    attention sums group slots in blocks counted from slot 0, the invisible slots after a query
+    add exact zeros, and a row's matmul rows round alike in any batch (`invariant`). So two
+    prompts that share their first c tokens share their first c slots, however each was filled:
+    in one call from slot 0 or in segments, alone or in a batch (`runtime.prefix` builds on it).
+    Only the cache is kept, so XLA drops the LM head of the prompt positions.
+    """
+    zero = jnp.zeros((tokens.shape[0],), jnp.int32)
+    return model.apply(config, params, tokens, zero, cache, index, prompt=True)[1]
+
+
+def roll_in(config: LlamaConfig, cache: KVCache, prompt_length, bucket: int, length: int) -> tuple[KVCache, jax.Array]:  # fmt: skip
+    """The decode's cache of `length` slots from an anchored one: row b's `prompt[:n-1]` moved to
+    end at slot `bucket - 1` (left-padded: the layout of the module docstring), every other
+    slot zero. Returns the cache and each row's first real slot."""
+    n = jnp.asarray(prompt_length, jnp.int32)
+    start = bucket - (n - 1)
+    src = jnp.arange(length, dtype=jnp.int32)[None, :] - start[:, None]  # [B, length]
+    real = (src >= 0) & (src < (n - 1)[:, None])
+    src = jnp.clip(src, 0, cache.length - 1)
+
+    def move(x, axis):
+        shape = [x.shape[0], 1, 1, 1]
+        shape[axis] = length
+        at = lambda a: jnp.broadcast_to(a.reshape(shape), x.shape[:axis] + (length,) + x.shape[axis + 1 :])  # noqa: E731  # fmt: skip
+        return jnp.where(at(real), jnp.take_along_axis(x, at(src), axis=axis), jnp.zeros((), x.dtype))  # fmt: skip
+
+    moved = KVCache([move(x, KEY_SLOT_AXIS) for x in cache.k], [move(x, VALUE_SLOT_AXIS) for x in cache.v])  # fmt: skip
+    return spec.constrain_cache(moved, config), start
+
+
 def prefill(config: LlamaConfig, params, prompt, prompt_length, length: int, window: int | None = None) -> tuple[State, jax.Array]:  # fmt: skip
     """Fill a fresh cache of `length` slots (in the params' dtype) with the prompts: the state
-    ready for step 0, and each row's first real slot. `window` (static, default the whole
-    bucket): compute only the last `window` slots of the bucket (`prefill_window`)."""
-    prefix, last, start = layout(prompt, prompt_length)
-    cache = init_cache(config, prompt.shape[0], length, model.compute_dtype(params))
+    ready for step 0, and each row's first real slot. The prompts are computed anchored at slot
+    0 (`fill`), then moved into the decode's layout (`roll_in`). `window` (static, default the
+    whole bucket): compute only the first `window` slots (`prefill_window`)."""
+    width = prompt.shape[1] if window is None else window
+    cache = init_cache(config, prompt.shape[0], width, model.compute_dtype(params))
     cache = spec.constrain_cache(cache, config)  # under a mesh: sharded by the rules
-    skip = 0 if window is None else prompt.shape[1] - window
-    # Only the cache is kept, so XLA drops the unused LM head of the prompt positions.
-    cache = model.apply(config, params, prefix[:, skip:], start, cache, skip, prompt=True)[1]
-    cache = spec.constrain_cache(cache, config)
-    index = jnp.asarray(prompt.shape[1], jnp.int32)
-    return State(last, cache, index, jnp.zeros(last.shape, bool)), start
+    cache = fill(config, params, anchored(prompt, prompt_length)[:, :width], 0, cache)
+    cache, start = roll_in(config, spec.constrain_cache(cache, config), prompt_length, prompt.shape[1], length)  # fmt: skip
+    return initial_state(prompt, prompt_length, cache), start
+
+
+def initial_state(prompt, prompt_length, cache: KVCache) -> State:
+    """The state ready for step 0 over a filled cache: each row feeds its last prompt token at
+    the bucket's end."""
+    n = jnp.asarray(prompt_length, jnp.int32)
+    last = jnp.take_along_axis(prompt, jnp.maximum(n - 1, 0)[:, None], axis=1)[:, 0].astype(jnp.int32)  # fmt: skip
+    return State(last, cache, jnp.asarray(prompt.shape[1], jnp.int32), jnp.zeros(last.shape, bool))
 
 
 def choose(rows: Rows, logits: jax.Array, forced, noise_index, noise) -> tuple[jax.Array, ...]:

@@ -226,7 +226,8 @@ class Llama(nnx.Module):
         cos_sin: tuple[jax.Array, jax.Array] | None = None,
         steer: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
-        """Logits `[B, T, V]` float32 for `tokens` written at slots `[index, index + T)`.
+        """Logits `[B, T, V]` float32 for `tokens` written at slots `[index, index + T)` (`index`
+        a scalar, or `[B]`: each row's own first slot).
 
         `cos_sin`, if given, is `rotation(positions of these tokens)`, computed by the caller.
         `steer` `[n_layers, dim]`, if given, is added to the residual stream after each block.
@@ -264,8 +265,10 @@ class Llama(nnx.Module):
     def _inputs(self, tokens, start, cache, index, cos_sin):
         """(embedded tokens, RoPE rotation, the visibility mask [B, T, S]) of a forward."""
         b, t = tokens.shape
-        slots = jnp.asarray(index, jnp.int32) + jnp.arange(t, dtype=jnp.int32)  # [T]
-        token_positions = positions(slots[None, :], start[:, None])  # [B, T]
+        # The slots written: from one `index` for every row, or (a `[B]` index) from each row's own.
+        first = jnp.asarray(index, jnp.int32)[..., None]
+        slots = jnp.broadcast_to(first + jnp.arange(t, dtype=jnp.int32), (b, t))
+        token_positions = positions(slots, start[:, None])  # [B, T]
         # Queries see slots up to their own. With a static `index` (the prefill writes at 0) the
         # slots past `index + T` are known to be invisible, so attention skips them: the prefill
         # attends over its T tokens, not over the whole cache (SmolLM2, batch 64, a 64-slot
@@ -275,7 +278,7 @@ class Llama(nnx.Module):
         else:
             n_keys = index + t if isinstance(index, int) else cache.length
         key_slots = jnp.arange(n_keys, dtype=jnp.int32)
-        visible = (key_slots[None, None, :] <= slots[None, :, None]) & (
+        visible = (key_slots[None, None, :] <= slots[:, :, None]) & (
             key_slots[None, None, :] >= start[:, None, None]
         )  # [B, T, S]
         if cos_sin is None:

@@ -25,6 +25,7 @@ from cfjax.core.cache import KEY_SLOT_AXIS, VALUE_SLOT_AXIS, KVCache
 from cfjax.core.checks import count
 from cfjax.core.config import LlamaConfig
 from cfjax.core.kernel import DEFAULT_CHUNK, NOT_FORCED, Options, Rows, State
+from cfjax.runtime import prefix
 from cfjax.runtime.request import padded
 
 # From this many rows on, a run on the CPU grows its cache by default (see `grows_by_default`).
@@ -51,6 +52,7 @@ class Request:
     observed: posterior.Observed | None = None  # rows whose noise is abducted (not with noise)
     keep_logits: bool = False  # return every step's f32 logits (to score observed text)
     cache_steps: int | None = None  # size the cache for this many steps (default `steps`)
+    reference: list[int] | None = None  # a prompt the rows share prefixes with (`prefix`)
 
 
 @dataclasses.dataclass
@@ -185,7 +187,7 @@ def run(
 
 def _run(config, params, request: Request, layout: _Layout, options: Options, resume, on_chunk, mesh, draft) -> Decoded:  # fmt: skip
     prompt, lengths = padded(request.prompts, layout.bucket)
-    state, start = _initial_state(config, params, prompt, lengths, layout, resume)
+    state, start = _initial_state(config, params, request, prompt, lengths, layout, resume, mesh)
     calls = layout.calls()
     width = calls[-1][0] + layout.chunk if calls else layout.first
     rows, steps_in = _rows(config, request, start, width)
@@ -221,11 +223,17 @@ def _run(config, params, request: Request, layout: _Layout, options: Options, re
                    resume is not None, int(spec.fetch(state.index)), logits, rounds if draft is not None else None, slots)  # fmt: skip
 
 
-def _initial_state(config, params, prompt, lengths, layout: _Layout, resume: Resume | None):
-    """The state at the run's first step: a prefill, or the resume's stored cache."""
+def _initial_state(config, params, request: Request, prompt, lengths, layout: _Layout, resume: Resume | None, mesh):  # fmt: skip
+    """The state at the run's first step: a prefill (reusing the prefixes the prompts share
+    with `request.reference`, where that saves work), or the resume's stored cache."""
     if resume is None:
         window = kernel.prefill_window(int(np.max(lengths)), layout.bucket)
-        return prefill(config, params, prompt, lengths, layout.slots(layout.first), window)
+        length = layout.slots(layout.first)
+        if request.reference is not None and mesh is None:  # (sharded rows: not built)
+            reused = prefix.prefill(config, params, request.prompts, prompt, lengths, request.reference, length, window)  # fmt: skip
+            if reused is not None:
+                return reused
+        return prefill(config, params, prompt, lengths, length, window)
     batch = prompt.shape[0]
     state = State(jnp.asarray(resume.last, jnp.int32), resume.cache,
                   jnp.asarray(layout.bucket + layout.first, jnp.int32), jnp.zeros((batch,), bool))  # fmt: skip

@@ -1,0 +1,108 @@
+"""Prefix reuse (issue 34): a batch of edited prompts fills only the slots after the prefix each
+shares with a reference prompt, and gets the plain prefill's cache bit for bit.
+
+References: the plain prefill (`driver.prefill`) of the same batch and of each row alone, one-by-
+one `counterfactual` calls, and a numpy account of which slots each row must fill.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import cfjax
+from cfjax import EditPrompt, Sampler
+from cfjax.core import kernel
+from cfjax.core.model import init_params
+from cfjax.runtime import driver, prefix
+from cfjax.runtime.request import padded
+
+
+@pytest.fixture(scope="module", params=["float32", "bfloat16"])
+def tiny(request):
+    config = cfjax.preset("tiny")
+    params = init_params(config, jax.random.key(0), jnp.dtype(request.param), scale=4.0)
+    return cfjax.LM(config, params, model_id="tiny")
+
+
+def edited(reference: list[int], vocab: int, rows: int, seed: int = 0) -> list[list[int]]:
+    """Prompts that replace one token of `reference` by 0 to 3 others (removal, substitution,
+    insertion), at every depth; plus the reference itself and a prompt sharing nothing."""
+    rng = np.random.default_rng(seed)
+    out = [list(reference), [int(t) + 1 for t in reference[:40]]]
+    for cut in np.linspace(0, len(reference) - 2, rows - 2).astype(int):
+        new = [int(t) for t in rng.integers(1, vocab, int(rng.integers(0, 4)))]
+        out.append(reference[:cut] + new + reference[cut + 1 :])
+    return out
+
+
+def leaves_equal(a, b) -> bool:
+    return all(np.asarray(x).tobytes() == np.asarray(y).tobytes() for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True))  # fmt: skip
+
+
+def test_reused_prefixes_give_the_plain_prefills_cache_bit_for_bit(tiny):
+    c, params = tiny.config, tiny.params
+    reference = [int(t) for t in np.random.default_rng(1).integers(1, c.vocab_size, 75)]
+    prompts = edited(reference, c.vocab_size, 20)
+    bucket = kernel.bucket_length(max(map(len, prompts)))
+    prompt, lengths = padded(prompts, bucket)
+    window = kernel.prefill_window(int(lengths.max()), bucket)
+    length = kernel.cache_length(bucket, 16)
+    reused = prefix.prefill(c, params, prompts, prompt, lengths, reference, length, window)
+    assert reused is not None  # about half the plain prefill's slots: worth it
+    plain = driver.prefill(c, params, prompt, lengths, length, window)
+    assert leaves_equal(reused, plain)
+    state, _ = reused
+    for b in (0, 1, 7, 19):  # the reference, a prompt sharing nothing, two edits: each alone
+        one_prompt, one_length = padded([prompts[b]], bucket)
+        alone, _ = driver.prefill(c, params, one_prompt, one_length, length, None)
+        assert leaves_equal([x[0] for x in alone.cache.k + alone.cache.v], [x[b] for x in state.cache.k + state.cache.v])  # fmt: skip
+
+
+def test_the_rounds_fill_each_rows_own_slots():
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        batch = int(rng.integers(1, 40))
+        lengths = rng.integers(2, 120, batch).astype(np.int32)
+        shared = np.minimum(rng.integers(0, 120, batch), lengths - 1).astype(np.int32)
+        filled = [set() for _ in range(batch)]
+        for rows, first in prefix.rounds(shared, lengths):
+            size = len(rows)
+            assert size == batch or (size & (size - 1) == 0 and size < batch)  # few programs
+            real = {}
+            for r, f in zip(rows.tolist(), first.tolist(), strict=True):
+                assert real.setdefault(r, f) == f  # padding repeats a row, never a new write
+            for r, f in real.items():
+                assert not filled[r] & set(range(f, f + prefix.SEGMENT))
+                filled[r] |= set(range(f, f + prefix.SEGMENT))
+        for b in range(batch):
+            need = set(range(shared[b], lengths[b] - 1))
+            assert need <= filled[b] and min(filled[b], default=shared[b]) == shared[b]
+            assert len(filled[b]) - len(need) < prefix.SEGMENT  # at most one part-filled round
+
+
+def test_prompts_that_share_little_take_the_plain_prefill(tiny):
+    c = tiny.config
+    reference = list(range(1, 70))
+    prompts = [[t + 1 for t in reference], [5] * 60]  # nothing in common with the reference
+    prompt, lengths = padded(prompts, 128)
+    assert prefix.prefill(c, tiny.params, prompts, prompt, lengths, reference, 160, 96) is None
+
+
+def test_edited_prompts_of_one_trace_are_their_one_by_one_counterfactuals(tiny):
+    """`counterfactuals` of `EditPrompt`s of one trace take the reuse (their prompts are worth
+    it, checked on the same inputs) and equal one-by-one calls, tokens and log-probs."""
+    lm = tiny
+    prompt = [int(t) for t in np.random.default_rng(2).integers(1, lm.config.vocab_size, 70)]
+    fact = cfjax.generate(lm, [prompt], key=5, sampler=Sampler(1.0), max_new_tokens=12, stop_tokens=())[0]  # fmt: skip
+    edits = [EditPrompt(tokens=tuple(p)) for p in edited(prompt, lm.config.vocab_size, 12, seed=3)[2:]]  # fmt: skip
+    prompts = [list(e.tokens) for e in edits]
+    padded_prompts, lengths = padded(prompts, kernel.bucket_length(max(map(len, prompts))))
+    window = kernel.prefill_window(int(lengths.max()), padded_prompts.shape[1])
+    assert prefix.prefill(lm.config, lm.params, prompts, padded_prompts, lengths, prompt, padded_prompts.shape[1] + 64, window) is not None  # fmt: skip
+    batch = cfjax.counterfactuals(lm, fact, edits)
+    for e, got in zip(edits, batch, strict=True):
+        alone = cfjax.counterfactual(lm, fact, e)
+        assert got.to_dict() == alone.to_dict()
