@@ -3,8 +3,8 @@ counterfactuals run one by one.
 
 SmolLM2-135M-Instruct float32, a 40-word chat prompt, temperature-1 sampling with no stop token
 (every answer has exactly `--new-tokens` steps). `cfjax.attribute(lm, fact, interventional=False)`
-(every word removed, one engine batch) against `counterfactual(lm, fact, EditPrompt(...))` per
-word. The one-by-one side times `--sequential` words and scales to all of them, as the output
+(every word removed, one engine batch, its prefill reusing the prefix each edited prompt shares
+with the factual one) against `counterfactual(lm, fact, EditPrompt(...))` per word. The one-by-one side times `--sequential` words and scales to all of them, as the output
 says. Both warm (one untimed run of each first); the speedup is the median over `--repeats`
 interleaved rounds of each round's ratio (single runs on this VM move by ±9% between rounds).
 The batched rows are checked equal, token for token, to the one-by-one runs.

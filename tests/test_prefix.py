@@ -50,10 +50,15 @@ def test_reused_prefixes_give_the_plain_prefills_cache_bit_for_bit(tiny):
     prompt, lengths = padded(prompts, bucket)
     window = kernel.prefill_window(int(lengths.max()), bucket)
     length = kernel.cache_length(bucket, 16)
-    reused = prefix.prefill(c, params, prompts, prompt, lengths, reference, length, window)
+    reused = prefix.prefill(c, params, prompts, prompt, lengths, prefix.Reference(reference), length, window)  # fmt: skip
     assert reused is not None  # about half the plain prefill's slots: worth it
     plain = driver.prefill(c, params, prompt, lengths, length, window)
     assert leaves_equal(reused, plain)
+    # The reference taken from a cache that holds it (a factual run's: decode layout) instead.
+    ref_prompt, ref_length = padded([reference], 128)
+    kept, kept_start = driver.prefill(c, params, ref_prompt, ref_length, 192, None)
+    stored = prefix.Reference(reference, kept.cache, int(kept_start[0]))
+    assert leaves_equal(prefix.prefill(c, params, prompts, prompt, lengths, stored, length, window), plain)  # fmt: skip
     state, _ = reused
     for b in (0, 1, 7, 19):  # the reference, a prompt sharing nothing, two edits: each alone
         one_prompt, one_length = padded([prompts[b]], bucket)
@@ -88,21 +93,28 @@ def test_prompts_that_share_little_take_the_plain_prefill(tiny):
     reference = list(range(1, 70))
     prompts = [[t + 1 for t in reference], [5] * 60]  # nothing in common with the reference
     prompt, lengths = padded(prompts, 128)
-    assert prefix.prefill(c, tiny.params, prompts, prompt, lengths, reference, 160, 96) is None
+    assert prefix.prefill(c, tiny.params, prompts, prompt, lengths, prefix.Reference(reference), 160, 96) is None  # fmt: skip
 
 
-def test_edited_prompts_of_one_trace_are_their_one_by_one_counterfactuals(tiny):
-    """`counterfactuals` of `EditPrompt`s of one trace take the reuse (their prompts are worth
-    it, checked on the same inputs) and equal one-by-one calls, tokens and log-probs."""
+def test_edited_prompts_of_one_trace_are_their_plain_runs(tiny):
+    """`counterfactuals` of `EditPrompt`s of one trace reuse its prompt's prefix (from the
+    factual's stored cache, or filled again once the store is cleared) and equal one-by-one
+    calls and `generate` of each edited prompt with the factual key (a plain prefill), tokens
+    and log-probs."""
     lm = tiny
     prompt = [int(t) for t in np.random.default_rng(2).integers(1, lm.config.vocab_size, 70)]
-    fact = cfjax.generate(lm, [prompt], key=5, sampler=Sampler(1.0), max_new_tokens=12, stop_tokens=())[0]  # fmt: skip
-    edits = [EditPrompt(tokens=tuple(p)) for p in edited(prompt, lm.config.vocab_size, 12, seed=3)[2:]]  # fmt: skip
-    prompts = [list(e.tokens) for e in edits]
+    sampler = Sampler(1.0)
+    fact = cfjax.generate(lm, [prompt], key=5, sampler=sampler, max_new_tokens=12, stop_tokens=())[0]  # fmt: skip
+    prompts = edited(prompt, lm.config.vocab_size, 12, seed=3)[2:]
+    edits = [EditPrompt(tokens=tuple(p)) for p in prompts]
     padded_prompts, lengths = padded(prompts, kernel.bucket_length(max(map(len, prompts))))
     window = kernel.prefill_window(int(lengths.max()), padded_prompts.shape[1])
-    assert prefix.prefill(lm.config, lm.params, prompts, padded_prompts, lengths, prompt, padded_prompts.shape[1] + 64, window) is not None  # fmt: skip
+    worth = prefix.prefill(lm.config, lm.params, prompts, padded_prompts, lengths, prefix.Reference(prompt), padded_prompts.shape[1] + 64, window)  # fmt: skip
+    assert worth is not None  # the same decision the batch makes on these prompts
     batch = cfjax.counterfactuals(lm, fact, edits)
-    for e, got in zip(edits, batch, strict=True):
-        alone = cfjax.counterfactual(lm, fact, e)
-        assert got.to_dict() == alone.to_dict()
+    lm.caches.clear()
+    refilled = cfjax.counterfactuals(lm, fact, edits)
+    plain = cfjax.generate(lm, prompts, key=[fact.key] * len(prompts), sampler=sampler, max_new_tokens=12, stop_tokens=())  # fmt: skip
+    for e, got, again, want in zip(edits, batch, refilled, plain, strict=True):
+        assert got.to_dict() == again.to_dict() == cfjax.counterfactual(lm, fact, e).to_dict()
+        assert (got.tokens, got.logprobs) == (want.tokens, want.logprobs)

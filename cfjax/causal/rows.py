@@ -27,7 +27,7 @@ from cfjax.causal.trace import Prompt, Trace, new_trace
 from cfjax.core import speculative
 from cfjax.core.checks import count
 from cfjax.core.kernel import NOT_FORCED
-from cfjax.runtime import driver
+from cfjax.runtime import driver, prefix
 from cfjax.runtime.lm import LM
 from cfjax.runtime.request import check_request
 
@@ -69,6 +69,19 @@ def _resume(lm: LM, traces: list[Trace], plans: list[Plan]) -> driver.Resume | N
     return lm.caches.resume(lm.params, [(t.prompt_tokens, t.tokens) for t in traces], first, last)
 
 
+def _reference(lm: LM, traces: list[Trace], plans: list[Plan], stored: bool) -> prefix.Reference | None:  # fmt: skip
+    """Edited prompts of one trace share their unedited prefix with its prompt: the prefill
+    fills it once, or (`stored`) takes it from the factual run's stored cache while kept."""
+    if len({tuple(t.prompt_tokens) for t in traces}) != 1 or not any(p.prompt_changed for p in plans):  # fmt: skip
+        return None
+    t = traces[0]
+    hit = lm.caches.get(plans[0].params, t.prompt_tokens, t.tokens) if stored else None
+    if hit is None:
+        return prefix.Reference(list(t.prompt_tokens))
+    row = jax.tree_util.tree_map(lambda x: x[hit.row : hit.row + 1], hit.stored.cache)
+    return prefix.Reference(list(t.prompt_tokens), row, int(hit.stored.start[hit.row]))
+
+
 def _request(lm: LM, traces: list[Trace], plans: list[Plan], keys, fresh: bool, caps) -> tuple[driver.Request, list[int]]:  # fmt: skip
     """The batch to decode, and each row's length limit.
 
@@ -91,11 +104,8 @@ def _request(lm: LM, traces: list[Trace], plans: list[Plan], keys, fresh: bool, 
     noise_index = np.stack([_noise_map(t, p, steps, fresh) for t, p in zip(traces, plans, strict=True)])  # fmt: skip
     # The cache keeps the factual run's size, so that a capped batch still resumes from it.
     cache_steps = max(steps, *(t.max_new_tokens for t in traces))
-    # Edited prompts of one trace share their unedited prefix with its prompt: filled once.
-    factual = {tuple(t.prompt_tokens) for t in traces}
-    reference = list(traces[0].prompt_tokens) if len(factual) == 1 and any(p.prompt_changed for p in plans) else None  # fmt: skip
     request = driver.Request(prompts, jnp.stack(keys), [p.sampler for p in plans], steps, forced,
-                             noise_index, cache_steps=cache_steps, reference=reference)  # fmt: skip
+                             noise_index, cache_steps=cache_steps)  # fmt: skip
     return request, limits
 
 
@@ -114,6 +124,8 @@ def _run_group(lm: LM, traces: list[Trace], plans: list[Plan], keys: list[jax.Ar
                 )
         request.observed = observed_steps(lm, traces, cache_steps=request.cache_steps, chunk=chunk)
     resume = _resume(lm, traces, plans) if reuse_cache else None
+    if resume is None:
+        request.reference = _reference(lm, traces, plans, reuse_cache)
     out = driver.run(lm.config, params, request, stop_tokens=traces[0].stop_tokens, chunk=chunk,
                      resume=resume, draft=draft)  # fmt: skip
     results = []

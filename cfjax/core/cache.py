@@ -63,7 +63,8 @@ def write(layer_cache: jax.Array, new: jax.Array, index: jax.Array, axis: int) -
     (`index` a scalar, or `[B]`: each row at its own slot)."""
     index = jnp.asarray(index, jnp.int32)
     if index.ndim:
-        return jax.vmap(lambda c, n, i: write(c[None], n[None], i, axis)[0])(layer_cache, new, index)
+        row = lambda c, n, i: write(c[None], n[None], i, axis)[0]  # noqa: E731
+        return jax.vmap(row)(layer_cache, new, index)
     zero = jnp.zeros((), jnp.int32)
     at = [zero] * 4
     at[axis] = jnp.asarray(index, jnp.int32)

@@ -202,15 +202,13 @@ def fill(config: LlamaConfig, params, tokens: jax.Array, index, cache: KVCache) 
     return model.apply(config, params, tokens, zero, cache, index, prompt=True)[1]
 
 
-def roll_in(config: LlamaConfig, cache: KVCache, prompt_length, bucket: int, length: int) -> tuple[KVCache, jax.Array]:  # fmt: skip
-    """The decode's cache of `length` slots from an anchored one: row b's `prompt[:n-1]` moved to
-    end at slot `bucket - 1` (left-padded: the layout of the module docstring), every other
-    slot zero. Returns the cache and each row's first real slot."""
-    n = jnp.asarray(prompt_length, jnp.int32)
-    start = bucket - (n - 1)
-    src = jnp.arange(length, dtype=jnp.int32)[None, :] - start[:, None]  # [B, length]
-    real = (src >= 0) & (src < (n - 1)[:, None])
-    src = jnp.clip(src, 0, cache.length - 1)
+def shift(cache: KVCache, source: jax.Array, to: jax.Array, count: jax.Array, length: int) -> KVCache:  # fmt: skip
+    """A cache of `length` slots that holds row b's `count[b]` slots from `source[b]` on at the
+    slots from `to[b]` on; every other slot zero."""
+    i32 = lambda a: jnp.asarray(a, jnp.int32)[:, None]  # noqa: E731
+    at = jnp.arange(length, dtype=jnp.int32)[None, :] - i32(to)  # [B, length]
+    real = (at >= 0) & (at < i32(count))
+    src = jnp.clip(at + i32(source), 0, cache.length - 1)
 
     def move(x, axis):
         shape = [x.shape[0], 1, 1, 1]
@@ -218,8 +216,18 @@ def roll_in(config: LlamaConfig, cache: KVCache, prompt_length, bucket: int, len
         at = lambda a: jnp.broadcast_to(a.reshape(shape), x.shape[:axis] + (length,) + x.shape[axis + 1 :])  # noqa: E731  # fmt: skip
         return jnp.where(at(real), jnp.take_along_axis(x, at(src), axis=axis), jnp.zeros((), x.dtype))  # fmt: skip
 
-    moved = KVCache([move(x, KEY_SLOT_AXIS) for x in cache.k], [move(x, VALUE_SLOT_AXIS) for x in cache.v])  # fmt: skip
-    return spec.constrain_cache(moved, config), start
+    return KVCache([move(x, KEY_SLOT_AXIS) for x in cache.k], [move(x, VALUE_SLOT_AXIS) for x in cache.v])  # fmt: skip
+
+
+def roll_in(config: LlamaConfig, cache: KVCache, prompt_length, bucket: int, length: int) -> tuple[KVCache, jax.Array]:  # fmt: skip
+    """The decode's cache of `length` slots from an anchored one: row b's `prompt[:n-1]` moved to
+    end at slot `bucket - 1` (left-padded: the layout of the module docstring), every other
+    slot zero. Returns the cache and each row's first real slot."""
+    n = jnp.asarray(prompt_length, jnp.int32)
+    start = bucket - (n - 1)
+    return spec.constrain_cache(
+        shift(cache, jnp.zeros_like(n), start, n - 1, length), config
+    ), start
 
 
 def prefill(config: LlamaConfig, params, prompt, prompt_length, length: int, window: int | None = None) -> tuple[State, jax.Array]:  # fmt: skip

@@ -52,7 +52,7 @@ class Request:
     observed: posterior.Observed | None = None  # rows whose noise is abducted (not with noise)
     keep_logits: bool = False  # return every step's f32 logits (to score observed text)
     cache_steps: int | None = None  # size the cache for this many steps (default `steps`)
-    reference: list[int] | None = None  # a prompt the rows share prefixes with (`prefix`)
+    reference: prefix.Reference | None = None  # a prompt the rows share prefixes with
 
 
 @dataclasses.dataclass

@@ -13,6 +13,7 @@ of a 40-word prompt fills about half the slots the plain prefill fills.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Sequence
 
@@ -26,6 +27,17 @@ from cfjax.core.config import LlamaConfig
 
 SEGMENT = invariant.BLOCK // 2  # slots a row fills per round
 WORTH = 0.75  # reuse when it fills at most this share of the plain prefill's slots
+
+
+@dataclasses.dataclass
+class Reference:
+    """A prompt the rows may share prefixes with and, where one is still kept, a cache of the
+    same params that holds it: one row in the decode's layout, `tokens[:-1]` from slot `start`
+    (a factual run's stored cache), so that the reference is not filled again."""
+
+    tokens: list[int]
+    cache: KVCache | None = None
+    start: int = 0
 
 
 def shared_lengths(prompts: Sequence[Sequence[int]], reference: Sequence[int]) -> np.ndarray:
@@ -86,26 +98,32 @@ def _fill_rows(config: LlamaConfig, params, cache: KVCache, rows, tokens, first)
 
 
 _roll_in = jax.jit(kernel.roll_in, static_argnums=(0, 3, 4))
+_shift = jax.jit(kernel.shift, static_argnums=(4,))
 
 
 def prefill(config: LlamaConfig, params, prompts: Sequence[Sequence[int]], prompt: np.ndarray,
-            lengths: np.ndarray, reference: Sequence[int], length: int, window: int):  # fmt: skip
+            lengths: np.ndarray, reference: Reference, length: int, window: int):  # fmt: skip
     """`kernel.prefill`'s (state, start) for the right-padded `prompt` `[B, P]`, reusing the
-    prefix each row shares with `reference`; None where that would not save enough work
+    prefix each row shares with the reference; None where that would not save enough work
     (`WORTH`), so the caller prefills as usual."""
     lengths = np.asarray(lengths, np.int32)
-    shared = shared_lengths(prompts, reference)
+    tokens = list(reference.tokens)
+    shared = shared_lengths(prompts, tokens)
     plan = rounds(shared, lengths)
-    ref_width = kernel.prefill_window(len(reference), kernel.bucket_length(len(reference)))
-    work = ref_width + sum(len(rows) for rows, _ in plan) * SEGMENT
-    if work > WORTH * len(prompts) * window:
+    slots = window + SEGMENT  # room for every round's segment
+    own = 0 if reference.cache is not None else kernel.prefill_window(len(tokens), kernel.bucket_length(len(tokens)))  # fmt: skip
+    if own + sum(len(rows) for rows, _ in plan) * SEGMENT > WORTH * len(prompts) * window:
         return None
-    ref = np.zeros((1, ref_width), np.int32)
-    ref[0, : len(reference) - 1] = reference[:-1]
-    cache = _seed(_reference(config, params, jnp.asarray(ref)), jnp.asarray(shared), window + SEGMENT)  # fmt: skip
-    tokens = np.pad(np.asarray(kernel.anchored(jnp.asarray(prompt), jnp.asarray(lengths))), ((0, 0), (0, window + SEGMENT)))  # fmt: skip
+    if reference.cache is not None:  # the kept cache, moved back to start at slot 0
+        anchored = _shift(reference.cache, jnp.asarray([reference.start]), jnp.asarray([0]), jnp.asarray([len(tokens) - 1]), slots)  # fmt: skip
+    else:
+        ref = np.zeros((1, own), np.int32)
+        ref[0, : len(tokens) - 1] = tokens[:-1]
+        anchored = _reference(config, params, jnp.asarray(ref))
+    cache = _seed(anchored, jnp.asarray(shared), slots)
+    padded_tokens = np.pad(np.asarray(kernel.anchored(jnp.asarray(prompt), jnp.asarray(lengths))), ((0, 0), (0, slots)))  # fmt: skip
     for rows, first in plan:
-        segment = tokens[rows[:, None], first[:, None] + np.arange(SEGMENT)[None, :]]
+        segment = padded_tokens[rows[:, None], first[:, None] + np.arange(SEGMENT)[None, :]]
         cache = _fill_rows(config, params, cache, jnp.asarray(rows), jnp.asarray(segment), jnp.asarray(first))  # fmt: skip
     cache, start = _roll_in(config, cache, jnp.asarray(lengths), prompt.shape[1], length)
     return kernel.initial_state(jnp.asarray(prompt), jnp.asarray(lengths), cache), start
