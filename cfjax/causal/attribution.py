@@ -4,8 +4,8 @@ answer what it is.
 For every unit, the counterfactual answer with that unit removed or replaced, under the
 factual noise, all units as one engine batch (chunks of `batch_size` rows) whose prefill fills
 only what follows the prefix each edited prompt shares with the factual one (`runtime.prefix`);
-its distance from the factual answer is the unit's effect and not luck's. Beside it, the same edit with fresh
-noise (`interventional_distance`) shows how far answers move by noise alone.
+its distance from the factual answer is the unit's effect and not luck's. Beside it, the same
+edit with fresh noise (`interventional_distance`) shows how far answers move by noise alone.
 
 Prompt units are character spans of the user message: words (`\\w+` runs, and runs of
 punctuation) or the message's own tokens; an edit re-renders the prompt through its chat

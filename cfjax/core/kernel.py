@@ -225,9 +225,8 @@ def roll_in(config: LlamaConfig, cache: KVCache, prompt_length, bucket: int, len
     slot zero. Returns the cache and each row's first real slot."""
     n = jnp.asarray(prompt_length, jnp.int32)
     start = bucket - (n - 1)
-    return spec.constrain_cache(
-        shift(cache, jnp.zeros_like(n), start, n - 1, length), config
-    ), start
+    moved = shift(cache, jnp.zeros_like(n), start, n - 1, length)
+    return spec.constrain_cache(moved, config), start
 
 
 def prefill(config: LlamaConfig, params, prompt, prompt_length, length: int, window: int | None = None) -> tuple[State, jax.Array]:  # fmt: skip

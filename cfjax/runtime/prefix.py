@@ -3,9 +3,9 @@ edited prompts of an attribution sweep and the factual's prompt) prefills only w
 
 The prefill computes prompts anchored at slot 0, where a slot's keys and values are a function
 of the tokens up to it alone, bit for bit (`kernel.fill`). So the reference is filled once (one
-row), each row's cache starts as the reference's first c slots (c: the tokens the row shares
-with it), and the rows fill the rest in rounds of `SEGMENT` slots, each row from its own slot
-on; a round holds only the rows that still have slots to fill (padded to a few batch sizes, so
+row; or taken from a stored cache that holds it), each row's cache starts as the reference's
+first c slots (c: the tokens the row shares with it), and the rows fill the rest in rounds of
+`SEGMENT` slots, each row from its own slot on; a round holds only the rows that still have slots to fill (padded to a few batch sizes, so
 that the programs are few). The result is the plain prefill's cache bit for bit, so a row's
 tokens are those of its one-by-one run; what changes is the work: a sweep that edits each word
 of a 40-word prompt fills about half the slots the plain prefill fills.
