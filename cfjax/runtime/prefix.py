@@ -5,10 +5,11 @@ The prefill computes prompts anchored at slot 0, where a slot's keys and values 
 of the tokens up to it alone, bit for bit (`kernel.fill`). So the reference is filled once (one
 row; or taken from a stored cache that holds it), each row's cache starts as the reference's
 first c slots (c: the tokens the row shares with it), and the rows fill the rest in rounds of
-`SEGMENT` slots, each row from its own slot on; a round holds only the rows that still have slots to fill (padded to a few batch sizes, so
-that the programs are few). The result is the plain prefill's cache bit for bit, so a row's
-tokens are those of its one-by-one run; what changes is the work: a sweep that edits each word
-of a 40-word prompt fills about half the slots the plain prefill fills.
+`SEGMENT` slots, each row from its own slot on; a round holds only the rows that still have
+slots to fill, `ROWS` to a call (one compiled program). The result is the plain prefill's cache
+bit for bit, so a row's tokens are those of its one-by-one run; what changes is the work: a
+sweep that edits each word of a 40-word prompt fills about a third of the slots the plain
+prefill fills.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from cfjax.core.cache import KEY_SLOT_AXIS, VALUE_SLOT_AXIS, KVCache, init_cache
 from cfjax.core.config import LlamaConfig
 
 SEGMENT = invariant.BLOCK // 2  # slots a row fills per round
+ROWS = 8  # rows a call fills, in every round: one compiled program
 WORTH = 0.75  # reuse when it fills at most this share of the plain prefill's slots
 
 
@@ -53,16 +55,18 @@ def shared_lengths(prompts: Sequence[Sequence[int]], reference: Sequence[int]) -
 
 
 def rounds(shared: np.ndarray, lengths: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
-    """The rounds of the fill: per round (the rows it computes, padded to a batch size by
-    repeating its first row; each row's first slot). Row b fills slots [shared[b], n_b - 1)."""
-    batch = len(shared)
+    """The calls of the fill, in order: per call (the rows it computes, each row's first slot).
+    Row b fills slots [shared[b], n_b - 1), `SEGMENT` a round; a round's rows go `ROWS` to a
+    call (fewer for a smaller batch), the last call padded by repeating a row, so that every
+    call is one compiled program."""
     todo = -(-(lengths - 1 - shared) // SEGMENT)  # rounds per row
+    size = min(ROWS, 1 << max(len(shared) - 1, 0).bit_length())
     out = []
     for k in range(int(todo.max(initial=0))):
-        rows = np.flatnonzero(todo > k)
-        size = min(batch, 1 << (len(rows) - 1).bit_length())
-        rows = np.concatenate([rows, np.full(size - len(rows), rows[0])]).astype(np.int32)
-        out.append((rows, (shared[rows] + k * SEGMENT).astype(np.int32)))
+        active = np.flatnonzero(todo > k)
+        for rows in np.array_split(active, -(-len(active) // size)):
+            rows = np.concatenate([rows, np.full(size - len(rows), rows[0])]).astype(np.int32)
+            out.append((rows, (shared[rows] + k * SEGMENT).astype(np.int32)))
     return out
 
 
