@@ -96,7 +96,7 @@ def _seed(reference: KVCache, shared: jax.Array, slots: int) -> KVCache:
 
 @functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
 def _fill_rows(config: LlamaConfig, params, cache: KVCache, rows, tokens, first) -> KVCache:
-    """One round: `rows` fill `SEGMENT` slots each, row i from slot `first[i]` (`kernel.fill`)."""
+    """One call: `rows` fill `SEGMENT` slots each, row i from slot `first[i]` (`kernel.fill`)."""
     part = kernel.fill(config, params, tokens, first, jax.tree_util.tree_map(lambda x: x[rows], cache))  # fmt: skip
     return jax.tree_util.tree_map(lambda x, p: x.at[rows].set(p), cache, part)
 
