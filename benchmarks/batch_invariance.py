@@ -39,7 +39,7 @@ def classes(fn, row: np.ndarray, rest, sizes=SIZES) -> list[list[int]]:
 
 def ops(config, dtype) -> dict:
     """Per op of a decode step at `config`'s shapes: the classes of XLA's plain form and of
-    cfjax's (`cfjax.core.invariant`, `attention.attention_sums`)."""
+    cfjax's (`cfjax.core.invariant`, `attention.attention_tiles`)."""
     from cfjax.core import attention, invariant
 
     rng = np.random.default_rng(0)
@@ -71,7 +71,7 @@ def ops(config, dtype) -> dict:
         q = q.reshape(-1, kv, g, 1, hd)
         b = q.shape[0]
         k, v = (jnp.broadcast_to(a, (b, *a.shape)) for a in (keys, values))
-        return attention.attention_sums(q, k, v, jnp.ones((1, 1, 1, 1, s), bool), np.float32(hd**-0.5)).reshape(b, -1)  # fmt: skip
+        return attention.attention_tiles(q, k, v, jnp.ones((1, 1, 1, 1, s), bool), np.float32(hd**-0.5)).reshape(b, -1)  # fmt: skip
 
     out[f"decode attention {s} slots"] = both(plain, ours, rand(kv * g * hd), lambda m: rand(m, kv * g * hd))  # fmt: skip
     return out

@@ -7,6 +7,7 @@ shape, read from the compiled chunk's own HLO. This is the profile behind benchm
     python benchmarks/profile_decode.py                        # SmolLM2 f32, batch 1
     python benchmarks/profile_decode.py --batch 64 --steps 64
     python benchmarks/profile_decode.py --config tiny --steps 8 --json   # random weights
+    python benchmarks/profile_decode.py --batch 64 --variant   # batch_invariant=False
 
 On the CPU, XLA's thunks run one after another, so the sum is close to the wall time; the
 per-op overhead of the profiler is small next to ops of tens of microseconds.
@@ -154,6 +155,7 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=kernel.DEFAULT_CHUNK)
     ap.add_argument("--prompt-len", type=int, default=42)
     ap.add_argument("--top", type=int, default=20, help="rows printed")
+    ap.add_argument("--variant", action="store_true", help="profile batch_invariant=False")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
@@ -162,6 +164,8 @@ def main() -> None:
         from cfjax.core import model
 
         lm = lm.replace(params=model.init_params(lm.config, jax.random.key(0), dtype=jnp.dtype(args.dtype)))  # fmt: skip
+    if args.variant:
+        lm = lm.replace(batch_invariant=False)
     result = {**profile(lm, args.batch, args.steps, args.chunk, args.prompt_len), **machine()}
     if args.json:
         print(json.dumps(result))

@@ -121,7 +121,9 @@ def test_the_batch_variant_mode_keeps_the_causal_guarantees(dtype):
     assert fast.config.batch_invariant is False and fast.caches is not lm.caches
     invariant_step, plain_step = _lowered_step(lm, 64), _lowered_step(fast, 64)
     dots = lambda text: text.count("stablehlo.dot_general")  # noqa: E731
-    assert dots(invariant_step) == 2 * dots(plain_step)  # 64 rows: two tiles of 32 per weight
+    attention = lm.config.n_layers  # the scores: one tile of query rows, one chunk of slots
+    # 64 rows: two tiles of 32 per weight matmul
+    assert dots(invariant_step) - attention == 2 * (dots(plain_step) - attention)
     assert plain_step.count("stablehlo.select") < invariant_step.count("stablehlo.select")
     prompts, samplers = _rows(8, seed=2)
     run = lambda m: cfjax.generate(m, prompts, key=4, chat=False, sampler=samplers, max_new_tokens=STEPS)  # noqa: E731  # fmt: skip
@@ -215,3 +217,37 @@ def test_bfloat16_bits_are_written_in_the_program_not_left_to_xla():
         return out.stdout.strip().splitlines()[-1]
 
     assert run("") == run("--xla_allow_excess_precision=false")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cpu_attention_rows_ignore_batch_positions_and_cache_length(dtype):
+    """`attention.attention_tiles` (the CPU's form): a query row's attention is bit-identical
+    whatever the batch beside it, the number of positions scored with it (1 query row, 5 as in
+    a speculative pass, 70 as in a prefill: one tile, several unrolled, a loop of tiles) and
+    the cache's length (masked slots past `SCORE_SLOTS`, which score in a second chunk), and
+    within rounding of a float64 numpy attention."""
+    from cfjax.core import attention
+
+    rng = np.random.default_rng(0)
+    b, kv, g, d, visible = 3, 2, 3, 64, 100  # SmolLM2's head shapes
+    big = attention.SCORE_SLOTS + 128
+    q = rng.standard_normal((b, kv, g, 70, d)).astype(np.float32)
+    keys = rng.standard_normal((b, kv, d, big)).astype(dtype)
+    values = rng.standard_normal((b, kv, big, d)).astype(dtype)
+    allowed = (rng.random((b, 1, 1, 70, big)) < 0.8) & (np.arange(big) < visible)
+    run = jax.jit(attention.attention_tiles)
+    outputs = {}
+    for rows in (1, 3):
+        for t in (1, 5, 70):
+            for slots in (128, big):
+                got = run(q[:rows, :, :, :t], keys[:rows, ..., :slots], values[:rows, :, :slots],
+                          allowed[:rows, ..., :t, :slots], np.float32(d**-0.5))  # fmt: skip
+                outputs[rows, t, slots] = np.asarray(got)[0, :, :, 0]
+    first = outputs[1, 1, 128]
+    assert all(out.tobytes() == first.tobytes() for out in outputs.values())
+    k64, v64 = np.asarray(keys, np.float64), np.asarray(values, np.float64)
+    scores = np.einsum("kgd,kds->kgs", q[0, :, :, 0], k64[0]) * d**-0.5
+    scores = np.where(allowed[0, :, :, 0], scores, -np.inf)
+    weights = np.exp(scores - scores.max(-1, keepdims=True))
+    expected = np.einsum("kgs,ksd->kgd", weights / weights.sum(-1, keepdims=True), v64[0])
+    np.testing.assert_allclose(first, expected, rtol=2e-5, atol=2e-5)

@@ -1,8 +1,8 @@
 """The accelerators' forms, checked on the CPU (issue 31): the decode chunk and the prefill of a
 small bfloat16 config lower for CUDA and TPU (`jax.export` under `invariant.forms_for`), and there the decode attention
 contracts the bf16 cache in dots that accumulate in float32, with no float32 copy of the cache.
-Lowered for the CPU, the same chunk does widen the cache (its multiply-and-sum form): the check
-can fail."""
+Lowered for the CPU, the same chunk does widen the cache (its float32 form: score dots in
+tiles, multiply-and-sums over the values): the check can fail."""
 
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ def test_the_decode_chunk_lowers_for_accelerators_without_a_float32_cache(platfo
     assert rows == {invariant.ACCELERATOR_ROWS}, rows
 
 
-def test_on_the_cpu_the_cache_is_widened_for_the_multiply_and_sum():
+def test_on_the_cpu_the_cache_is_widened_for_the_float32_form():
     assert _widens_the_cache(_export_chunk(("cpu",)).mlir_module())
 
 
@@ -94,15 +94,15 @@ def test_the_prefill_lowers_for_accelerators():
 
 
 def test_the_two_forms_agree():
-    """The dot form (run here on the CPU in float32) gives the multiply-and-sum's attention."""
+    """The dot form (run here on the CPU in float32) gives the CPU tiles' attention."""
     rng = jax.random.split(jax.random.key(0), 3)
     q = jax.random.normal(rng[0], (2, 2, 2, 3, 16))
     keys = jax.random.normal(rng[1], (2, 2, 16, 40))
     values = jax.random.normal(rng[2], (2, 2, 40, 16))
     mask = (jnp.arange(40) < 30)[None, None, None, None, :]
-    sums = attention.attention_sums(q, keys, values, mask, 0.25)
+    tiles = attention.attention_tiles(q, keys, values, mask, 0.25)
     dots = attention.attention_dots(q, keys, values, mask, 0.25)
-    assert jnp.allclose(sums, dots, atol=1e-5)
+    assert jnp.allclose(tiles, dots, atol=1e-5)
 
 
 def test_blocked_matmuls_lower_for_accelerators_as_one_dot_shape_per_block():

@@ -2,8 +2,9 @@
 
 The prefill, the decode step and the speculative scoring pass all attend through
 `cached_attention`, so factual, counterfactual, resumed, abducted and speculative runs round
-alike on a backend; every sum is in a fixed order (`invariant`), so a row's attention does not
-depend on its batch or on how many cache slots other rows needed.
+alike on a backend; every sum is in a fixed order (`invariant`) and every dot of a shape
+measured to round a row alike whatever the batch (`invariant.row_tiles`), so a row's attention
+does not depend on its batch or on how many cache slots other rows needed.
 """
 
 from __future__ import annotations
@@ -27,12 +28,30 @@ def _softmax_weighted(scores, mask, scale, weighted_sum) -> jax.Array:
     return weighted_sum(e) * (1 / invariant.slot_sum(e, -1))[..., None]
 
 
-def attention_sums(q, keys, values, mask, scale):
-    """The CPU's form: float32 multiply-and-sums over the cache as it lies, summed in the fixed
-    orders of `invariant` (each reduction over a non-minor axis: XLA:CPU fuses a product and
-    its sums into one vectorised pass over each K/V block, where a dot copied the cache)."""
+# XLA:CPU rounds a dot's entries alike for every count of cache slots up to this many, and
+# otherwise from 640 on (measured at SmolLM2's head shapes): longer caches are scored in chunks.
+SCORE_SLOTS = 512
+
+
+def attention_tiles(q, keys, values, mask, scale):
+    """The CPU's form, float32. The scores are dots: XLA:CPU rounds a dot's row alike for every
+    row count in 2..`invariant.ROWS`, so the query rows (heads x positions) go in
+    `invariant.row_tiles`, each tile scored against chunks of at most `SCORE_SLOTS` slots (a
+    SmolLM2 batch-64 decode step: 335 -> 285 ms against the tree of products, which wrote a
+    `[B, KV, G, T, D, S]` product out whole). The weighted values are multiply-and-sums in
+    `invariant.slot_sum`'s order over the cache as it lies (a dot over slot blocks made XLA copy
+    the value cache around the decode loop)."""
     f32 = jnp.float32
-    scores = invariant.tree_sum(invariant.rounded(q.astype(f32)[..., None] * keys[:, :, None, None].astype(f32)), -2)  # fmt: skip
+    b, kv, g, t, d = q.shape
+    s = keys.shape[-1]
+    rows, keys = q.astype(f32).reshape(b, kv, g * t, d), keys.astype(f32)
+    chunk = SCORE_SLOTS if invariant.enabled() else s
+
+    def scores_of(tile):  # [B, KV, R, D] -> [B, KV, R, S]
+        parts = [jnp.einsum("bkrd,bkds->bkrs", tile, keys[..., i : i + chunk]) for i in range(0, s, chunk)]  # fmt: skip
+        return jnp.concatenate(parts, -1)
+
+    scores = invariant.row_tiles(scores_of, rows, 2).reshape(b, kv, g, t, s)
     weighted = lambda e: invariant.slot_sum(invariant.rounded(e[..., None] * values[:, :, None, None].astype(f32)), -2)  # noqa: E731  # fmt: skip
     return _softmax_weighted(scores, mask, scale, weighted)
 
@@ -61,9 +80,9 @@ def cached_attention(q, keys, values, mask, scale) -> jax.Array:
     `[B, KV, S, D]`, `mask` broadcastable to `[B, KV, G, T, S]`): float32 `[B, KV, G, T, D]`.
 
     One function for the prefill, the decode step and the speculative scoring pass, in a form
-    per backend (`invariant.on_cpu`, chosen while tracing): float32 multiply-and-sums on
-    the CPU, cache-dtype dots with float32 accumulation elsewhere. Factual, counterfactual,
+    per backend (`invariant.on_cpu`, chosen while tracing): float32 dots in tiles of fixed
+    rounding classes on the CPU, cache-dtype dots with float32 accumulation elsewhere. Factual, counterfactual,
     resumed and abducted runs all take the same form on a given backend.
     """
-    form = attention_sums if invariant.on_cpu() else attention_dots
+    form = attention_tiles if invariant.on_cpu() else attention_dots
     return form(q, keys, values, mask, scale)

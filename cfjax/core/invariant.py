@@ -313,19 +313,33 @@ def _tiled(x: jax.Array, w: jax.Array, contract: int, wide: bool, fixed: int | N
 
 
 def _row_tiles(x: jax.Array, w: jax.Array, contract: int, wide: bool, fixed: int | None, blocks: int) -> jax.Array:  # fmt: skip
-    rows = x.reshape(-1, x.shape[-1])
-    m = rows.shape[0]
-    count, size = tiles(m, fixed)
-    rows = jnp.pad(rows, ((0, count * size - m), (0, 0)))
     if blocks > 1:
         tile = lambda t: blocked_matmul(t, w, contract, wide, blocks)  # noqa: E731
     else:
         tile = lambda t: matmul(t, w, contract, wide)  # noqa: E731
-    if count <= UNROLLED_TILES:  # one dot per tile, in one program: no loop to run
-        out = jnp.concatenate([tile(t) for t in jnp.split(rows, count)])
+    out = row_tiles(tile, x.reshape(-1, x.shape[-1]), 0, fixed)
+    return out.reshape(*x.shape[:-1], -1)
+
+
+def row_tiles(fn, x: jax.Array, axis: int, fixed: int | None = None) -> jax.Array:
+    """`fn` over tiles of the rows along `axis` of `x` (zeros padding them to whole tiles of
+    `tiles(m, fixed)`), its results put back in row order. `fn` keeps the row axis where it
+    is; each tile is a call of one shape, so `fn`'s dots round every row alike."""
+    if not enabled():
+        return fn(x)
+    axis = axis % x.ndim
+    m = x.shape[axis]
+    count, size = tiles(m, fixed)
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, count * size - m)
+    x = jnp.pad(x, pad)
+    if count <= UNROLLED_TILES:  # one call per tile, in one program: no loop to run
+        out = jnp.concatenate([fn(t) for t in jnp.split(x, count, axis)], axis)
     else:
-        out = jax.lax.map(tile, rows.reshape(count, size, -1))
-    return out.reshape(count * size, -1)[:m].reshape(*x.shape[:-1], -1)
+        stacked = jnp.moveaxis(x.reshape(x.shape[:axis] + (count, size) + x.shape[axis + 1 :]), axis, 0)  # fmt: skip
+        out = jnp.moveaxis(jax.lax.map(fn, stacked), 0, axis)
+        out = out.reshape(out.shape[:axis] + (count * size,) + out.shape[axis + 2 :])
+    return jax.lax.slice_in_dim(out, 0, m, axis=axis)
 
 
 def dense(x: jax.Array, w: jax.Array, contract: int = 0, wide: bool = False) -> jax.Array:
