@@ -40,20 +40,21 @@ def attention_tiles(q, keys, values, mask, scale):
     SmolLM2 batch-64 decode step: 335 -> 285 ms against the tree of products, which wrote a
     `[B, KV, G, T, D, S]` product out whole). The weighted values are multiply-and-sums in
     `invariant.slot_sum`'s order over the cache as it lies (a dot over slot blocks made XLA copy
-    the value cache around the decode loop)."""
+    the value cache around the decode loop). Batch-variant, the products and XLA's own sums."""
     f32 = jnp.float32
     b, kv, g, t, d = q.shape
     s = keys.shape[-1]
-    rows, keys = q.astype(f32).reshape(b, kv, g * t, d), keys.astype(f32)
-    chunk = SCORE_SLOTS if invariant.enabled() else s
+    q, keys = q.astype(f32), keys.astype(f32)
+    weighted = lambda e: invariant.slot_sum(invariant.rounded(e[..., None] * values[:, :, None, None].astype(f32)), -2)  # noqa: E731  # fmt: skip
+    if not invariant.enabled():  # XLA's own reduce of the products: faster than a dot here
+        return _softmax_weighted(jnp.sum(q[..., None] * keys[:, :, None, None], -2), mask, scale, weighted)  # fmt: skip
 
     def scores_of(tile):  # [B, KV, R, D] -> [B, KV, R, S]
-        parts = [jnp.einsum("bkrd,bkds->bkrs", tile, keys[..., i : i + chunk]) for i in range(0, s, chunk)]  # fmt: skip
+        parts = [jnp.einsum("bkrd,bkds->bkrs", tile, keys[..., i : i + SCORE_SLOTS]) for i in range(0, s, SCORE_SLOTS)]  # fmt: skip
         return jnp.concatenate(parts, -1)
 
-    scores = invariant.row_tiles(scores_of, rows, 2).reshape(b, kv, g, t, s)
-    weighted = lambda e: invariant.slot_sum(invariant.rounded(e[..., None] * values[:, :, None, None].astype(f32)), -2)  # noqa: E731  # fmt: skip
-    return _softmax_weighted(scores, mask, scale, weighted)
+    scores = invariant.row_tiles(scores_of, q.reshape(b, kv, g * t, d), 2)
+    return _softmax_weighted(scores.reshape(b, kv, g, t, s), mask, scale, weighted)
 
 
 def attention_dots(q, keys, values, mask, scale):
