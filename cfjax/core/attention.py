@@ -81,9 +81,9 @@ def cached_attention(q, keys, values, mask, scale) -> jax.Array:
     `[B, KV, S, D]`, `mask` broadcastable to `[B, KV, G, T, S]`): float32 `[B, KV, G, T, D]`.
 
     One function for the prefill, the decode step and the speculative scoring pass, in a form
-    per backend (`invariant.on_cpu`, chosen while tracing): float32 dots in tiles of fixed
-    rounding classes on the CPU, cache-dtype dots with float32 accumulation elsewhere. Factual, counterfactual,
-    resumed and abducted runs all take the same form on a given backend.
+    per backend (`invariant.on_cpu`, chosen while tracing): float32 score dots in row tiles and
+    multiply-and-sums on the CPU, cache-dtype dots with float32 accumulation elsewhere.
+    Factual, counterfactual, resumed and abducted runs all take the same form on a backend.
     """
     form = attention_tiles if invariant.on_cpu() else attention_dots
     return form(q, keys, values, mask, scale)

@@ -17,6 +17,7 @@ spelled out so that the order of its additions is fixed by construction:
 - `dense` feeds a matmul tiles of rows: of one fixed shape on accelerators, and on the CPU of
   row counts measured not to change a row's rounding (see `tiles`); under `vmap` it folds the
   mapped axis into the rows (`custom_vmap`), so `core.sample` under `vmap` tiles the same way.
+  `row_tiles` gives other dots the same tiles (the CPU attention's scores).
 - With `config.model_blocks = n > 1`, `dense` cuts each weight into n fixed blocks along the
   axis a model-parallel mesh splits (the contraction, or a tied head's vocabulary) and runs
   one dot per block (`blocked_matmul`): a device holding n / model of the blocks runs the same
