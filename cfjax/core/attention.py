@@ -37,7 +37,7 @@ def attention_tiles(q, keys, values, mask, scale):
     """The CPU's form, float32. The scores are dots: XLA:CPU rounds a dot's row alike for every
     row count in 2..`invariant.ROWS`, so the query rows (heads x positions) go in
     `invariant.row_tiles`, each tile scored against chunks of at most `SCORE_SLOTS` slots (a
-    SmolLM2 batch-64 decode step: 335 -> 285 ms against the tree of products, which wrote a
+    SmolLM2 batch-64 decode step: 335-342 -> 277-296 ms against the tree of products, which wrote a
     `[B, KV, G, T, D, S]` product out whole). The weighted values are multiply-and-sums in
     `invariant.slot_sum`'s order over the cache as it lies (a dot over slot blocks made XLA copy
     the value cache around the decode loop). Batch-variant, the products and XLA's own sums."""
