@@ -219,30 +219,61 @@ def test_bfloat16_bits_are_written_in_the_program_not_left_to_xla():
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_cpu_attention_rows_ignore_batch_positions_and_cache_length(dtype):
-    """`attention.attention_tiles` (the CPU's form): a query row's attention is bit-identical
-    whatever the batch beside it, the number of positions scored with it (1 query row, 5 as in
-    a speculative pass, 70 as in a prefill: one tile, several unrolled, a loop of tiles) and
-    the cache's length (masked slots past `SCORE_SLOTS`, which score in a second chunk), and
-    within rounding of a float64 numpy attention."""
-    from cfjax.core import attention
+def test_matmul_rows_round_alike_in_every_tile(dtype):
+    """`invariant.dense`, as the decode step (tiles of 2..32 rows, of up to 256 where the dot
+    contracts 1,024 features or more) and as the prefill (tiles of exactly 64 rows) run it: a
+    row's result is bit-identical whatever the rows beside it (1 to 300: one tile, several, a
+    padded last one) and within rounding of float64 numpy."""
+    from cfjax.core import invariant
 
     rng = np.random.default_rng(0)
-    b, kv, g, d, visible = 3, 2, 3, 64, 100  # SmolLM2's head shapes
+    for features in (576, 1536):  # SmolLM2's: one tile per 32 rows, and per 256 (`WIDE`)
+        x = rng.standard_normal((300, features)).astype(dtype)
+        w = (rng.standard_normal((features, 320)) / 30).astype(dtype)
+        expected = np.asarray(x, np.float64)[:1] @ np.asarray(w, np.float64)
+        for prefill in (False, True):
+
+            def run(x, w, prefill=prefill):  # a fresh function: traced in its own mode
+                with invariant.batch_invariance(True, prefill=prefill):
+                    return invariant.dense(x, w)
+
+            first = {m: np.asarray(jax.jit(run)(x[:m], w), np.float32)[0] for m in (1, 2, 3, 32, 33, 64, 100, 300)}  # fmt: skip
+            assert all(v.tobytes() == first[1].tobytes() for v in first.values()), (features, prefill)  # fmt: skip
+            np.testing.assert_allclose(first[1], expected[0], rtol=2e-2 if dtype == "bfloat16" else 1e-4, atol=2e-2 if dtype == "bfloat16" else 1e-4)  # fmt: skip
+
+
+@pytest.mark.parametrize("prefill", [False, True])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cpu_attention_rows_ignore_batch_positions_and_cache_length(dtype, prefill):
+    """`attention.attention_tiles` (the CPU's form), as the decode step and as the prefill
+    (fixed tiles, score dots of one shape, weighted values by slot-block dots) run it: a query
+    row's attention is bit-identical whatever the batch beside it, the number of positions
+    scored with it (1 query row, 5 as in a speculative pass, 70 as in a prefill: one tile,
+    several unrolled, a loop of tiles) and the cache's length (96 or 112 slots as a prefill
+    and its segments see, masked slots past `SCORE_SLOTS`, which score in a second chunk), and
+    within rounding of a float64 numpy attention."""
+    from cfjax.core import attention, invariant
+
+    def attend(*args):  # a fresh function: traced in its own mode
+        with invariant.batch_invariance(True, prefill=prefill):
+            return attention.attention_tiles(*args)
+
+    rng = np.random.default_rng(0)
+    b, kv, g, d, visible = 3, 2, 3, 64, 90  # SmolLM2's head shapes
     big = attention.SCORE_SLOTS + 128
     q = rng.standard_normal((b, kv, g, 70, d)).astype(np.float32)
     keys = rng.standard_normal((b, kv, d, big)).astype(dtype)
     values = rng.standard_normal((b, kv, big, d)).astype(dtype)
     allowed = (rng.random((b, 1, 1, 70, big)) < 0.8) & (np.arange(big) < visible)
-    run = jax.jit(attention.attention_tiles)
+    run = jax.jit(attend)
     outputs = {}
     for rows in (1, 3):
         for t in (1, 5, 70):
-            for slots in (128, big):
+            for slots in (96, 112, big):
                 got = run(q[:rows, :, :, :t], keys[:rows, ..., :slots], values[:rows, :, :slots],
                           allowed[:rows, ..., :t, :slots], np.float32(d**-0.5))  # fmt: skip
                 outputs[rows, t, slots] = np.asarray(got)[0, :, :, 0]
-    first = outputs[1, 1, 128]
+    first = outputs[1, 1, 96]
     assert all(out.tobytes() == first.tobytes() for out in outputs.values())
     k64, v64 = np.asarray(keys, np.float64), np.asarray(values, np.float64)
     scores = np.einsum("kgd,kds->kgs", q[0, :, :, 0], k64[0]) * d**-0.5

@@ -66,14 +66,14 @@ def test_the_decode_chunk_lowers_for_accelerators_without_a_float32_cache(platfo
     assert not _widens_the_cache(text)
     # bfloat16 roundings are explicit: no excess-precision pass of XLA can skip them.
     assert "stablehlo.reduce_precision" in text
-    # Every weight matmul runs on tiles of one fixed shape (`invariant.ACCELERATOR_ROWS` rows),
+    # Every weight matmul runs on tiles of one fixed shape (`invariant.FIXED_ROWS` rows),
     # whatever the batch (here 2 rows): batch-invariant by construction.
     weights = [
         re.search(r"\(tensor<(\d+)x\d+x(?:bf16|f32)>, tensor<\d+x\d+x(?:bf16|f32)>\)", d)
         for d in dots
     ]
     rows = {int(m.group(1)) for m in weights if m}
-    assert rows == {invariant.ACCELERATOR_ROWS}, rows
+    assert rows == {invariant.FIXED_ROWS}, rows
 
 
 def test_on_the_cpu_the_cache_is_widened_for_the_float32_form():
@@ -114,7 +114,7 @@ def test_blocked_matmuls_lower_for_accelerators_as_one_dot_shape_per_block():
     fill = lambda p, t, n: kernel.prefill(config, p, t, n, LENGTH)  # noqa: E731
     with invariant.forms_for("cuda"):
         exported = jax.export.export(jax.jit(fill), platforms=("cuda", "tpu"))(params, prompt, lengths)  # fmt: skip
-    rows, c = invariant.ACCELERATOR_ROWS, config
+    rows, c = invariant.FIXED_ROWS, config
     blocked = re.findall(
         rf"batching_dims = \[1\] x \[0\], contracting_dims = \[2\] x \[1\] : "
         rf"\(tensor<{rows}x8x(\d+)xbf16>, tensor<8x\d+x(\d+)xbf16>\) -> tensor<8x{rows}x\d+xf32>",

@@ -14,7 +14,7 @@ import pytest
 
 import cfjax
 from cfjax import EditPrompt, Sampler
-from cfjax.core import kernel
+from cfjax.core import invariant, kernel
 from cfjax.core.model import init_params
 from cfjax.runtime import driver, prefix
 from cfjax.runtime.request import padded
@@ -74,19 +74,20 @@ def test_the_rounds_fill_each_rows_own_slots():
         shared = np.minimum(rng.integers(0, 120, batch), lengths - 1).astype(np.int32)
         filled = [set() for _ in range(batch)]
         calls = prefix.rounds(shared, lengths)
-        assert len({len(rows) for rows, _ in calls}) <= 1  # one program
-        for rows, first in calls:
-            assert len(rows) == min(prefix.ROWS, 1 << (batch - 1).bit_length())
+        size, segment = prefix.call_shape(batch)
+        assert size * segment >= invariant.FIXED_ROWS  # a whole matmul tile of token rows
+        for rows, first in calls:  # one program
+            assert len(rows) == size == min(prefix.ROWS, 1 << (batch - 1).bit_length())
             real = {}
             for r, f in zip(rows.tolist(), first.tolist(), strict=True):
                 assert real.setdefault(r, f) == f  # padding repeats a row, never a new write
             for r, f in real.items():
-                assert not filled[r] & set(range(f, f + prefix.SEGMENT))
-                filled[r] |= set(range(f, f + prefix.SEGMENT))
+                assert not filled[r] & set(range(f, f + segment))
+                filled[r] |= set(range(f, f + segment))
         for b in range(batch):
             need = set(range(shared[b], lengths[b] - 1))
             assert need <= filled[b] and min(filled[b], default=shared[b]) == shared[b]
-            assert len(filled[b]) - len(need) < prefix.SEGMENT  # at most one part-filled round
+            assert len(filled[b]) - len(need) < segment  # at most one part-filled round
 
 
 def test_prompts_that_share_little_take_the_plain_prefill(tiny):

@@ -31,6 +31,7 @@ def _softmax_weighted(scores, mask, scale, weighted_sum) -> jax.Array:
 # XLA:CPU rounds a dot's entries alike for every count of cache slots up to this many, and
 # otherwise from 640 on (measured at SmolLM2's head shapes): longer caches are scored in chunks.
 SCORE_SLOTS = 512
+PREFILL_SLOTS = 128  # the slots of every score dot of the prefill (keys zero-padded to them)
 
 
 def attention_tiles(q, keys, values, mask, scale):
@@ -40,7 +41,13 @@ def attention_tiles(q, keys, values, mask, scale):
     SmolLM2 batch-64 decode step: 335-342 -> 277-296 ms against the tree of products, which wrote a
     `[B, KV, G, T, D, S]` product out whole). The weighted values are multiply-and-sums in
     `invariant.slot_sum`'s order over the cache as it lies (a dot over slot blocks made XLA copy
-    the value cache around the decode loop). Batch-variant, the products and XLA's own sums."""
+    the value cache around the decode loop). Batch-variant, the products and XLA's own sums.
+
+    The prefill (`invariant.fixed_rows`: tiles of exactly 64 rows) takes dots of one shape
+    throughout: scores against the keys zero-padded to chunks of `PREFILL_SLOTS` (a 64-row
+    dot's rounding moved with its slot count), and the weighted values as slot-block dots
+    (`_block_dots`), whose products the decode's form would write out whole for every position.
+    An attribution sweep's prefill (42 edited prompts): 5.7 -> 3.0 s."""
     f32 = jnp.float32
     b, kv, g, t, d = q.shape
     s = keys.shape[-1]
@@ -48,13 +55,33 @@ def attention_tiles(q, keys, values, mask, scale):
     weighted = lambda e: invariant.slot_sum(invariant.rounded(e[..., None] * values[:, :, None, None].astype(f32)), -2)  # noqa: E731  # fmt: skip
     if not invariant.enabled():  # XLA's own reduce of the products: faster than a dot here
         return _softmax_weighted(jnp.sum(q[..., None] * keys[:, :, None, None], -2), mask, scale, weighted)  # fmt: skip
+    fixed, chunk = invariant.fixed_rows(), SCORE_SLOTS
+    if fixed is not None:  # the prefill
+        weighted = lambda e: _block_dots(e, values.astype(f32), fixed)  # noqa: E731
+        chunk = PREFILL_SLOTS
+        keys = jnp.pad(keys, [(0, 0)] * 3 + [(0, -s % chunk)])
 
     def scores_of(tile):  # [B, KV, R, D] -> [B, KV, R, S]
-        parts = [jnp.einsum("bkrd,bkds->bkrs", tile, keys[..., i : i + SCORE_SLOTS]) for i in range(0, s, SCORE_SLOTS)]  # fmt: skip
-        return jnp.concatenate(parts, -1)
+        parts = [jnp.einsum("bkrd,bkds->bkrs", tile, keys[..., i : i + chunk]) for i in range(0, s, chunk)]  # fmt: skip
+        return jnp.concatenate(parts, -1)[..., :s]
 
-    scores = invariant.row_tiles(scores_of, q.reshape(b, kv, g * t, d), 2)
+    scores = invariant.row_tiles(scores_of, q.reshape(b, kv, g * t, d), 2, fixed)
     return _softmax_weighted(scores.reshape(b, kv, g, t, s), mask, scale, weighted)
+
+
+def _block_dots(e, values, fixed: int):
+    """The weighted values of the CPU's prefill: per block of `invariant.BLOCK` slots a dot of
+    the weights' rows (heads x positions, in tiles of `fixed` rows) with the block's values,
+    the blocks added in slot order. The prefill has many query rows: the products of the
+    decode's form would be written out whole (`[B, KV, G, T, S, D]`)."""
+    b, kv, g, t, s = e.shape
+    blocks = invariant.slot_blocks(values, 2)  # [B, KV, N, BLOCK, D]
+    rows = invariant.slot_blocks(e.reshape(b, kv, g * t, s), 3)  # [B, KV, R, N, BLOCK]
+
+    def tile(r):  # [B, KV, R', N, BLOCK] -> [B, KV, R', D]
+        return invariant.in_order(jnp.einsum("bkrnc,bkncd->bknrd", r, blocks), 2)
+
+    return invariant.row_tiles(tile, rows, 2, fixed).reshape(b, kv, g, t, -1)
 
 
 def attention_dots(q, keys, values, mask, scale):

@@ -14,10 +14,11 @@ spelled out so that the order of its additions is fixed by construction:
   order). The prefill computes prompts from slot 0, and the decode has them left-padded into
   buckets that are multiples of `BLOCK` (kernel.MIN_BUCKET), so a row's tokens sit at the same
   offset within their blocks whatever the batch, and the masked slots add exact zeros.
-- `dense` feeds a matmul tiles of rows: of one fixed shape on accelerators, and on the CPU of
-  row counts measured not to change a row's rounding (see `tiles`); under `vmap` it folds the
-  mapped axis into the rows (`custom_vmap`), so `core.sample` under `vmap` tiles the same way.
-  `row_tiles` gives other dots the same tiles (the CPU attention's scores).
+- `dense` feeds a matmul tiles of rows: of one fixed shape on accelerators and in the CPU's
+  prefill (`fixed_rows`), and in the CPU's decode step of row counts measured not to change a
+  row's rounding (see `tiles`); under `vmap` it folds the mapped axis into the rows
+  (`custom_vmap`), so `core.sample` under `vmap` tiles the same way. `row_tiles` gives other
+  dots the same tiles (the CPU attention's).
 - With `config.model_blocks = n > 1`, `dense` cuts each weight into n fixed blocks along the
   axis a model-parallel mesh splits (the contraction, or a tied head's vocabulary) and runs
   one dot per block (`blocked_matmul`): a device holding n / model of the blocks runs the same
@@ -40,7 +41,12 @@ import jax.numpy as jnp
 
 BLOCK = 32  # cache slots per block of `slot_sum`; divides every prompt bucket
 ROWS = 32  # most rows in one matmul tile on the CPU
-ACCELERATOR_ROWS = 64  # rows of every matmul tile on GPU and TPU: weight reads dominate there
+# XLA:CPU rounds a row of a dot that contracts at least WIDE features alike for every row count
+# in 2..256 (measured in float32 and bfloat16 for 1024..14336 features): such a matmul, the
+# SmolLM2 down projection, every Llama 8B weight, takes up to WIDE_ROWS rows in one tile.
+WIDE, WIDE_ROWS = 1024, 256
+# Rows of every matmul tile on GPU and TPU (weight reads dominate there) and in the CPU's prefill.
+FIXED_ROWS = 64
 # Up to this many tiles are dots side by side in the program, which XLA:CPU runs concurrently
 # (a SmolLM2 batch-64 step: 279 -> 245 ms against a loop); more run in a loop (`lax.map`), which
 # keeps a long prefill's program small. Every tile is a dot of one shape either way: same bits.
@@ -48,20 +54,23 @@ UNROLLED_TILES = 4
 _FORMS_FOR = contextvars.ContextVar("cfjax_forms_for", default=None)
 _INVARIANT = contextvars.ContextVar("cfjax_batch_invariant", default=True)
 _BLOCKS = contextvars.ContextVar("cfjax_model_blocks", default=1)
+_PREFILL = contextvars.ContextVar("cfjax_prefill", default=False)
 
 
 @contextlib.contextmanager
-def batch_invariance(enabled: bool, blocks: int = 1):
+def batch_invariance(enabled: bool, blocks: int = 1, prefill: bool = False):
     """Trace the helpers below in their batch-invariant forms (`True`, the default) or as XLA's
-    own ops, with each weight matmul of `dense` in `blocks` fixed blocks (`blocked_matmul`).
-    Set by `model.apply` from the static `config.batch_invariant` and `config.model_blocks`, so
-    each mode is its own compiled program."""
-    tokens = _INVARIANT.set(bool(enabled)), _BLOCKS.set(int(blocks))
+    own ops, with each weight matmul of `dense` in `blocks` fixed blocks (`blocked_matmul`);
+    `prefill`: the program computes prompt tokens only (see `fixed_rows`). Set by `model.apply`
+    from the static `config.batch_invariant` and `config.model_blocks`, so each mode is its own
+    compiled program."""
+    tokens = _INVARIANT.set(bool(enabled)), _BLOCKS.set(int(blocks)), _PREFILL.set(bool(prefill))
     try:
         yield
     finally:
         _INVARIANT.reset(tokens[0])
         _BLOCKS.reset(tokens[1])
+        _PREFILL.reset(tokens[2])
 
 
 def enabled() -> bool:
@@ -79,6 +88,15 @@ def forms_for(platform: str | None):
         yield
     finally:
         _FORMS_FOR.reset(token)
+
+
+def fixed_rows() -> int | None:
+    """Rows of every matmul tile in the programs traced now: `FIXED_ROWS` on accelerators and in
+    the CPU's prefill, None (2 to `ROWS`, see `tiles`) in the CPU's decode step and speculative
+    pass. A prefill row is only ever compared with prefill rows (the decode step feeds every
+    token it chooses, DESIGN.md §2), and its many rows run ~2x faster in 64-row dots than in
+    32-row ones on XLA:CPU; the decode step at batch 1 would pay 32x the rows."""
+    return None if on_cpu() and not _PREFILL.get() else FIXED_ROWS
 
 
 def on_cpu() -> bool:
@@ -196,18 +214,19 @@ def slot_sum(x: jax.Array, axis: int) -> jax.Array:
     return in_order(tree_sum(slot_blocks(x, axis), axis + 1), axis)
 
 
-def tiles(m: int, fixed: int | None = None) -> tuple[int, int]:
+def tiles(m: int, fixed: int | None = None, most: int = ROWS) -> tuple[int, int]:
     """(tile count, rows per tile) for a matmul over `m` rows.
 
-    `fixed=None` (the CPU): at least 2 and at most `ROWS` rows per tile. XLA:CPU rounds a row
-    identically for every row count in 2..32 (one XNNPACK kernel), but not at 1 (a
-    matrix-vector kernel) nor past 32 (another blocking), measured at SmolLM2's and the tiny
-    config's shapes (`benchmarks/batch_invariance.py`). `fixed=n` (accelerators): tiles of
-    exactly n rows, so every matmul has one shape whatever the batch, and a GEMM of one shape
-    computes every row alike (by construction; `gpu_check` counts flips)."""
+    `fixed=None` (the CPU's decode): at least 2 and at most `most` rows per tile. XLA:CPU
+    rounds a row identically for every row count in 2..32 (one XNNPACK kernel), but not at 1
+    (a matrix-vector kernel) nor past 32 (another blocking), measured at SmolLM2's and the tiny
+    config's shapes (`benchmarks/batch_invariance.py`); in 2..256 where the dot contracts
+    `WIDE` features or more. `fixed=n` (accelerators, the CPU's prefill): tiles of exactly n
+    rows, so every matmul has one shape whatever the batch, and a GEMM of one shape computes
+    every row alike (by construction; `gpu_check` counts flips)."""
     if fixed is not None:
         return math.ceil(m / fixed), fixed
-    count = math.ceil(m / ROWS)
+    count = math.ceil(m / most)
     return count, max(2, math.ceil(m / count))
 
 
@@ -318,17 +337,18 @@ def _row_tiles(x: jax.Array, w: jax.Array, contract: int, wide: bool, fixed: int
         tile = lambda t: blocked_matmul(t, w, contract, wide, blocks)  # noqa: E731
     else:
         tile = lambda t: matmul(t, w, contract, wide)  # noqa: E731
-    out = row_tiles(tile, x.reshape(-1, x.shape[-1]), 0, fixed)
+    most = WIDE_ROWS if blocks == 1 and x.shape[-1] >= WIDE else ROWS
+    out = row_tiles(tile, x.reshape(-1, x.shape[-1]), 0, fixed, most)
     return out.reshape(*x.shape[:-1], -1)
 
 
-def row_tiles(fn, x: jax.Array, axis: int, fixed: int | None = None) -> jax.Array:
+def row_tiles(fn, x: jax.Array, axis: int, fixed: int | None = None, most: int = ROWS) -> jax.Array:  # fmt: skip
     """`fn` over tiles of the rows along `axis` of `x` (zeros padding them to whole tiles of
-    `tiles(m, fixed)`), its results put back in row order. `fn` keeps the row axis where it
-    is; each tile is a call of one shape, so `fn`'s dots round every row alike."""
+    `tiles(m, fixed, most)`), its results put back in row order. `fn` keeps the row axis where
+    it is; each tile is a call of one shape, so `fn`'s dots round every row alike."""
     axis = axis % x.ndim
     m = x.shape[axis]
-    count, size = tiles(m, fixed)
+    count, size = tiles(m, fixed, most)
     pad = [(0, 0)] * x.ndim
     pad[axis] = (0, count * size - m)
     x = jnp.pad(x, pad)
@@ -347,17 +367,16 @@ def dense(x: jax.Array, w: jax.Array, contract: int = 0, wide: bool = False) -> 
         return matmul(x, w, contract, wide)
     # The mode of this trace, for the vmap rule: JAX may run the rule after the `with` blocks
     # that set it have exited (a `vmap` of a loop batches the loop's body later).
-    blocks, forms = _BLOCKS.get(), _FORMS_FOR.get()
+    blocks, forms, prefill = _BLOCKS.get(), _FORMS_FOR.get(), _PREFILL.get()
 
     @jax.custom_batching.custom_vmap
     def fn(x, w):
-        fixed = None if on_cpu() else ACCELERATOR_ROWS
-        return _tiled(x, w, contract, wide, fixed, blocks)
+        return _tiled(x, w, contract, wide, fixed_rows(), blocks)
 
     @fn.def_vmap
     def rule(axis_size, in_batched, x, w):
         x_batched, w_batched = in_batched
-        with batch_invariance(True, blocks), forms_for(forms):
+        with batch_invariance(True, blocks, prefill), forms_for(forms):
             if w_batched:  # one matrix per mapped element: each alone, in turn
                 x = x if x_batched else jnp.broadcast_to(x, (axis_size,) + x.shape)
                 return jax.lax.map(lambda xw: dense(*xw, contract, wide), (x, w)), True

@@ -337,7 +337,7 @@ def apply(
     model, steer = _network(config, params)
     if steer is not None:
         steer = steer["delta"] * steer["prompt"] if prompt else steer["delta"]
-    with invariant.batch_invariance(config.batch_invariant, config.model_blocks):
+    with invariant.batch_invariance(config.batch_invariant, config.model_blocks, prompt):
         return model(tokens, start, cache, index, cos_sin, steer)
 
 

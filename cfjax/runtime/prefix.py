@@ -5,8 +5,9 @@ The prefill computes prompts anchored at slot 0, where a slot's keys and values 
 of the tokens up to it alone, bit for bit (`kernel.fill`). So the reference is filled once (one
 row; or taken from a stored cache that holds it), each row's cache starts as the reference's
 first c slots (c: the tokens the row shares with it), and the rows fill the rest in rounds of
-`SEGMENT` slots, each row from its own slot on; a round holds only the rows that still have
-slots to fill, `ROWS` to a call (one compiled program). The result is the plain prefill's cache
+segments, each row from its own slot on; a round holds only the rows that still have slots to
+fill, `ROWS` to a call (one compiled program), and a call computes at least
+`invariant.FIXED_ROWS` token rows (the prefill's matmul tile: a lone row's segment is 64 slots). The result is the plain prefill's cache
 bit for bit, so a row's tokens are those of its one-by-one run; what changes is the work: a
 sweep that edits each word of a 40-word prompt fills about a third of the slots the plain
 prefill fills.
@@ -26,7 +27,7 @@ from cfjax.core import invariant, kernel, model
 from cfjax.core.cache import KEY_SLOT_AXIS, VALUE_SLOT_AXIS, KVCache, init_cache
 from cfjax.core.config import LlamaConfig
 
-SEGMENT = invariant.BLOCK // 2  # slots a row fills per round
+SEGMENT = invariant.BLOCK // 2  # fewest slots a row fills per round
 ROWS = 8  # rows a call fills, in every round: one compiled program
 WORTH = 0.75  # reuse when it fills at most this share of the plain prefill's slots
 
@@ -54,19 +55,27 @@ def shared_lengths(prompts: Sequence[Sequence[int]], reference: Sequence[int]) -
     return np.asarray(out, np.int32)
 
 
+def call_shape(batch: int) -> tuple[int, int]:
+    """(rows, slots per row) of every call of the fill of a batch of `batch` rows: up to `ROWS`
+    rows, each filling `SEGMENT` slots or more, so that a call has at least one whole matmul
+    tile of token rows (fewer would be padded to it)."""
+    size = min(ROWS, 1 << max(batch - 1, 0).bit_length())
+    return size, max(SEGMENT, invariant.FIXED_ROWS // size)
+
+
 def rounds(shared: np.ndarray, lengths: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
     """The calls of the fill, in order: per call (the rows it computes, each row's first slot).
-    Row b fills slots [shared[b], n_b - 1), `SEGMENT` a round; a round's rows go `ROWS` to a
-    call (fewer for a smaller batch), the last call padded by repeating a row, so that every
-    call is one compiled program."""
-    todo = -(-(lengths - 1 - shared) // SEGMENT)  # rounds per row
-    size = min(ROWS, 1 << max(len(shared) - 1, 0).bit_length())
+    Row b fills slots [shared[b], n_b - 1), a segment a round (`call_shape`); a round's rows go
+    together, the last call padded by repeating a row, so that every call is one compiled
+    program."""
+    size, segment = call_shape(len(shared))
+    todo = -(-(lengths - 1 - shared) // segment)  # rounds per row
     out = []
     for k in range(int(todo.max(initial=0))):
         active = np.flatnonzero(todo > k)
         for rows in np.array_split(active, -(-len(active) // size)):
             rows = np.concatenate([rows, np.full(size - len(rows), rows[0])]).astype(np.int32)
-            out.append((rows, (shared[rows] + k * SEGMENT).astype(np.int32)))
+            out.append((rows, (shared[rows] + k * segment).astype(np.int32)))
     return out
 
 
@@ -96,7 +105,8 @@ def _seed(reference: KVCache, shared: jax.Array, slots: int) -> KVCache:
 
 @functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
 def _fill_rows(config: LlamaConfig, params, cache: KVCache, rows, tokens, first) -> KVCache:
-    """One call: `rows` fill `SEGMENT` slots each, row i from slot `first[i]` (`kernel.fill`)."""
+    """One call: `rows` fill a segment of slots each (`tokens [R, segment]`), row i from slot
+    `first[i]` (`kernel.fill`)."""
     part = kernel.fill(config, params, tokens, first, jax.tree_util.tree_map(lambda x: x[rows], cache))  # fmt: skip
     return jax.tree_util.tree_map(lambda x, p: x.at[rows].set(p), cache, part)
 
@@ -114,9 +124,10 @@ def prefill(config: LlamaConfig, params, prompts: Sequence[Sequence[int]], promp
     tokens = list(reference.tokens)
     shared = shared_lengths(prompts, tokens)
     plan = rounds(shared, lengths)
-    slots = window + SEGMENT  # room for every round's segment
+    segment = call_shape(len(prompts))[1]
+    slots = window + segment  # room for every round's segment
     own = 0 if reference.cache is not None else kernel.prefill_window(len(tokens), kernel.bucket_length(len(tokens)))  # fmt: skip
-    if own + sum(len(rows) for rows, _ in plan) * SEGMENT > WORTH * len(prompts) * window:
+    if own + sum(len(rows) for rows, _ in plan) * segment > WORTH * len(prompts) * window:
         return None
     if reference.cache is not None:  # the kept cache, moved back to start at slot 0
         anchored = _shift(reference.cache, jnp.asarray([reference.start]), jnp.asarray([0]), jnp.asarray([len(tokens) - 1]), slots)  # fmt: skip
@@ -127,7 +138,7 @@ def prefill(config: LlamaConfig, params, prompts: Sequence[Sequence[int]], promp
     cache = _seed(anchored, jnp.asarray(shared), slots)
     padded_tokens = np.pad(np.asarray(kernel.anchored(jnp.asarray(prompt), jnp.asarray(lengths))), ((0, 0), (0, slots)))  # fmt: skip
     for rows, first in plan:
-        segment = padded_tokens[rows[:, None], first[:, None] + np.arange(SEGMENT)[None, :]]
-        cache = _fill_rows(config, params, cache, jnp.asarray(rows), jnp.asarray(segment), jnp.asarray(first))  # fmt: skip
+        part = padded_tokens[rows[:, None], first[:, None] + np.arange(segment)[None, :]]
+        cache = _fill_rows(config, params, cache, jnp.asarray(rows), jnp.asarray(part), jnp.asarray(first))  # fmt: skip
     cache, start = _roll_in(config, cache, jnp.asarray(lengths), prompt.shape[1], length)
     return kernel.initial_state(jnp.asarray(prompt), jnp.asarray(lengths), cache), start
