@@ -7,10 +7,10 @@ row; or taken from a stored cache that holds it), each row's cache starts as the
 first c slots (c: the tokens the row shares with it), and the rows fill the rest in rounds of
 segments, each row from its own slot on; a round holds only the rows that still have slots to
 fill, `ROWS` to a call (one compiled program), and a call computes at least
-`invariant.FIXED_ROWS` token rows (the prefill's matmul tile: a lone row's segment is 64 slots). The result is the plain prefill's cache
-bit for bit, so a row's tokens are those of its one-by-one run; what changes is the work: a
-sweep that edits each word of a 40-word prompt fills about a third of the slots the plain
-prefill fills.
+`invariant.FIXED_ROWS` token rows (the prefill's matmul tile: a lone row's segment is 64
+slots). The result is the plain prefill's cache bit for bit, so a row's tokens are those of
+its one-by-one run; what changes is the work: a sweep that edits each word of a 40-word prompt
+fills about a third of the slots the plain prefill fills.
 """
 
 from __future__ import annotations
