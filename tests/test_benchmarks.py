@@ -1,7 +1,7 @@
 """Smoke test of the benchmark scripts: tiny random configs, JSON fields and sane values.
 
-The scripts run at once as subprocesses (each is mostly start-up and compilation), so the
-whole test stays within a few tens of seconds and needs no model download.
+The scripts run as subprocesses, one after another in one worker (each is mostly start-up and
+compilation: ~3 minutes in all), and need no model download.
 """
 
 from __future__ import annotations
@@ -65,40 +65,26 @@ COMMANDS = {
 }
 
 
-@pytest.fixture(scope="module")
-def outputs() -> dict:
-    """Each script's parsed `--json` output (all started together)."""
+def run(name: str) -> dict | list:
+    """The parsed `--json` output of `COMMANDS[name]`, run by the one test that reads it (so
+    each script runs once, on whichever worker has its test: started all at once in one
+    fixture, nine processes of ~1 GB beside the other worker's tests outran the timeout)."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1"}
-    procs = {
-        name: subprocess.Popen(
-            [sys.executable, str(BENCH / cmd[0]), *cmd[1:], "--json"],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for name, cmd in COMMANDS.items()
-    }
-    out = {}
-    try:
-        for name, proc in procs.items():
-            stdout, stderr = proc.communicate(timeout=TIMEOUT)
-            assert proc.returncode == 0, f"{name} failed:\n{stderr[-4000:]}"
-            out[name] = json.loads(stdout)
-    finally:
-        for proc in procs.values():
-            if proc.poll() is None:
-                proc.kill()
-    return out
+    cmd = COMMANDS[name]
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / cmd[0]), *cmd[1:], "--json"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT,
+    )  # fmt: skip
+    assert proc.returncode == 0, f"{name} failed:\n{proc.stderr[-4000:]}"
+    return json.loads(proc.stdout)
 
 
 def _positive(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
 
 
-def test_decode_json(outputs):
-    rows = outputs["decode"]
+def test_decode_json():
+    rows = run("decode")
     assert isinstance(rows, list)
     assert [r["batch"] for r in rows] == [1]
     for r in rows:
@@ -135,10 +121,16 @@ def test_decode_json(outputs):
         assert r["speculative_flips"] == 0
         assert 0 <= r["acceptance_rate"] <= 1 and 1 <= r["tokens_per_round"] <= 4
         assert _positive(r["speculative_tok_s"]) and _positive(r["speculative_over_plain"])
+        assert _positive(r["read_gb_s"]) and _positive(r["read_roofline_tok_s"])
+        assert r["read_bandwidth_fraction"] > 0
+        # Both rooflines divide the same bytes per step by their own measured bandwidth. (The
+        # fractions themselves are rounded to 0.001, too coarse to compare at the tiny config.)
+        ratio = r["read_roofline_tok_s"] / r["roofline_tok_s"]
+        assert ratio == pytest.approx(r["read_gb_s"] / r["copy_gb_s"], rel=0.02)
 
 
-def test_counterfactual_json(outputs):
-    r = outputs["counterfactual"]
+def test_counterfactual_json():
+    r = run("counterfactual")
     assert isinstance(r, dict)
     for field in ("cf_over_factual", "cf_reuse_middle_over_factual", "batched64_speedup"):
         assert _positive(r[field]), (field, r)
@@ -148,29 +140,29 @@ def test_counterfactual_json(outputs):
     assert len(r["cf_over_factual_rounds"]) == len(r["batched64_speedup_rounds"]) == 1
 
 
-def test_attribution_json(outputs):
-    r = outputs["attribution"]
+def test_attribution_json():
+    r = run("attribution")
     assert r["units"] == 5 and r["sequential_timed"] == 2 and r["batched_matches_one_by_one"] is True  # fmt: skip
     assert _positive(r["speedup"]) and r["speedup"] == pytest.approx(np.median(r["speedup_rounds"]))  # fmt: skip
     assert r["sequential_scaled_s"] == pytest.approx(r["sequential_subset_s"] * 5 / 2, rel=0.01)
 
 
-def test_invariance_cost_json(outputs):
-    r = outputs["invariance_cost"]["batches"]
+def test_invariance_cost_json():
+    r = run("invariance_cost")["batches"]
     assert set(r) == {"1", "4"}
     for row in r.values():
         assert _positive(row["variant_over_invariant"]) and _positive(row["invariant_tok_s"])
         assert set(row["compile_s"]) == {"invariant", "variant"}
 
 
-def test_invariance_cost_against_model_blocks_json(outputs):
-    (row,) = outputs["blocks_cost"]["batches"].values()
+def test_invariance_cost_against_model_blocks_json():
+    (row,) = run("blocks_cost")["batches"].values()
     assert _positive(row["blocked_over_invariant"]) and _positive(row["blocked_tok_s"])
     assert set(row["compile_s"]) == {"invariant", "blocked"}
 
 
-def test_abduction_json(outputs):
-    out = outputs["abduction"]
+def test_abduction_json():
+    out = run("abduction")
     for k in ("cfjax_s", "reference_s", "speedup", "reference_per_sample_s"):
         assert _positive(out[k]), k
     assert out["reference_samples_timed"] == 2 and out["samples"] == 4
@@ -179,15 +171,15 @@ def test_abduction_json(outputs):
     assert out["distinct_counterfactuals"] > 1
 
 
-def test_study_json(outputs):
-    out = outputs["study"]
+def test_study_json():
+    out = run("study")
     for k in ("cfjax_s", "paper_method_s", "speedup", "reference_per_prompt_s"):
         assert _positive(out[k]), k
     assert out["prompts"] == 2 and out["reference_prompts_timed"] == 1 and out["rows"] > 0
 
 
-def test_gpu_check_json(outputs):
-    r = outputs["gpu_check"]
+def test_gpu_check_json():
+    r = run("gpu_check")
     assert [row["batch"] for row in r["rows"]] == [1, 4]
     assert r["rows"][0]["null_intervention_flips"] == 0
     first = r["rows"][0]  # the textbook decode and the matmul floor, at the first batch only
@@ -221,18 +213,8 @@ def test_gpu_check_json(outputs):
         assert all(set(o) == {"op", "ms_per_step"} and o["ms_per_step"] >= 0 for o in ops)
 
 
-def test_decode_json_read_roofline(outputs):
-    r = outputs["decode"][0]
-    assert _positive(r["read_gb_s"]) and _positive(r["read_roofline_tok_s"])
-    assert r["read_bandwidth_fraction"] > 0
-    # Both rooflines divide the same bytes per step by their own measured bandwidth. (The
-    # fractions themselves are rounded to 0.001, too coarse to compare at the tiny config.)
-    ratio = r["read_roofline_tok_s"] / r["roofline_tok_s"]
-    assert ratio == pytest.approx(r["read_gb_s"] / r["copy_gb_s"], rel=0.02)
-
-
-def test_profile_json(outputs):
-    r = outputs["profile"]
+def test_profile_json():
+    r = run("profile")
     assert r["batch"] == 1 and r["steps"] == 8
     ops = {o["op"].split()[0] for o in r["ops"]}
     # The matmuls are traced: XLA:CPU runs the decode step's (2 to 32 rows per tile, see
