@@ -32,8 +32,8 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check cfjax tests benchmarks
 
 # The tests a change must pass, within 12 minutes on a 2-core CPU; the ones marked `slow`
-# (real-model end-to-end runs: the CLI, the README examples, the studies) run in `test-slow`,
-# and CI runs both.
+# (real-model end-to-end runs: the CLI, the README examples, the studies; and the costliest
+# tiny-config runs) run in `test-slow`, and CI runs both.
 test: $(STAMP) lint
 	$(VENV)/bin/pytest -q -n 2 -m "not slow" tests
 

@@ -199,6 +199,7 @@ print(h.hexdigest())
 """
 
 
+@pytest.mark.slow  # 20-60 s: in `make test-slow`, which CI runs too
 def test_bfloat16_bits_are_written_in_the_program_not_left_to_xla():
     """Every bfloat16 rounding of the network is explicit (`invariant.round_to`), so XLA's
     excess-precision rewrites (`--xla_allow_excess_precision`, on by default, applied where a

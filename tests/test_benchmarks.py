@@ -171,6 +171,7 @@ def test_abduction_json():
     assert out["distinct_counterfactuals"] > 1
 
 
+@pytest.mark.slow  # 20-60 s: in `make test-slow`, which CI runs too
 def test_study_json():
     out = run("study")
     for k in ("cfjax_s", "paper_method_s", "speedup", "reference_per_prompt_s"):
@@ -178,6 +179,7 @@ def test_study_json():
     assert out["prompts"] == 2 and out["reference_prompts_timed"] == 1 and out["rows"] > 0
 
 
+@pytest.mark.slow  # 20-60 s: in `make test-slow`, which CI runs too
 def test_gpu_check_json():
     r = run("gpu_check")
     assert [row["batch"] for row in r["rows"]] == [1, 4]

@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 CHILD = r"""
 import json, sys
 import jax
@@ -31,6 +33,7 @@ def _child(env: dict) -> dict:
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # 20-60 s: in `make test-slow`, which CI runs too
 def test_a_second_process_compiles_nothing(tmp_path):
     env = {"CFJAX_COMPILATION_CACHE": str(tmp_path / "xla")}
     first = _child(env)

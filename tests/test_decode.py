@@ -332,6 +332,7 @@ def _wide(lm, request=None, **kw):
     return driver.run(lm.config, lm.params, request, stop_tokens=(), chunk=CHUNK, **kw)
 
 
+@pytest.mark.slow  # 20-60 s: in `make test-slow`, which CI runs too
 def test_a_growing_cache_changes_no_token(lm):
     """A growing cache is grown a chunk before each chunk needs it: the tokens of attending over
     every slot from the first step, and the stored cache has every slot (on any backend: the

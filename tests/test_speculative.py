@@ -51,6 +51,7 @@ def padded(prompt=PROMPT) -> np.ndarray:
     return out
 
 
+@pytest.mark.slow  # 20-60 s: in `make test-slow`, which CI runs too
 def test_sample_with_a_draft_gives_the_tokens_of_plain_sampling(lm, drafts):
     """20 seeds x 3 samplers as one jit(vmap(core.sample)): speculative = plain, every draft."""
     keys = jax.random.split(jax.random.key(5), 20 * len(SAMPLERS))
@@ -120,6 +121,7 @@ def tok_lm(lm, tmp_path_factory):
     return lm.replace(tokenizer=_train_spm(tmp_path_factory.mktemp("spm"), seed=0))
 
 
+@pytest.mark.slow  # 20-60 s: in `make test-slow`, which CI runs too
 def test_generate_and_counterfactuals_with_a_draft(tok_lm, drafts, monkeypatch):
     """generate / counterfactual(s) / interventional with `draft=` equal their plain results;
     a counterfactual of a speculative factual resumes from its stored cache (the draft catches
