@@ -45,7 +45,7 @@ ROWS = 32  # most rows in one matmul tile on the CPU
 # in 2..256 (measured in float32 and bfloat16 for 1024..14336 features): such a matmul, the
 # SmolLM2 down projection, every Llama 8B weight, takes up to WIDE_ROWS rows in one tile. So
 # does a dot against a weight's second axis (a tied head `[V, D]`) of any width (measured for
-# D 64..960, V 256..49152): the tied head's ~20% of a SmolLM2 step runs in one dot at batch 64.
+# D 64..960, V 64..49152): the tied head's ~20% of a SmolLM2 step runs in one dot at batch 64.
 WIDE, WIDE_ROWS = 1024, 256
 # Rows of every matmul tile on GPU and TPU (weight reads dominate there) and in the CPU's prefill.
 FIXED_ROWS = 64
