@@ -1,7 +1,7 @@
 """Smoke test of the benchmark scripts: tiny random configs, JSON fields and sane values.
 
-The scripts run as subprocesses, one after another in one worker (each is mostly start-up and
-compilation: ~3 minutes in all), and need no model download.
+Each script runs as a subprocess of the one test that reads its output (mostly start-up and
+compilation), and needs no model download.
 """
 
 from __future__ import annotations
@@ -66,9 +66,8 @@ COMMANDS = {
 
 
 def run(name: str) -> dict | list:
-    """The parsed `--json` output of `COMMANDS[name]`, run by the one test that reads it (so
-    each script runs once, on whichever worker has its test: started all at once in one
-    fixture, nine processes of ~1 GB beside the other worker's tests outran the timeout)."""
+    """The parsed `--json` output of `COMMANDS[name]`. Each test runs its own script, so each
+    runs once, on whichever worker has the test (a module fixture runs once per worker)."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1"}
     cmd = COMMANDS[name]
     proc = subprocess.run(

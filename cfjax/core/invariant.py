@@ -45,7 +45,7 @@ ROWS = 32  # most rows in one matmul tile on the CPU
 # in 2..256 (measured in float32 and bfloat16 for 1024..14336 features): such a matmul, the
 # SmolLM2 down projection, every Llama 8B weight, takes up to WIDE_ROWS rows in one tile. So
 # does a dot against a weight's second axis (a tied head `[V, D]`) of any width (measured for
-# D 64..960, V 64..49152): the tied head's ~20% of a SmolLM2 step runs in one dot at batch 64.
+# D 64..960, V 64..49152), ~21% of a SmolLM2 step's FLOPs: one dot at batch 64, not two.
 WIDE, WIDE_ROWS = 1024, 256
 # Rows of every matmul tile on GPU and TPU (weight reads dominate there) and in the CPU's prefill.
 FIXED_ROWS = 64
@@ -223,9 +223,9 @@ def tiles(m: int, fixed: int | None = None, most: int = ROWS) -> tuple[int, int]
     rounds a row identically for every row count in 2..32 (one XNNPACK kernel), but not at 1
     (a matrix-vector kernel) nor past 32 (another blocking), measured at SmolLM2's and the tiny
     config's shapes (`benchmarks/batch_invariance.py`); in 2..256 where the dot contracts
-    `WIDE` features or more, or a weight's second axis. `fixed=n` (accelerators, the CPU's prefill): tiles of exactly n
-    rows, so every matmul has one shape whatever the batch, and a GEMM of one shape computes
-    every row alike (by construction; `gpu_check` counts flips)."""
+    `WIDE` features or more, or a weight's second axis. `fixed=n` (accelerators, the CPU's
+    prefill): tiles of exactly n rows, so every matmul has one shape whatever the batch, and a
+    GEMM of one shape computes every row alike (by construction; `gpu_check` counts flips)."""
     if fixed is not None:
         return math.ceil(m / fixed), fixed
     count = math.ceil(m / most)
