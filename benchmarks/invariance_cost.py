@@ -9,6 +9,7 @@ paired (single runs on this VM move by ±9% between rounds); the medians are rep
     python benchmarks/invariance_cost.py --json    # {"batch": {"variant_over_invariant", ...}}
     python benchmarks/invariance_cost.py --config tiny --batches 1 4 --new-tokens 8 --json  # smoke
     python benchmarks/invariance_cost.py --model-blocks 8   # against model_blocks=8 instead
+    python benchmarks/invariance_cost.py --batches 1 --new-tokens 1 --prompt-tokens 1272  # prefill
 
 `--model-blocks N` pits the default engine against `lm.replace(model_blocks=N)` (each matmul
 in N fixed blocks, bit-exact on model-parallel meshes whose model axis divides N): the fields
@@ -41,6 +42,7 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 64])
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians reported)")
+    ap.add_argument("--prompt-tokens", type=int, help="a prompt of this many tokens (the chat prompt's, repeated)")  # fmt: skip
     ap.add_argument("--model-blocks", type=int, help="compare with model_blocks=N, not batch_invariant=False")  # fmt: skip
     ap.add_argument("--json", action="store_true", help="print the JSON object only")
     args = ap.parse_args()
@@ -57,6 +59,8 @@ def main() -> None:
         other, other_lm = "variant", lm.replace(batch_invariant=False)
     modes = {"invariant": lm, other: other_lm}
     prompt = prompt_for(lm, DEFAULT_PROMPT, 40)
+    if args.prompt_tokens:  # a long prompt: where the prefill's cost shows
+        prompt = (prompt * -(-args.prompt_tokens // len(prompt)))[: args.prompt_tokens]
     clock = CompileClock()
     result: dict = {}
     for batch in args.batches:
@@ -79,12 +83,14 @@ def main() -> None:
                 batch * args.new_tokens / float(np.median(times["invariant"])), 1
             ),  # fmt: skip
             f"{other}_tok_s": round(batch * args.new_tokens / float(np.median(times[other])), 1),
+            "invariant_s": round(float(np.median(times["invariant"])), 3),
+            f"{other}_s": round(float(np.median(times[other])), 3),
             "compile_s": compile_s,
             "rows_with_equal_tokens": f"{same}/{batch}",
         }
         if not args.json:
             print(f"batch {batch}: {result[str(batch)]}", flush=True)
-    out = {"batches": result, "new_tokens": args.new_tokens, "rounds": args.rounds,
+    out = {"batches": result, "new_tokens": args.new_tokens, "prompt_tokens": len(prompt), "rounds": args.rounds,
            "model": lm.model_id, "jax": jax.__version__, **machine()}  # fmt: skip
     print(json.dumps(out))
 

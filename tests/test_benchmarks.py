@@ -55,7 +55,7 @@ COMMANDS = {
     "blocks_cost": [
         "invariance_cost.py",
         *("--config", "tiny", "--batches", "2", "--new-tokens", "8", "--rounds", "1"),
-        *("--model-blocks", "8"),
+        *("--model-blocks", "8", "--prompt-tokens", "50"),
     ],
     "abduction": [
         "abduction.py",
@@ -155,7 +155,9 @@ def test_invariance_cost_json():
 
 
 def test_invariance_cost_against_model_blocks_json():
-    (row,) = run("blocks_cost")["batches"].values()
+    out = run("blocks_cost")
+    (row,) = out["batches"].values()
+    assert out["prompt_tokens"] == 50 and _positive(row["invariant_s"]) and _positive(row["blocked_s"])  # fmt: skip
     assert _positive(row["blocked_over_invariant"]) and _positive(row["blocked_tok_s"])
     assert set(row["compile_s"]) == {"invariant", "blocked"}
 

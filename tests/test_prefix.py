@@ -14,7 +14,7 @@ import pytest
 
 import cfjax
 from cfjax import EditPrompt, Sampler
-from cfjax.core import invariant, kernel
+from cfjax.core import attention, invariant, kernel, model
 from cfjax.core.model import init_params
 from cfjax.runtime import driver, prefix
 from cfjax.runtime.request import padded
@@ -64,6 +64,25 @@ def test_reused_prefixes_give_the_plain_prefills_cache_bit_for_bit(tiny):
         one_prompt, one_length = padded([prompts[b]], bucket)
         alone, _ = driver.prefill(c, params, one_prompt, one_length, length, None)
         assert leaves_equal([x[0] for x in alone.cache.k + alone.cache.v], [x[b] for x in state.cache.k + state.cache.v])  # fmt: skip
+
+
+def test_a_long_prompts_segments_are_its_causal_blocks_bit_for_bit(tiny):
+    """A 1,100-token prompt: the plain prefill attends in causal blocks of queries
+    (`attention.causal_attention`), the segments of the reuse each over every slot; the caches
+    are one, bit for bit. (Weights of unit scale: attention spread wide enough that every
+    slot a query sees moves its bits.)"""
+    c = tiny.config.replace(max_seq_len=2048)
+    params = init_params(c, jax.random.key(0), model.compute_dtype(tiny.params))
+    reference = [int(t) for t in np.random.default_rng(2).integers(1, c.vocab_size, 1100)]
+    prompts = [reference] + [reference[:cut] + [7] + reference[cut + 1 :] for cut in (700, 1000, 1090)]  # fmt: skip
+    bucket = kernel.bucket_length(1100)
+    prompt, lengths = padded(prompts, bucket)
+    window = kernel.prefill_window(1100, bucket)
+    assert window >= 2 * attention.CAUSAL_MIN  # two blocks of queries or more
+    length = kernel.cache_length(bucket, 16)
+    reused = prefix.prefill(c, params, prompts, prompt, lengths, prefix.Reference(reference), length, window)  # fmt: skip
+    assert reused is not None
+    assert leaves_equal(reused, driver.prefill(c, params, prompt, lengths, length, window))
 
 
 def test_the_rounds_fill_each_rows_own_slots():

@@ -103,6 +103,37 @@ def attention_dots(q, keys, values, mask, scale):
     return _softmax_weighted(scores, mask, scale, weighted)
 
 
+# A long prefill's queries go in one block per CAUSAL_MIN positions, up to CAUSAL_BLOCKS
+# blocks, each attending over the slots up to its last query only (`causal_attention`). A
+# block is more program to compile (3-6 s more for SmolLM2 on XLA:CPU) and saves a share of an
+# attention that grows as the square of the prompt: only long prompts split, and the longer
+# the finer.
+CAUSAL_BLOCKS, CAUSAL_MIN = 4, 512
+
+
+def causal_attention(q, keys, values, mask, scale, first: int) -> jax.Array:
+    """`cached_attention` of the queries `[B, KV, G, T, D]` of a prefill written from the static
+    slot `first`: query t sees slots up to `first + t` only. On the CPU a long prefill's queries
+    go in blocks (whole `PREFILL_SLOTS`), each attending over the slots up to its own last
+    query: the slots it leaves out are masked for every query of the block, and would only add
+    exact zeros to its sums (`invariant.slot_sum`, `_block_dots`; a max is exact in any order),
+    so every bit is the one block's over all slots. Saves 1/4 (two blocks) to 3/8 (four) of
+    the attention. A prefill's queries each see slot 0 (it is anchored there); a query that
+    sees no slot at all (the draft's left padding) gets another meaningless mean of values."""
+    t = q.shape[3]
+    blocks = min(CAUSAL_BLOCKS, t // CAUSAL_MIN)
+    if blocks < 2 or not (invariant.on_cpu() and invariant.enabled()):
+        return cached_attention(q, keys, values, mask, scale)
+    size = -(-t // (blocks * PREFILL_SLOTS)) * PREFILL_SLOTS
+    parts = []
+    for low in range(0, t, size):
+        high = min(t, low + size)
+        s = min(keys.shape[-1], first + high)
+        parts.append(cached_attention(q[:, :, :, low:high], keys[..., :s], values[:, :, :s],
+                                      mask[..., low:high, :s], scale))  # fmt: skip
+    return jnp.concatenate(parts, 3)
+
+
 def cached_attention(q, keys, values, mask, scale) -> jax.Array:
     """Attention of queries `[B, KV, G, T, D]` over the cache (keys `[B, KV, D, S]`, values
     `[B, KV, S, D]`, `mask` broadcastable to `[B, KV, G, T, S]`): float32 `[B, KV, G, T, D]`.

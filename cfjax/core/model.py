@@ -29,7 +29,7 @@ import numpy as np
 from flax import nnx
 
 from cfjax.core import invariant, quant, spec, steering
-from cfjax.core.attention import NEG, cached_attention
+from cfjax.core.attention import NEG, cached_attention, causal_attention
 from cfjax.core.cache import KEY_SLOT_AXIS, VALUE_SLOT_AXIS, KVCache, write
 from cfjax.core.config import LlamaConfig
 
@@ -147,8 +147,11 @@ class Attention(nnx.Module):
             # A static index (the prefill's 0): only slots before index + T can be visible.
             if isinstance(index, int):
                 keys, values = keys[..., : index + t], values[:, :, : index + t]
-            mask = visible[:, None, None]  # [B, 1, 1, T, S]
-            out = cached_attention(q.transpose(0, 2, 3, 1, 4), keys, values, mask, scale)
+            mask, q = visible[:, None, None], q.transpose(0, 2, 3, 1, 4)  # [B, 1, 1, T, S]
+            if isinstance(index, int):
+                out = causal_attention(q, keys, values, mask, scale, index)
+            else:
+                out = cached_attention(q, keys, values, mask, scale)
             out = invariant.round_to(out.transpose(0, 3, 1, 2, 4), x.dtype)  # [B, T, KV, G, D]
         else:
             scores = einsum_f32("btkgd,bkds->bkgts", q, k.astype(q.dtype)) * scale
