@@ -105,9 +105,9 @@ def attention_dots(q, keys, values, mask, scale):
 
 # A long prefill's queries go in one block per CAUSAL_MIN positions, up to CAUSAL_BLOCKS
 # blocks, each attending over the slots up to its last query only (`causal_attention`). A
-# block is more program to compile (3-6 s more for SmolLM2 on XLA:CPU) and saves a share of an
+# block is more program to compile (~6 s more for SmolLM2 on XLA:CPU) and saves a share of an
 # attention that grows as the square of the prompt: only long prompts split, and the longer
-# the finer.
+# the finer (benchmarks/RESULTS.md).
 CAUSAL_BLOCKS, CAUSAL_MIN = 4, 512
 
 
@@ -119,7 +119,8 @@ def causal_attention(q, keys, values, mask, scale, first: int) -> jax.Array:
     exact zeros to its sums (`invariant.slot_sum`, `_block_dots`; a max is exact in any order),
     so every bit is the one block's over all slots. Saves 1/4 (two blocks) to 3/8 (four) of
     the attention. A prefill's queries each see slot 0 (it is anchored there); a query that
-    sees no slot at all (the draft's left padding) gets another meaningless mean of values."""
+    sees no slot (the draft's left padding, which no real query sees) gets another
+    meaningless mean of the values."""
     t = q.shape[3]
     blocks = min(CAUSAL_BLOCKS, t // CAUSAL_MIN)
     if blocks < 2 or not (invariant.on_cpu() and invariant.enabled()):

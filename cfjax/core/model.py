@@ -144,11 +144,9 @@ class Attention(nnx.Module):
             layer_k = write(layer_k, k, index, KEY_SLOT_AXIS)
             layer_v = write(layer_v, v, index, VALUE_SLOT_AXIS)
             keys, values = layer_k, layer_v
-            # A static index (the prefill's 0): only slots before index + T can be visible.
-            if isinstance(index, int):
-                keys, values = keys[..., : index + t], values[:, :, : index + t]
             mask, q = visible[:, None, None], q.transpose(0, 2, 3, 1, 4)  # [B, 1, 1, T, S]
-            if isinstance(index, int):
+            if isinstance(index, int):  # a prefill: only slots before index + T can be visible
+                keys, values = keys[..., : index + t], values[:, :, : index + t]
                 out = causal_attention(q, keys, values, mask, scale, index)
             else:
                 out = cached_attention(q, keys, values, mask, scale)
