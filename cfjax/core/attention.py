@@ -113,15 +113,17 @@ CAUSAL_BLOCKS, CAUSAL_MIN = 4, 512
 
 def causal_attention(q, keys, values, mask, scale, first: int) -> jax.Array:
     """`cached_attention` of the queries `[B, KV, G, T, D]` of a prefill written from the static
-    slot `first`: query t sees slots up to `first + t` only. On the CPU a long prefill's queries
-    go in blocks (whole `PREFILL_SLOTS`), each attending over the slots up to its own last
-    query: the slots it leaves out are masked for every query of the block, and would only add
-    exact zeros to its sums (`invariant.slot_sum`, `_block_dots`; a max is exact in any order),
-    so every bit is the one block's over all slots. Saves 1/4 (two blocks) to 3/8 (four) of
-    the attention. A prefill's queries each see slot 0 (it is anchored there); a query that
-    sees no slot (the draft's left padding, which no real query sees) gets another
+    slot `first`: query t sees slots up to `first + t` only, so the slots from `first + T` on
+    are left out (the prefill attends over its own tokens, not the whole cache), and on the CPU
+    a long prefill's queries go in blocks (whole `PREFILL_SLOTS`), each attending over the slots
+    up to its own last query: the slots it leaves out are masked for every query of the block,
+    and would only add exact zeros to its sums (`invariant.slot_sum`, `_block_dots`; a max is
+    exact in any order), so every bit is the one block's over all slots. Saves 1/4 (two blocks)
+    to 3/8 (four) of the attention. A prefill's queries each see slot 0 (it is anchored there);
+    a query that sees no slot (the draft's left padding, which no real query sees) gets another
     meaningless mean of the values."""
     t = q.shape[3]
+    keys, values = keys[..., : first + t], values[:, :, : first + t]
     blocks = min(CAUSAL_BLOCKS, t // CAUSAL_MIN)
     if blocks < 2 or not (invariant.on_cpu() and invariant.enabled()):
         return cached_attention(q, keys, values, mask, scale)
@@ -129,7 +131,7 @@ def causal_attention(q, keys, values, mask, scale, first: int) -> jax.Array:
     parts = []
     for low in range(0, t, size):
         high = min(t, low + size)
-        s = min(keys.shape[-1], first + high)
+        s = first + high
         parts.append(cached_attention(q[:, :, :, low:high], keys[..., :s], values[:, :, :s],
                                       mask[..., low:high, :s], scale))  # fmt: skip
     return jnp.concatenate(parts, 3)

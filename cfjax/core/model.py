@@ -143,13 +143,11 @@ class Attention(nnx.Module):
         if cached:
             layer_k = write(layer_k, k, index, KEY_SLOT_AXIS)
             layer_v = write(layer_v, v, index, VALUE_SLOT_AXIS)
-            keys, values = layer_k, layer_v
             mask, q = visible[:, None, None], q.transpose(0, 2, 3, 1, 4)  # [B, 1, 1, T, S]
             if isinstance(index, int):  # a prefill: only slots before index + T can be visible
-                keys, values = keys[..., : index + t], values[:, :, : index + t]
-                out = causal_attention(q, keys, values, mask, scale, index)
+                out = causal_attention(q, layer_k, layer_v, mask, scale, index)
             else:
-                out = cached_attention(q, keys, values, mask, scale)
+                out = cached_attention(q, layer_k, layer_v, mask, scale)
             out = invariant.round_to(out.transpose(0, 3, 1, 2, 4), x.dtype)  # [B, T, KV, G, D]
         else:
             scores = einsum_f32("btkgd,bkds->bkgts", q, k.astype(q.dtype)) * scale
