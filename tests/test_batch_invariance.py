@@ -223,14 +223,15 @@ def test_bfloat16_bits_are_written_in_the_program_not_left_to_xla():
 def test_matmul_rows_round_alike_in_every_tile(dtype):
     """`invariant.dense`, as the decode step (tiles of 2..32 rows, of up to 256 where the dot
     contracts 1,024 features or more, or a tied head's second axis) and as the prefill (tiles
-    of exactly 64 rows) run it: a row's result is bit-identical whatever the rows beside it (1
-    to 300: one tile, several, a padded last one) and within rounding of float64 numpy."""
+    of 64 to `PREFILL_ROWS` rows) run it: a row's result is bit-identical whatever the rows
+    beside it (1 to 300: one tile, several, a padded last one; in the prefill also one more
+    than a tile holds) and within rounding of float64 numpy."""
     from cfjax.core import invariant
 
     rng = np.random.default_rng(0)
     # SmolLM2's: one tile per 32 rows; per 256 (`WIDE`); a tied head `[V, D]`, per 256
     for features, contract in ((576, 0), (1536, 0), (576, 1)):
-        x = rng.standard_normal((300, features)).astype(dtype)
+        x = rng.standard_normal((invariant.PREFILL_ROWS + 1, features)).astype(dtype)
         w = (rng.standard_normal((features, 320)) / 30).astype(dtype)
         expected = np.asarray(x, np.float64)[:1] @ np.asarray(w, np.float64)
         w = w if contract == 0 else np.ascontiguousarray(w.T)  # stored as `[V, D]`
@@ -240,7 +241,8 @@ def test_matmul_rows_round_alike_in_every_tile(dtype):
                 with invariant.batch_invariance(True, prefill=prefill):
                     return invariant.dense(x, w, contract)
 
-            first = {m: np.asarray(jax.jit(run)(x[:m], w), np.float32)[0] for m in (1, 2, 3, 32, 33, 64, 100, 300)}  # fmt: skip
+            counts = (1, 2, 3, 32, 33, 64, 100, 300) + ((len(x),) if prefill else ())
+            first = {m: np.asarray(jax.jit(run)(x[:m], w), np.float32)[0] for m in counts}
             assert all(v.tobytes() == first[1].tobytes() for v in first.values()), (features, contract, prefill)  # fmt: skip
             np.testing.assert_allclose(first[1], expected[0], rtol=2e-2 if dtype == "bfloat16" else 1e-4, atol=2e-2 if dtype == "bfloat16" else 1e-4)  # fmt: skip
 

@@ -47,8 +47,14 @@ ROWS = 32  # most rows in one matmul tile on the CPU
 # does a dot against a weight's second axis (a tied head `[V, D]`) of any width (measured for
 # D 64..960, V 64..49152), ~21% of a SmolLM2 step's FLOPs: one dot at batch 64, not two.
 WIDE, WIDE_ROWS = 1024, 256
-# Rows of every matmul tile on GPU and TPU (weight reads dominate there) and in the CPU's prefill.
+# Rows of every matmul tile on GPU and TPU (weight reads dominate there), and the fewest of a
+# tile in the CPU's prefill.
 FIXED_ROWS = 64
+# XLA:CPU rounds a row of a dot alike for every row count from 64 on (measured to 16,384 rows,
+# 64..2,048 features, float32 and bfloat16, either weight layout): the CPU's prefill runs each
+# weight matmul in tiles of 64 to PREFILL_ROWS rows, one dot for most prefills, 1.2x (128
+# rows) to 1.6x (1,024) faster than 64-row tiles and the same bits.
+PREFILL_ROWS = 4096
 # Up to this many tiles are dots side by side in the program, which XLA:CPU runs concurrently
 # (a SmolLM2 batch-64 step: 279 -> 245 ms against a loop); more run in a loop (`lax.map`), which
 # keeps a long prefill's program small. Every tile is a dot of one shape either way: same bits.
@@ -94,10 +100,11 @@ def forms_for(platform: str | None):
 
 def fixed_rows() -> int | None:
     """Rows of every matmul tile in the programs traced now: `FIXED_ROWS` on accelerators and in
-    the CPU's prefill, None (2 to `ROWS`, see `tiles`) in the CPU's decode step and speculative
-    pass. A prefill row is only ever compared with prefill rows (the decode step feeds every
-    token it chooses, DESIGN.md §2), and its many rows run ~2x faster in 64-row dots than in
-    32-row ones on XLA:CPU; the decode step at batch 1 would pay 32x the rows."""
+    the CPU's prefill (its weight matmuls: `FIXED_ROWS` at least, see `PREFILL_ROWS`), None (2
+    to `ROWS`, see `tiles`) in the CPU's decode step and speculative pass. A prefill row is only
+    ever compared with prefill rows (the decode step feeds every token it chooses, DESIGN.md
+    §2), and its many rows run ~2x faster in 64-row dots than in 32-row ones on XLA:CPU; the
+    decode step at batch 1 would pay 32x the rows."""
     return None if on_cpu() and not _PREFILL.get() else FIXED_ROWS
 
 
@@ -216,10 +223,10 @@ def slot_sum(x: jax.Array, axis: int) -> jax.Array:
     return in_order(tree_sum(slot_blocks(x, axis), axis + 1), axis)
 
 
-def tiles(m: int, fixed: int | None = None, most: int = ROWS) -> tuple[int, int]:
+def tiles(m: int, fixed: int | None = None, most: int = ROWS, least: int = 2) -> tuple[int, int]:
     """(tile count, rows per tile) for a matmul over `m` rows.
 
-    `fixed=None` (the CPU's decode): at least 2 and at most `most` rows per tile. XLA:CPU
+    `fixed=None` (the CPU): at least `least` and at most `most` rows per tile. XLA:CPU
     rounds a row identically for every row count in 2..32 (one XNNPACK kernel), but not at 1
     (a matrix-vector kernel) nor past 32 (another blocking), measured at SmolLM2's and the tiny
     config's shapes (`benchmarks/batch_invariance.py`); in 2..256 where the dot contracts
@@ -229,7 +236,7 @@ def tiles(m: int, fixed: int | None = None, most: int = ROWS) -> tuple[int, int]
     if fixed is not None:
         return math.ceil(m / fixed), fixed
     count = math.ceil(m / most)
-    return count, max(2, math.ceil(m / count))
+    return count, max(least, math.ceil(m / count))
 
 
 def f32_dot(dot, a: jax.Array, b: jax.Array) -> jax.Array:
@@ -339,18 +346,20 @@ def _row_tiles(x: jax.Array, w: jax.Array, contract: int, wide: bool, fixed: int
         tile = lambda t: blocked_matmul(t, w, contract, wide, blocks)  # noqa: E731
     else:
         tile = lambda t: matmul(t, w, contract, wide)  # noqa: E731
-    most = WIDE_ROWS if blocks == 1 and (x.shape[-1] >= WIDE or contract == 1) else ROWS
-    out = row_tiles(tile, x.reshape(-1, x.shape[-1]), 0, fixed, most)
+    most, least = WIDE_ROWS if blocks == 1 and (x.shape[-1] >= WIDE or contract == 1) else ROWS, 2
+    if fixed is not None and blocks == 1 and on_cpu():  # the CPU's prefill: see PREFILL_ROWS
+        fixed, most, least = None, PREFILL_ROWS, FIXED_ROWS
+    out = row_tiles(tile, x.reshape(-1, x.shape[-1]), 0, fixed, most, least)
     return out.reshape(*x.shape[:-1], -1)
 
 
-def row_tiles(fn, x: jax.Array, axis: int, fixed: int | None = None, most: int = ROWS) -> jax.Array:  # fmt: skip
+def row_tiles(fn, x: jax.Array, axis: int, fixed: int | None = None, most: int = ROWS, least: int = 2) -> jax.Array:  # fmt: skip
     """`fn` over tiles of the rows along `axis` of `x` (zeros padding them to whole tiles of
-    `tiles(m, fixed, most)`), its results put back in row order. `fn` keeps the row axis where
+    `tiles(m, fixed, most, least)`), its results put back in row order. `fn` keeps the row axis where
     it is; each tile is a call of one shape, so `fn`'s dots round every row alike."""
     axis = axis % x.ndim
     m = x.shape[axis]
-    count, size = tiles(m, fixed, most)
+    count, size = tiles(m, fixed, most, least)
     pad = [(0, 0)] * x.ndim
     pad[axis] = (0, count * size - m)
     x = jnp.pad(x, pad)
