@@ -85,28 +85,23 @@ def test_a_long_prompts_segments_are_its_causal_blocks_bit_for_bit(tiny):
     assert leaves_equal(reused, driver.prefill(c, params, prompt, lengths, length, window))
 
 
-def test_the_rounds_fill_each_rows_own_slots():
+def test_the_groups_fill_each_rows_own_slots():
     rng = np.random.default_rng(0)
     for _ in range(50):
         batch = int(rng.integers(1, 40))
         lengths = rng.integers(2, 120, batch).astype(np.int32)
         shared = np.minimum(rng.integers(0, 120, batch), lengths - 1).astype(np.int32)
-        filled = [set() for _ in range(batch)]
-        calls = prefix.rounds(shared, lengths)
-        size, segment = prefix.call_shape(batch)
-        assert size * segment >= invariant.FIXED_ROWS  # a whole matmul tile of token rows
-        for rows, first in calls:  # one program
-            assert len(rows) == size == min(prefix.ROWS, 1 << (batch - 1).bit_length())
-            real = {}
-            for r, f in zip(rows.tolist(), first.tolist(), strict=True):
-                assert real.setdefault(r, f) == f  # padding repeats a row, never a new write
-            for r, f in real.items():
-                assert not filled[r] & set(range(f, f + segment))
-                filled[r] |= set(range(f, f + segment))
-        for b in range(batch):
-            need = set(range(shared[b], lengths[b] - 1))
-            assert need <= filled[b] and min(filled[b], default=shared[b]) == shared[b]
-            assert len(filled[b]) - len(need) < segment  # at most one part-filled round
+        need = lengths - 1 - shared
+        plan = prefix.groups(shared, lengths)
+        placed = np.concatenate([rows for rows, _, _ in plan])
+        assert sorted(set(placed.tolist())) == list(range(batch))  # every row, in one group
+        assert len({(len(rows), segment) for rows, segment, _ in plan}) <= 2  # two programs
+        assert (len(placed) - batch) * 2 < len(plan[-1][0])  # padding: under half the last group
+        assert list(need[placed[:batch]]) == sorted(need, reverse=True)  # the longest first
+        for rows, segment, calls in plan:
+            assert len(rows) * segment >= invariant.FIXED_ROWS  # a whole matmul tile
+            assert len(rows) <= prefix.ROWS and segment >= prefix.SEGMENT
+            assert calls * segment >= need[rows].max() > (calls - 1) * segment
 
 
 def test_prompts_that_share_little_take_the_plain_prefill(tiny):

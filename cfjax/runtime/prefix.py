@@ -4,13 +4,14 @@ edited prompts of an attribution sweep and the factual's prompt) prefills only w
 The prefill computes prompts anchored at slot 0, where a slot's keys and values are a function
 of the tokens up to it alone, bit for bit (`kernel.fill`). So the reference is filled once (one
 row; or taken from a stored cache that holds it), each row's cache starts as the reference's
-first c slots (c: the tokens the row shares with it), and the rows fill the rest in rounds of
-segments, each row from its own slot on; a round holds only the rows that still have slots to
-fill, `ROWS` to a call (one compiled program), and a call computes at least
-`invariant.FIXED_ROWS` token rows (the prefill's matmul tile: a lone row's segment is 64
-slots). The result is the plain prefill's cache bit for bit, so a row's tokens are those of
-its one-by-one run; what changes is the work: a sweep that edits each word of a 40-word prompt
-fills about a third of the slots the plain prefill fills.
+first c slots (c: the tokens the row shares with it), and the rows fill the rest in segments,
+each row from its own slot on. The rows go in groups of `ROWS` (the rows with the most slots to
+fill first, so that a group's rows need about as many segments), each group with its own cache,
+filled in place a segment per call (a call computes at least `invariant.FIXED_ROWS` token rows,
+the prefill's least matmul tile); the groups' caches are put back in row order once, at the
+end. The result is the plain prefill's cache bit for bit, so a
+row's tokens are those of its one-by-one run; what changes is the work: a sweep that edits each
+word of a 40-word prompt fills about a third of the slots the plain prefill fills.
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ from cfjax.core import invariant, kernel, model
 from cfjax.core.cache import KEY_SLOT_AXIS, VALUE_SLOT_AXIS, KVCache, init_cache
 from cfjax.core.config import LlamaConfig
 
-SEGMENT = invariant.BLOCK // 2  # fewest slots a row fills per round
-ROWS = 8  # rows a call fills, in every round: one compiled program
+SEGMENT = invariant.BLOCK // 2  # fewest slots a row fills per call
+ROWS = 16  # rows a call fills: one compiled program
 WORTH = 0.75  # reuse when it fills at most this share of the plain prefill's slots
 
 
@@ -63,19 +64,19 @@ def call_shape(batch: int) -> tuple[int, int]:
     return size, max(SEGMENT, invariant.FIXED_ROWS // size)
 
 
-def rounds(shared: np.ndarray, lengths: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
-    """The calls of the fill, in order: per call (the rows it computes, each row's first slot).
-    Row b fills slots [shared[b], n_b - 1), a segment a round (`call_shape`); a round's rows go
-    together, the last call padded by repeating a row, so that every call is one compiled
-    program."""
-    size, segment = call_shape(len(shared))
-    todo = -(-(lengths - 1 - shared) // segment)  # rounds per row
+def groups(shared: np.ndarray, lengths: np.ndarray) -> list[tuple[np.ndarray, int, int]]:
+    """The groups of the fill, in order: per group (its rows, the slots a row fills a call, its
+    calls). Row b fills slots [shared[b], n_b - 1), a segment a call, from its own slot on; the
+    rows with the most slots to fill go first, `ROWS` to a group; the rest make one group of
+    `call_shape(rest)`, padded by repeating its first row. So there are at most two compiled
+    programs, and padding adds fewer rows than half a group."""
+    order = np.argsort(-(lengths - 1 - shared), kind="stable")
     out = []
-    for k in range(int(todo.max(initial=0))):
-        active = np.flatnonzero(todo > k)
-        for rows in np.array_split(active, -(-len(active) // size)):
-            rows = np.concatenate([rows, np.full(size - len(rows), rows[0])]).astype(np.int32)
-            out.append((rows, (shared[rows] + k * segment).astype(np.int32)))
+    while len(order):
+        size, segment = call_shape(len(order))
+        rows, order = order[:size], order[size:]
+        rows = np.concatenate([rows, np.full(size - len(rows), rows[0])]).astype(np.int32)
+        out.append((rows, segment, -(-int((lengths - 1 - shared)[rows].max()) // segment)))
     return out
 
 
@@ -104,14 +105,20 @@ def _seed(reference: KVCache, shared: jax.Array, slots: int) -> KVCache:
 
 
 @functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
-def _fill_rows(config: LlamaConfig, params, cache: KVCache, rows, tokens, first) -> KVCache:
-    """One call: `rows` fill a segment of slots each (`tokens [R, segment]`), row i from slot
-    `first[i]` (`kernel.fill`)."""
-    part = kernel.fill(config, params, tokens, first, jax.tree_util.tree_map(lambda x: x[rows], cache))  # fmt: skip
-    return jax.tree_util.tree_map(lambda x, p: x.at[rows].set(p), cache, part)
+def _fill(config: LlamaConfig, params, cache: KVCache, tokens, first) -> KVCache:
+    """One call: a group's rows fill a segment of slots each (`tokens [R, segment]`), row i from
+    slot `first[i]`, in the group's cache (`kernel.fill`)."""
+    return kernel.fill(config, params, tokens, first, cache)
 
 
-_roll_in = jax.jit(kernel.roll_in, static_argnums=(0, 3, 4))
+@functools.partial(jax.jit, static_argnums=(0, 4, 5))
+def _assemble(config: LlamaConfig, caches: list[KVCache], order, lengths, bucket: int, length: int):  # fmt: skip
+    """The groups' caches as one in row order (`order`: each row's place among the groups'
+    rows), moved into the decode's layout (`kernel.roll_in`)."""
+    cache = jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs)[order], *caches)
+    return kernel.roll_in(config, cache, lengths, bucket, length)
+
+
 _shift = jax.jit(kernel.shift, static_argnums=(4,))
 
 
@@ -123,11 +130,10 @@ def prefill(config: LlamaConfig, params, prompts: Sequence[Sequence[int]], promp
     lengths = np.asarray(lengths, np.int32)
     tokens = list(reference.tokens)
     shared = shared_lengths(prompts, tokens)
-    plan = rounds(shared, lengths)
-    segment = call_shape(len(prompts))[1]
-    slots = window + segment  # room for every round's segment
+    plan = groups(shared, lengths)
+    slots = window + max(segment for _, segment, _ in plan)  # room for every call's segment
     own = 0 if reference.cache is not None else kernel.prefill_window(len(tokens), kernel.bucket_length(len(tokens)))  # fmt: skip
-    if own + sum(len(rows) for rows, _ in plan) * segment > WORTH * len(prompts) * window:
+    if own + sum(len(rows) * segment * calls for rows, segment, calls in plan) > WORTH * len(prompts) * window:  # fmt: skip
         return None
     if reference.cache is not None:  # the kept cache, moved back to start at slot 0
         anchored = _shift(reference.cache, jnp.asarray([reference.start]), jnp.asarray([0]), jnp.asarray([len(tokens) - 1]), slots)  # fmt: skip
@@ -135,10 +141,17 @@ def prefill(config: LlamaConfig, params, prompts: Sequence[Sequence[int]], promp
         ref = np.zeros((1, own), np.int32)
         ref[0, : len(tokens) - 1] = tokens[:-1]
         anchored = _reference(config, params, jnp.asarray(ref))
-    cache = _seed(anchored, jnp.asarray(shared), slots)
     padded_tokens = np.pad(np.asarray(kernel.anchored(jnp.asarray(prompt), jnp.asarray(lengths))), ((0, 0), (0, slots)))  # fmt: skip
-    for rows, first in plan:
-        part = padded_tokens[rows[:, None], first[:, None] + np.arange(segment)[None, :]]
-        cache = _fill_rows(config, params, cache, jnp.asarray(rows), jnp.asarray(part), jnp.asarray(first))  # fmt: skip
-    cache, start = _roll_in(config, cache, jnp.asarray(lengths), prompt.shape[1], length)
+    caches = []
+    for rows, segment, calls in plan:
+        cache = _seed(anchored, jnp.asarray(shared[rows]), slots)
+        for k in range(calls):
+            first = shared[rows] + k * segment
+            part = padded_tokens[rows[:, None], first[:, None] + np.arange(segment)[None, :]]
+            cache = _fill(config, params, cache, jnp.asarray(part), jnp.asarray(first))
+        caches.append(cache)
+    order = np.empty(len(prompts), np.int32)  # row b's place: its first among the groups' rows
+    for place, b in reversed(list(enumerate(np.concatenate([rows for rows, _, _ in plan])))):
+        order[b] = place
+    cache, start = _assemble(config, caches, jnp.asarray(order), jnp.asarray(lengths), prompt.shape[1], length)  # fmt: skip
     return kernel.initial_state(jnp.asarray(prompt), jnp.asarray(lengths), cache), start
