@@ -148,14 +148,14 @@ def test_batch_invariance_is_an_execution_choice_not_a_model_property():
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_the_prefill_window_changes_no_bit(dtype):
     """The host's prefill computes only the first whole blocks that hold the prompts
-    (`kernel.prefill_window`: 96 of the 128 slots here); every real slot's keys and values, in
-    every layer, are those of a prefill of the whole bucket, bit for bit."""
+    (`kernel.prefill_window`: 96 of a buffer of 128 slots here); every real slot's keys and
+    values, in every layer, are those of a prefill of the whole buffer, bit for bit."""
     from cfjax.runtime import driver
     from cfjax.runtime.request import padded
 
     lm = _tiny(dtype)
     prompts = [list(range(1, 71)), list(range(3, 40)), [5, 6], list(range(2, 90))]
-    prompt, lengths = padded(prompts)
+    prompt, lengths = padded(prompts, 128)  # wider than the 96 slots of their bucket
     bucket = prompt.shape[1]
     window = kernel.prefill_window(int(lengths.max()), bucket)
     assert (bucket, window) == (128, 96)
@@ -171,17 +171,25 @@ def test_the_prefill_window_changes_no_bit(dtype):
             assert np.asarray(a[row][tuple(real)]).tobytes() == np.asarray(b[row][tuple(real)]).tobytes()  # fmt: skip
 
 
-def test_prefill_windows_per_bucket():
-    """Quarters of the bucket, whole 32-slot blocks at least: at most three prefill programs
-    for the prompts a bucket holds (longer than its half)."""
+def test_buckets_and_prefill_windows():
+    """A bucket: the first quarters (whole 32-slot blocks at least) of the power of two that
+    hold the prompt, so two buckets per power of two; a prefill window: the first quarters that
+    hold every `prompt[:-1]`, at most three programs per buffer."""
+    assert [kernel.bucket_length(n) for n in (1, 32, 33, 64, 65, 96, 97, 129, 600, 1272)] == [
+        32, 32, 64, 64, 96, 96, 128, 192, 768, 1536
+    ]  # fmt: skip
     assert [kernel.prefill_window(n, 32) for n in (1, 2, 20, 32)] == [32] * 4
     assert [kernel.prefill_window(n, 64) for n in (33, 34, 64)] == [32, 64, 64]
     assert [kernel.prefill_window(n, 128) for n in (65, 66, 97, 98, 128)] == [64, 96, 96, 128, 128]
-    for bucket in (256, 1024, 4096):
-        lengths = range(bucket // 2 + 1, bucket + 1)
-        assert all(kernel.bucket_length(n) == bucket for n in lengths)
-        windows = {kernel.prefill_window(n, bucket) for n in lengths}
-        assert windows == {bucket // 2, 3 * bucket // 4, bucket}, (bucket, windows)
+    for size in (256, 1024, 4096):
+        lengths = range(size // 2 + 1, size + 1)
+        assert {kernel.bucket_length(n) for n in lengths} == {3 * size // 4, size}
+        for n in lengths:
+            bucket = kernel.bucket_length(n)
+            window = kernel.prefill_window(n, bucket)
+            assert n <= bucket and n - 1 <= window <= bucket and window % 32 == bucket % 32 == 0
+        windows = {kernel.prefill_window(n, size) for n in lengths}  # a buffer of the power of two
+        assert windows == {size // 2, 3 * size // 4, size}, (size, windows)
 
 
 _EXCESS_PRECISION_CHILD = """

@@ -113,8 +113,8 @@ def step_log_probs(lm: LM, trace: Trace, position: int, top_p: float | None = No
     """Log-probabilities `[V]` of response step `position` given the factual prefix, at the
     trace's temperature (a greedy trace's point mass replaced by the model's own τ = 1) and,
     if given, within the top-p set."""
-    # Right-padded to a power of two (a causal forward: padding after a position changes
-    # nothing before it), so that many positions share a few compilations.
+    # Right-padded to its bucket (a causal forward: padding after a position changes nothing
+    # before it), so that many positions share a few compilations.
     seq = trace.prompt_tokens + trace.tokens[:position]
     tokens = padded([seq], min(bucket_length(len(seq)), lm.config.max_seq_len))[0]
     logits = forward(lm, tokens)[0, len(seq) - 1]

@@ -41,8 +41,18 @@ NOT_FORCED = -1
 
 
 def bucket_length(n: int) -> int:
-    """Prompt buffer for an `n`-token prompt: a power of two >= max(n, MIN_BUCKET)."""
-    return max(MIN_BUCKET, 1 << max(n - 1, 0).bit_length())
+    """Prompt buffer for an `n`-token prompt: the first quarters (whole blocks of 32 slots at
+    least) of the power of two >= max(n, MIN_BUCKET) that hold it.
+
+    Every decode step attends over every slot of the cache, so a 600-token prompt in 1,024
+    slots would pay for 424 slots of padding at every step; in 768 it pays for 168. A slot's
+    place within its block of 32 is the same in either (a bucket is a multiple of the block),
+    and the blocks left out are padding in every row, which adds exact zeros: the same bits.
+    Quarters bound the programs to two per power of two (a bucket holds prompts longer than
+    half of it)."""
+    size = max(MIN_BUCKET, 1 << max(n - 1, 0).bit_length())
+    step = max(MIN_BUCKET, size // 4)
+    return min(size, -(-n // step) * step)
 
 
 def cache_length(bucket: int, steps: int, chunk: int = DEFAULT_CHUNK, spare: int = 0) -> int:
@@ -175,15 +185,16 @@ def anchored(prompt: jax.Array, prompt_length: jax.Array) -> jax.Array:
 
 def prefill_window(longest: int, bucket: int) -> int:
     """The prefill's slots for prompts of at most `longest` tokens in a `bucket`: the first
-    quarters of the bucket (whole blocks of 32 slots at least) that hold every row's
-    `prompt[:-1]`.
+    quarters of the bucket's power of two (whole blocks of 32 slots at least, as in
+    `bucket_length`) that hold every row's `prompt[:-1]`.
 
     The slots past the window are padding in every row, invisible to every real query; leaving
     them out changes no bit of a real slot's keys and values (the same keys attended, the same
     sums and matmul rows: `invariant`), and saves their share of a compute-bound prefill (a
-    73-token prompt's bucket has 128 slots, its window 96). Quarters bound the prefill programs
-    to three per bucket (a bucket holds prompts longer than its half)."""
-    step = max(invariant.BLOCK, bucket // 4)
+    97-token prompt in a buffer of 128 slots has a window of 96; a buffer wider than its
+    prompt's bucket, as `padded(..., width)` makes, the same). Quarters bound the prefill
+    programs to three per buffer."""
+    step = max(invariant.BLOCK, (1 << max(bucket - 1, 0).bit_length()) // 4)
     return min(bucket, -(-max(longest - 1, 1) // step) * step)
 
 

@@ -9,9 +9,9 @@ each row from its own slot on. The rows go in groups of `ROWS` (the rows with th
 fill first, so that a group's rows need about as many segments), each group with its own cache,
 filled in place a segment per call (a call computes at least `invariant.FIXED_ROWS` token rows,
 the prefill's least matmul tile); the groups' caches are put back in row order once, at the
-end. The result is the plain prefill's cache bit for bit, so a
-row's tokens are those of its one-by-one run; what changes is the work: a sweep that edits each
-word of a 40-word prompt fills about a third of the slots the plain prefill fills.
+end. The result is the plain prefill's cache bit for bit, so a row's tokens are those of its
+one-by-one run; what changes is the work: a sweep that edits each word of a 40-word prompt
+fills about a third of the slots the plain prefill fills.
 """
 
 from __future__ import annotations
@@ -150,8 +150,7 @@ def prefill(config: LlamaConfig, params, prompts: Sequence[Sequence[int]], promp
             part = padded_tokens[rows[:, None], first[:, None] + np.arange(segment)[None, :]]
             cache = _fill(config, params, cache, jnp.asarray(part), jnp.asarray(first))
         caches.append(cache)
-    order = np.empty(len(prompts), np.int32)  # row b's place: its first among the groups' rows
-    for place, b in reversed(list(enumerate(np.concatenate([rows for rows, _, _ in plan])))):
-        order[b] = place
+    placed = np.concatenate([rows for rows, _, _ in plan])  # every row once, then padding
+    order = np.argsort(placed[: len(prompts)]).astype(np.int32)  # row b's place among them
     cache, start = _assemble(config, caches, jnp.asarray(order), jnp.asarray(lengths), prompt.shape[1], length)  # fmt: skip
     return kernel.initial_state(jnp.asarray(prompt), jnp.asarray(lengths), cache), start
