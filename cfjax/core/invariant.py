@@ -346,17 +346,19 @@ def _row_tiles(x: jax.Array, w: jax.Array, contract: int, wide: bool, fixed: int
         tile = lambda t: blocked_matmul(t, w, contract, wide, blocks)  # noqa: E731
     else:
         tile = lambda t: matmul(t, w, contract, wide)  # noqa: E731
-    most, least = WIDE_ROWS if blocks == 1 and (x.shape[-1] >= WIDE or contract == 1) else ROWS, 2
+    most, least = ROWS, 2
     if fixed is not None and blocks == 1 and on_cpu():  # the CPU's prefill: see PREFILL_ROWS
         fixed, most, least = None, PREFILL_ROWS, FIXED_ROWS
+    elif blocks == 1 and (x.shape[-1] >= WIDE or contract == 1):
+        most = WIDE_ROWS
     out = row_tiles(tile, x.reshape(-1, x.shape[-1]), 0, fixed, most, least)
     return out.reshape(*x.shape[:-1], -1)
 
 
 def row_tiles(fn, x: jax.Array, axis: int, fixed: int | None = None, most: int = ROWS, least: int = 2) -> jax.Array:  # fmt: skip
     """`fn` over tiles of the rows along `axis` of `x` (zeros padding them to whole tiles of
-    `tiles(m, fixed, most, least)`), its results put back in row order. `fn` keeps the row axis where
-    it is; each tile is a call of one shape, so `fn`'s dots round every row alike."""
+    `tiles(m, fixed, most, least)`), its results put back in row order. `fn` keeps the row axis
+    where it is; each tile is a call of one shape, so `fn`'s dots round every row alike."""
     axis = axis % x.ndim
     m = x.shape[axis]
     count, size = tiles(m, fixed, most, least)

@@ -57,9 +57,9 @@ def shared_lengths(prompts: Sequence[Sequence[int]], reference: Sequence[int]) -
 
 
 def call_shape(batch: int) -> tuple[int, int]:
-    """(rows, slots per row) of every call of the fill of a batch of `batch` rows: up to `ROWS`
-    rows, each filling `SEGMENT` slots or more, so that a call has at least one whole matmul
-    tile of token rows (fewer would be padded to it)."""
+    """(rows, slots per row) of the calls that fill a group taken from `batch` rows: up to
+    `ROWS` rows, each filling `SEGMENT` slots or more, so that a call has at least one whole
+    matmul tile of token rows (fewer would be padded to it)."""
     size = min(ROWS, 1 << max(batch - 1, 0).bit_length())
     return size, max(SEGMENT, invariant.FIXED_ROWS // size)
 
