@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -330,6 +331,44 @@ def test_a_killed_conversions_partial_folder_is_removed_by_the_next(sources, tmp
     assert sorted(p.name for p in tmp_path.iterdir()) == [mine.name, "out"]
 
 
+@pytest.fixture(scope="module")
+def eight_layers(tmp_path_factory):
+    """A converted random model of 8 layers (enough tensors that a failed restore leaves reads
+    of orbax's in flight) with a word tokenizer."""
+    from conftest import hf_llama
+
+    import cfjax
+
+    root = tmp_path_factory.mktemp("eight")
+    hf_llama(root / "hf", vocab_size=256, num_hidden_layers=8)
+    _word_tokenizer(root / "hf" / "tokenizer.json")
+    return cfjax.convert(root / "hf", root / "converted")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "in place"])
+def test_a_damaged_converted_folder_is_one_line(eight_layers, tmp_path, damage):
+    """A damaged converted folder fails with one readable line and nothing after it: a file cut
+    short is named before orbax reads any, and a restore that fails midway leaves no report of
+    orbax's other reads (`RuntimeError: Event loop is closed` tracebacks) on stderr."""
+    folder = tmp_path / "converted"
+    shutil.copytree(eight_layers, folder)
+    if damage == "truncated":
+        file = max((f for f in (folder / "params").rglob("*") if f.is_file()), key=lambda f: f.stat().st_size)  # fmt: skip
+        size = file.stat().st_size
+        file.write_bytes(file.read_bytes()[: size // 3])
+        expected = f"file {file.relative_to(folder).as_posix()} holds {size // 3:,} bytes, {size:,} were written"  # fmt: skip
+    else:  # the OCDBT manifest, its length kept: orbax fails while reading the tensors
+        file = folder / "params" / "manifest.ocdbt"
+        raw = bytearray(file.read_bytes())
+        raw[len(raw) // 2 : len(raw) // 2 + 8] = b"\xff" * 8
+        file.write_bytes(bytes(raw))
+        expected = "corrupt or incomplete cfjax checkpoint"
+    proc = run_cli("generate", "--model", str(folder), "--prompt", "w5 w6", "--max-new-tokens", "2")
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr.startswith(f"cfjax: error: {folder}") and expected in proc.stderr
+    assert proc.stderr.count("\n") == 1, proc.stderr
+
+
 def test_convert_into_an_unwritable_folder_names_it(sources, tmp_path, capsys):
     if os.geteuid() == 0:
         pytest.skip("root writes anywhere")
@@ -497,7 +536,9 @@ def test_force_replaces_only_a_valid_checkpoint_that_holds_nothing_else(sources,
 @pytest.mark.parametrize(
     "meta, message",
     [("[1, 2]", "a JSON list"), ('{"format": "cfjax-checkpoint", "version": "2"}', "version '2'"),
-     ('{"format": "cfjax-checkpoint", "version": 2}', "field 'config'"), ("[" * 100_000, "unreadable")],
+     ('{"format": "cfjax-checkpoint", "version": 2}', "field 'config'"), ("[" * 100_000, "unreadable"),
+     *[('{"format": "cfjax-checkpoint", "version": 2, "config": {}, "dtype": "float32", "model_id": "m", '
+        f'"files": {files}}}', "field 'files'") for files in ('{"params/d/x": "12"}', '{"params/../x": 12}')]],
 )  # fmt: skip
 def test_a_bad_cfjax_json_is_named_by_load_and_listed_by_models(
     tmp_path, capsys, monkeypatch, meta, message

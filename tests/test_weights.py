@@ -510,27 +510,33 @@ def test_force_never_deletes_the_gguf_it_converts(tmp_path):
     assert sorted(p.name for p in pp.iterdir()) == ["model.gguf", "notes.txt"] and state
 
 
-@pytest.mark.parametrize("damage", ["overwrite", "truncate"])
+@pytest.mark.parametrize("damage", ["overwrite", "truncate", "delete"])
 def test_a_damaged_checkpoint_is_refused_with_a_readable_message(tiny, tmp_path, damage):
     d, _, _ = tiny
     conv = cfjax.weights.convert(d, tmp_path / "conv")
-    assert set(checkpoint.read_meta(conv)["digests"]) >= {"['embed']['embedding']"}
-    files = sorted(
-        (conv / "params").rglob("*"), key=lambda f: f.stat().st_size if f.is_file() else 0
-    )
+    meta = checkpoint.read_meta(conv)
+    assert set(meta["digests"]) >= {"['embed']['embedding']"}
+    files = sorted((conv / "params").rglob("*"), key=lambda f: f.stat().st_size if f.is_file() else 0)  # fmt: skip
+    assert meta["files"] == {f.relative_to(conv).as_posix(): f.stat().st_size for f in files if f.is_file()}  # fmt: skip
     data = files[-1]  # the largest file holds tensor bytes
+    name = data.relative_to(conv).as_posix()
     raw = bytearray(data.read_bytes())
     if damage == "overwrite":  # bytes in the middle of the tensor data, the length kept
         mid = len(raw) // 2
         raw[mid : mid + 4096] = b"\xff" * len(raw[mid : mid + 4096])
-    else:
+        expected = "does not match the checksum recorded at conversion"
+    elif damage == "truncate":
         raw = raw[: len(raw) // 3]
+        expected = f"file {name} holds {len(raw):,} bytes, {data.stat().st_size:,} were written at conversion"  # fmt: skip
     data.write_bytes(bytes(raw))
+    if damage == "delete":
+        data.unlink()
+        expected = f"file {name} is missing"
     with pytest.raises(ValueError) as e:
         cfjax.load(conv)
     message = str(e.value)
-    assert str(conv) in message and "<" not in message and "\n" not in message
-    assert "does not match the checksum" in message or "corrupt or incomplete" in message
+    assert message.startswith(str(conv)) and "<" not in message and "\n" not in message
+    assert expected in message
 
 
 @pytest.mark.parametrize("stage", ["tensor stream", "metadata"])

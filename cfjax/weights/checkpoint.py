@@ -1,6 +1,7 @@
 """Converted checkpoints: an orbax params checkpoint plus `cfjax.json`, in one folder.
 
-    DST/cfjax.json   format, config (LlamaConfig.to_dict), dtype, source, model_id, tokenizer
+    DST/cfjax.json   format, config (LlamaConfig.to_dict), dtype, source, model_id, tokenizer,
+                     digests (CRC-32 per tensor), files (the size of each params file)
     DST/params/      orbax (tensorstore) checkpoint of the params pytree
     DST/tokenizer*   the tokenizer, copied so the folder loads on its own
 
@@ -15,8 +16,9 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 import zlib
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import jax
@@ -58,6 +60,9 @@ def read_meta(directory: str | Path) -> dict:
             raise ValueError(f"{file}: field {field!r} is missing or not a JSON {kind.__name__}")
     if not isinstance(meta.get("tokenizer") or "", str) or not isinstance(meta.get("digests") or {}, dict):  # fmt: skip
         raise ValueError(f"{file}: field 'tokenizer' or 'digests' has the wrong type")
+    files = meta.get("files") or {}
+    if not isinstance(files, dict) or not all(_is_params_file(k) and _is_int(n) for k, n in files.items()):  # fmt: skip
+        raise ValueError(f"{file}: field 'files' is not an object of sizes of files under {PARAMS}/")  # fmt: skip
     return meta
 
 
@@ -79,10 +84,42 @@ def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+def _is_params_file(name) -> bool:
+    """Whether `name` is a relative path below the params folder (no `..`, nothing absolute)."""
+    parts = PurePosixPath(name).parts if isinstance(name, str) else ()
+    return len(parts) > 1 and parts[0] == PARAMS and ".." not in parts and "\\" not in name
+
+
 def write_meta(directory: Path, meta: dict) -> None:
-    """Write `cfjax.json` (format and version added)."""
-    meta = {"format": FORMAT, "version": VERSION, **meta}
+    """Write `cfjax.json` (format and version added, and the size of every file of the params
+    written before it: see `check_files`)."""
+    meta = {"format": FORMAT, "version": VERSION, **meta, "files": file_sizes(directory)}
     (directory / META).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def file_sizes(directory: Path) -> dict[str, int]:
+    """Every file of the folder's params, by its path within the folder: its size in bytes."""
+    root = Path(directory)
+    return {
+        f.relative_to(root).as_posix(): f.stat().st_size
+        for f in sorted((root / PARAMS).rglob("*"))
+        if f.is_file()
+    }
+
+
+def check_files(directory: Path, meta: dict) -> None:
+    """Raise naming the first params file that is missing or not of the size recorded at
+    conversion (a truncated or unfinished copy), before orbax reads any: a read that fails
+    midway leaves orbax's other reads to report on a closed event loop (stderr noise)."""
+    for name, size in (meta.get("files") or {}).items():
+        file = Path(directory) / name
+        if not file.is_file():
+            raise ValueError(f"{directory}: file {name} is missing (an incomplete copy?): convert it again")  # fmt: skip
+        if file.stat().st_size != size:
+            raise ValueError(
+                f"{directory}: file {name} holds {file.stat().st_size:,} bytes, {size:,} were "
+                "written at conversion (a truncated or damaged copy): convert it again"
+            )
 
 
 def digests(params: dict) -> dict[str, str]:
@@ -123,6 +160,24 @@ def save_params(directory: Path, params: dict) -> dict[str, str]:
     return digests(params)
 
 
+def _quiet_abandoned_reads() -> None:
+    """After a restore failed midway: drop the reports of the reads orbax left in flight. Each
+    finishes after orbax closed its event loop, and reports `RuntimeError: Event loop is
+    closed` to `sys.unraisablehook`, a traceback on stderr under the readable error. Every
+    other report goes on to the hook in place before."""
+    previous = sys.unraisablehook
+    if getattr(previous, "quiets_abandoned_reads", False):
+        return
+
+    def hook(report) -> None:
+        e = report.exc_value
+        if not (type(e) is RuntimeError and str(e) == "Event loop is closed" and report.object is None):  # fmt: skip
+            previous(report)
+
+    hook.quiets_abandoned_reads = True
+    sys.unraisablehook = hook
+
+
 def restore_params(
     directory: str | Path, config: LlamaConfig, dtype, meta: dict, mesh: Any = None
 ) -> dict:
@@ -152,11 +207,13 @@ def restore_params(
     restore = ocp.args.PyTreeRestore(
         abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract)
     )
+    check_files(Path(directory), meta)
     path = (Path(directory) / PARAMS).resolve()
     try:
         with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(restore_concurrent_gb=1)) as ckptr:
             params = ckptr.restore(path, args=restore)
     except Exception as e:
+        _quiet_abandoned_reads()
         # The first line of orbax's / tensorstore's message, up to the object reprs it
         # carries ("See full TensorStore details: <bound method ...>").
         line = str(e).splitlines()[0] if str(e) else ""
