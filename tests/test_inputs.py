@@ -81,13 +81,20 @@ def test_a_trace_missing_or_overflowing_a_field_is_refused_by_name(capped, edit,
         ("null", "a JSON NoneType"),
         ("[[1, 2]]", "a JSON list"),
         ("[" * 100_000, "nested too deeply"),
+        ('{"prompt": ', "trace is not valid JSON"),
+        ("{}", "missing fields"),
+        (b"\x47\x47\x55\x46\xc3\x28", "not UTF-8 text (byte 4)"),
     ],
 )
 def test_trace_json_that_is_not_an_object_is_refused(tmp_path, text, message):
+    """Each error names the file first; a trace given as JSON text has no file to name."""
     path = tmp_path / "t.json"
-    path.write_text(text)
-    with pytest.raises(ValueError, match=message):
+    path.write_bytes(text) if isinstance(text, bytes) else path.write_text(text)
+    with pytest.raises(ValueError, match=f"^{re.escape(str(path))}: .*{re.escape(message)}"):
         Trace.from_json(path)
+    if text == "{}":
+        with pytest.raises(ValueError, match=r"^not a cfjax trace: missing fields"):
+            Trace.from_json(text)
 
 
 def test_an_out_of_vocabulary_posterior_token_is_refused_on_replay(lm, capped):

@@ -98,13 +98,13 @@ class Conversation:
     @classmethod
     def from_json(cls, text_or_path: str | Path) -> Conversation:
         """Parse a file written by `to_json` (a path) or JSON text."""
-        return cls.from_dict(read_json(text_or_path, "conversation"))
+        return read_json(text_or_path, "conversation", cls.from_dict)
 
 
 def load(text_or_path: str | Path) -> Trace | Conversation:
     """A trace or a conversation file (one with `turns`), whichever it holds."""
-    d = read_json(text_or_path, "trace")
-    return Conversation.from_dict(d) if isinstance(d, dict) and "turns" in d else Trace.from_dict(d)
+    parse = lambda d: Conversation.from_dict(d) if isinstance(d, dict) and "turns" in d else Trace.from_dict(d)  # noqa: E731  # fmt: skip
+    return read_json(text_or_path, "trace", parse)
 
 
 def history_after(turn: Trace) -> list[dict]:

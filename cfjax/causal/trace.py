@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -111,7 +111,7 @@ class Trace:
     def from_json(cls, text_or_path: str | Path) -> Trace:
         """Parse a file written by `to_json` (a `Path`, or a str naming a file), or JSON text (a
         str starting with "{")."""
-        return cls.from_dict(read_json(text_or_path, "trace"))
+        return read_json(text_or_path, "trace", cls.from_dict)
 
 
 def write_json(d: dict, path: str | Path | None) -> str:
@@ -122,22 +122,32 @@ def write_json(d: dict, path: str | Path | None) -> str:
     return text
 
 
-def read_json(text_or_path: str | Path, what: str) -> Any:
-    """The JSON of a file (a `Path`, or a str naming a file) or of JSON text (a str starting
-    with "{"), with errors that name `what` was read."""
+def read_json(text_or_path: str | Path, what: str, parse: Callable[[Any], Any] = lambda d: d) -> Any:  # fmt: skip
+    """`parse` of the JSON of a file (a `Path`, or a str naming a file) or of JSON text (a str
+    starting with "{"), with errors that name the file and what was read."""
     text = str(text_or_path)
+    where = ""
     if isinstance(text_or_path, Path) or not text.lstrip().startswith("{"):
         path = Path(text_or_path)
+        where = f"{path}: "
         try:
             text = path.read_text(encoding="utf-8")
         except OSError as e:
             raise FileNotFoundError(f"{path}: cannot read {what} ({e.strerror})") from None
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: not a cfjax {what}: not UTF-8 text (byte {e.start})") from None  # fmt: skip
     try:
-        return json.loads(text)
+        d = json.loads(text)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{what} is not valid JSON: {e}") from None
+        raise ValueError(f"{where}{what} is not valid JSON: {e}") from None
     except RecursionError:
-        raise ValueError(f"{what} is not a cfjax {what}: JSON nested too deeply") from None
+        raise ValueError(f"{where}not a cfjax {what}: JSON nested too deeply") from None
+    try:
+        return parse(d)
+    except ValueError as e:
+        if not where:
+            raise
+        raise ValueError(f"{where}{e}") from None
 
 
 @dataclasses.dataclass(frozen=True)
