@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -27,6 +28,28 @@ def run_cli(*args: str, cache: str = str(XLA_CACHE)) -> subprocess.CompletedProc
         timeout=600,
         env={**os.environ, "CFJAX_COMPILATION_CACHE": cache},
     )
+
+
+def _commands(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):
+    """Every command path of the parser: (), ("generate",), ("experiment", "study", "summary")..."""
+    yield path
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _commands(sub, (*path, name))
+
+
+def test_every_command_prints_its_help(capsys):
+    # argparse %-formats each help string: a bare "%" in one ("95% intervals") raised a
+    # TypeError traceback for `cfjax experiment --help`.
+    from cfjax.cli_parser import parser
+
+    commands = list(_commands(parser("cfjax")))
+    assert len(commands) > 12 and ("experiment",) in commands
+    for path in commands:
+        assert main([*path, "--help"]) == 0, path
+        out = capsys.readouterr().out
+        assert out.startswith("usage: cfjax") and len(out.splitlines()) > 3, path
 
 
 @pytest.mark.parametrize(

@@ -72,7 +72,7 @@ def add_experiment_parsers(sub, parser_class) -> None:
         "--out", type=Path, required=True, help="the study folder (resumed if it exists)"
     )
     cp.add_argument("--json", action="store_true", help="print the summary as JSON")
-    sm = studies.add_parser("summary", help="any study folder's table, with n and 95% intervals")
+    sm = studies.add_parser("summary", help="any study folder's table, with n and 95%% intervals")
     sm.add_argument("dir", type=Path, help="a stability, census or coupled study folder")
     sm.add_argument("--json", action="store_true", help="print the table as JSON")
     r = studies.add_parser("census-report", help="the census study's tables and figures")
