@@ -10,6 +10,7 @@ ends with one readable line on stderr and a non-zero exit, never a traceback.
 from __future__ import annotations
 
 import signal
+import socket
 import sys
 import threading
 import time
@@ -278,13 +279,35 @@ def cmd_serve(args) -> int:
     limits = {k: getattr(args, k) for k in ("max_new_tokens", "max_prompt_tokens", "max_samples")}
     extra = [h.strip() for h in args.allowed_hosts.split(",") if h.strip()]
     hosts = ("127.0.0.1", "localhost", args.host.strip("[]"), *extra)
-    app = create_app(_load(args.model), allowed_hosts=tuple(dict.fromkeys(hosts)), **limits)
-    import logging
+    with _listening(args.host, args.port) as sock:  # a bad --host or a port in use: refused first
+        app = create_app(_load(args.model), allowed_hosts=tuple(dict.fromkeys(hosts)), **limits)
+        import logging
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    print(f"cfjax explorer: http://{args.host}:{args.port}/", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+        print(f"cfjax explorer: http://{args.host}:{args.port}/", file=sys.stderr)
+        config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning")
+        uvicorn.Server(config).run(sockets=[sock])
     return 0
+
+
+def _listening(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to `host`:`port`, made before the model loads, for the server to
+    listen on: a name that does not resolve, an address not on this machine or a port in use
+    is one line (`OSError`) and no model load."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as e:
+        raise OSError(f"--host {host!r}: cannot listen there ({e.strerror or e})") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        raise OSError(f"--host {host!r} --port {port}: cannot listen there ({e.strerror or e})") from None  # fmt: skip
+    return sock
 
 
 def cmd_converse(args) -> int:

@@ -418,6 +418,52 @@ def fact_file(sources, tmp_path_factory):
     return path
 
 
+def test_serve_refuses_a_bad_address_before_loading_the_model(capsys):
+    import socket
+
+    rc, err = _cli(capsys, "serve", "--host", "no such host", "--model", "no-such-model")
+    assert rc == 1 and "--host 'no such host': cannot listen there" in err and err.count("\n") == 1
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        rc, err = _cli(capsys, "serve", "--port", port, "--model", "no-such-model")
+    _one_line(err, f"--port {port}: cannot listen there (Address already in use)")
+    assert rc == 1 and "no-such-model" not in err  # refused before the model load
+
+
+def test_serve_serves_the_explorer_until_sigterm(sources):
+    """`cfjax serve` end to end: it listens on the socket it bound before the model loaded,
+    serves the page, and ends on SIGTERM with one line and status 130."""
+    import signal
+    import socket
+    import time
+    import urllib.request
+
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cfjax.cli", "serve", "--port", str(port), "--model", str(sources["converted"][0])],  # fmt: skip
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "CFJAX_COMPILATION_CACHE": str(XLA_CACHE)},
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300  # the model load on a loaded machine: a bound, not a race
+        page = None
+        while page is None and proc.poll() is None and time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as r:
+                    page = r.read().decode()
+            except OSError:
+                time.sleep(0.5)
+        assert page is not None and "<title>cfjax explorer</title>" in page, proc.poll()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and err.splitlines() == [f"cfjax explorer: http://127.0.0.1:{port}/", "cfjax: interrupted"], err  # fmt: skip
+
+
 def _one_line(err: str, message: str) -> None:
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("cfjax: error:"), err
