@@ -97,6 +97,19 @@ def test_trace_json_that_is_not_an_object_is_refused(tmp_path, text, message):
             Trace.from_json(text)
 
 
+def test_a_replay_refuses_what_is_not_a_trace_or_an_intervention(lm, capped):
+    # A str was taken for a list of interventions ("not an intervention: 'e'"), and None for a
+    # trace failed with an AttributeError.
+    with pytest.raises(TypeError, match=r"not an intervention: 'edit' \(give an Intervention"):
+        cfjax.counterfactual(lm, capped, "edit")
+    with pytest.raises(TypeError, match="trace 0: a Trace or a Conversation, not a NoneType"):
+        cfjax.counterfactual(lm, None, EditPrompt(tokens=[3]))
+    with pytest.raises(TypeError, match="trace 1: a Trace or a Conversation, not a dict"):
+        cfjax.counterfactuals(lm, [capped, {}], [EditPrompt(tokens=[3])] * 2)
+    with pytest.raises(TypeError, match="trace 0: a Trace or a Conversation, not a str"):
+        cfjax.interventional(lm, "trace.json", EditPrompt(tokens=[3]), key=0)
+
+
 def test_an_out_of_vocabulary_posterior_token_is_refused_on_replay(lm, capped):
     post = cfjax.abduct(lm, PROMPT, capped.tokens[:4], key=0, num_samples=1, stop_tokens=())[0]
     d = _trace_dict(post)

@@ -265,6 +265,8 @@ def plan(
             check_tokens(np.asarray(trace.posterior[name]), lm.config.vocab_size, f"the trace's posterior.{name}")  # fmt: skip
     if isinstance(interventions, Intervention):
         interventions = [interventions]
+    elif not isinstance(interventions, (list, tuple)):
+        raise TypeError(f"not an intervention: {interventions!r} (give an Intervention or a list of them)")  # fmt: skip
     if not interventions:
         raise ValueError("no intervention given: pass one intervention or a non-empty list")
     p = Plan(

@@ -27,6 +27,7 @@ def _rows(lm, traces, interventions, keys, fresh, resume_at, reuse_cache, chunk,
     """Single traces as rows of a batch, or conversations turn by turn (not mixed)."""
     if not traces:
         raise ValueError("no rows: give at least one trace and intervention")
+    _check_traces(traces)
     conversations = [isinstance(t, Conversation) for t in traces]
     if not any(conversations):
         return run_rows(lm, traces, interventions, keys, fresh, resume_at, reuse_cache, chunk,
@@ -40,6 +41,12 @@ def _rows(lm, traces, interventions, keys, fresh, resume_at, reuse_cache, chunk,
         reuse_cache=reuse_cache, chunk=chunk, max_new_tokens=max_new_tokens, draft=draft,
         lookahead=lookahead,
     )  # fmt: skip
+
+
+def _check_traces(traces: Sequence[Any]) -> None:
+    for b, t in enumerate(traces):
+        if not isinstance(t, (Trace, Conversation)):
+            raise TypeError(f"trace {b}: a Trace or a Conversation, not a {type(t).__name__}")
 
 
 def counterfactual(
@@ -61,6 +68,7 @@ def counterfactual(
     as in `generate` (the same tokens; the factual's stored cache is reused when it was made
     with the same lookahead). A `Conversation` takes interventions addressed to a turn
     (`AtTurn`) and returns the counterfactual conversation (see `cfjax.causal.turns`)."""
+    _check_traces([trace])
     return _rows(
         lm, [trace], [intervention], [trace.key], False, resume_at, reuse_cache, chunk,
         max_new_tokens, draft, lookahead,
@@ -113,6 +121,7 @@ def counterfactuals(
     traces = [trace] * len(interventions) if one else list(trace)
     if len(traces) != len(interventions):
         raise ValueError(f"{len(traces)} traces but {len(interventions)} interventions")
+    _check_traces(traces)
     keys = [t.key for t in traces]
     return _rows(
         lm, traces, list(interventions), keys, False, resume_at, reuse_cache, chunk,

@@ -87,6 +87,8 @@ class _Context(Intervention):
 
 
 def _by_turn(conv: Conversation, intervention: Any) -> dict[int, list[Intervention]]:
+    if not isinstance(intervention, (Intervention, list, tuple)):
+        raise TypeError(f"not an intervention: {intervention!r} (give AtTurn(turn, intervention) or a list of them)")  # fmt: skip
     ivs = [intervention] if isinstance(intervention, Intervention) else list(intervention)
     if not ivs:
         raise ValueError("no intervention given: pass AtTurn(turn, intervention) or a list of them")  # fmt: skip
