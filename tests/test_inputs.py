@@ -155,6 +155,10 @@ def test_library_calls_refuse_bad_numbers_and_empty_batches(lm, capped):
         cfjax.counterfactual(lm, capped, [])
     with pytest.raises(ValueError, match="learning_rate must be a finite number > 0"):
         cfjax.finetune(lm, ["a b"], learning_rate=math.nan, steps=1)
+    for chunk, message in [(0, "chunk must be an integer >= 1, got 0"), (-3, "got -3"), (2.5, "got 2.5"),
+                           (10**6, f"chunk 1000000 is above the model's max_seq_len {config.max_seq_len}")]:  # fmt: skip
+        with pytest.raises(ValueError, match=re.escape(message)):
+            cfjax.generate(lm, PROMPT, key=0, max_new_tokens=2, chunk=chunk)
 
 
 # --- property tests ------------------------------------------------------------------------------
@@ -397,6 +401,11 @@ def _public_calls(lm, trace):
     return {
         "generate max_new_tokens": ("count", lambda v: gen(max_new_tokens=v)),
         "generate key": ("seed", lambda v: gen(key=v)),
+        "generate chunk": (
+            "count",
+            lambda v: gen(chunk=v),
+        ),  # 0 and -3 were taken (-3 failing in zip)
+        "counterfactual chunk": ("count", lambda v: cf(chunk=v)),
         "Sampler temperature": ("temperature", lambda v: Sampler(v)),
         "Sampler top_k": ("count", lambda v: Sampler(1.0, top_k=v)),
         "Sampler top_p": ("probability", lambda v: Sampler(1.0, top_p=v)),

@@ -169,7 +169,9 @@ def run(
     grow = grows_by_default(batch, mesh, draft) if grow_cache is None else bool(grow_cache)
     if grow and (mesh is not None or draft is not None):
         raise ValueError("grow_cache runs unsharded and without a draft")
-    chunk = chunk or (resume.chunk if resume is not None else DEFAULT_CHUNK)
+    chunk = count(chunk, "chunk") if chunk is not None else resume.chunk if resume is not None else DEFAULT_CHUNK  # fmt: skip
+    if chunk > config.max_seq_len:  # the cache is sized in whole chunks
+        raise ValueError(f"chunk {chunk} is above the model's max_seq_len {config.max_seq_len}")
     if request.cache_steps is not None and request.cache_steps < request.steps:
         raise ValueError(f"cache_steps {request.cache_steps} is below the {request.steps} steps to run")  # fmt: skip
     options = Options(kernel.stop_tuple(stop_tokens), True, request.keep_logits,
