@@ -155,6 +155,10 @@ def test_library_calls_refuse_bad_numbers_and_empty_batches(lm, capped):
         cfjax.counterfactual(lm, capped, [])
     with pytest.raises(ValueError, match="learning_rate must be a finite number > 0"):
         cfjax.finetune(lm, ["a b"], learning_rate=math.nan, steps=1)
+    with pytest.raises(ValueError, match=rf"stop_tokens: token id 99999 at position \(1,\) is outside the vocabulary \[0, {config.vocab_size}\)"):  # fmt: skip
+        cfjax.generate(lm, PROMPT, key=0, max_new_tokens=2, stop_tokens=[3, 99_999])
+    with pytest.raises(TypeError, match="stop_tokens must be a flat sequence of integer token ids"):
+        cfjax.generate(lm, PROMPT, key=0, max_new_tokens=2, stop_tokens=[2.5])
     for chunk, message in [(0, "chunk must be an integer >= 1, got 0"), (-3, "got -3"), (2.5, "got 2.5"),
                            (10**6, f"chunk 1000000 is above the model's max_seq_len {config.max_seq_len}")]:  # fmt: skip
         with pytest.raises(ValueError, match=re.escape(message)):

@@ -94,7 +94,10 @@ def stop_tokens_of(lm: Any, given: Sequence[int] | None) -> tuple[int, ...]:
     """The stop tokens of a run: those given, else the tokenizer's (none without one)."""
     if given is None:
         given = lm.tokenizer.stop_tokens if lm.tokenizer is not None else ()
-    return tuple(int(t) for t in given)
+    stops = token_ids(given, "stop_tokens")
+    if stops:  # an id the model has not would never stop a row (another tokenizer's?)
+        check_tokens(np.asarray(stops), lm.config.vocab_size, "stop_tokens")
+    return stops
 
 
 def padded(prompts: Sequence[Sequence[int]], width: int | None = None) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
