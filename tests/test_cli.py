@@ -418,6 +418,27 @@ def fact_file(sources, tmp_path_factory):
     return path
 
 
+@pytest.mark.parametrize(
+    "study",
+    [["stability", "--model", "no-such-model"], ["census", "--model", "no-such-model"],
+     ["coupled", "--models", "no-such-model", "another"]],
+)  # fmt: skip
+def test_a_study_refuses_its_out_folder_before_the_model_load(study, tmp_path, capsys):
+    # A file given as the folder failed after the model load with "[Errno 17] File exists".
+    file = tmp_path / "file.txt"
+    file.write_text("x")
+    rc, err = _cli(capsys, "experiment", *study, "--out", file)
+    assert rc == 1
+    _one_line(err, f"{file}: is a file, not a folder to write in")
+    other = tmp_path / "other"  # a study folder made with other settings
+    other.mkdir()
+    (other / "config.json").write_text('{"seed": 1}')
+    rc, err = _cli(capsys, "experiment", *study, "--out", other)
+    assert rc == 1
+    _one_line(err, f"{other}: a study made with other settings")
+    assert sorted(p.name for p in other.iterdir()) == ["config.json"]
+
+
 def test_serve_refuses_a_bad_address_before_loading_the_model(capsys):
     import socket
 

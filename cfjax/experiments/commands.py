@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import warnings
 from pathlib import Path
 
 from cfjax import arguments as arg
+from cfjax.experiments.folder import check_study
 from cfjax.weights.loader import DEFAULT_MODEL
 
 
@@ -108,6 +110,8 @@ def cmd_stability(args) -> int:
     )  # fmt: skip
     for m in mechanisms:  # every sampler validated before the model load and any write
         stability.Settings(model_id="", **settings).samplers(m)
+    check_study(args.out, dataclasses.asdict(stability.Settings(model_id="", **settings)),
+                inputs=(args.prompts,), later=("model_id",))  # fmt: skip
     from cfjax.weights import load
 
     lm = load(args.model)
@@ -144,7 +148,8 @@ def cmd_census(args) -> int:
         max_new_tokens=max_new or 120 * people + 64, attributes=words(args.attributes),
         effects=words(args.effects), one_shot=args.one_shot,
     )  # fmt: skip
-    census_study.Settings(model_id="", **settings)  # validate before loading the model
+    unloaded = census_study.Settings(model_id="", **settings)  # validated before the model load
+    check_study(args.out, dataclasses.asdict(unloaded), later=("model_id",))
     from cfjax.weights import load
 
     lm = load(args.model)
@@ -176,6 +181,7 @@ def cmd_coupled(args) -> int:
         max_new_tokens=args.max_new_tokens, seed=args.seed,
         batch_questions=args.batch_questions,
     )  # fmt: skip
+    check_study(args.out, dataclasses.asdict(settings), inputs=(args.questions,))
     from cfjax.weights import load
 
     models = [load(m) for m in args.models]

@@ -73,23 +73,42 @@ def finished(out: Path) -> set[tuple]:
         raise ValueError(f"{file}: not a list of finished items per line") from None
 
 
+def check_study(out: Path, settings: dict[str, Any], *, inputs: tuple = (), later: tuple = ()) -> None:  # fmt: skip
+    """Before the model loads and anything is written: raise if the study folder `out` cannot be
+    written, holds one of `inputs`, or was made with other settings (those in `later`, known
+    once the model is loaded, are compared by `open_study`)."""
+    from cfjax.atomic import check_writable_folder
+
+    check_writable_folder(out, inputs=inputs)
+    _check_settings(out, {k: v for k, v in settings.items() if k not in later}, later)
+
+
+def _check_settings(out: Path, settings: dict[str, Any], ignore: tuple = ()) -> None:
+    """Raise if `out` holds a `config.json` whose settings (but `ignore`) differ."""
+    config = out / "config.json"
+    if not config.exists():
+        return
+    try:
+        theirs = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise ValueError(f"{config}: unreadable study settings ({e})") from None
+    if not isinstance(theirs, dict):
+        raise ValueError(f"{config}: not a study's settings (a JSON {type(theirs).__name__})")
+    mine = json.loads(json.dumps(settings))  # tuples as lists, as read back
+    diff = sorted(k for k in (set(mine) | set(theirs)) - set(ignore) if mine.get(k) != theirs.get(k))  # fmt: skip
+    if diff:
+        raise ValueError(f"{out}: a study made with other settings ({', '.join(diff)} differ); use another --out folder")  # fmt: skip
+
+
 def open_study(out: Path, settings: dict[str, Any]) -> list[dict]:
     """Create or resume the study folder `out`; the rows it already holds."""
+    _check_settings(out, settings)
     out.mkdir(parents=True, exist_ok=True)
     config = out / "config.json"
-    mine = json.loads(json.dumps(settings))  # tuples as lists, as read back
-    if config.exists():
-        theirs = json.loads(config.read_text(encoding="utf-8"))
-        if theirs != mine:
-            diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
-            raise ValueError(
-                f"{out}: a study made with other settings ({', '.join(diff)} differ); use "
-                "another --out folder"
-            )
-    else:
+    if not config.exists():
         from cfjax.atomic import write_text
 
-        write_text(config, json.dumps(mine, indent=1))
+        write_text(config, json.dumps(json.loads(json.dumps(settings)), indent=1))
     rows = out / "rows.jsonl"
     if not rows.exists():
         return []
