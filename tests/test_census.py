@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -103,15 +104,28 @@ def test_census_report_command(shared_data, tmp_path, capsys):
     assert not (study / "education_by_race.png").exists() and (study / "income_sex.png").exists()
 
 
-def test_census_report_bad_inputs(tmp_path, capsys):
+def test_census_report_bad_inputs(shared_data, tmp_path, capsys):
+    data = tmp_path / "data"  # a copy: a report written into the data folder must not touch ours
+    shutil.copytree(shared_data / "paper-llama3/bias", data / "bias")
+    (tmp_path / "file.txt").write_text("x")
     for args, message in (
-        (["--paper-data", str(tmp_path)], "no *_cf_changes.json files"),
+        (["--paper-data", str(tmp_path / "file.txt")], "no *_cf_changes.json files"),
         ([str(tmp_path)], "cannot read the study's rows"),
         ([], "give a study folder or --paper-data DIR"),
+        (
+            ["--paper-data", str(data), "--out", str(tmp_path / "file.txt")],
+            "is a file, not a folder",
+        ),
+        (["--paper-data", str(data), "--out", str(data)], "inside the paper's data folder"),
+        (
+            ["--paper-data", str(data / "bias"), "--out", str(data / "bias/r")],
+            "inside the paper's data folder",
+        ),
     ):
         assert main(["experiment", "census-report", *args]) == 1
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err
+    assert sorted(p.name for p in data.rglob("*")) == ["bias", *sorted(p.name for p in (shared_data / "paper-llama3/bias").iterdir())]  # fmt: skip
 
 
 def test_report_figures_say_what_they_show(shared_data):

@@ -227,6 +227,13 @@ def run_experiment(args) -> int:
 
     if (args.dir is None) == (args.paper_data is None):
         raise ValueError("give a study folder or --paper-data DIR (one of them)")
+    if args.out is not None:  # a study folder takes its report; the paper's data folder does not
+        from cfjax.atomic import check_writable_folder
+
+        out = check_writable_folder(args.out).resolve()
+        data = args.paper_data.expanduser().resolve() if args.paper_data else None
+        if data is not None and (out == data or data in out.parents):
+            raise ValueError(f"{args.out}: inside the paper's data folder {args.paper_data}; write the report to another folder")  # fmt: skip
     rows = census.read_rows(args.dir) if args.dir else census.read_paper_data(args.paper_data)
     if args.json:
         print(json.dumps(census.income_table(rows)))
