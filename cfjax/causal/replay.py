@@ -24,10 +24,13 @@ from cfjax.runtime.request import row_keys
 
 def _rows(lm, traces, interventions, keys, fresh, resume_at, reuse_cache, chunk, max_new_tokens,
           draft, lookahead) -> list:  # fmt: skip
-    """Single traces as rows of a batch, or conversations turn by turn (not mixed)."""
+    """Single traces as rows of a batch, or conversations turn by turn (not mixed); `keys`
+    None: each trace's own key."""
     if not traces:
         raise ValueError("no rows: give at least one trace and intervention")
     _check_traces(traces)
+    if keys is None:
+        keys = [t.key for t in traces]
     conversations = [isinstance(t, Conversation) for t in traces]
     if not any(conversations):
         return run_rows(lm, traces, interventions, keys, fresh, resume_at, reuse_cache, chunk,
@@ -68,9 +71,8 @@ def counterfactual(
     as in `generate` (the same tokens; the factual's stored cache is reused when it was made
     with the same lookahead). A `Conversation` takes interventions addressed to a turn
     (`AtTurn`) and returns the counterfactual conversation (see `cfjax.causal.turns`)."""
-    _check_traces([trace])
     return _rows(
-        lm, [trace], [intervention], [trace.key], False, resume_at, reuse_cache, chunk,
+        lm, [trace], [intervention], None, False, resume_at, reuse_cache, chunk,
         max_new_tokens, draft, lookahead,
     )[0]  # fmt: skip
 
@@ -121,10 +123,8 @@ def counterfactuals(
     traces = [trace] * len(interventions) if one else list(trace)
     if len(traces) != len(interventions):
         raise ValueError(f"{len(traces)} traces but {len(interventions)} interventions")
-    _check_traces(traces)
-    keys = [t.key for t in traces]
     return _rows(
-        lm, traces, list(interventions), keys, False, resume_at, reuse_cache, chunk,
+        lm, traces, list(interventions), None, False, resume_at, reuse_cache, chunk,
         max_new_tokens, draft, lookahead,
     )  # fmt: skip
 

@@ -80,7 +80,7 @@ def check_study(out: Path, settings: dict[str, Any], *, inputs: tuple = (), late
     from cfjax.atomic import check_writable_folder
 
     check_writable_folder(out, inputs=inputs)
-    _check_settings(out, {k: v for k, v in settings.items() if k not in later}, later)
+    _check_settings(out, settings, ignore=later)
 
 
 def _check_settings(out: Path, settings: dict[str, Any], ignore: tuple = ()) -> None:
@@ -108,7 +108,7 @@ def open_study(out: Path, settings: dict[str, Any]) -> list[dict]:
     if not config.exists():
         from cfjax.atomic import write_text
 
-        write_text(config, json.dumps(json.loads(json.dumps(settings)), indent=1))
+        write_text(config, json.dumps(settings, indent=1))
     rows = out / "rows.jsonl"
     if not rows.exists():
         return []

@@ -115,9 +115,9 @@ def check_files(directory: Path, meta: dict) -> None:
         file = Path(directory) / name
         if not file.is_file():
             raise ValueError(f"{directory}: file {name} is missing (an incomplete copy?): convert it again")  # fmt: skip
-        if file.stat().st_size != size:
+        if (held := file.stat().st_size) != size:
             raise ValueError(
-                f"{directory}: file {name} holds {file.stat().st_size:,} bytes, {size:,} were "
+                f"{directory}: file {name} holds {held:,} bytes, {size:,} were "
                 "written at conversion (a truncated or damaged copy): convert it again"
             )
 
