@@ -72,6 +72,16 @@ def _path(key_path) -> tuple:
     return tuple(getattr(k, "key", getattr(k, "idx", k)) for k in key_path)
 
 
+def check_mesh(mesh: Any) -> None:
+    """A clear error for anything but a `Mesh` with the axes (data, model)."""
+    if not isinstance(mesh, Mesh) or tuple(mesh.axis_names) != spec.MESH_AXES:
+        axes = f" with axes {tuple(mesh.axis_names)}" if isinstance(mesh, Mesh) else ""
+        raise ValueError(
+            f"mesh must be a Mesh with axes {spec.MESH_AXES} (cfjax.sharding.mesh), got a "
+            f"{type(mesh).__name__}{axes}"
+        )
+
+
 def param_shardings(config: LlamaConfig, params: Any, mesh: Mesh) -> Any:
     """A `NamedSharding` for every leaf of `params` (float, quantized or steered)."""
     spec.check_divisible(config, mesh.shape["model"])

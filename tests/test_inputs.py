@@ -8,6 +8,7 @@ and the numeric arguments of the public functions.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import re
@@ -163,6 +164,47 @@ def test_library_calls_refuse_bad_numbers_and_empty_batches(lm, capped):
                            (10**6, f"chunk 1000000 is above the model's max_seq_len {config.max_seq_len}")]:  # fmt: skip
         with pytest.raises(ValueError, match=re.escape(message)):
             cfjax.generate(lm, PROMPT, key=0, max_new_tokens=2, chunk=chunk)
+
+
+def _wrong_kinds(lm, trace):
+    """(call, error, message) for arguments of the wrong kind, each found failing inside with
+    Python's own message ("'float' object is not iterable", an AttributeError, a template's
+    concatenation error) or taken silently (a truthy "maybe", a NaN steering vector)."""
+    from cfjax.causal.attribution import Auto
+
+    gen = lambda **kw: cfjax.generate(lm, **{"prompt": PROMPT, "key": 0, "max_new_tokens": 2, **kw})  # noqa: E731
+    nan_vector = np.full(lm.config.dim, np.nan, np.float32)
+    return [
+        (lambda: gen(prompt=None), TypeError, "prompt must be text, a sequence of token ids, or a list of either, got None"),
+        (lambda: gen(prompt=5), TypeError, "prompt must be text, a sequence of token ids, or a list of either, got 5"),
+        (lambda: gen(sampler=0.5), ValueError, "sampler: give one Sampler or one per row (1), got 0.5"),
+        (lambda: gen(prompt=[PROMPT] * 2, key=[0, 1, 2]), ValueError, "key: got 3 keys for a batch of 2 prompts"),
+        (lambda: gen(chat="maybe"), TypeError, "chat must be True or False, got 'maybe'"),
+        (lambda: gen(system=5), TypeError, "system must be a text or None, got 5"),
+        (lambda: gen(stream=5), TypeError, "stream must be a function of the new text, got 5"),
+        (lambda: gen(draft="int8"), TypeError, "draft must be a loaded model (cfjax.load or cfjax.quantize), not a str"),
+        (lambda: cfjax.coupled([lm, "x"], PROMPT, key=0), TypeError, "coupled: model 1 is a str, not a loaded model (cfjax.load)"),
+        (lambda: cfjax.converse(lm, [None], key=0), ValueError, "messages of conversation 0: give one non-empty text per user turn"),
+        (lambda: cfjax.summarize(["a"]), TypeError, "summarize takes Traces, got a str"),
+        (lambda: cfjax.summarize([trace], contains=5), TypeError, "contains must be a text, got 5"),
+        (lambda: cfjax.attribute(lm, trace, replace=5), TypeError, "replace must be None, a text, a mapping of texts or Auto(), got 5"),
+        (lambda: cfjax.attribute(lm, trace, replace={"a": 1}), TypeError, "replace must be None, a text, a mapping of texts or Auto(), got {'a': 1}"),
+        (lambda: cfjax.attribute(lm, trace, contains=5), TypeError, "contains must be a text, got 5"),
+        (lambda: cfjax.attribute(lm, [trace]), TypeError, "attribute takes one answer's Trace, not a list"),
+        (lambda: Auto(top_p=2), ValueError, "Auto top_p must be in (0, 1], got 2"),
+        (lambda: cfjax.counterfactual(lm, trace, Steer(0, nan_vector)), ValueError, "Steer: the vector holds nan at index 0 (it must be finite)"),
+        (lambda: cfjax.counterfactual(lm, dataclasses.replace(trace, stop_tokens=(2, 99_999)), ReplaceTokens(2, [7])),
+         ValueError, f"the trace's stop_tokens: token id 99999 at position (1,) is outside the vocabulary [0, {lm.config.vocab_size})"),
+        (lambda: cfjax.load(""), ValueError, "model: give a model name, a folder or a .gguf file, got ''"),
+        (lambda: cfjax.load(None), ValueError, "model: give a model name, a folder or a .gguf file, got None"),
+        (lambda: cfjax.load("tiny", mesh="x"), ValueError, "mesh must be a Mesh with axes ('data', 'model') (cfjax.sharding.mesh), got a str"),
+    ]  # fmt: skip
+
+
+def test_public_functions_refuse_arguments_of_the_wrong_kind_by_name(lm, capped):
+    for call, error, message in _wrong_kinds(lm, capped):
+        with pytest.raises(error, match=f"^{re.escape(message)}$"):
+            call()
 
 
 # --- property tests ------------------------------------------------------------------------------

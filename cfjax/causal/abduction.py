@@ -308,6 +308,11 @@ def summarize(traces: Sequence[Trace], *, contains: str | None = None) -> Summar
     traces = list(traces)
     if not traces:
         raise ValueError("summarize needs at least one trace")
+    bad = next((t for t in traces if not isinstance(t, Trace)), None)
+    if bad is not None:
+        raise TypeError(f"summarize takes Traces, got a {type(bad).__name__}")
+    if contains is not None and not isinstance(contains, str):
+        raise TypeError(f"contains must be a text, got {contains!r:.60}")
     counts: dict[str, int] = {}
     for t in traces:
         counts[t.text] = counts.get(t.text, 0) + 1

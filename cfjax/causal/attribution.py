@@ -27,7 +27,7 @@ from cfjax.causal.plan import other_token
 from cfjax.causal.replay import counterfactuals, interventionals
 from cfjax.causal.trace import Trace
 from cfjax.core import scm
-from cfjax.core.checks import as_key, count
+from cfjax.core.checks import as_key, count, integer, share
 from cfjax.core.kernel import bucket_length
 from cfjax.runtime.lm import LM, forward
 from cfjax.runtime.request import padded
@@ -43,6 +43,10 @@ class Auto:
 
     top_p: float = 0.9
     seed: int = 0
+
+    def __post_init__(self):
+        share(self.top_p, "Auto top_p")
+        integer(self.seed, "Auto seed", 0, 1 << 32)
 
 
 @dataclasses.dataclass
@@ -215,8 +219,17 @@ def attribute(
     each edit with fresh noise from `key` (unit u: `split(key, n)[u]`), the spread that noise
     alone gives. Rows run `batch_size` at a time (one engine batch each).
     """
+    if not isinstance(trace, Trace):
+        raise TypeError(f"attribute takes one answer's Trace, not a {type(trace).__name__}")
     if over not in ("prompt", "response"):
         raise ValueError(f"over must be 'prompt' or 'response', got {over!r}")
+    if contains is not None and not isinstance(contains, str):
+        raise TypeError(f"contains must be a text, got {contains!r:.60}")
+    texts = replace.items() if isinstance(replace, Mapping) else [("", "")]
+    if not (replace is None or isinstance(replace, (str, Auto, Mapping))) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in texts
+    ):
+        raise TypeError(f"replace must be None, a text, a mapping of texts or Auto(), got {replace!r:.80}")  # fmt: skip
     if lm.tokenizer is None:
         raise ValueError("attribution needs a tokenizer: this model has none")
     batch_size = count(batch_size, "batch_size")

@@ -130,8 +130,8 @@ def scripts(messages: Sequence[str] | Sequence[Sequence[str]]) -> tuple[list[lis
     """The user messages of each conversation, and whether a batch was given."""
     if isinstance(messages, str) or not len(messages):
         raise ValueError("messages: give the user messages as a list of strings (one per turn)")
-    batch = not isinstance(messages[0], str)
-    rows = [list(m) for m in messages] if batch else [list(messages)]
+    batch = isinstance(messages[0], (list, tuple))
+    rows = [list(m) if isinstance(m, (list, tuple)) else [m] for m in messages] if batch else [list(messages)]  # fmt: skip
     for b, row in enumerate(rows):
         if not row or not all(isinstance(m, str) and m.strip() for m in row):
             raise ValueError(f"messages of conversation {b}: give one non-empty text per user turn")  # fmt: skip

@@ -28,6 +28,9 @@ from cfjax.runtime.request import check_request, is_batch, padded, row_keys, sto
 
 def check_shared_vocabulary(models: Sequence[LM]) -> None:
     """Models coupled by noise must index the same tokens: the same vocabulary and tokenizer."""
+    for i, m in enumerate(models):
+        if not isinstance(m, LM):
+            raise TypeError(f"coupled: model {i} is a {type(m).__name__}, not a loaded model (cfjax.load)")  # fmt: skip
     first = models[0]
     for i, m in enumerate(models[1:], 1):
         if m.config.vocab_size != first.config.vocab_size:

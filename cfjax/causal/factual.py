@@ -67,6 +67,8 @@ def generate(
     one pass and keeps its own choice (see `core.speculative`): the tokens of plain decoding.
     """
     max_new_tokens = count(max_new_tokens)
+    if stream is not None and not callable(stream):
+        raise TypeError(f"stream must be a function of the new text, got {stream!r:.60}")
     batch = is_batch(prompt)
     prompts = [Prompt.of(lm, p, chat=chat, system=system) for p in (prompt if batch else [prompt])]
     traces = sample_rows(
@@ -123,6 +125,8 @@ def draft_for(lm: LM, draft: LM | None, lookahead: int) -> speculative.Draft | N
     """The engine's draft of `draft` for `lm` (checked to share its vocabulary), or None."""
     if draft is None:
         return None
+    if not isinstance(draft, LM):
+        raise TypeError(f"draft must be a loaded model (cfjax.load or cfjax.quantize), not a {type(draft).__name__}")  # fmt: skip
     if draft.config.vocab_size != lm.config.vocab_size:
         raise ValueError(
             f"draft {draft.model_id or 'model'} has {draft.config.vocab_size} tokens, "
@@ -136,7 +140,7 @@ def _samplers(sampler: Sampler | Sequence[Sampler] | None, batch: int, each: str
         return [Sampler()] * batch
     if isinstance(sampler, Sampler):
         return [sampler] * batch
-    samplers = list(sampler)
+    samplers = list(sampler) if isinstance(sampler, (list, tuple)) else [sampler]
     if len(samplers) != batch or not all(isinstance(s, Sampler) for s in samplers):
         raise ValueError(f"sampler: give one Sampler or one per {each} ({batch}), got {sampler!r}")
     return samplers

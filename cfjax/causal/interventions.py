@@ -11,7 +11,7 @@ import numpy as np
 from cfjax.causal.plan import Plan, auto_edit, check_params, check_position, force, text_edit
 from cfjax.causal.trace import Trace
 from cfjax.core import scm, steering
-from cfjax.core.checks import check_tokens, integer, real, token_ids
+from cfjax.core.checks import check_tokens, integer, real, share, token_ids
 from cfjax.runtime.lm import LM
 from cfjax.runtime.request import prompt_tokens
 
@@ -232,8 +232,7 @@ class AutoIntervention(Intervention):
 
     def __post_init__(self):
         integer(self.position, "AutoIntervention position")
-        if not 0 < real(self.top_p, "AutoIntervention top_p") <= 1:
-            raise ValueError(f"AutoIntervention top_p must be in (0, 1], got {self.top_p}")
+        share(self.top_p, "AutoIntervention top_p")
         integer(self.seed, "AutoIntervention seed", 0, 1 << 32)
 
     def edit(self, lm, trace, p):
@@ -258,8 +257,9 @@ def plan(
         )
     # A hand-edited trace must not force (or score) ids the model does not have.
     check_tokens(np.asarray(trace.prompt_tokens), lm.config.vocab_size, "the trace's prompt")
-    if trace.tokens:
-        check_tokens(np.asarray(trace.tokens), lm.config.vocab_size, "the trace's response")
+    for name, tokens in (("response", trace.tokens), ("stop_tokens", trace.stop_tokens)):
+        if len(tokens):
+            check_tokens(np.asarray(tokens), lm.config.vocab_size, f"the trace's {name}")
     if trace.posterior is not None:
         for name in ("prompt_tokens", "tokens"):
             check_tokens(np.asarray(trace.posterior[name]), lm.config.vocab_size, f"the trace's posterior.{name}")  # fmt: skip

@@ -29,7 +29,7 @@ def as_key(key: Any) -> jax.Array:
         key = np.asarray(key)  # lists of Python ints: checked before any 32-bit conversion
     if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
         return key
-    words = _key_words()
+    words = key_words()
     if not jnp.issubdtype(key.dtype, jnp.integer) or key.ndim == 0 or key.shape[-1] != words:
         raise ValueError(
             f"raw key data must be unsigned 32-bit words of shape (..., {words}), got "
@@ -42,7 +42,7 @@ def as_key(key: Any) -> jax.Array:
     return jax.random.wrap_key_data(jnp.asarray(key).astype(jnp.uint32))
 
 
-def _key_words() -> int:
+def key_words() -> int:
     """Words of raw data in a key of the default PRNG implementation (threefry: 2)."""
     return int(jax.random.key_data(jax.random.key(0)).shape[-1])
 
@@ -91,6 +91,13 @@ def real(value: Any, name: str, *, low: float | None = None, positive: bool = Fa
         rule = " > 0" if positive else f" >= {low}" if low is not None else ""
         raise ValueError(f"{name} must be a finite number{rule}, got {value}")
     return value
+
+
+def share(value: Any, name: str) -> float:
+    """`value` as a float in (0, 1] (a top-p mass)."""
+    if not 0 < real(value, name) <= 1:
+        raise ValueError(f"{name} must be in (0, 1], got {value}")
+    return float(value)
 
 
 def token_ids(tokens: Any, name: str) -> tuple[int, ...]:

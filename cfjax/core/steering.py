@@ -35,6 +35,9 @@ def steer(params: dict, layer: int, vector: Any, scale: Any = 1.0, at: str = "re
     vector = jnp.asarray(vector, jnp.float32)
     if vector.shape != (dim,):
         raise ValueError(f"Steer: the vector must have shape ({dim},), got {vector.shape}")
+    if not isinstance(vector, jax.core.Tracer) and not bool(jnp.isfinite(vector).all()):
+        bad = int(jnp.argmin(jnp.isfinite(vector)))
+        raise ValueError(f"Steer: the vector holds {float(vector[bad])} at index {bad} (it must be finite)")  # fmt: skip
     if at not in AT:
         raise ValueError(f"Steer: at must be one of {AT}, got {at!r}")
     delta = jnp.zeros((n_layers, dim), jnp.float32).at[layer].set(scale * vector)

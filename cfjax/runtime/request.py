@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cfjax.core.checks import as_key, check_tokens, count, token_ids
+from cfjax.core.checks import as_key, check_tokens, count, key_words, token_ids
 from cfjax.core.kernel import bucket_length
 
 
@@ -21,6 +21,9 @@ def row_keys(key: Any, batch: int) -> jax.Array:
     """One key per row: a given `[B]` batch of keys, or B keys split from a single key/seed."""
     if isinstance(key, (list, tuple)) and len(key) == batch and batch > 1:
         return jnp.stack([as_key(k) for k in key])
+    if isinstance(key, (list, tuple)) and len(key) != key_words() and batch > 1:
+        # Not one key's raw words (e.g. [0, 1]): one seed or key per row, of another count.
+        raise ValueError(f"key: got {len(key)} keys for a batch of {batch} prompts")
     key = as_key(key)
     if key.ndim == 1:
         if key.shape[0] != batch:
@@ -41,6 +44,10 @@ def prompt_tokens(
 
     `history`: the earlier messages of a conversation (user and assistant, in order), rendered
     between the system message and `prompt`."""
+    if not isinstance(chat, (bool, np.bool_)):
+        raise TypeError(f"chat must be True or False, got {chat!r}")
+    if system is not None and not isinstance(system, str):
+        raise TypeError(f"system must be a text or None, got {system!r:.60}")
     if isinstance(prompt, str):
         if lm.tokenizer is None:
             raise ValueError("a text prompt needs a tokenizer: this model has none; pass token ids")
@@ -69,6 +76,10 @@ def prompt_tokens(
 
 def is_batch(prompt: Any) -> bool:
     """A batch holds strings or sequences; a single prompt holds scalars (ints, numpy or JAX)."""
+    if not isinstance(prompt, (str, Sequence)) and np.ndim(prompt) == 0:
+        raise TypeError(
+            f"prompt must be text, a sequence of token ids, or a list of either, got {prompt!r:.60}"
+        )
     return (
         not isinstance(prompt, str)
         and len(prompt) > 0

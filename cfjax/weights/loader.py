@@ -23,7 +23,7 @@ from cfjax.atomic import remove_stale_partials
 from cfjax.core.checks import count
 from cfjax.core.config import LlamaConfig
 from cfjax.runtime.lm import LM, quantize
-from cfjax.sharding import placer, shard_params
+from cfjax.sharding import check_mesh, placer, shard_params
 from cfjax.tokenizer import check_vocab
 from cfjax.tokenizer import load as load_tokenizer
 from cfjax.weights import checkpoint
@@ -255,6 +255,10 @@ def load(spec: str | Path, dtype=None, *, progress: bool | None = None, mesh=Non
     The source's own dtype is bfloat16 for bf16 checkpoints and float32 otherwise (float32,
     float16 and dequantised GGUF tensors). `progress` shows a bar (default: on a terminal).
     """
+    if not isinstance(spec, (str, Path)) or not str(spec).strip():
+        raise ValueError(f"model: give a model name, a folder or a .gguf file, got {spec!r:.60}")
+    if mesh is not None:
+        check_mesh(mesh)
     if count(model_blocks, "model_blocks") != 1:  # placed anew on a mesh by the blocks' rules
         lm = load(spec, dtype, progress=progress, mesh=mesh)
         config = lm.config.replace(model_blocks=model_blocks)
