@@ -16,18 +16,17 @@ from cfjax.weights.loader import DEFAULT_MODEL
 
 def _sampler_args(p: argparse.ArgumentParser, defaults: bool) -> None:
     d = (lambda v: v) if defaults else (lambda v: None)
-    p.add_argument("--temperature", type=arg.temperature, default=d(1.0), help="0 = greedy")
-    p.add_argument(
-        "--top-p", type=arg.probability, default=None, help="nucleus mass kept (off: None)"
-    )
-    p.add_argument(
-        "--top-k", type=arg.positive, default=None, help="most likely tokens kept (off: None)"
-    )
+    off = "off" if defaults else "the trace's"  # without defaults: the trace's sampler is kept
+    p.add_argument("--temperature", type=arg.temperature, default=d(1.0),
+                   help="0 = greedy" + ("" if defaults else " (default: the trace's)"))  # fmt: skip
+    p.add_argument("--top-p", type=arg.probability, help=f"nucleus mass kept (default: {off})")
+    p.add_argument("--top-k", type=arg.positive, help=f"most likely tokens kept (default: {off})")
     p.add_argument(
         "--mechanism",
         default=d("gumbel"),
         choices=["gumbel", "inverse-cdf", "gumbel-rank"],
-        help="how the noise picks a token (DESIGN §2)",
+        help="how the noise picks a token (DESIGN §2)"
+        + ("" if defaults else " (default: the trace's)"),
     )
 
 
@@ -44,12 +43,23 @@ def _edit_args(p: argparse.ArgumentParser, prompt_flag: str) -> None:
     p.add_argument("--auto-at", type=arg.natural, metavar="POS", help="automatic intervention at POS")  # fmt: skip
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """A flag's default appended to its help, unless the help says it or there is none (None,
+    or False for a switch): no "(default: None)" and no default said twice."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default is None or action.default is False:
+            return text
+        return super()._get_help_string(action)
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, with a bad argument ending as every other error: one line, exit status 1, and
     every flag's default shown in its help."""
 
     def __init__(self, *args, **kwargs):
-        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        kwargs.setdefault("formatter_class", _Help)
         super().__init__(*args, **kwargs)
 
     def error(self, message: str):

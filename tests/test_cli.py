@@ -50,6 +50,16 @@ def test_every_command_prints_its_help(capsys):
         assert main([*path, "--help"]) == 0, path
         out = capsys.readouterr().out
         assert out.startswith("usage: cfjax") and len(out.splitlines()) > 3, path
+        # Each flag's default said once, in words: "(default: stored) (default: None)" was
+        # printed, and a counterfactual's "--temperature 0 = greedy (default: None)".
+        flags: list[str] = []
+        for line in out.splitlines():
+            if line.startswith("  -"):
+                flags.append(line)
+            elif line.startswith("      ") and flags:  # the help's next line
+                flags[-1] += " " + line.strip()
+        assert flags and not [f for f in flags if "default: None" in f or "default: False" in f], path  # fmt: skip
+        assert [f for f in flags if f.count("default") > 1] == [], path
 
 
 @pytest.mark.parametrize(
