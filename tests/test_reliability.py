@@ -188,3 +188,55 @@ def sources_for_search(tmp_path_factory):
                "--seed", "1", "--max-new-tokens", "6", "--out", str(fact_path)])  # fmt: skip
     assert rc == 0
     return root / "hf", fact_path, root
+
+
+_MANY_SHAPES = """
+import json, os, jax, cfjax
+from cfjax.core.model import init_params
+from cfjax.runtime import programs
+config = cfjax.preset("tiny")
+lm = cfjax.LM(config, init_params(config, jax.random.key(0), scale=4.0), model_id="tiny")
+run = lambda b: [t.tokens for t in cfjax.generate(lm, [[1, 2, 3]] * b, key=0, max_new_tokens=3, stop_tokens=())]
+first = run(1)
+os.environ[programs.ENV] = str(programs.maps_in_use() + 700)  # room for ~2 more batch shapes
+used, tokens = [], []
+for b in [2, 3, 4, 5, 6, 1]:
+    tokens.append(run(b))
+    used.append(programs.maps_in_use())
+print(json.dumps({"first": first, "tokens": tokens, "used": used,
+                  "budget": int(os.environ[programs.ENV])}))
+"""
+
+
+def test_a_process_that_compiles_many_batch_shapes_keeps_its_memory_maps_bounded(tmp_path):
+    # XLA:CPU maps every compiled program into the process (~300 maps per batch shape here);
+    # a fuzz run of ~200 shapes in one process passed vm.max_map_count (65,530) and crashed
+    # ("LLVM compilation error: Cannot allocate memory", then a segfault). With a small
+    # budget the maps stay near it, and programs compiled again give the same tokens.
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "CFJAX_COMPILATION_CACHE": str(tmp_path / "xla")}
+    env.pop("CFJAX_MAP_BUDGET", None)
+    proc = subprocess.run([sys.executable, "-c", _MANY_SHAPES], capture_output=True, text=True,
+                          env=env, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.splitlines()[-1])
+    # Each run may compile past the budget before the next run clears (one shape's maps).
+    assert max(out["used"]) < out["budget"] + 700, out
+    assert min(out["used"][1:]) < out["used"][0], out  # cleared at least once
+    assert out["tokens"][-1] == out["first"]  # batch 1 again, compiled again: the same tokens
+
+
+def test_the_map_budget_setting_is_checked(monkeypatch):
+    from cfjax.runtime import programs
+
+    monkeypatch.setenv(programs.ENV, "lots")
+    with pytest.raises(ValueError, match="CFJAX_MAP_BUDGET must be a number of memory maps >= 1, got 'lots'"):  # fmt: skip
+        programs.budget()
+    monkeypatch.setenv(programs.ENV, "123")
+    assert programs.budget() == 123
+    monkeypatch.delenv(programs.ENV)
+    limit = int(open("/proc/sys/vm/max_map_count").read())
+    assert programs.budget() == limit * 3 // 4

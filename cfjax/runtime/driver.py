@@ -25,7 +25,7 @@ from cfjax.core.cache import KEY_SLOT_AXIS, VALUE_SLOT_AXIS, KVCache
 from cfjax.core.checks import count
 from cfjax.core.config import LlamaConfig
 from cfjax.core.kernel import DEFAULT_CHUNK, NOT_FORCED, Options, Rows, State
-from cfjax.runtime import prefix
+from cfjax.runtime import prefix, programs
 from cfjax.runtime.request import padded
 
 # From this many rows on, a run on the CPU grows its cache by default (see `grows_by_default`).
@@ -183,6 +183,7 @@ def run(
     first = 0 if resume is None else resume.step
     every = chunk if report_every is None else min(chunk, count(report_every, "report_every"))
     layout = _Layout(bucket, length, chunk, first, request.steps, grow, every)
+    programs.keep_room()  # before this run compiles: a long-lived process keeps room for it
     with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
         return _run(config, params, request, layout, options, resume, on_chunk, mesh, draft)
 
