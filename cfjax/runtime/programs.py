@@ -1,6 +1,6 @@
 """Room for compiled programs in a long-lived process (an explorer, a notebook, a long study).
 
-XLA:CPU links each compiled program into the process with memory maps of its own: about 300
+XLA:CPU links each compiled program into the process with memory maps of its own: 280 to 350
 for one batch shape of a model's prefill and decode chunk. Linux allows a process
 `vm.max_map_count` maps (65,530 by default); past them the next compilation fails ("LLVM
 compilation error: Cannot allocate memory") and the process crashes, after some 200 batch
