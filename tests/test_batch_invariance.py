@@ -328,3 +328,57 @@ def test_a_long_prefill_attends_in_causal_blocks_bit_for_bit(dtype):
         weights = np.exp(np.where(mask, scores, -np.inf) - scores.max(-1, keepdims=True))
         expected = np.einsum("bkgts,bksd->bkgtd", weights / weights.sum(-1, keepdims=True), np.asarray(values, np.float64))  # fmt: skip
         np.testing.assert_allclose(np.asarray(blocked), expected, rtol=2e-5, atol=2e-5)
+
+
+# --- padded batches: few programs for many batch sizes --------------------------------------------
+
+
+def test_batch_sizes_run_padded_to_few_programs():
+    """Batches above 16 rows run padded to 8 sizes per power of two (32 programs for 1..64 rows,
+    at most an eighth more rows), and a padded run is the unpadded one bit for bit."""
+    from cfjax.runtime import driver
+
+    sizes = [driver.padded_rows(n) for n in range(1, 129)]
+    assert sizes[:16] == list(range(1, 17)) and sizes[16:24] == [18, 18, 20, 20, 22, 22, 24, 24]
+    assert sizes[32:40] == [36] * 4 + [40] * 4 and sizes[64:72] == [72] * 8
+    assert all(n <= p <= 1.125 * n for n, p in enumerate(sizes, 1)) and sizes == sorted(sizes)
+    assert len(set(sizes[:64])) == 32 and len(set(sizes)) == 40
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_padded_batch_is_the_unpadded_one_and_compiles_once(dtype):
+    """17 rows run as 18 (the stored cache has 18 rows, the results 17): the same bits as 17
+    unpadded rows, for factual rows, counterfactuals resumed from the stored cache (rows
+    forced among free ones) and a speculative draft; 18 rows then compile nothing."""
+    from cfjax.runtime import driver
+
+    lm = _tiny(dtype)
+    exact = lm.replace(pad_batch=False, caches=type(lm.caches)())
+    prompts, samplers = _rows(18, seed=6)
+    keys = {n: jax.random.split(jax.random.key(8), 18)[:n] for n in (17, 18)}
+    run = lambda m, n, **kw: cfjax.generate(m, prompts[:n], key=keys[n], chat=False, sampler=samplers[:n], max_new_tokens=STEPS, **kw)  # noqa: E731  # fmt: skip
+    padded, unpadded = run(lm, 17), run(exact, 17)
+    for a, b in zip(padded, unpadded, strict=True):
+        _same(a, b, "padded factual row")
+    assert lm.caches.get(lm.params, padded[16].prompt_tokens, padded[16].tokens).stored.cache.k[0].shape[0] == 18  # fmt: skip
+    assert exact.caches.get(exact.params, unpadded[16].prompt_tokens, unpadded[16].tokens).stored.cache.k[0].shape[0] == 17  # fmt: skip
+    edits = [cfjax.ReplaceTokens(b % 4, [(b * 37) % 256]) if b % 3 else cfjax.ChangeSampler(temperature=0.5) for b in range(17)]  # fmt: skip
+    for a, b in zip(cfjax.counterfactuals(lm, padded, edits), cfjax.counterfactuals(exact, unpadded, edits), strict=True):  # fmt: skip
+        _same(a, b, "padded counterfactual row")
+        assert a.alignment == b.alignment
+    for a, b in zip(run(lm, 17, draft=cfjax.quantize(lm, "int8")), unpadded, strict=True):
+        _same(a, b, "padded speculative row")
+    # The engine's programs for 18 rows are the padded 17's: an 18-row run compiles nothing.
+    request = driver.Request(prompts, keys[18], samplers, STEPS)
+    compiles = []
+    listen = lambda event, duration, **kw: compiles.append(event) if event == "/jax/core/compile/backend_compile_duration" else None  # noqa: E731  # fmt: skip
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        whole = driver.run(lm.config, lm.params, request, stop_tokens=())
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    assert (
+        compiles == []
+        and len(whole.tokens) == 18
+        and whole.tokens[:17] == [t.tokens for t in padded]
+    )

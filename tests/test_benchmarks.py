@@ -62,6 +62,10 @@ COMMANDS = {
         *("--config", "tiny", "--observed", "24", "--samples", "4", "--reference-samples", "2"),
         *("--repeats", "1"),
     ],
+    "batch_sizes": [
+        "batch_sizes.py",
+        *("--config", "tiny", "--sizes", "17", "18", "19", "--new-tokens", "4", "--rounds", "1"),
+    ],
 }
 
 
@@ -146,6 +150,17 @@ def test_attribution_json():
     # Both are rounded to the millisecond: 0.034 s x 5 / 2 may print as 0.086 (CI, 1336c9e).
     scaled = r["sequential_subset_s"] * 5 / 2
     assert r["sequential_scaled_s"] == pytest.approx(scaled, rel=0.01, abs=0.0005 * (1 + 5 / 2))
+
+
+def test_batch_sizes_json():
+    out = run("batch_sizes")
+    assert out["padded_sizes"] == [18, 18, 20] and out["same_tokens"] is True
+    # Padded, 17 and 18 rows run as one size: fewer programs compiled (the engine's prefill and
+    # decode chunk per size; the eager key splits of each size are compiled in both modes).
+    assert out["padded"]["programs"] < out["unpadded"]["programs"]
+    for mode in ("padded", "unpadded"):
+        assert _positive(out[mode]["cold_s"]) and _positive(out[mode]["compile_s"])
+    assert _positive(out["padded_over_unpadded_cold"]) and _positive(out["padded_over_unpadded_warm"])  # fmt: skip
 
 
 def test_invariance_cost_json():

@@ -198,6 +198,7 @@ def _wrong_kinds(lm, trace):
         (lambda: cfjax.load(""), ValueError, "model: give a model name, a folder or a .gguf file, got ''"),
         (lambda: cfjax.load(None), ValueError, "model: give a model name, a folder or a .gguf file, got None"),
         (lambda: cfjax.load("tiny", mesh="x"), ValueError, "mesh must be a Mesh with axes ('data', 'model') (cfjax.sharding.mesh), got a str"),
+        (lambda: lm.replace(pad_batch="no"), TypeError, "pad_batch must be True or False, got 'no'"),
     ]  # fmt: skip
 
 

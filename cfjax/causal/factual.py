@@ -101,6 +101,7 @@ def sample_rows(
     out = driver.run(
         lm.config, lm.params, request, stop_tokens=stops, chunk=chunk, on_chunk=streamer,
         draft=draft_for(lm, draft, lookahead), report_every=STREAM_EVERY if stream else None,
+        pad_rows=lm.pad_batch,
     )  # fmt: skip
     lm.caches.keep(lm.params, out, [(p.tokens, t) for p, t in zip(prompts, out.tokens, strict=True)])  # fmt: skip
     traces = [

@@ -127,7 +127,7 @@ def _run_group(lm: LM, traces: list[Trace], plans: list[Plan], keys: list[jax.Ar
     if resume is None:
         request.reference = _reference(lm, traces, plans, reuse_cache)
     out = driver.run(lm.config, params, request, stop_tokens=traces[0].stop_tokens, chunk=chunk,
-                     resume=resume, draft=draft)  # fmt: skip
+                     resume=resume, draft=draft, pad_rows=lm.pad_batch)  # fmt: skip
     results = []
     for b, (t, p) in enumerate(zip(traces, plans, strict=True)):
         tokens = (list(t.tokens[: out.first]) + out.tokens[b])[: limits[b]]

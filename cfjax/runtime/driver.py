@@ -30,6 +30,8 @@ from cfjax.runtime.request import padded
 
 # From this many rows on, a run on the CPU grows its cache by default (see `grows_by_default`).
 GROW_MIN_BATCH = 16
+# Batches of up to this many rows run at their own size; larger ones at `padded_rows`.
+EXACT_ROWS = 16
 
 prefill = jax.jit(kernel.prefill, static_argnums=(0, 4, 5))
 decode_chunk = jax.jit(decode.decode, static_argnums=(0, 1), donate_argnums=(4,))
@@ -101,6 +103,22 @@ def grows_by_default(batch: int, mesh: Any, draft: Any) -> bool:
     return batch >= GROW_MIN_BATCH and plain and jax.default_backend() == "cpu"
 
 
+def padded_rows(batch: int) -> int:
+    """The rows a batch of `batch` runs as: its own size up to `EXACT_ROWS`, then the next of
+    eight sizes per power of two (18, 20, ..., 32, 36, 40, ..., 64, 72, ...).
+
+    Every row count is its own compiled prefill and decode chunk (~8 s of XLA:CPU compile for
+    SmolLM2, more for a larger model), and a study meets many: an attribution per prompt has a
+    row per word. Padded, batches of 1 to 64 rows need 32 programs, not 64, for at most an
+    eighth more rows; four sizes per power of two would need 20, for up to a quarter more
+    (measured: benchmarks/RESULTS.md). A padded row changes no other row's bits: the engine
+    is batch-invariant."""
+    if batch <= EXACT_ROWS:
+        return batch
+    step = 1 << ((batch - 1).bit_length() - 4)
+    return -(-batch // step) * step
+
+
 @dataclasses.dataclass(frozen=True)
 class _Layout:
     """The static sizes of a run: prompt bucket, cache slots, chunk and the chunks' steps."""
@@ -148,6 +166,7 @@ def run(
     draft: speculative.Draft | None = None,
     grow_cache: bool | None = None,
     report_every: int | None = None,
+    pad_rows: bool = True,
 ) -> Decoded:
     """Decode a batch: prefill (or resume), then jitted chunks of up to `chunk` steps (default:
     the resume's chunk, else `DEFAULT_CHUNK`).
@@ -160,12 +179,18 @@ def run(
     and grow the cache before each chunk; the stored cache still has every slot.
     `report_every`: call `on_chunk` after at most this many steps (a streaming page shows tokens
     as they come): the chunk's compiled program runs on a shifted window of its inputs, so the
-    shapes, the cache and the tokens are those of whole chunks.
+    shapes, the cache and the tokens are those of whole chunks. `pad_rows`: a batch-invariant
+    model runs the batch as `padded_rows(batch)` rows, the added ones done from the start (the
+    results hold the real rows, the returned cache all of them); `batch_invariant=False` runs
+    every batch at its own size, where a padded row could change the others' rounding.
     """
     mesh = spec.mesh_of(params)
     if mesh is not None and draft is not None:
         raise ValueError("speculative decoding (draft=) runs on one device: give unsharded params")
-    batch = len(request.prompts)
+    real = len(request.prompts)
+    batch = padded_rows(real) if pad_rows and config.batch_invariant else real
+    if batch > real:
+        request, resume = _padded(request, resume, batch)
     grow = grows_by_default(batch, mesh, draft) if grow_cache is None else bool(grow_cache)
     if grow and (mesh is not None or draft is not None):
         raise ValueError("grow_cache runs unsharded and without a draft")
@@ -185,12 +210,44 @@ def run(
     layout = _Layout(bucket, length, chunk, first, request.steps, grow, every)
     programs.keep_room()  # before this run compiles: a long-lived process keeps room for it
     with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-        return _run(config, params, request, layout, options, resume, on_chunk, mesh, draft)
+        return _run(config, params, request, layout, options, resume, on_chunk, mesh, draft, real)
 
 
-def _run(config, params, request: Request, layout: _Layout, options: Options, resume, on_chunk, mesh, draft) -> Decoded:  # fmt: skip
+def _padded(request: Request, resume: Resume | None, batch: int) -> tuple[Request, Resume | None]:
+    """`request` (and `resume`) with rows added up to `batch`: each a copy of row 0's inputs
+    with a one-token prompt, which never widens the prompt bucket and has nothing to prefill
+    past a shared prefix. `_run` marks them done before the first step."""
+    index = np.concatenate([np.arange(len(request.prompts)), np.zeros(batch - len(request.prompts), np.int64)])  # fmt: skip
+    rows = functools.partial(_host_rows, index=index)
+    observed = request.observed
+    if observed is not None:
+        observed = dataclasses.replace(observed, row=rows(observed.row), key=rows(observed.key))
+    request = dataclasses.replace(
+        request, prompts=request.prompts + [[0]] * (batch - len(request.prompts)),
+        keys=rows(request.keys), samplers=[request.samplers[b] for b in index], forced=rows(request.forced),
+        noise_index=rows(request.noise_index), noise=rows(request.noise), observed=observed,
+    )  # fmt: skip
+    if resume is not None:  # (a copy of the cache: the one device op of the padding)
+        cache = jax.tree_util.tree_map(lambda x: jnp.take(x, jnp.asarray(index), axis=0), resume.cache)  # fmt: skip
+        resume = dataclasses.replace(resume, cache=cache, start=resume.start[index], last=[resume.last[b] for b in index])  # fmt: skip
+    return request, resume
+
+
+def _host_rows(x: Any, index: np.ndarray) -> Any:
+    """Rows `index` of a per-row input, taken on the host (typed keys as their raw data), so
+    that padding compiles no program of its own."""
+    if x is None:
+        return None
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        return jax.random.wrap_key_data(np.asarray(jax.random.key_data(x))[index], impl=jax.random.key_impl(x))  # fmt: skip
+    return np.asarray(x)[index]
+
+
+def _run(config, params, request: Request, layout: _Layout, options: Options, resume, on_chunk, mesh, draft, real: int) -> Decoded:  # fmt: skip
     prompt, lengths = padded(request.prompts, layout.bucket)
     state, start = _initial_state(config, params, request, prompt, lengths, layout, resume, mesh)
+    if real < len(request.prompts):  # padding rows: done before they start (no row is yet)
+        state = dataclasses.replace(state, done=jax.device_put(np.arange(len(request.prompts)) >= real))  # fmt: skip
     calls = layout.calls()
     width = calls[-1][0] + layout.chunk if calls else layout.first
     rows, steps_in = _rows(config, request, start, width)
@@ -210,18 +267,20 @@ def _run(config, params, request: Request, layout: _Layout, options: Options, re
         # Only the chunk's own steps: a resumed run's first chunk ends before its width.
         out.append(jax.tree_util.tree_map(lambda x, n=end - s: np.swapaxes(spec.fetch(x), 0, 1)[:, :n], chunk_out))  # fmt: skip
         if on_chunk is not None:
-            on_chunk(_collect([o.tokens for o in out], [o.valid for o in out], layout.steps - layout.first))  # fmt: skip
+            on_chunk(_collect([o.tokens for o in out], [o.valid for o in out], layout.steps - layout.first)[:real])  # fmt: skip
         if bool(np.all(spec.fetch(state.done))):
             break
     if state.cache.length < layout.length:  # a stored cache serves any later run: every slot
         state = _resize(state, layout.length)
     n = layout.steps - layout.first
     valid = [o.valid for o in out]
-    tokens = _collect([o.tokens for o in out], valid, n)
+    tokens = _collect([o.tokens for o in out], valid, n)[:real]  # the real rows (the cache: all)
     logits = None
     if options.keep_logits:  # steps not run (all rows stopped) are cut, as in `tokens`
-        logits = np.concatenate([o.logits for o in out], axis=1)[:, : max(len(t) for t in tokens)]
-    return Decoded(tokens, [[float(x) for x in r] for r in _collect([o.logprobs for o in out], valid, n)],
+        logits = np.concatenate([o.logits for o in out], axis=1)[
+            :real, : max(len(t) for t in tokens)
+        ]
+    return Decoded(tokens, [[float(x) for x in r] for r in _collect([o.logprobs for o in out], valid, n)[:real]],
                    state.cache, spec.fetch(start), layout.bucket, layout.chunk, layout.first,
                    resume is not None, int(spec.fetch(state.index)), logits, rounds if draft is not None else None, slots)  # fmt: skip
 

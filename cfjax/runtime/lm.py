@@ -23,6 +23,10 @@ class LM:
     `caches` keeps the final KV caches of recent runs (bounded, see `CacheStore`) and
     `observations` the scored logits of observed text (abduction, see `ArrayStore`); copies
     made with `replace` share both, and their entries are keyed by the params that made them.
+    `pad_batch`: run a batch of more than 16 rows as one of fewer sizes (`driver.padded_rows`:
+    18, 20, ..., 32, 36, 40, ...), so that a study of many batch sizes compiles fewer programs; the
+    same tokens, as the engine is batch-invariant (with `batch_invariant=False` every batch
+    runs at its own size). `replace(pad_batch=False)` runs each size as it is.
     """
 
     config: LlamaConfig
@@ -33,6 +37,11 @@ class LM:
     observations: ArrayStore = dataclasses.field(
         default_factory=ArrayStore, repr=False, compare=False
     )
+    pad_batch: bool = True
+
+    def __post_init__(self):
+        if not isinstance(self.pad_batch, bool):
+            raise TypeError(f"pad_batch must be True or False, got {self.pad_batch!r:.40}")
 
     @property
     def dtype(self) -> jnp.dtype:
@@ -93,6 +102,5 @@ def quantize(lm: LM, kind: str) -> LM:
     if kind not in quant.KINDS:
         raise ValueError(f"unknown quantization {kind!r}; valid: {', '.join(quant.KINDS)}")
     # A fresh LM: the stored caches and observations belong to other params.
-    return LM(
-        lm.config, quant.quantize_params(lm.params, kind), lm.tokenizer, f"{lm.model_id}@{kind}"
-    )
+    return LM(lm.config, quant.quantize_params(lm.params, kind), lm.tokenizer,
+              f"{lm.model_id}@{kind}", pad_batch=lm.pad_batch)  # fmt: skip
