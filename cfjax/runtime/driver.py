@@ -277,9 +277,7 @@ def _run(config, params, request: Request, layout: _Layout, options: Options, re
     tokens = _collect([o.tokens for o in out], valid, n)[:real]  # the real rows (the cache: all)
     logits = None
     if options.keep_logits:  # steps not run (all rows stopped) are cut, as in `tokens`
-        logits = np.concatenate([o.logits for o in out], axis=1)[
-            :real, : max(len(t) for t in tokens)
-        ]
+        logits = np.concatenate([o.logits for o in out], axis=1)[:real, : max(len(t) for t in tokens)]  # fmt: skip
     return Decoded(tokens, [[float(x) for x in r] for r in _collect([o.logprobs for o in out], valid, n)[:real]],
                    state.cache, spec.fetch(start), layout.bucket, layout.chunk, layout.first,
                    resume is not None, int(spec.fetch(state.index)), logits, rounds if draft is not None else None, slots)  # fmt: skip
