@@ -161,17 +161,21 @@ def save_params(directory: Path, params: dict) -> dict[str, str]:
 
 
 def _quiet_abandoned_reads() -> None:
-    """After a restore failed midway: drop the reports of the reads orbax left in flight. Each
-    finishes after orbax closed its event loop, and reports `RuntimeError: Event loop is
-    closed` to `sys.unraisablehook`, a traceback on stderr under the readable error. Every
-    other report goes on to the hook in place before."""
+    """Drop the reports of the reads a failed restore leaves in flight. Each finishes after
+    orbax closed its event loop and reports `RuntimeError: Event loop is closed` (raised in
+    `call_soon_threadsafe`, called from tensorstore's threads) to `sys.unraisablehook`: a
+    traceback on stderr, before or after the readable error. Installed before the restore, as
+    the first reports can come before the failure reaches Python; every other report goes on
+    to the hook in place before."""
     previous = sys.unraisablehook
     if getattr(previous, "quiets_abandoned_reads", False):
         return
 
     def hook(report) -> None:
-        e = report.exc_value
-        if not (type(e) is RuntimeError and str(e) == "Event loop is closed" and report.object is None):  # fmt: skip
+        e, tb = report.exc_value, report.exc_traceback
+        abandoned = (type(e) is RuntimeError and str(e) == "Event loop is closed" and report.object is None
+                     and tb is not None and tb.tb_frame.f_code.co_name == "call_soon_threadsafe")  # fmt: skip
+        if not abandoned:
             previous(report)
 
     hook.quiets_abandoned_reads = True
@@ -209,11 +213,11 @@ def restore_params(
     )
     check_files(Path(directory), meta)
     path = (Path(directory) / PARAMS).resolve()
+    _quiet_abandoned_reads()
     try:
         with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(restore_concurrent_gb=1)) as ckptr:
             params = ckptr.restore(path, args=restore)
     except Exception as e:
-        _quiet_abandoned_reads()
         # The first line of orbax's / tensorstore's message, up to the object reprs it
         # carries ("See full TensorStore details: <bound method ...>").
         line = str(e).splitlines()[0] if str(e) else ""
