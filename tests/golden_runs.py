@@ -1,16 +1,29 @@
 """Golden runs: every route through the engine on fixed inputs, recorded token for token.
 
-Recorded once before the engine became one decode kernel (issue 29), in `tests/data/golden.json`;
+Recorded first before the engine became one decode kernel (issue 29), in `tests/data/golden.json`;
 `tests/test_golden.py` runs them again and asserts every token, log-prob and noise index
-bit-identical. To record after an intended change of results (never to make a test pass):
-    .venv/bin/python tests/golden_runs.py tests/data/golden.json
-The sharded run is recorded by `tests/sharded_checks.py` (8 fake devices) under "sharded".
+bit-identical to the record of this machine's numerics.
+
+XLA:CPU's float32 kernels round differently on other CPUs (an AMD EPYC Zen 4 against the Intel
+Xeon of the first records: every token, noise index and text the same, float32 log-probs moved by
+up to 3.2e-4; bfloat16 runs bit for bit), so the file holds one record per machine class, each
+with `numerics_probe()`, a fingerprint of XLA's arithmetic on the machine that recorded it. A
+machine whose probe has a record is held to it bit for bit; one without (another CPU, another jax)
+to the same tokens, noise indices and texts and log-probs within `CROSS_MACHINE_LOGPROB`.
+
+To record after an intended change of results (never to make a test pass), on one machine,
+dropping the other machines' records (now stale), the sharded run taken from a report of
+`tests/sharded_checks.py` (8 fake devices):
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 .venv/bin/python tests/sharded_checks.py r.json
+    .venv/bin/python tests/golden_runs.py tests/data/golden.json --machine "..." --sharded r.json
+and with `--add`, another machine's record of unchanged code beside the others.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -152,16 +165,98 @@ def smollm2_runs() -> dict:
     return out
 
 
-def main(path: str) -> None:
-    golden = {"tiny": tiny_runs(), "smollm2": smollm2_runs()}
-    try:
-        with open(path) as f:
-            golden["sharded"] = json.load(f).get("sharded")
-    except FileNotFoundError:
-        pass
-    with open(path, "w") as f:
-        json.dump(golden, f, separators=(",", ":"))
+# Float32 log-probs of one route on two CPUs: 3.2e-4 apart at most (the tiny model's scaled
+# weights, `cf/model`); more apart is a change of results, not of machine.
+CROSS_MACHINE_LOGPROB = 2e-3
+
+
+def numerics_probe() -> str:
+    """A fingerprint of XLA's arithmetic on this machine and jax: the bits of float32 and
+    bfloat16 dots of the engine's shapes and of the elementwise functions it uses, with the jax
+    and jaxlib versions. Independent of cfjax's code, so that a change of results on a machine
+    with a record is caught as one."""
+    import jaxlib
+
+    rng = np.random.default_rng(0)
+    digest = hashlib.sha256(f"{jax.__version__} {jaxlib.__version__}".encode())
+    add = lambda x: digest.update(np.asarray(x).tobytes())  # noqa: E731
+    f32_dot = jax.jit(jnp.dot)
+    bf16_dot = jax.jit(lambda a, b: jnp.dot(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16),
+                                            preferred_element_type=jnp.float32))  # fmt: skip
+    for m, k, n in [(1, 64, 128), (2, 64, 128), (16, 128, 64), (64, 64, 256), (1, 576, 960),
+                    (2, 576, 960), (32, 1536, 576), (64, 576, 3072)]:  # fmt: skip
+        a = rng.standard_normal((m, k), np.float32)
+        b = rng.standard_normal((k, n), np.float32)
+        add(f32_dot(a, b))
+        add(bf16_dot(a, b))
+    x = rng.standard_normal((64, 64), np.float32)
+    for f in (jnp.exp, lambda v: jnp.log(jnp.abs(v) + 1e-3), lambda v: jax.lax.rsqrt(jnp.abs(v) + 1e-3),
+              lambda v: jnp.sin(v * 40), jnp.tanh, lambda v: jax.nn.log_softmax(v, -1),
+              lambda v: jnp.sum(v, -1), lambda v: v / (v.T + 3.0)):  # fmt: skip
+        add(jax.jit(f)(x))
+    return digest.hexdigest()[:16]
+
+
+def records() -> list[dict]:
+    """The recorded machines: each `{"machine", "probe", "tiny", "smollm2", "sharded"}`."""
+    return json.loads((Path(__file__).parent / "data" / "golden.json").read_text())["records"]
+
+
+def differences(want, got, where="", close=False) -> list[str]:
+    """The paths where two JSON values differ (at most one per run); with `close`, log-prob
+    lists differ only where they are more than `CROSS_MACHINE_LOGPROB` apart."""
+    if isinstance(want, dict) and isinstance(got, dict):
+        keys = sorted(set(want) | set(got))
+        return [d for k in keys for d in differences(want.get(k), got.get(k), f"{where}/{k}", close)]  # fmt: skip
+    if isinstance(want, list) and isinstance(got, list) and len(want) == len(got):
+        if want != got and all(isinstance(x, (dict, list)) for x in want):
+            return [d for i, (a, b) in enumerate(zip(want, got, strict=True)) for d in differences(a, b, f"{where}[{i}]", close)]  # fmt: skip
+        if close and "logprobs" in where and want != got:
+            a, b = np.asarray(want, np.float64), np.asarray(got, np.float64)
+            same = a == b  # -inf (a forced token) on both included
+            gap = np.max(np.abs(a[~same] - b[~same]), initial=0.0)
+            return [] if gap <= CROSS_MACHINE_LOGPROB else [f"{where}: log-probs {gap:.2e} apart"]
+    return [] if want == got else [f"{where}: {str(want)[:120]} != {str(got)[:120]}"]
+
+
+def check(part: str, runs) -> str | None:
+    """Assert `runs` (the `part` of a record: "tiny", "smollm2", "sharded") against the records:
+    bit for bit against one of them, or, on a machine without a record, tokens and texts exact
+    and log-probs close to the newest. Returns a note for a machine without a record."""
+    known = records()
+    if any(r[part] == runs for r in known):
+        return None
+    probe = numerics_probe()
+    own = [r for r in known if r["probe"] == probe]
+    if own:
+        found = differences(own[0][part], runs)
+        raise AssertionError(f"{part} differs from this machine's record ({own[0]['machine']}): {found[:10]}")  # fmt: skip
+    found = differences(known[0][part], runs, close=True)
+    assert not found, f"{part}: a machine without a record (probe {probe}) {found[:10]}"
+    return (f"{part}: no record of this machine's numerics (probe {probe}); tokens and texts as "
+            f"recorded on {known[0]['machine']}, log-probs within {CROSS_MACHINE_LOGPROB}")  # fmt: skip
+
+
+def main() -> None:
+    """Record this machine's runs: alone, or (`--add`) beside the records of other machines."""
+    import argparse
+
+    cli = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    cli.add_argument("path", type=Path, help="tests/data/golden.json")
+    cli.add_argument("--machine", required=True, help='what recorded it, e.g. "AMD EPYC Zen 4"')
+    cli.add_argument("--add", action="store_true", help="keep the other machines' records")
+    cli.add_argument("--sharded", type=Path, help="a report of sharded_checks.py: its golden run")
+    args = cli.parse_args()
+    known = json.loads(args.path.read_text())["records"] if args.path.exists() else []
+    probe = numerics_probe()
+    sharded = next((r["sharded"] for r in known if r["probe"] == probe), None)
+    if args.sharded:
+        sharded = json.loads(args.sharded.read_text())["golden"]
+    mine = {"machine": args.machine, "probe": probe, "tiny": tiny_runs(),
+            "smollm2": smollm2_runs(), "sharded": sharded}  # fmt: skip
+    kept = [r for r in known if r["probe"] != probe] if args.add else []
+    args.path.write_text(json.dumps({"records": [mine, *kept]}, separators=(",", ":")))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main()
