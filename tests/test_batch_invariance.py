@@ -5,6 +5,8 @@ bfloat16. Each row of every batch is compared with its own one-row run."""
 
 from __future__ import annotations
 
+import logging
+
 import jax
 import numpy as np
 import pytest
@@ -382,3 +384,32 @@ def test_a_padded_batch_is_the_unpadded_one_and_compiles_once(dtype):
         and len(whole.tokens) == 18
         and whole.tokens[:17] == [t.tokens for t in padded]
     )
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_coupled_prompts_run_padded_and_compile_once(dtype, caplog):
+    """Models of one signature answer 17 prompts in one program of 18 rows: each model's rows
+    bit-identical to the unpadded program's; 18 prompts then compile no program of the models."""
+    lm = _tiny(dtype)
+    twin = lm.replace(params=jax.tree_util.tree_map(lambda x: (x * 1.1).astype(x.dtype), lm.params))
+    prompts = [p[:30] for p in _rows(18, seed=9)[0]]  # one prompt bucket
+    run = lambda models, n: cfjax.coupled(models, prompts[:n], key=4, sampler=Sampler(0.9), chat=False, max_new_tokens=STEPS)  # noqa: E731  # fmt: skip
+    with jax.log_compiles(True), caplog.at_level(logging.WARNING):
+        padded = run([lm, twin], 17)
+        first = _compiled(caplog)
+        caplog.clear()
+        whole = run([lm, twin], 18)  # (its keys are split and indexed by small programs)
+        again = _compiled(caplog)
+    assert [m for m in first if "_stacked_sample" in m] and not [m for m in again if "_stacked_sample" in m], again  # fmt: skip
+    unpadded = run([m.replace(pad_batch=False) for m in (lm, twin)], 17)
+    for rows, exact in zip(padded, unpadded, strict=True):
+        assert len(rows) == 17
+        for a, b in zip(rows, exact, strict=True):
+            _same(a, b, "padded coupled row")
+    assert [t.tokens for t in padded[0]] != [t.tokens for t in padded[1]]
+    assert [t.tokens for t in whole[1][:17]] == [t.tokens for t in padded[1]]
+
+
+def _compiled(caplog) -> list[str]:
+    """The programs `jax.log_compiles` reported compiling."""
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith("Compiling ")]

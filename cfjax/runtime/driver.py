@@ -218,7 +218,7 @@ def _padded(request: Request, resume: Resume | None, batch: int) -> tuple[Reques
     with a one-token prompt, which never widens the prompt bucket and has nothing to prefill
     past a shared prefix. `_run` marks them done before the first step."""
     index = np.concatenate([np.arange(len(request.prompts)), np.zeros(batch - len(request.prompts), np.int64)])  # fmt: skip
-    rows = functools.partial(_host_rows, index=index)
+    rows = functools.partial(host_rows, index=index)
     observed = request.observed
     if observed is not None:
         observed = dataclasses.replace(observed, row=rows(observed.row), key=rows(observed.key))
@@ -233,7 +233,7 @@ def _padded(request: Request, resume: Resume | None, batch: int) -> tuple[Reques
     return request, resume
 
 
-def _host_rows(x: Any, index: np.ndarray) -> Any:
+def host_rows(x: Any, index: np.ndarray) -> Any:
     """Rows `index` of a per-row input, taken on the host (typed keys as their raw data), so
     that padding compiles no program of its own."""
     if x is None:
