@@ -27,6 +27,14 @@ $(STAMP): $(RUN_STAMP)
 
 setup: $(STAMP)
 
+# The browser tests drive Debian's Chromium (Playwright's own browser download cannot work
+# here): installed when missing, with sudo where make does not run as root.
+CHROMIUM := /usr/bin/chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+$(CHROMIUM):
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check cfjax tests benchmarks
 	$(VENV)/bin/ruff format --check cfjax tests benchmarks
@@ -34,10 +42,10 @@ lint: $(STAMP)
 # The tests a change must pass, within 12 minutes on a 2-core CPU; the ones marked `slow`
 # (real-model end-to-end runs: the CLI, the README examples, the studies; and the costliest
 # tiny-config runs) run in `test-slow`, and CI runs both.
-test: $(STAMP) lint
+test: $(STAMP) $(CHROMIUM) lint
 	$(VENV)/bin/pytest -q -n 2 -m "not slow" tests
 
-test-slow: $(STAMP)
+test-slow: $(STAMP) $(CHROMIUM)
 	$(VENV)/bin/pytest -q -n 2 -m slow tests
 
 demo: $(RUN_STAMP)

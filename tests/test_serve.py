@@ -160,7 +160,7 @@ def _generated(p, server: str, width: int, height: int, **fields: str):
     from playwright.sync_api import expect
 
     if not Path(CHROMIUM).exists():
-        pytest.fail(f"{CHROMIUM} is missing: apt-get install chromium (.ci/run installs it)")
+        pytest.fail(f"{CHROMIUM} is missing: apt-get install chromium (make test installs it)")
     browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--headless=new"])
     page = browser.new_page(viewport={"width": width, "height": height})
     page.goto(server)
