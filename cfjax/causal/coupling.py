@@ -124,10 +124,11 @@ def _run_stacked(models, given: list[Prompt], keys, sampler, n, stop_tokens) -> 
     rows = padded_rows(len(tokens)) if lm.pad_batch and lm.config.batch_invariant else len(tokens)
     copies = rows - len(tokens)
     prompts, lengths = padded(tokens + [tokens[0]] * copies)
-    index = np.concatenate([np.arange(len(tokens)), np.zeros(copies, np.int64)])
+    if copies:
+        keys = host_rows(keys, np.concatenate([np.arange(len(tokens)), np.zeros(copies, np.int64)]))
     params = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *(m.params for m in models))
     out = _stacked(lm.config, stop_tuple(stop_tokens), params, jnp.asarray(prompts),
-                   jnp.asarray(lengths), host_rows(keys, index), sampler, n)  # fmt: skip
+                   jnp.asarray(lengths), keys, sampler, n)  # fmt: skip
     toks, logps, length = (np.asarray(x) for x in (out.tokens, out.logprobs, out.length))
     return [
         [new_trace(m, p, toks[i, b, : length[i, b]], logps[i, b, : length[i, b]], key=keys[b],
