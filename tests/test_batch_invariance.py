@@ -386,6 +386,7 @@ def test_a_padded_batch_is_the_unpadded_one_and_compiles_once(dtype):
     )
 
 
+@pytest.mark.slow  # 17- and 18-row programs of their own: ~23 s (CI runs it)
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_coupled_prompts_run_padded_and_compile_once(dtype, caplog):
     """Models of one signature answer 17 prompts in one program of 18 rows: each model's rows
