@@ -22,7 +22,7 @@ from cfjax.core import decode
 from cfjax.core.checks import count
 from cfjax.core.kernel import stop_tuple
 from cfjax.core.scm import Sampler
-from cfjax.runtime.driver import host_rows, padded_rows
+from cfjax.runtime.driver import host_rows, rows_to_run
 from cfjax.runtime.lm import LM
 from cfjax.runtime.request import check_request, is_batch, padded, row_keys, stop_tokens_of
 
@@ -116,16 +116,15 @@ def coupled(
 def _run_stacked(models, given: list[Prompt], keys, sampler, n, stop_tokens) -> list[list[Trace]]:
     """One program for models of one signature: params stacked, vmapped over models, prompts.
 
-    More than `EXACT_ROWS` prompts run as `padded_rows` of them, as the engine's batches do (one
+    More than `EXACT_ROWS` prompts run as `rows_to_run` says, as the engine's batches do (one
     program for several prompt counts), the added rows copies of row 0: they end when it ends,
     and the vmapped loop, batch-invariant, computes every other row as it would without them."""
     tokens = [p.tokens for p in given]
     lm = models[0]
-    rows = padded_rows(len(tokens)) if lm.pad_batch and lm.config.batch_invariant else len(tokens)
-    copies = rows - len(tokens)
-    prompts, lengths = padded(tokens + [tokens[0]] * copies)
-    if copies:
-        keys = host_rows(keys, np.concatenate([np.arange(len(tokens)), np.zeros(copies, np.int64)]))
+    rows, index = rows_to_run(lm.config, len(tokens), lm.pad_batch)
+    prompts, lengths = padded(tokens + [tokens[0]] * (rows - len(tokens)))
+    if index is not None:
+        keys = host_rows(keys, index)
     params = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *(m.params for m in models))
     out = _stacked(lm.config, stop_tuple(stop_tokens), params, jnp.asarray(prompts),
                    jnp.asarray(lengths), keys, sampler, n)  # fmt: skip

@@ -119,6 +119,15 @@ def padded_rows(batch: int) -> int:
     return -(-batch // step) * step
 
 
+def rows_to_run(config, batch: int, pad: bool) -> tuple[int, np.ndarray | None]:
+    """(rows, the source row of each) a batch of `batch` runs as: `padded_rows(batch)` with
+    `pad` and a batch-invariant model (the added rows copies of row 0), else `batch` (None)."""
+    rows = padded_rows(batch) if pad and config.batch_invariant else batch
+    if rows == batch:
+        return batch, None
+    return rows, np.concatenate([np.arange(batch), np.zeros(rows - batch, np.int64)])
+
+
 @dataclasses.dataclass(frozen=True)
 class _Layout:
     """The static sizes of a run: prompt bucket, cache slots, chunk and the chunks' steps."""
@@ -188,9 +197,9 @@ def run(
     if mesh is not None and draft is not None:
         raise ValueError("speculative decoding (draft=) runs on one device: give unsharded params")
     real = len(request.prompts)
-    batch = padded_rows(real) if pad_rows and config.batch_invariant else real
-    if batch > real:
-        request, resume = _padded(request, resume, batch)
+    batch, index = rows_to_run(config, real, pad_rows)
+    if index is not None:
+        request, resume = _padded(request, resume, index)
     grow = grows_by_default(batch, mesh, draft) if grow_cache is None else bool(grow_cache)
     if grow and (mesh is not None or draft is not None):
         raise ValueError("grow_cache runs unsharded and without a draft")
@@ -213,17 +222,16 @@ def run(
         return _run(config, params, request, layout, options, resume, on_chunk, mesh, draft, real)
 
 
-def _padded(request: Request, resume: Resume | None, batch: int) -> tuple[Request, Resume | None]:
-    """`request` (and `resume`) with rows added up to `batch`: each a copy of row 0's inputs
-    with a one-token prompt, which never widens the prompt bucket and has nothing to prefill
-    past a shared prefix. `_run` marks them done before the first step."""
-    index = np.concatenate([np.arange(len(request.prompts)), np.zeros(batch - len(request.prompts), np.int64)])  # fmt: skip
+def _padded(request: Request, resume: Resume | None, index: np.ndarray) -> tuple[Request, Resume | None]:  # fmt: skip
+    """`request` (and `resume`) as the rows `index` (`rows_to_run`): each added row a copy of
+    row 0's inputs with a one-token prompt, which never widens the prompt bucket and has nothing
+    to prefill past a shared prefix. `_run` marks them done before the first step."""
     rows = functools.partial(host_rows, index=index)
     observed = request.observed
     if observed is not None:
         observed = dataclasses.replace(observed, row=rows(observed.row), key=rows(observed.key))
     request = dataclasses.replace(
-        request, prompts=request.prompts + [[0]] * (batch - len(request.prompts)),
+        request, prompts=request.prompts + [[0]] * (len(index) - len(request.prompts)),
         keys=rows(request.keys), samplers=[request.samplers[b] for b in index], forced=rows(request.forced),
         noise_index=rows(request.noise_index), noise=rows(request.noise), observed=observed,
     )  # fmt: skip
