@@ -43,10 +43,10 @@ lint: $(STAMP)
 # (real-model end-to-end runs: the CLI, the README examples, the studies; and the costliest
 # tiny-config runs) run in `test-slow`, and CI runs both.
 test: $(STAMP) $(CHROMIUM) lint
-	$(VENV)/bin/pytest -q -n 2 -m "not slow" tests
+	$(VENV)/bin/pytest -q -n 2 --dist worksteal -m "not slow" tests
 
 test-slow: $(STAMP) $(CHROMIUM)
-	$(VENV)/bin/pytest -q -n 2 -m slow tests
+	$(VENV)/bin/pytest -q -n 2 --dist worksteal -m slow tests
 
 demo: $(RUN_STAMP)
 	$(VENV)/bin/cfjax demo

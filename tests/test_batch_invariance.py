@@ -347,6 +347,7 @@ def test_batch_sizes_run_padded_to_few_programs():
     assert len(set(sizes[:64])) == 32 and len(set(sizes)) == 40
 
 
+@pytest.mark.slow  # ~25 s a dtype: 17- and 18-row programs of their own
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_a_padded_batch_is_the_unpadded_one_and_compiles_once(dtype):
     """17 rows run as 18 (the stored cache has 18 rows, the results 17): the same bits as 17

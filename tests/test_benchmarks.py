@@ -1,7 +1,9 @@
 """Smoke test of the benchmark scripts: tiny random configs, JSON fields and sane values.
 
 Each script runs as a subprocess of the one test that reads its output (mostly start-up and
-compilation), and needs no model download.
+compilation), and needs no model download. All of them are `slow` (10-60 s each, ~190 s in all on
+a 2-core CPU): they check the benchmarks, not the library, and run in `make test-slow`, which CI
+runs too.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
@@ -189,7 +193,6 @@ def test_abduction_json():
     assert out["distinct_counterfactuals"] > 1
 
 
-@pytest.mark.slow  # 20-60 s: in `make test-slow`, which CI runs too
 def test_study_json():
     out = run("study")
     for k in ("cfjax_s", "paper_method_s", "speedup", "reference_per_prompt_s"):
@@ -197,7 +200,6 @@ def test_study_json():
     assert out["prompts"] == 2 and out["reference_prompts_timed"] == 1 and out["rows"] > 0
 
 
-@pytest.mark.slow  # 20-60 s: in `make test-slow`, which CI runs too
 def test_gpu_check_json():
     r = run("gpu_check")
     assert [row["batch"] for row in r["rows"]] == [1, 4]

@@ -73,6 +73,7 @@ def _lm(config, dtype):
 PROMPTS = [[1, 5, 17, 33], [1, 9, 3], list(range(2, 172)), [2, 4, 6, 8, 10, 12]]
 
 
+@pytest.mark.slow  # ~25 s a dtype: blocked programs of four batch shapes of their own
 @pytest.mark.parametrize(("dtype", "tied"), [(jnp.float32, False), (jnp.bfloat16, True)],
                          ids=["float32", "bfloat16-tied-head"])  # fmt: skip
 def test_blocked_rows_are_their_one_row_runs_and_differ_only_by_rounding(dtype, tied):

@@ -208,6 +208,7 @@ print(json.dumps({"first": first, "tokens": tokens, "used": used,
 """
 
 
+@pytest.mark.slow  # ~30 s: seven batch shapes compiled in a child process
 def test_a_process_that_compiles_many_batch_shapes_keeps_its_memory_maps_bounded(tmp_path):
     # XLA:CPU maps every compiled program into the process (~300 maps per batch shape here);
     # a fuzz run of ~200 shapes in one process passed vm.max_map_count (65,530) and crashed

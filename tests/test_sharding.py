@@ -126,6 +126,7 @@ def test_sharded_runs_on_eight_devices(tmp_path):
     print(json.dumps({k: v for k, v in report.items() if "diff" in k or "flips" in k}))
 
 
+@pytest.mark.slow  # ~25 s: two child processes start jax and compile apart
 def test_two_processes_generate_what_one_does(tmp_path):
     """A two-process `jax.distributed` run on localhost (gloo collectives between the CPU
     processes, one device each) gives the tokens of one process."""
