@@ -14,6 +14,7 @@ import socket
 import sys
 import threading
 import time
+import warnings
 
 from cfjax.atomic import check_writable, check_writable_folder, write_text
 from cfjax.cli_parser import parser
@@ -346,7 +347,9 @@ def main(argv: list[str] | None = None) -> int:
         return e.code
     previous = _signals_interrupt()
     try:
-        return COMMANDS[args.command](args)
+        with warnings.catch_warnings():  # restores the caller's display when main returns
+            warnings.showwarning = _one_line_warning
+            return COMMANDS[args.command](args)
     except KeyboardInterrupt:
         print("cfjax: interrupted", file=sys.stderr)
         return 130
@@ -357,6 +360,13 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning as one escaped line (e.g. a trace made on another machine, `ReplayWarning`),
+    not Python's file, line number and source line."""
+    text = str(message).strip().splitlines()[0] if str(message).strip() else category.__name__
+    print(f"cfjax: warning: {printable(text)}", file=sys.stderr)
 
 
 def _signals_interrupt() -> dict:

@@ -561,6 +561,22 @@ def test_a_trace_file_named_like_json_is_read_as_a_file(fact_file, tmp_path, cap
     assert rc == 0, err
 
 
+def test_a_trace_made_on_another_machine_replays_with_one_escaped_warning_line(fact_file, tmp_path, capsys):  # fmt: skip
+    d = json.loads(fact_file.read_text())
+    d["made_on"] = {**d["made_on"], "device": "NVIDIA H200\x1b[2J", "jax": "0.11.2"}
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(d))
+    rc, err = _cli(capsys, "counterfactual", other, "--temperature", "0.5", "--out", tmp_path / "c.json")  # fmt: skip
+    assert rc == 0, err
+    assert err.count("\n") == 1 and err.startswith("cfjax: warning: the trace was made with jax '0.11.2'")  # fmt: skip
+    assert "NVIDIA H200" in err and "\x1b" not in err  # file text escaped before the terminal
+    rc, err = _cli(capsys, "counterfactual", fact_file, "--temperature", "0.5", "--out", tmp_path / "d.json")  # fmt: skip
+    assert rc == 0 and err == ""  # made here: nothing to say
+    assert (
+        Trace.from_json(tmp_path / "c.json").tokens == Trace.from_json(tmp_path / "d.json").tokens
+    )
+
+
 def test_a_missing_model_package_is_one_line(monkeypatch, tmp_path, capsys):
     import importlib.util
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 
 import jax
 import numpy as np
@@ -52,6 +53,8 @@ def fact(lm):
         (lambda d: d.update(chat="yes"), "chat must be true or false"),
         (lambda d: d.update(sampler={"temperature": -1}), "trace field sampler: temperature"),
         (lambda d: d.update(stop_tokens=["x"]), "stop_tokens must be a list of token ids"),
+        (lambda d: d.update(made_on="cpu"), "trace field made_on must be an object of strings"),
+        (lambda d: d["made_on"].update(jax=10), "trace field made_on must be an object of strings"),
     ],
 )
 def test_hand_edited_traces_are_refused_naming_the_field(fact, edit, message):
@@ -59,6 +62,36 @@ def test_hand_edited_traces_are_refused_naming_the_field(fact, edit, message):
     edit(d)
     with pytest.raises(ValueError, match=re.escape(message)):
         Trace.from_dict(d)
+
+
+def test_a_trace_records_where_it_was_made_and_warns_when_replayed_elsewhere(lm, fact):
+    """`made_on`: this process's jax, jaxlib and platform, and the CPU's model as /proc/cpuinfo
+    names it; a trace made elsewhere replays with a `ReplayWarning` that names
+    both machines, and one made here, or in an older file without the field, replays silently."""
+    import jaxlib
+
+    from cfjax import ReplayWarning
+
+    made = fact.to_dict()["made_on"]
+    assert made["jax"] == jax.__version__ and made["jaxlib"] == jaxlib.__version__
+    assert made["platform"] == "cpu" and made["cfjax"] == cfjax.__version__
+    names = [ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")]  # fmt: skip
+    assert made["device"] == names[0]
+    assert Trace.from_json(fact.to_json()).made_on == made
+    edit = ChangeSampler(temperature=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ReplayWarning)
+        here = counterfactual(lm, Trace.from_json(fact.to_json()), edit)
+        d = fact.to_dict()
+        del d["made_on"]
+        older = Trace.from_dict(d)
+        assert older.made_on is None and counterfactual(lm, older, edit).tokens == here.tokens
+    d["made_on"] = {**made, "platform": "gpu", "device": "NVIDIA H200", "extra": "kept"}
+    elsewhere = Trace.from_dict(d)
+    with pytest.warns(ReplayWarning, match="platform 'gpu', device 'NVIDIA H200'.*platform 'cpu'"):
+        cf = counterfactual(lm, elsewhere, edit)
+    assert cf.tokens == here.tokens and cf.made_on == made  # computed here, recorded as here
+    assert Trace.from_json(elsewhere.to_json()).made_on["extra"] == "kept"
 
 
 def test_a_trace_token_outside_the_vocabulary_is_refused_on_replay(lm, fact):

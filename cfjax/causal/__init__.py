@@ -8,6 +8,7 @@ from cfjax.causal.abduction import Summary, abduct, posterior_noise, summarize
 from cfjax.causal.attribution import attribute
 from cfjax.causal.conversation import Conversation, converse
 from cfjax.causal.coupling import coupled
+from cfjax.causal.environment import ReplayWarning
 from cfjax.causal.factual import generate
 from cfjax.causal.interventions import (
     AutoIntervention,
@@ -37,6 +38,7 @@ __all__ = [
     "Intervention",
     "ReplaceText",
     "ReplaceTokens",
+    "ReplayWarning",
     "Steer",
     "Summary",
     "Trace",

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from cfjax.causal import environment
 from cfjax.causal.plan import Plan, auto_edit, check_params, check_position, force, text_edit
 from cfjax.causal.trace import Trace
 from cfjax.core import scm, steering
@@ -255,6 +256,7 @@ def plan(
             f"the trace was made by model {trace.model_id!r}, not by {lm.model_id!r}: "
             "load that model (or use ChangeModel to ask what another model would have done)"
         )
+    environment.warn_if_elsewhere(trace.made_on, lm.params)
     # A hand-edited trace must not force (or score) ids the model does not have.
     check_tokens(np.asarray(trace.prompt_tokens), lm.config.vocab_size, "the trace's prompt")
     for name, tokens in (("response", trace.tokens), ("stop_tokens", trace.stop_tokens)):

@@ -19,6 +19,7 @@ import jax
 import numpy as np
 
 from cfjax.atomic import write_text
+from cfjax.causal import environment
 from cfjax.core.checks import as_key
 from cfjax.core.scm import Sampler
 from cfjax.runtime.request import prompt_tokens
@@ -61,6 +62,8 @@ class Trace:
     # Abducted traces (and their counterfactuals): how the noise of the observed steps is made,
     # {"key", "prompt_tokens", "tokens", "sampler", "full_support"}; see `cfjax.abduct`.
     posterior: dict | None = None
+    # The software and chip that computed it (`environment.environment`); None in older files.
+    made_on: dict | None = None
 
     @property
     def stopped(self) -> bool:
@@ -101,6 +104,7 @@ class Trace:
         d["logprobs"] = [float("-inf") if x is None else float(x) for x in d.get("logprobs", [])]
         if d.get("posterior") is not None:
             d["posterior"] = _check_posterior(d["posterior"])
+        d["made_on"] = environment.check(d.get("made_on"), "trace field made_on")
         return cls(**d)
 
     def to_json(self, path: str | Path | None = None) -> str:
@@ -186,8 +190,8 @@ def new_trace(lm: Any, prompt: Prompt, tokens: Sequence[int], logprobs: Sequence
               stop_tokens: Sequence[int], model_id: str | None = None,
               noise_index: Sequence[int] | None = None, **record: Any) -> Trace:  # fmt: skip
     """The one way a run becomes a `Trace`: its text decoded by `lm`'s tokenizer, noise indices
-    by default the steps, `model_id` by default `lm`'s; `record` sets the fields that only some
-    traces have (interventions, alignment, posterior)."""
+    by default the steps, `model_id` by default `lm`'s, `made_on` where `lm` runs; `record` sets
+    the fields that only some traces have (interventions, alignment, posterior)."""
     tokens = [int(t) for t in tokens]
     return Trace(
         model_id=lm.model_id if model_id is None else model_id,
@@ -196,7 +200,8 @@ def new_trace(lm: Any, prompt: Prompt, tokens: Sequence[int], logprobs: Sequence
         noise_index=list(range(len(tokens))) if noise_index is None else [int(i) for i in noise_index],
         logprobs=[float(x) for x in logprobs], text=text_of(lm, tokens, stop_tokens),
         prompt=prompt.text, system=prompt.system, chat=prompt.chat, history=prompt.history,
-        stop_tokens=tuple(int(t) for t in stop_tokens), **record,
+        stop_tokens=tuple(int(t) for t in stop_tokens),
+        made_on=environment.environment(lm.params), **record,
     )  # fmt: skip
 
 

@@ -1,0 +1,98 @@
+"""Where a trace was computed: the software and the chip whose rounding made its logits.
+
+A trace replays anywhere, but its log-probs are the rounding of the machine that made it: XLA
+rounds float32 sums differently on an AMD EPYC than on an Intel Xeon, and a GPU otherwise again.
+Tokens at a near-tie (a margin of ~1e-5 between two scored tokens) can then go the other way, so
+a null intervention reproduces a trace bit for bit only where it was made. Each trace records its
+`made_on` (see `environment`), and replaying one made elsewhere warns once (`ReplayWarning`).
+"""
+
+from __future__ import annotations
+
+import functools
+import platform
+import warnings
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import jax
+
+FIELDS = ("cfjax", "jax", "jaxlib", "platform", "device")
+
+
+class ReplayWarning(UserWarning):
+    """A trace made by other software or on another chip than the one replaying it."""
+
+
+def environment(params: Any) -> dict[str, str]:
+    """`{"cfjax", "jax", "jaxlib", "platform", "device"}` of the chip that holds `params`' first
+    array (the default device for host arrays); on a CPU `device` names the processor model."""
+    leaf = next((x for x in jax.tree.leaves(params) if isinstance(x, jax.Array)), None)
+    device = min(leaf.devices(), key=lambda d: d.id) if leaf is not None else jax.devices()[0]
+    return _environment(device.platform, device.device_kind)
+
+
+@functools.lru_cache(maxsize=8)
+def _environment(platform_name: str, device_kind: str) -> dict[str, str]:
+    if platform_name == "cpu":
+        device_kind = _processor()
+    return {
+        "cfjax": _version("cfjax"),
+        "jax": jax.__version__,
+        "jaxlib": _version("jaxlib"),
+        "platform": platform_name,
+        "device": device_kind,
+    }
+
+
+def _version(package: str) -> str:
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _processor() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo), else what `platform` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def check(made_on: Any, what: str) -> dict[str, str] | None:
+    """A trace file's `made_on`: null, or an object of strings (other fields kept, for newer
+    writers); a ValueError naming `what` otherwise."""
+    if made_on is None:
+        return None
+    if not isinstance(made_on, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in made_on.items()
+    ):
+        raise ValueError(
+            f"{what} must be an object of strings (jax, platform, device, ...) or null"
+        )
+    return made_on
+
+
+def warn_if_elsewhere(made_on: dict[str, str] | None, params: Any) -> None:
+    """A `ReplayWarning` when a trace was made with other software or on another chip than the
+    one holding `params`: the replay's tokens after its edits are this machine's, and a near-tie
+    may round otherwise (a null intervention then differs from the trace)."""
+    if made_on is None:
+        return
+    here = environment(params)
+    differ = [k for k in FIELDS if k in made_on and made_on[k] != here[k]]
+    if differ:
+        there = ", ".join(f"{k} {made_on[k]!r}" for k in differ)
+        now = ", ".join(f"{k} {here[k]!r}" for k in differ)
+        warnings.warn(
+            f"the trace was made with {there}; this replay runs with {now}: its logits round "
+            "as this machine rounds them, so a token at a near-tie may differ from the trace's "
+            "(even under a null intervention)",
+            ReplayWarning,
+            stacklevel=3,
+        )
