@@ -30,7 +30,7 @@ def environment(params: Any) -> dict[str, str]:
     array (the default device for host arrays); on a CPU `device` names the processor model."""
     leaf = next((x for x in jax.tree.leaves(params) if isinstance(x, jax.Array)), None)
     device = min(leaf.devices(), key=lambda d: d.id) if leaf is not None else jax.devices()[0]
-    return _environment(device.platform, device.device_kind)
+    return dict(_environment(device.platform, device.device_kind))  # a trace's own copy
 
 
 @functools.lru_cache(maxsize=8)
