@@ -88,8 +88,9 @@ def test_a_trace_records_where_it_was_made_and_warns_when_replayed_elsewhere(lm,
         assert older.made_on is None and counterfactual(lm, older, edit).tokens == here.tokens
     d["made_on"] = {**made, "platform": "gpu", "device": "NVIDIA H200", "extra": "kept"}
     elsewhere = Trace.from_dict(d)
-    with pytest.warns(ReplayWarning, match="platform 'gpu', device 'NVIDIA H200'.*platform 'cpu'"):
+    with pytest.warns(ReplayWarning, match="platform 'gpu', device 'NVIDIA H200'.*platform 'cpu'") as seen:  # fmt: skip
         cf = counterfactual(lm, elsewhere, edit)
+    assert seen[0].filename == __file__  # the caller's line, not the engine's
     assert cf.tokens == here.tokens and cf.made_on == made  # computed here, recorded as here
     assert Trace.from_json(elsewhere.to_json()).made_on["extra"] == "kept"
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import platform
+import sys
 import warnings
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -94,5 +95,15 @@ def warn_if_elsewhere(made_on: dict[str, str] | None, params: Any) -> None:
             "as this machine rounds them, so a token at a near-tie may differ from the trace's "
             "(even under a null intervention)",
             ReplayWarning,
-            stacklevel=3,
+            stacklevel=_outside_cfjax(),
         )
+
+
+def _outside_cfjax() -> int:
+    """The `stacklevel` of the first caller outside the package: the warning names the user's
+    line (and shows once per such line), not the engine's."""
+    package = str(Path(__file__).resolve().parents[1])
+    level, frame = 2, sys._getframe(2)  # 1: warn_if_elsewhere, 2: its caller
+    while frame is not None and frame.f_code.co_filename.startswith(package):
+        level, frame = level + 1, frame.f_back
+    return level
