@@ -65,8 +65,8 @@ def test_hand_edited_traces_are_refused_naming_the_field(fact, edit, message):
 
 
 def test_a_trace_records_where_it_was_made_and_warns_when_replayed_elsewhere(lm, fact):
-    """`made_on`: this process's jax, jaxlib and platform, and the CPU's model as /proc/cpuinfo
-    names it; a trace made elsewhere replays with a `ReplayWarning` that names
+    """`made_on`: this process's jax, jaxlib and platform, the CPU's model as /proc/cpuinfo names
+    it, and the numerics mode; a trace made elsewhere replays with a `ReplayWarning` that names
     both machines, and one made here, or in an older file without the field, replays silently."""
     import jaxlib
 
@@ -77,6 +77,7 @@ def test_a_trace_records_where_it_was_made_and_warns_when_replayed_elsewhere(lm,
     assert made["platform"] == "cpu" and made["cfjax"] == cfjax.__version__
     names = [ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")]  # fmt: skip
     assert made["device"] == names[0]
+    assert (made["batch_invariant"], made["model_blocks"]) == ("true", "1")  # how it computed
     assert Trace.from_json(fact.to_json()).made_on == made
     edit = ChangeSampler(temperature=0.5)
     with warnings.catch_warnings():
@@ -93,6 +94,9 @@ def test_a_trace_records_where_it_was_made_and_warns_when_replayed_elsewhere(lm,
     assert seen[0].filename == __file__  # the caller's line, not the engine's
     assert cf.tokens == here.tokens and cf.made_on == made  # computed here, recorded as here
     assert Trace.from_json(elsewhere.to_json()).made_on["extra"] == "kept"
+    # Another numerics mode on this machine rounds otherwise too.
+    with pytest.warns(ReplayWarning, match="batch_invariant 'true'; .* batch_invariant 'false'"):
+        counterfactual(lm.replace(batch_invariant=False), fact, edit)
 
 
 def test_a_trace_token_outside_the_vocabulary_is_refused_on_replay(lm, fact):

@@ -1,7 +1,8 @@
 """Where a trace was computed: the software and the chip whose rounding made its logits.
 
 A trace replays anywhere, but its log-probs are the rounding of the machine that made it: XLA
-rounds float32 sums differently on an AMD EPYC than on an Intel Xeon, and a GPU otherwise again.
+rounds float32 sums differently on an AMD EPYC than on an Intel Xeon, a GPU otherwise again, and
+a model run with `batch_invariant=False` or `model_blocks=n` otherwise on any of them.
 Tokens at a near-tie (a margin of ~1e-5 between two scored tokens) can then go the other way, so
 a null intervention reproduces a trace bit for bit only where it was made. Each trace records its
 `made_on` (see `environment`), and replaying one made elsewhere warns once (`ReplayWarning`).
@@ -19,19 +20,25 @@ from typing import Any
 
 import jax
 
-FIELDS = ("cfjax", "jax", "jaxlib", "platform", "device")
+FIELDS = ("cfjax", "jax", "jaxlib", "platform", "device", "batch_invariant", "model_blocks")
 
 
 class ReplayWarning(UserWarning):
     """A trace made by other software or on another chip than the one replaying it."""
 
 
-def environment(params: Any) -> dict[str, str]:
-    """`{"cfjax", "jax", "jaxlib", "platform", "device"}` of the chip that holds `params`' first
-    array (the default device for host arrays); on a CPU `device` names the processor model."""
-    leaf = next((x for x in jax.tree.leaves(params) if isinstance(x, jax.Array)), None)
+def environment(lm: Any) -> dict[str, str]:
+    """`{"cfjax", "jax", "jaxlib", "platform", "device"}` of the chip that holds `lm`'s first
+    param array (the default device for host arrays; on a CPU `device` names the processor
+    model), and how `lm` computes: `"batch_invariant"` ("true"/"false") and `"model_blocks"`,
+    which round otherwise too (see `LM.replace`). Strings, as JSON keeps them."""
+    leaf = next((x for x in jax.tree.leaves(lm.params) if isinstance(x, jax.Array)), None)
     device = min(leaf.devices(), key=lambda d: d.id) if leaf is not None else jax.devices()[0]
-    return dict(_environment(device.platform, device.device_kind))  # a trace's own copy
+    return {
+        **_environment(device.platform, device.device_kind),
+        "batch_invariant": str(lm.config.batch_invariant).lower(),
+        "model_blocks": str(lm.config.model_blocks),
+    }
 
 
 @functools.lru_cache(maxsize=8)
@@ -79,13 +86,13 @@ def check(made_on: Any, what: str) -> dict[str, str] | None:
     return made_on
 
 
-def warn_if_elsewhere(made_on: dict[str, str] | None, params: Any) -> None:
-    """A `ReplayWarning` when a trace was made with other software or on another chip than the
-    one holding `params`: the replay's tokens after its edits are this machine's, and a near-tie
-    may round otherwise (a null intervention then differs from the trace)."""
+def warn_if_elsewhere(made_on: dict[str, str] | None, lm: Any) -> None:
+    """A `ReplayWarning` when a trace was made with other software, on another chip or in
+    another numerics mode than `lm` runs in: the replay's tokens after its edits are this
+    machine's, and a near-tie may round otherwise (a null intervention then differs from it)."""
     if made_on is None:
         return
-    here = environment(params)
+    here = environment(lm)
     differ = [k for k in FIELDS if k in made_on and made_on[k] != here[k]]
     if differ:
         there = ", ".join(f"{k} {made_on[k]!r}" for k in differ)

@@ -256,7 +256,7 @@ def plan(
             f"the trace was made by model {trace.model_id!r}, not by {lm.model_id!r}: "
             "load that model (or use ChangeModel to ask what another model would have done)"
         )
-    environment.warn_if_elsewhere(trace.made_on, lm.params)
+    environment.warn_if_elsewhere(trace.made_on, lm)
     # A hand-edited trace must not force (or score) ids the model does not have.
     check_tokens(np.asarray(trace.prompt_tokens), lm.config.vocab_size, "the trace's prompt")
     for name, tokens in (("response", trace.tokens), ("stop_tokens", trace.stop_tokens)):

@@ -62,7 +62,8 @@ class Trace:
     # Abducted traces (and their counterfactuals): how the noise of the observed steps is made,
     # {"key", "prompt_tokens", "tokens", "sampler", "full_support"}; see `cfjax.abduct`.
     posterior: dict | None = None
-    # The software and chip that computed it (`environment.environment`); None in older files.
+    # The software, chip and numerics mode that computed it (`environment.environment`); None in
+    # older files.
     made_on: dict | None = None
 
     @property
@@ -201,7 +202,7 @@ def new_trace(lm: Any, prompt: Prompt, tokens: Sequence[int], logprobs: Sequence
         logprobs=[float(x) for x in logprobs], text=text_of(lm, tokens, stop_tokens),
         prompt=prompt.text, system=prompt.system, chat=prompt.chat, history=prompt.history,
         stop_tokens=tuple(int(t) for t in stop_tokens),
-        made_on=environment.environment(lm.params), **record,
+        made_on=environment.environment(lm), **record,
     )  # fmt: skip
 
 
