@@ -24,7 +24,8 @@ FIELDS = ("cfjax", "jax", "jaxlib", "platform", "device", "batch_invariant", "mo
 
 
 class ReplayWarning(UserWarning):
-    """A trace made by other software or on another chip than the one replaying it."""
+    """A trace made by other software, on another chip or in another numerics mode than the
+    replay runs in."""
 
 
 def environment(lm: Any) -> dict[str, str]:
