@@ -37,7 +37,8 @@ def _rows(n: int, seed: int) -> tuple[list[list[int]], list[Sampler]]:
     return prompts, [kinds[i % len(kinds)] for i in range(n)]
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+# bfloat16 in `make test` (where batches flipped tokens before, issue 30); float32 (~30 s) slow.
+@pytest.mark.parametrize("dtype", [pytest.param("float32", marks=pytest.mark.slow), "bfloat16"])
 def test_every_row_of_every_batch_is_its_one_row_run(dtype):
     lm = _tiny(dtype)
     prompts, samplers = _rows(64, seed=1)

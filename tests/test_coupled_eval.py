@@ -116,6 +116,7 @@ def tiny_pair(tmp_path_factory):
     return a, b
 
 
+@pytest.mark.slow  # ~13 s: an evaluation run, interrupted and resumed
 def test_rows_are_coupled_generations_and_resume(tiny_pair, tmp_path):
     a, b = tiny_pair
     questions = ce.shipped_questions()[:4]

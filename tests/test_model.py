@@ -174,6 +174,7 @@ def test_left_padding_does_not_change_real_logits(tiny_lm):
     np.testing.assert_allclose(logits[1], cfjax.forward(tiny_lm, long[None])[0], atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow  # ~15 s: a gradient program and central differences per checked weight
 def test_grad_matches_finite_difference(tiny_lm):
     c = tiny_lm.config
     tokens = jnp.asarray(np.random.default_rng(3).integers(0, c.vocab_size, (1, 16)), jnp.int32)

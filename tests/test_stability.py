@@ -77,6 +77,7 @@ def _rows(path):
                   key=lambda r: json.dumps(r, sort_keys=True))  # fmt: skip
 
 
+@pytest.mark.slow  # ~17 s: the study's runs and the library's, each compiled
 def test_rows_are_the_library_counterfactuals(tiny, tmp_path):
     lm, prompts = tiny
     settings, texts = _settings(lm, prompts)
