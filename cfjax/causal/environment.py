@@ -5,7 +5,8 @@ rounds float32 sums differently on an AMD EPYC than on an Intel Xeon, a GPU othe
 a model run with `batch_invariant=False` or `model_blocks=n` otherwise on any of them.
 Tokens at a near-tie (a margin of ~1e-5 between two scored tokens) can then go the other way, so
 a null intervention reproduces a trace bit for bit only where it was made. Each trace records its
-`made_on` (see `environment`), and replaying one made elsewhere warns once (`ReplayWarning`).
+`made_on` (see `environment`), and replaying one made elsewhere warns (`ReplayWarning`), once
+per calling line.
 """
 
 from __future__ import annotations
@@ -19,8 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-
-FIELDS = ("cfjax", "jax", "jaxlib", "platform", "device", "batch_invariant", "model_blocks")
 
 
 class ReplayWarning(UserWarning):
@@ -94,7 +93,7 @@ def warn_if_elsewhere(made_on: dict[str, str] | None, lm: Any) -> None:
     if made_on is None:
         return
     here = environment(lm)
-    differ = [k for k in FIELDS if k in made_on and made_on[k] != here[k]]
+    differ = [k for k in here if k in made_on and made_on[k] != here[k]]
     if differ:
         there = ", ".join(f"{k} {made_on[k]!r}" for k in differ)
         now = ", ".join(f"{k} {here[k]!r}" for k in differ)
