@@ -15,6 +15,7 @@ import pytest
 import cfjax
 from cfjax import EditPrompt, Sampler
 from cfjax.core import attention, invariant, kernel, model
+from cfjax.core.cache import KVCache
 from cfjax.core.model import init_params
 from cfjax.runtime import driver, prefix
 from cfjax.runtime.request import padded
@@ -102,6 +103,30 @@ def test_the_groups_fill_each_rows_own_slots():
             assert len(rows) * segment >= invariant.FIXED_ROWS  # a whole matmul tile
             assert len(rows) <= prefix.ROWS and segment >= prefix.SEGMENT
             assert calls * segment >= need[rows].max() > (calls - 1) * segment
+
+
+def test_shift_moves_each_rows_slots_as_a_numpy_transcription_does():
+    """`kernel.shift` (how a prefilled or stored cache enters the decode's layout) against numpy:
+    row b's `count` slots from `source` land from `to` on, cut at the end, zeros elsewhere."""
+    config = cfjax.preset("tiny")
+    rng = np.random.default_rng(1)
+    batch, slots, length = 5, 24, 40
+    cache = KVCache(
+        [jnp.asarray(rng.standard_normal((batch, config.n_kv_heads, 3, slots)), jnp.bfloat16)],
+        [jnp.asarray(rng.standard_normal((batch, config.n_kv_heads, slots, 3)), jnp.float32)],
+    )
+    source = np.asarray([0, 3, 0, 10, 23], np.int32)
+    to = np.asarray([16, 0, 39, 5, 30], np.int32)
+    count = np.asarray([24, 21, 5, 0, 1], np.int32)  # row 2 is cut at the end, row 3 moves none
+    moved = jax.jit(kernel.shift, static_argnums=4)(cache, source, to, count, length)
+    for got, x, axis in [(moved.k[0], cache.k[0], -1), (moved.v[0], cache.v[0], -2)]:
+        x = np.moveaxis(np.asarray(x), axis, 1)
+        want = np.zeros(x.shape[:1] + (length,) + x.shape[2:], x.dtype)
+        for b in range(batch):
+            n = min(count[b], length - to[b])
+            want[b, to[b] : to[b] + n] = x[b, source[b] : source[b] + n]
+        assert got.dtype == x.dtype
+        np.testing.assert_array_equal(np.moveaxis(np.asarray(got), axis, 1), want)
 
 
 def test_prompts_that_share_little_take_the_plain_prefill(tiny):

@@ -215,17 +215,25 @@ def fill(config: LlamaConfig, params, tokens: jax.Array, index, cache: KVCache) 
 
 def shift(cache: KVCache, source: jax.Array, to: jax.Array, count: jax.Array, length: int) -> KVCache:  # fmt: skip
     """A cache of `length` slots that holds row b's `count[b]` slots from `source[b]` on at the
-    slots from `to[b]` on; every other slot zero."""
-    i32 = lambda a: jnp.asarray(a, jnp.int32)[:, None]  # noqa: E731
-    at = jnp.arange(length, dtype=jnp.int32)[None, :] - i32(to)  # [B, length]
-    real = (at >= 0) & (at < i32(count))
-    src = jnp.clip(at + i32(source), 0, cache.length - 1)
+    slots from `to[b]` on; every other slot zero.
+
+    Each row is one window of its layer array (zero-padded by `length` slots on both sides, so
+    that every window lies inside): a gather of whole slot runs, which XLA:CPU copies ~2-8x
+    faster than the per-element gather of `take_along_axis` (an attribution sweep's 44-row
+    cache: ~60 against 90-470 ms)."""
+    i32 = lambda a: jnp.broadcast_to(jnp.asarray(a, jnp.int32), (cache.batch,))  # noqa: E731
+    offset = i32(source) - i32(to) + length
+    at = jnp.arange(length, dtype=jnp.int32)[None, :] - i32(to)[:, None]  # [B, length]
+    real = (at >= 0) & (at < i32(count)[:, None])
 
     def move(x, axis):
+        pad = [(0, 0)] * x.ndim
+        pad[axis] = (length, length)
+        window = lambda row, o: jax.lax.dynamic_slice_in_dim(row, o, length, axis=axis - 1)  # noqa: E731
+        moved = jax.vmap(window)(jnp.pad(x, pad), offset)
         shape = [x.shape[0], 1, 1, 1]
         shape[axis] = length
-        at = lambda a: jnp.broadcast_to(a.reshape(shape), x.shape[:axis] + (length,) + x.shape[axis + 1 :])  # noqa: E731  # fmt: skip
-        return jnp.where(at(real), jnp.take_along_axis(x, at(src), axis=axis), jnp.zeros((), x.dtype))  # fmt: skip
+        return jnp.where(real.reshape(shape), moved, jnp.zeros((), x.dtype))
 
     return KVCache([move(x, KEY_SLOT_AXIS) for x in cache.k], [move(x, VALUE_SLOT_AXIS) for x in cache.v])  # fmt: skip
 
