@@ -61,12 +61,15 @@ class Request:
 class Resume:
     """Continue from a stored cache at response step `step` instead of prefilling."""
 
-    cache: KVCache  # [B, ...], a copy the decode may donate
+    cache: KVCache  # [N, ...]: with `rows` None, the run's own copy (the decode donates it)
     start: np.ndarray  # [B]
     bucket: int
     step: int
     last: list[int]  # the token each row feeds at `step`
     chunk: int = DEFAULT_CHUNK  # the chunk the cache was sized with
+    # The rows of `cache` the run continues, `[B]` (repeats allowed): taken as one new array,
+    # with the run's padding and first slots, so a stored cache is read, never copied twice.
+    rows: np.ndarray | None = None
 
 
 @dataclasses.dataclass
@@ -235,9 +238,9 @@ def _padded(request: Request, resume: Resume | None, index: np.ndarray) -> tuple
         keys=rows(request.keys), samplers=[request.samplers[b] for b in index], forced=rows(request.forced),
         noise_index=rows(request.noise_index), noise=rows(request.noise), observed=observed,
     )  # fmt: skip
-    if resume is not None:  # (a copy of the cache: the one device op of the padding)
-        cache = jax.tree_util.tree_map(lambda x: jnp.take(x, jnp.asarray(index), axis=0), resume.cache)  # fmt: skip
-        resume = dataclasses.replace(resume, cache=cache, start=resume.start[index], last=[resume.last[b] for b in index])  # fmt: skip
+    if resume is not None:  # (the cache's rows are taken once, by `_initial_state`)
+        rows = np.arange(len(resume.start)) if resume.rows is None else np.asarray(resume.rows)
+        resume = dataclasses.replace(resume, rows=rows[index], start=resume.start[index], last=[resume.last[b] for b in index])  # fmt: skip
     return request, resume
 
 
@@ -302,11 +305,15 @@ def _initial_state(config, params, request: Request, prompt, lengths, layout: _L
             if reused is not None:
                 return reused
         return prefill(config, params, prompt, lengths, length, window)
-    batch = prompt.shape[0]
-    state = State(jnp.asarray(resume.last, jnp.int32), resume.cache,
-                  jnp.asarray(layout.bucket + layout.first, jnp.int32), jnp.zeros((batch,), bool))  # fmt: skip
-    if layout.grow:  # the stored cache holds every slot; this run starts with the first chunk's
-        state = _resize(state, layout.slots(layout.first))
+    # The stored cache holds every slot; a growing run starts with its first chunk's.
+    slots = layout.slots(layout.first)
+    cache = resume.cache
+    if resume.rows is not None:
+        cache = _take_rows(config, cache, jnp.asarray(resume.rows, jnp.int32), slots)
+    state = State(jnp.asarray(resume.last, jnp.int32), cache,
+                  jnp.asarray(layout.bucket + layout.first, jnp.int32), jnp.zeros((prompt.shape[0],), bool))  # fmt: skip
+    if state.cache.length != slots:
+        state = _resize(state, slots)
     return state, jnp.asarray(resume.start)
 
 
@@ -345,8 +352,21 @@ def _commit(rows: Rows, state: State, mesh) -> tuple[Rows, State]:
 
 @functools.partial(jax.jit, static_argnums=(1,))  # (a new shape: no buffer to donate into)
 def _resize(state: State, length: int) -> State:
-    """The state with its cache cut or zero-padded to `length` slots (the slots kept hold the
-    same keys and values; new ones are masked until a step writes them)."""
+    """The state with its cache cut or zero-padded to `length` slots (`_fit`)."""
+    return dataclasses.replace(state, cache=_fit(state.cache, length))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _take_rows(config: LlamaConfig, cache: KVCache, rows: jax.Array, length: int) -> KVCache:
+    """Rows `rows` of a stored cache as a new cache of `length` slots (`_fit`): one copy, which
+    the decode may donate; the stored cache is left as it was."""
+    taken = jax.tree_util.tree_map(lambda x: jnp.take(x, rows, axis=0), cache)
+    return spec.constrain_cache(_fit(taken, length), config)
+
+
+def _fit(cache: KVCache, length: int) -> KVCache:
+    """The cache cut or zero-padded to `length` slots (the slots kept hold the same keys and
+    values; new ones are masked until a step writes them)."""
 
     def fit(x, axis):
         if x.shape[axis] >= length:
@@ -355,8 +375,7 @@ def _resize(state: State, length: int) -> State:
         pad[axis] = (0, length - x.shape[axis])
         return jnp.pad(x, pad)
 
-    cache = KVCache([fit(x, KEY_SLOT_AXIS) for x in state.cache.k], [fit(x, VALUE_SLOT_AXIS) for x in state.cache.v])  # fmt: skip
-    return dataclasses.replace(state, cache=cache)
+    return KVCache([fit(x, KEY_SLOT_AXIS) for x in cache.k], [fit(x, VALUE_SLOT_AXIS) for x in cache.v])  # fmt: skip
 
 
 def _draft_state(draft: speculative.Draft, prompt, lengths, layout: _Layout, forced) -> kernel.DraftState:  # fmt: skip

@@ -119,18 +119,19 @@ class CacheStore:
         layouts = {(h.stored.bucket, h.stored.chunk, h.stored.cache.length) for h in hits}
         if len(layouts) != 1:
             return None
-        # One `take` per layer array per run of rows from one stored batch: a new array, as the
-        # decode donates its cache and the stored one must survive.
-        parts, starts = [], []
+        bucket, chunk, _ = layouts.pop()
+        starts = np.asarray([h.stored.start[h.row] for h in hits])
+        if len({id(h.stored) for h in hits}) == 1:  # the run takes its rows of it (one copy)
+            rows = np.asarray([h.row for h in hits])
+            return Resume(hits[0].stored.cache, starts, bucket, step, list(last), chunk, rows)
+        # Rows of several stored batches: one array of them, in row order, the run's own.
+        parts = []
         for _, group in itertools.groupby(hits, key=lambda h: id(h.stored)):
             group = list(group)
-            index = np.asarray([h.row for h in group])
-            stored = group[0].stored
-            parts.append(jax.tree_util.tree_map(lambda x, r=index: jnp.take(x, r, axis=0), stored.cache))  # fmt: skip
-            starts.append(stored.start[index])
-        cache = parts[0] if len(parts) == 1 else jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs), *parts)  # fmt: skip
-        bucket, chunk, _ = layouts.pop()
-        return Resume(cache, np.concatenate(starts), bucket, step, list(last), chunk)
+            index = jnp.asarray([h.row for h in group])
+            parts.append(jax.tree_util.tree_map(lambda x, r=index: jnp.take(x, r, axis=0), group[0].stored.cache))  # fmt: skip
+        cache = jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs), *parts)
+        return Resume(cache, starts, bucket, step, list(last), chunk)
 
     @_locked
     def clear(self) -> None:
