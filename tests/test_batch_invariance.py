@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -367,9 +368,15 @@ def test_a_padded_batch_is_the_unpadded_one_and_compiles_once(dtype):
     assert lm.caches.get(lm.params, padded[16].prompt_tokens, padded[16].tokens).stored.cache.k[0].shape[0] == 18  # fmt: skip
     assert exact.caches.get(exact.params, unpadded[16].prompt_tokens, unpadded[16].tokens).stored.cache.k[0].shape[0] == 17  # fmt: skip
     edits = [cfjax.ReplaceTokens(b % 4, [(b * 37) % 256]) if b % 3 else cfjax.ChangeSampler(temperature=0.5) for b in range(17)]  # fmt: skip
+    stored = jax.tree.leaves(lm.caches.get(lm.params, padded[0].prompt_tokens, padded[0].tokens).stored.cache)  # fmt: skip
+    kept = [jnp.copy(x) for x in stored]  # (on the device: a host view would pin the buffers)
     for a, b in zip(cfjax.counterfactuals(lm, padded, edits), cfjax.counterfactuals(exact, unpadded, edits), strict=True):  # fmt: skip
         _same(a, b, "padded counterfactual row")
         assert a.alignment == b.alignment
+    # The resumed run took its (padded) rows of the stored cache as its own copy, which the
+    # decode donates: the stored cache is still there, bit for bit.
+    assert not any(x.is_deleted() for x in stored)
+    assert all(bool(jnp.array_equal(k, x)) for k, x in zip(kept, stored, strict=True))
     for a, b in zip(run(lm, 17, draft=cfjax.quantize(lm, "int8")), unpadded, strict=True):
         _same(a, b, "padded speculative row")
     # The engine's programs for 18 rows are the padded 17's: an 18-row run compiles nothing.

@@ -218,9 +218,9 @@ def shift(cache: KVCache, source: jax.Array, to: jax.Array, count: jax.Array, le
     slots from `to[b]` on; every other slot zero.
 
     Each row is one window of its layer array (zero-padded by `length` slots on both sides, so
-    that every window lies inside): a gather of whole slot runs, which XLA:CPU copies ~2-8x
+    that every window lies inside): a gather of whole slot runs, which XLA:CPU copies ~2x
     faster than the per-element gather of `take_along_axis` (an attribution sweep's 44-row
-    cache: ~60 against 90-470 ms)."""
+    cache: 32 against 66 ms, benchmarks/RESULTS.md)."""
     i32 = lambda a: jnp.broadcast_to(jnp.asarray(a, jnp.int32), (cache.batch,))  # noqa: E731
     offset = i32(source) - i32(to) + length
     at = jnp.arange(length, dtype=jnp.int32)[None, :] - i32(to)[:, None]  # [B, length]
