@@ -16,7 +16,10 @@ dropping the other machines' records (now stale), the sharded run taken from a r
 `tests/sharded_checks.py` (8 fake devices):
     XLA_FLAGS=--xla_force_host_platform_device_count=8 .venv/bin/python tests/sharded_checks.py r.json
     .venv/bin/python tests/golden_runs.py tests/data/golden.json --machine "..." --sharded r.json
-and with `--add`, another machine's record of unchanged code beside the others.
+and with `--add`, another machine's record of unchanged code beside the others. The file also
+holds the `cfjax.causal.environment.NUMERICS` its records were made under, which every trace's
+`made_on` carries: re-recording changed results needs a new value of it (`updated` refuses
+otherwise), so that traces made before the change warn when they are replayed after it.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import cfjax
+from cfjax.causal import environment
 from cfjax.core import model
 
 SAMPLERS = {
@@ -197,9 +201,15 @@ def numerics_probe() -> str:
     return digest.hexdigest()[:16]
 
 
+def golden_file() -> dict:
+    """`{"numerics", "records"}`: the cfjax numerics the records were made under, and the recorded
+    machines, each `{"machine", "probe", "tiny", "smollm2", "sharded"}`."""
+    return json.loads((Path(__file__).parent / "data" / "golden.json").read_text())
+
+
 def records() -> list[dict]:
-    """The recorded machines: each `{"machine", "probe", "tiny", "smollm2", "sharded"}`."""
-    return json.loads((Path(__file__).parent / "data" / "golden.json").read_text())["records"]
+    """The recorded machines (see `golden_file`)."""
+    return golden_file()["records"]
 
 
 def differences(want, got, where="", close=False) -> list[str]:
@@ -237,6 +247,27 @@ def check(part: str, runs) -> str | None:
             f"recorded on {known[0]['machine']}, log-probs within {CROSS_MACHINE_LOGPROB}")  # fmt: skip
 
 
+def updated(stored: dict, mine: dict, add: bool, numerics: str) -> dict:
+    """The golden file after recording `mine` (this machine's record) into `stored` under cfjax's
+    `numerics`: alone, or (`add`) beside the other machines' records of unchanged code. A
+    SystemExit naming the fix where the records would no longer say which arithmetic made them:
+    changed results under an unchanged `numerics`, or `add` across a change of it."""
+    known = stored.get("records", [])
+    own = next((r for r in known if r["probe"] == mine["probe"]), None)
+    changed = own is None or any(own[k] != mine[k] for k in ("tiny", "smollm2", "sharded"))
+    if add and stored.get("numerics", numerics) != numerics:
+        raise SystemExit(f"golden: the records are of cfjax numerics {stored.get('numerics')!r}, "
+                         f"the code's is {numerics!r}: record this machine alone, without --add")  # fmt: skip
+    if add and own is not None and changed:
+        raise SystemExit("golden: this machine's results changed; bump cfjax.causal.environment."
+                         "NUMERICS and record it alone, without --add")  # fmt: skip
+    if not add and known and stored.get("numerics") == numerics and changed:
+        raise SystemExit(f"golden: the results changed under cfjax numerics {numerics!r}; bump "
+                         "cfjax.causal.environment.NUMERICS first (traces made before warn then)")  # fmt: skip
+    kept = [r for r in known if r is not own] if add else []
+    return {"numerics": numerics, "records": [mine, *kept]}
+
+
 def main() -> None:
     """Record this machine's runs: alone, or (`--add`) beside the records of other machines."""
     import argparse
@@ -247,15 +278,15 @@ def main() -> None:
     cli.add_argument("--add", action="store_true", help="keep the other machines' records")
     cli.add_argument("--sharded", type=Path, help="a report of sharded_checks.py: its golden run")
     args = cli.parse_args()
-    known = json.loads(args.path.read_text())["records"] if args.path.exists() else []
+    stored = json.loads(args.path.read_text()) if args.path.exists() else {}
     probe = numerics_probe()
-    sharded = next((r["sharded"] for r in known if r["probe"] == probe), None)
+    sharded = next((r["sharded"] for r in stored.get("records", []) if r["probe"] == probe), None)
     if args.sharded:
         sharded = json.loads(args.sharded.read_text())["golden"]
     mine = {"machine": args.machine, "probe": probe, "tiny": tiny_runs(),
             "smollm2": smollm2_runs(), "sharded": sharded}  # fmt: skip
-    kept = [r for r in known if r["probe"] != probe] if args.add else []
-    args.path.write_text(json.dumps({"records": [mine, *kept]}, separators=(",", ":")))
+    file = updated(stored, mine, args.add, environment.NUMERICS)
+    args.path.write_text(json.dumps(file, separators=(",", ":")))
 
 
 if __name__ == "__main__":

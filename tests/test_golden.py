@@ -57,3 +57,34 @@ def test_a_change_of_results_is_caught_on_a_recorded_machine_and_a_new_one(monke
     runs["factual"]["tokens"][5] += 1
     with pytest.raises(AssertionError, match="factual/tokens"):
         golden_runs.check("tiny", runs)
+
+
+def test_the_records_are_of_the_numerics_every_trace_carries():
+    """The golden file names the cfjax numerics it was recorded under, which is the one every
+    trace's `made_on` carries now: a change of results re-records the file under a new one."""
+    from cfjax.causal import environment
+
+    assert golden_runs.golden_file()["numerics"] == environment.NUMERICS
+
+
+def test_changed_results_are_recorded_only_under_new_numerics():
+    """`golden_runs.updated`: a machine of unchanged code is added beside the others; changed
+    results replace every record, and only under a new cfjax numerics (else traces made before
+    the change would replay as if nothing had moved)."""
+    mine = {"machine": "m", "probe": "p", "tiny": {"a": [1.0]}, "smollm2": {}, "sharded": None}
+    other = {**mine, "machine": "o", "probe": "q"}
+    stored = {"numerics": "3", "records": [other]}
+    assert golden_runs.updated(stored, mine, True, "3") == {"numerics": "3", "records": [mine, other]}  # fmt: skip
+    with pytest.raises(SystemExit, match="bump cfjax.causal.environment.NUMERICS first"):
+        golden_runs.updated(stored, mine, False, "3")
+    assert golden_runs.updated(stored, mine, False, "4") == {"numerics": "4", "records": [mine]}
+    with pytest.raises(SystemExit, match="records are of cfjax numerics '3'.*without --add"):
+        golden_runs.updated(stored, mine, True, "4")
+    both = {"numerics": "3", "records": [mine, other]}
+    assert golden_runs.updated(both, mine, False, "3")["records"] == [mine]  # the same results
+    moved = {**mine, "tiny": {"a": [1.5]}}
+    with pytest.raises(SystemExit, match="this machine's results changed"):
+        golden_runs.updated(both, moved, True, "3")
+    with pytest.raises(SystemExit, match="bump"):
+        golden_runs.updated(both, moved, False, "3")
+    assert golden_runs.updated({}, mine, False, "1") == {"numerics": "1", "records": [mine]}

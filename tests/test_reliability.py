@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import cfjax
-from cfjax.causal import Trace, counterfactual, generate
+from cfjax.causal import Trace, counterfactual, environment, generate
 from cfjax.causal.interventions import ChangeSampler
 from cfjax.core.model import init_params
 
@@ -75,6 +75,7 @@ def test_a_trace_records_where_it_was_made_and_warns_when_replayed_elsewhere(lm,
     made = fact.to_dict()["made_on"]
     assert made["jax"] == jax.__version__ and made["jaxlib"] == jaxlib.__version__
     assert made["platform"] == "cpu" and made["cfjax"] == cfjax.__version__
+    assert made["cfjax_numerics"] == environment.NUMERICS
     names = [ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")]  # fmt: skip
     assert made["device"] == names[0]
     assert (made["batch_invariant"], made["model_blocks"]) == ("true", "1")  # how it computed
@@ -97,6 +98,11 @@ def test_a_trace_records_where_it_was_made_and_warns_when_replayed_elsewhere(lm,
     # Another numerics mode on this machine rounds otherwise too.
     with pytest.warns(ReplayWarning, match="batch_invariant 'true'; .* batch_invariant 'false'"):
         counterfactual(lm.replace(batch_invariant=False), fact, edit)
+    # So does cfjax's own arithmetic before a change of results (its version string unmoved).
+    d["made_on"] = {**made, "cfjax_numerics": "0"}
+    now = re.escape(f"cfjax_numerics {environment.NUMERICS!r}")
+    with pytest.warns(ReplayWarning, match=f"made with cfjax_numerics '0'; .* runs with {now}"):
+        counterfactual(lm, Trace.from_dict(d), edit)
 
 
 def test_a_trace_token_outside_the_vocabulary_is_refused_on_replay(lm, fact):

@@ -7,6 +7,10 @@ Tokens at a near-tie (a margin of ~1e-5 between two scored tokens) can then go t
 a null intervention reproduces a trace bit for bit only where it was made. Each trace records its
 `made_on` (see `environment`), and replaying one made elsewhere warns (`ReplayWarning`), once
 per calling line.
+
+The package's version does not move when its arithmetic does, so `made_on` also carries
+`NUMERICS`, the generation of cfjax's own rounding: a trace made before a change of results in
+cfjax itself warns like one made on another chip.
 """
 
 from __future__ import annotations
@@ -21,6 +25,11 @@ from typing import Any
 
 import jax
 
+# The generation of cfjax's arithmetic. Bumped with every change to cfjax that moves a bit of
+# the golden runs (`tests/golden_runs.py`, which records it and refuses to re-record results
+# under an unchanged value; `tests/test_golden.py` checks the record against it).
+NUMERICS = "1"
+
 
 class ReplayWarning(UserWarning):
     """A trace made by other software, on another chip or in another numerics mode than the
@@ -28,7 +37,7 @@ class ReplayWarning(UserWarning):
 
 
 def environment(lm: Any) -> dict[str, str]:
-    """`{"cfjax", "jax", "jaxlib", "platform", "device"}` of the chip that holds `lm`'s first
+    """`{"cfjax", "cfjax_numerics", "jax", "jaxlib", "platform", "device"}` of the chip that holds `lm`'s first
     param array (the default device for host arrays; on a CPU `device` names the processor
     model), and how `lm` computes: `"batch_invariant"` ("true"/"false") and `"model_blocks"`,
     which round otherwise too (see `LM.replace`). Strings, as JSON keeps them."""
@@ -47,6 +56,7 @@ def _environment(platform_name: str, device_kind: str) -> dict[str, str]:
         device_kind = _processor()
     return {
         "cfjax": _version("cfjax"),
+        "cfjax_numerics": NUMERICS,
         "jax": jax.__version__,
         "jaxlib": _version("jaxlib"),
         "platform": platform_name,
