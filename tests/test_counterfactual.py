@@ -410,15 +410,18 @@ def test_batched_interventions_equal_one_by_one(lm, fact, word):
 
 
 @pytest.mark.parametrize("other", ["fact_b", "fact_short"])
-def test_batched_traces_equal_one_by_one(lm, fact, other, request):
-    """Traces with different keys (and max_new_tokens) batch to their one-by-one results."""
+def test_batched_traces_equal_one_by_one(lm, fact, other, request, monkeypatch):
+    """Traces with different keys (and max_new_tokens) batch to their one-by-one results; two
+    traces of one cache layout resume from their two stored batches' caches at once."""
     trace2 = request.getfixturevalue(other)
     assert trace2.tokens[:10] != fact.tokens[:10]
     ivs = [
         ReplaceTokens(12, [other_token(fact.tokens[12])]),
         ReplaceTokens(6, [other_token(trace2.tokens[6]), 9], count=1),
     ]
+    calls = _spy(monkeypatch)
     batched = counterfactuals(lm, [fact, trace2], ivs, chunk=CHUNK)
+    assert calls == ([6] if other == "fact_b" else ["prefill", 0])  # (fact_short: 32-step cache)
     for t, iv, b in zip([fact, trace2], ivs, batched, strict=True):
         one = counterfactual(lm, t, iv, chunk=CHUNK)
         same_result(b, one)

@@ -21,11 +21,11 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from cfjax.core import decode, kernel, posterior, scm, spec, speculative
-from cfjax.core.cache import KEY_SLOT_AXIS, VALUE_SLOT_AXIS, KVCache
+from cfjax.core.cache import KVCache
 from cfjax.core.checks import count
 from cfjax.core.config import LlamaConfig
 from cfjax.core.kernel import DEFAULT_CHUNK, NOT_FORCED, Options, Rows, State
-from cfjax.runtime import prefix, programs
+from cfjax.runtime import cache_layout, prefix, programs
 from cfjax.runtime.request import padded
 
 # From this many rows on, a run on the CPU grows its cache by default (see `grows_by_default`).
@@ -61,7 +61,9 @@ class Request:
 class Resume:
     """Continue from a stored cache at response step `step` instead of prefilling."""
 
-    cache: KVCache  # [N, ...]: with `rows` None, the run's own copy (the decode donates it)
+    # [N, ...]: with `rows` None, the run's own copy (the decode donates it); else a stored
+    # cache, or several of one layout (stored batches), whose concatenation `rows` index.
+    cache: KVCache | tuple[KVCache, ...]
     start: np.ndarray  # [B]
     bucket: int
     step: int
@@ -215,7 +217,7 @@ def run(
                       None if draft is None else draft.spec)  # fmt: skip
     bucket = kernel.bucket_length(max(len(p) for p in request.prompts))
     length = kernel.cache_length(bucket, request.cache_steps or request.steps, chunk, options.spare)
-    if resume is not None and (resume.bucket, resume.cache.length, resume.chunk) != (bucket, length, chunk):  # fmt: skip
+    if resume is not None and (resume.bucket, _sources(resume)[0].length, resume.chunk) != (bucket, length, chunk):  # fmt: skip
         resume = None  # a cache of another layout cannot serve this run
     first = 0 if resume is None else resume.step
     every = chunk if report_every is None else min(chunk, count(report_every, "report_every"))
@@ -268,7 +270,7 @@ def _run(config, params, request: Request, layout: _Layout, options: Options, re
     out, rounds, slots = [], 0, []
     for s, end in calls:
         if state.cache.length < layout.slots(s):
-            state = _resize(state, layout.slots(s))
+            state = cache_layout.resize(state, layout.slots(s))
         slots.append(state.cache.length)
         chunk_rows = dataclasses.replace(rows, **{k: None if x is None else x[:, s : s + layout.chunk] for k, x in steps_in.items()})  # fmt: skip
         state, chunk_out, iterations = decode_chunk(config, options, params, chunk_rows, state,
@@ -282,7 +284,7 @@ def _run(config, params, request: Request, layout: _Layout, options: Options, re
         if bool(np.all(spec.fetch(state.done))):
             break
     if state.cache.length < layout.length:  # a stored cache serves any later run: every slot
-        state = _resize(state, layout.length)
+        state = cache_layout.resize(state, layout.length)
     n = layout.steps - layout.first
     valid = [o.valid for o in out]
     tokens = _collect([o.tokens for o in out], valid, n)[:real]  # the real rows (the cache: all)
@@ -309,11 +311,13 @@ def _initial_state(config, params, request: Request, prompt, lengths, layout: _L
     slots = layout.slots(layout.first)
     cache = resume.cache
     if resume.rows is not None:
-        cache = _take_rows(config, cache, jnp.asarray(resume.rows, jnp.int32), slots)
+        cache = cache_layout.take_rows(
+            config, _sources(resume), jnp.asarray(resume.rows, jnp.int32), slots
+        )
     state = State(jnp.asarray(resume.last, jnp.int32), cache,
                   jnp.asarray(layout.bucket + layout.first, jnp.int32), jnp.zeros((prompt.shape[0],), bool))  # fmt: skip
     if state.cache.length != slots:
-        state = _resize(state, slots)
+        state = cache_layout.resize(state, slots)
     return state, jnp.asarray(resume.start)
 
 
@@ -350,32 +354,9 @@ def _commit(rows: Rows, state: State, mesh) -> tuple[Rows, State]:
     return jax.tree_util.tree_map(put, rows), state
 
 
-@functools.partial(jax.jit, static_argnums=(1,))  # (a new shape: no buffer to donate into)
-def _resize(state: State, length: int) -> State:
-    """The state with its cache cut or zero-padded to `length` slots (`_fit`)."""
-    return dataclasses.replace(state, cache=_fit(state.cache, length))
-
-
-@functools.partial(jax.jit, static_argnums=(0, 3))
-def _take_rows(config: LlamaConfig, cache: KVCache, rows: jax.Array, length: int) -> KVCache:
-    """Rows `rows` of a stored cache as a new cache of `length` slots (`_fit`): one copy, which
-    the decode may donate; the stored cache is left as it was."""
-    taken = jax.tree_util.tree_map(lambda x: jnp.take(x, rows, axis=0), cache)
-    return spec.constrain_cache(_fit(taken, length), config)
-
-
-def _fit(cache: KVCache, length: int) -> KVCache:
-    """The cache cut or zero-padded to `length` slots (the slots kept hold the same keys and
-    values; new ones are masked until a step writes them)."""
-
-    def fit(x, axis):
-        if x.shape[axis] >= length:
-            return jax.lax.slice_in_dim(x, 0, length, axis=axis)
-        pad = [(0, 0)] * x.ndim
-        pad[axis] = (0, length - x.shape[axis])
-        return jnp.pad(x, pad)
-
-    return KVCache([fit(x, KEY_SLOT_AXIS) for x in cache.k], [fit(x, VALUE_SLOT_AXIS) for x in cache.v])  # fmt: skip
+def _sources(resume: Resume) -> tuple[KVCache, ...]:
+    """The stored caches a resume reads."""
+    return resume.cache if isinstance(resume.cache, tuple) else (resume.cache,)
 
 
 def _draft_state(draft: speculative.Draft, prompt, lengths, layout: _Layout, forced) -> kernel.DraftState:  # fmt: skip

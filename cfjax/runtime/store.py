@@ -13,13 +13,11 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-import itertools
 import threading
 from collections.abc import Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from cfjax.core.cache import KVCache
@@ -121,17 +119,12 @@ class CacheStore:
             return None
         bucket, chunk, _ = layouts.pop()
         starts = np.asarray([h.stored.start[h.row] for h in hits])
-        if len({id(h.stored) for h in hits}) == 1:  # the run takes its rows of it (one copy)
-            rows = np.asarray([h.row for h in hits])
-            return Resume(hits[0].stored.cache, starts, bucket, step, list(last), chunk, rows)
-        # Rows of several stored batches: one array of them, in row order, the run's own.
-        parts = []
-        for _, group in itertools.groupby(hits, key=lambda h: id(h.stored)):
-            group = list(group)
-            index = jnp.asarray([h.row for h in group])
-            parts.append(jax.tree_util.tree_map(lambda x, r=index: jnp.take(x, r, axis=0), group[0].stored.cache))  # fmt: skip
-        cache = jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs), *parts)
-        return Resume(cache, starts, bucket, step, list(last), chunk)
+        # The run takes its rows of the stored caches' concatenation (one copy, `cache_layout`).
+        batches = list({id(h.stored): h.stored for h in hits}.values())
+        offsets = dict(zip(map(id, batches), np.cumsum([0] + [s.cache.batch for s in batches]), strict=False))  # fmt: skip
+        rows = np.asarray([offsets[id(h.stored)] + h.row for h in hits])
+        caches = batches[0].cache if len(batches) == 1 else tuple(s.cache for s in batches)
+        return Resume(caches, starts, bucket, step, list(last), chunk, rows)
 
     @_locked
     def clear(self) -> None:
