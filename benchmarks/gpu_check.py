@@ -8,7 +8,9 @@ Per batch row (not with `--quick`) the same rows with `model_blocks=8`, the bloc
 that make model-parallel meshes bit-exact: `model_blocks_tok_s` and its ratio to the default.
 With `--profile-steps N`: the per-op trace of N batch-1 steps (`profile`), and per batch row
 the 10 costliest ops of a warm step traced in a child process with CUDA command buffers off
-(`rows[i].profile`, each `op` and `ms_per_step`).
+(`rows[i].profile`, each `op` and `ms_per_step`). Last (not with `--quick`), issue 34's
+attribution sweep on the same weights with the real Llama 3 tokenizer (the llama-models wheel,
+carried in `.whl/`; `make gpu-wheels`): `attribution.speedup`, one batch against one by one.
 
 Random weights of a named config (no download): on a GPU `--config llama3-8b`; on this CPU the
 same script runs with `--config tiny` so it stays tested. Prints a table and, with --json, JSON.
@@ -83,11 +85,12 @@ def main() -> None:
     ap.add_argument(
         "--profile-steps", type=int, default=0, help="then trace this many batch-1 steps, per op"
     )
+    ap.add_argument("--attribution-words", type=int, default=40, help="then an attribution sweep (0: none)")  # fmt: skip
     ap.add_argument("--json", action="store_true")
-    ap.add_argument("--quick", action="store_true", help="64 new tokens and no profile (≤ 3 min on an H200)")  # fmt: skip
+    ap.add_argument("--quick", action="store_true", help="64 new tokens, no profile, no attribution (≤ 3 min on an H200)")  # fmt: skip
     args = ap.parse_args()
     if args.quick:
-        args.new_tokens, args.profile_steps = min(args.new_tokens, 64), 0
+        args.new_tokens, args.profile_steps, args.attribution_words = min(args.new_tokens, 64), 0, 0
 
     config = cfjax.preset(args.config)
     dtype = jnp.dtype(args.dtype)
@@ -175,6 +178,8 @@ def main() -> None:
         result["profile"] = decode_profile(lm, args.profile_steps, args.prompt_len)
         for row in rows:  # per batch, in a child process with CUDA command buffers off
             row["profile"] = batch_profile(args, row["batch"])
+    if args.attribution_words:
+        result["attribution"] = attribution(lm, args.attribution_words)
     if args.json:
         print(json.dumps(result))
         return
@@ -187,6 +192,8 @@ def main() -> None:
     if "ops" in result.get("profile", {}):
         print(f"batch 1, {args.profile_steps} steps traced:")
         print_table(result["profile"], 25)
+    if "attribution" in result:
+        print("attribution:", "  ".join(f"{k}={v}" for k, v in result["attribution"].items()))
     print(json.dumps(result))
 
 
@@ -337,6 +344,29 @@ def decode_profile(lm, steps: int, prompt_len: int) -> dict:
     except Exception as e:  # noqa: BLE001 (the checks above must still be printed)
         return {"error": f"{type(e).__name__}: {e}"}
     return {**out, "ops": out["ops"][:25]}
+
+
+def attribution(lm, words: int) -> dict:
+    """Issue 34's sweep (`attribution.py`: every word of a `words`-word prompt removed, one
+    engine batch, 32 tokens) against its counterfactuals one by one, on these weights with the
+    real Llama 3 tokenizer (a config of another vocabulary, the CPU's tiny one, gets random
+    weights of that vocabulary). An error (e.g. llama-models not installed) is reported."""
+    try:
+        import attribution as sweep  # benchmarks/, beside this file
+
+        from cfjax.tokenizer.loader import load
+
+        tokenizer = load("llama3")
+        if lm.config.vocab_size == tokenizer.vocab_size:
+            lm = lm.replace(tokenizer=tokenizer)
+        else:
+            lm = sweep.random_lm(lm.model_id.removeprefix("random-"), tokenizer)
+        out = sweep.measure(lm, words=words)
+    except Exception as e:  # noqa: BLE001 (the checks above must still be printed)
+        return {"error": f"{type(e).__name__}: {e}"}
+    keep = ("speedup", "speedup_rounds", "units", "batched_s", "sequential_scaled_s",
+            "batched_matches_one_by_one", "compile_s", "one_by_one_compile_s", "prompt_tokens")  # fmt: skip
+    return {k: out[k] for k in keep}
 
 
 def add_transformers(rows: list[dict], config, args) -> None:

@@ -8,14 +8,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 config=${CFJAX_GPU_CHECK_CONFIG:-llama3-8b}
 if [ "$config" = tiny ]; then
-  args=(--config tiny --prompt-len 40 --new-tokens 24 --batches 1 4 --profile-steps 8)
+  args=(--config tiny --prompt-len 40 --new-tokens 24 --batches 1 4 --profile-steps 8 --attribution-words 5)
 else
   args=(--config "$config" --prompt-len 512 --new-tokens 256 --batches 1 64 --profile-steps 64)
 fi
-# The accelerator image's own flax may predate NNX's List: carried wheels (.whl/) go first.
+# The accelerator image's own flax may predate NNX's List, and it has no llama-models (the Llama 3
+# tokenizer of the attribution sweep): carried wheels (.whl/, `make gpu-wheels`) go first.
 export PYTHONPATH=.
 if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+  python3 -m pip install -q --upgrade --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
   export PYTHONPATH=.:/tmp/site
 fi
 python3 -c 'import jax, flax; print("devices:", jax.devices(), "jax", jax.__version__, "flax", flax.__version__)'

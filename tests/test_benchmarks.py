@@ -39,7 +39,7 @@ COMMANDS = {
     "gpu_check": [
         "gpu_check.py",
         *("--config", "tiny", "--prompt-len", "40", "--new-tokens", "24", "--batches", "1", "4"),
-        *("--profile-steps", "8"),
+        *("--profile-steps", "8", "--attribution-words", "5"),
     ],
     "profile": ["profile_decode.py", *("--config", "tiny", "--steps", "8")],
     "study": [
@@ -226,6 +226,10 @@ def test_gpu_check_json():
     p = r["profile"]  # the per-op trace of batch-1 steps that follows the timings
     assert p["batch"] == 1 and p["steps"] == 8 and 0 < len(p["ops"]) <= 25
     assert {o["op"].split()[0] for o in p["ops"]} & {"dot", "ynn_fusion"}
+    # Issue 34's sweep with the real Llama 3 tokenizer (tiny random weights of its vocabulary).
+    a = r["attribution"]
+    assert a["units"] == 5 and a["batched_matches_one_by_one"] is True, a
+    assert _positive(a["speedup"]) and _positive(a["batched_s"]), a
     for row in r["rows"]:  # transformers on the same config and shapes, in a child process
         assert _positive(row["transformers_dynamic_tok_s"]), row
         assert row["transformers_static_tok_s"] is None  # torch.compile: on accelerators only
