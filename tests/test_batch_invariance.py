@@ -72,6 +72,24 @@ def test_counterfactual_rows_forced_among_free_rows(dtype):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_rows_resumed_from_several_stored_batches_are_their_recomputed_runs(dtype):
+    """Counterfactuals of traces from two `generate` calls resume as one batch from both
+    stored caches (one take of their rows); each row is bit for bit its counterfactual alone
+    computed from the prompt, and the stored caches serve again afterwards."""
+    lm = _tiny(dtype)
+    facts = [cfjax.generate(lm, p, key=k, chat=False, sampler=Sampler(0.9), max_new_tokens=STEPS)
+             for p, k in (([5, 9, 17, 33, 2], 3), ([8, 1, 40], 4))]  # fmt: skip
+    rows = [(f.prompt_tokens, f.tokens) for f in facts]
+    resume = lm.caches.resume(lm.params, rows, 6, [f.tokens[5] for f in facts])
+    assert isinstance(resume.cache, tuple) and len(resume.cache) == 2  # two stored batches
+    edits = [cfjax.ReplaceTokens(7, [44]), cfjax.ReplaceTokens(6, [45])]
+    for _ in range(2):
+        batch = cfjax.counterfactuals(lm, facts, edits)
+        for f, edit, row in zip(facts, edits, batch, strict=True):
+            _same(row, cfjax.counterfactual(lm, f, edit, reuse_cache=False), repr(edit))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_core_sample_under_vmap_is_each_call_alone(dtype):
     lm = _tiny(dtype)
     prompt = np.zeros(kernel.bucket_length(6), np.int32)
