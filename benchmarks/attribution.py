@@ -130,7 +130,8 @@ def main() -> None:
     print(f"attribute, {r['units']} words removed, one batch: {r['batched_s']} s")
     print(f"one by one: {r['sequential_timed']} in {r['sequential_subset_s']} s -> {r['units']} in {r['sequential_scaled_s']} s")  # fmt: skip
     print(f"speedup {r['speedup']}x (median of {args.repeats} rounds: {r['speedup_rounds']}); "
-          f"batched == one by one: {r['batched_matches_one_by_one']}; compile {r['compile_s']} s + {r['one_by_one_compile_s']} s; "
+          f"batched == one by one: {r['batched_matches_one_by_one']}; "
+          f"compile {r['compile_s']} s + {r['one_by_one_compile_s']} s; "
           f"total {time.perf_counter() - started:.0f} s")  # fmt: skip
     print(json.dumps(result))
 

@@ -37,10 +37,10 @@ class ReplayWarning(UserWarning):
 
 
 def environment(lm: Any) -> dict[str, str]:
-    """`{"cfjax", "cfjax_numerics", "jax", "jaxlib", "platform", "device"}` of the chip that holds `lm`'s first
-    param array (the default device for host arrays; on a CPU `device` names the processor
-    model), and how `lm` computes: `"batch_invariant"` ("true"/"false") and `"model_blocks"`,
-    which round otherwise too (see `LM.replace`). Strings, as JSON keeps them."""
+    """`{"cfjax", "cfjax_numerics", "jax", "jaxlib", "platform", "device"}` of the chip that
+    holds `lm`'s first param array (the default device for host arrays; on a CPU `device` names
+    the processor model), and how `lm` computes: `"batch_invariant"` ("true"/"false") and
+    `"model_blocks"`, which round otherwise too (see `LM.replace`). Strings, as JSON keeps them."""
     leaf = next((x for x in jax.tree.leaves(lm.params) if isinstance(x, jax.Array)), None)
     device = min(leaf.devices(), key=lambda d: d.id) if leaf is not None else jax.devices()[0]
     return {
