@@ -66,6 +66,14 @@ def peak_bandwidth() -> tuple[float, str]:
     return copy_bandwidth(), f"{kind} measured copy"
 
 
+def write_json(path: Path | None, result: dict) -> None:
+    """`result` as JSON at `path` (if given), replaced whole: a reader never sees half a file."""
+    if path is not None:
+        part = path.with_name(path.name + ".part")
+        part.write_text(json.dumps(result))
+        part.replace(path)
+
+
 def timed(fn):
     """(result, seconds) with the device synchronised."""
     t = time.perf_counter()
@@ -87,6 +95,7 @@ def main() -> None:
     )
     ap.add_argument("--attribution-words", type=int, default=40, help="then an attribution sweep (0: none)")  # fmt: skip
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--out", type=Path, help="also write the JSON here after every check (what a run cut short by a time limit leaves)")  # fmt: skip
     ap.add_argument("--quick", action="store_true", help="64 new tokens, no profile, no attribution (≤ 3 min on an H200)")  # fmt: skip
     args = ap.parse_args()
     if args.quick:
@@ -105,6 +114,23 @@ def main() -> None:
     rng = np.random.default_rng(0)
     sampler = Sampler(temperature=1.0)
     rows = []
+    result = {
+        "device": jax.devices()[0].device_kind,
+        "jax": jax.__version__,
+        "config": args.config,
+        "dtype": args.dtype,
+        "prompt_len": args.prompt_len,
+        "new_tokens": args.new_tokens,
+        "param_gb": round(param_bytes / 1e9, 2),
+        "bandwidth_gb_s": round(bw / 1e9, 1),
+        "bandwidth_source": bw_source,
+        "init_compile_s": round(init_compile_s, 1),
+        "init_run_s": round(init_run_s, 1),
+        "rows": rows,
+        "complete": False,  # until every check has run (see `--out`)
+    }
+    save = functools.partial(write_json, args.out, result)
+    save()
     for batch in args.batches:
         prompts = rng.integers(0, config.vocab_size, (batch, args.prompt_len)).tolist()
         run = functools.partial(
@@ -130,6 +156,8 @@ def main() -> None:
             "roofline_fraction": round(tok_s / roofline, 3),
             "compile_s": round(first_s - warm_s, 1),
         }
+        rows.append(row)
+        save()
         if batch == args.batches[0]:
             # Null intervention: force the factual token at the middle, full replay (no cache
             # reuse) and resumed from the cache; any flip would be a numerics bug.
@@ -149,37 +177,31 @@ def main() -> None:
                 cf_reuse_middle_over_factual=round(resumed_s / warm_s, 3),
                 null_intervention_flips=int(flips),
             )
+            save()
             row.update(yardsticks(lm, prompts, args.new_tokens, tok_s, t0.tokens))
+            save()
             row.update(speculative(lm, prompts, args.new_tokens, tok_s, t0.tokens))
         else:
             row.update(invariance(lm, prompts, args.new_tokens))
+        save()
         if not args.quick:
             row.update(blocks_cost(lm, prompts, args.new_tokens, tok_s, traces[0].tokens))
-        rows.append(row)
+            save()
         if not args.json:  # progress: a long GPU run shows each batch as it finishes
             print("  ".join(f"{k}={v}" for k, v in row.items()), flush=True)
-    result = {
-        "device": jax.devices()[0].device_kind,
-        "jax": jax.__version__,
-        "config": args.config,
-        "dtype": args.dtype,
-        "prompt_len": args.prompt_len,
-        "new_tokens": args.new_tokens,
-        "param_gb": round(param_bytes / 1e9, 2),
-        "bandwidth_gb_s": round(bw / 1e9, 1),
-        "bandwidth_source": bw_source,
-        "init_compile_s": round(init_compile_s, 1),
-        "init_run_s": round(init_run_s, 1),
-        "rows": rows,
-    }
     add_transformers(rows, config, args)
+    save()
     result["compile_split"] = compile_split(lm, args.batches[0], args.prompt_len, args.new_tokens)
+    save()
     if args.profile_steps:
         result["profile"] = decode_profile(lm, args.profile_steps, args.prompt_len)
         for row in rows:  # per batch, in a child process with CUDA command buffers off
             row["profile"] = batch_profile(args, row["batch"])
+            save()
     if args.attribution_words:
         result["attribution"] = attribution(lm, args.attribution_words)
+    result["complete"] = True
+    save()
     if args.json:
         print(json.dumps(result))
         return

@@ -20,4 +20,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   export PYTHONPATH=.:/tmp/site
 fi
 python3 -c 'import jax, flax; print("devices:", jax.devices(), "jax", jax.__version__, "flax", flax.__version__)'
+# The JSON is rewritten after every check: on a lent machine ($OUT comes back even when the
+# command runs past its time limit) nothing measured is lost.
+if [ -n "${OUT:-}" ]; then args+=(--out "$OUT/gpu_check.json"); fi
 python3 benchmarks/gpu_check.py "${args[@]}" "$@"

@@ -73,13 +73,14 @@ COMMANDS = {
 }
 
 
-def run(name: str) -> dict | list:
-    """The parsed `--json` output of `COMMANDS[name]`. Each test runs its own script, so each
-    runs once, on whichever worker has the test (a module fixture runs once per worker)."""
+def run(name: str, *extra: str) -> dict | list:
+    """The parsed `--json` output of `COMMANDS[name]` (and `extra` arguments). Each test runs its
+    own script, so each runs once, on whichever worker has the test (a module fixture runs once
+    per worker)."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1"}
     cmd = COMMANDS[name]
     proc = subprocess.run(
-        [sys.executable, str(BENCH / cmd[0]), *cmd[1:], "--json"],
+        [sys.executable, str(BENCH / cmd[0]), *cmd[1:], *extra, "--json"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT,
     )  # fmt: skip
     assert proc.returncode == 0, f"{name} failed:\n{proc.stderr[-4000:]}"
@@ -200,8 +201,10 @@ def test_study_json():
     assert out["prompts"] == 2 and out["reference_prompts_timed"] == 1 and out["rows"] > 0
 
 
-def test_gpu_check_json():
-    r = run("gpu_check")
+def test_gpu_check_json(tmp_path):
+    r = run("gpu_check", "--out", str(tmp_path / "gpu_check.json"))
+    # The file rewritten after every check ends as the printed result, marked complete.
+    assert json.loads((tmp_path / "gpu_check.json").read_text()) == r and r["complete"] is True
     assert [row["batch"] for row in r["rows"]] == [1, 4]
     assert r["rows"][0]["null_intervention_flips"] == 0
     first = r["rows"][0]  # the textbook decode and the matmul floor, at the first batch only
