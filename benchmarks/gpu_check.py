@@ -418,9 +418,9 @@ def add_transformers(rows: list[dict], config, args) -> None:
 def batch_profile(args, batch: int) -> list[dict] | dict:
     """The 10 costliest ops of a warm decode step at `batch` (`op`, `ms_per_step`), traced by
     `profile_decode.py` in a child process with CUDA command buffers off (they hide the
-    kernels from the profiler; the timings above keep them on) and a fifth of the GPU memory
-    (this process holds its own pool). An error is reported in place of the ops."""
-    env = {**os.environ, "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.2",
+    kernels from the profiler; the timings above keep them on), its GPU memory taken as it
+    needs it (this process holds its own). An error is reported in place of the ops."""
+    env = {**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false",
            "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_gpu_enable_command_buffer=".strip()}  # fmt: skip
     cmd = [sys.executable, str(Path(__file__).with_name("profile_decode.py")), "--config", args.config,
            "--dtype", args.dtype, "--batch", str(batch), "--steps", str(args.profile_steps),

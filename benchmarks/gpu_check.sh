@@ -20,6 +20,10 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   export PYTHONPATH=.:/tmp/site
 fi
 python3 -c 'import jax, flax; print("devices:", jax.devices(), "jax", jax.__version__, "flax", flax.__version__)'
+# JAX takes 75% of the GPU's memory up front by default; the transformers peer and the per-batch
+# profiles run in child processes beside this one (an 8B model's 16 GB each), which on an H100
+# would not fit in the rest. Grown on demand, this process holds only what it uses (~40 GB).
+export XLA_PYTHON_CLIENT_PREALLOCATE=${XLA_PYTHON_CLIENT_PREALLOCATE:-false}
 # The JSON is rewritten after every check: on a lent machine ($OUT comes back even when the
 # command runs past its time limit) nothing measured is lost.
 if [ -n "${OUT:-}" ]; then args+=(--out "$OUT/gpu_check.json"); fi
