@@ -81,7 +81,7 @@ def test_rows_resumed_from_several_stored_batches_are_their_recomputed_runs(dtyp
              for p, k in (([5, 9, 17, 33, 2], 3), ([8, 1, 40], 4))]  # fmt: skip
     rows = [(f.prompt_tokens, f.tokens) for f in facts]
     resume = lm.caches.resume(lm.params, rows, 6, [f.tokens[5] for f in facts])
-    assert isinstance(resume.cache, tuple) and len(resume.cache) == 2  # two stored batches
+    assert len(resume.cache) == 2  # the caches of two stored batches
     edits = [cfjax.ReplaceTokens(7, [44]), cfjax.ReplaceTokens(6, [45])]
     for _ in range(2):
         batch = cfjax.counterfactuals(lm, facts, edits)

@@ -123,8 +123,7 @@ class CacheStore:
         batches = list({id(h.stored): h.stored for h in hits}.values())
         offsets = dict(zip(map(id, batches), np.cumsum([0] + [s.cache.batch for s in batches]), strict=False))  # fmt: skip
         rows = np.asarray([offsets[id(h.stored)] + h.row for h in hits])
-        caches = batches[0].cache if len(batches) == 1 else tuple(s.cache for s in batches)
-        return Resume(caches, starts, bucket, step, list(last), chunk, rows)
+        return Resume(tuple(s.cache for s in batches), starts, bucket, step, list(last), chunk, rows)  # fmt: skip
 
     @_locked
     def clear(self) -> None:
