@@ -1,19 +1,27 @@
-"""Every accelerator check in one run: decode speed vs the HBM roofline, compile time,
-counterfactual / factual cost, and token flips of a null intervention in bfloat16; at the first
-batch size also a textbook JAX decode and the weight matmuls alone, timed on the same weights,
-and speculative decoding with the int8 variant of those weights as the draft (speed over plain
-decoding, acceptance, flips); then the first batch's compile time split into the prefill's and
-the decode chunk's, each lowered and compiled apart (what a scan over layers would shrink).
-Per batch row (not with `--quick`) the same rows with `model_blocks=8`, the blocked matmuls
-that make model-parallel meshes bit-exact: `model_blocks_tok_s` and its ratio to the default.
-With `--profile-steps N`: the per-op trace of N batch-1 steps (`profile`), and per batch row
-the 10 costliest ops of a warm step traced in a child process with CUDA command buffers off
-(`rows[i].profile`, each `op` and `ms_per_step`). Last (not with `--quick`), issue 34's
-attribution sweep on the same weights with the real Llama 3 tokenizer (the llama-models wheel,
-carried in `.whl/`; `make gpu-wheels`): `attribution.speedup`, one batch against one by one.
+"""Every accelerator check in one run, in the order of what issue 31 asks first.
 
-Random weights of a named config (no download): on a GPU `--config llama3-8b`; on this CPU the
-same script runs with `--config tiny` so it stays tested. Prints a table and, with --json, JSON.
+1. Per batch (`rows`): decode speed against the HBM roofline and the first run's compile time;
+   at the first batch a null intervention (its cost over the factual run, token flips in
+   bfloat16), at the others batch invariance (row 0 alone, among identical rows, among other
+   prompts: flips and the largest log-prob difference).
+2. Speculative decoding with the int8 variant of the same weights as the draft (speed over
+   plain decoding, acceptance, flips, the draft's step cost); transformers `generate` on the
+   same config and shapes in a child process (dynamic cache; static cache + `torch.compile` on
+   an accelerator); the first batch's compile split (`compile_split.py` in child processes:
+   prefill and decode chunk compiled by XLA with the persistent cache off, then loaded from the
+   cache this run filled); a textbook JAX decode and the weight matmuls alone on the same
+   weights (`plain_scan_*`, `matmul_floor_*`).
+3. With `--profile-steps N`: per batch, the 10 costliest ops of N warm steps traced in a child
+   process with CUDA command buffers off (`rows[i].profile`, each `op` and `ms_per_step`).
+4. Optional (not with `--quick`; with `--budget-s`, started only while the budget lasts, else
+   listed in `skipped`): issue 34's attribution sweep with the real Llama 3 tokenizer (the
+   llama-models wheel, carried in `.whl/`; `make gpu-wheels`), and per batch the same rows
+   with `model_blocks=8` (the blocked matmuls that make model-parallel meshes bit-exact).
+
+`check_s` gives each check's seconds, `total_s` the run's; `--out` rewrites the JSON after every
+check. Random weights of a named config (no download): on a GPU `--config llama3-8b`; on this
+CPU the same script runs with `--config tiny` so it stays tested. Prints JSON (with `--json`
+nothing else).
 
     python benchmarks/gpu_check.py --config llama3-8b --prompt-len 512 --new-tokens 256 \
         --batches 1 64 --json
@@ -22,11 +30,15 @@ same script runs with `--config tiny` so it stays tested. Prints a table and, wi
 from __future__ import annotations
 
 import argparse
+import atexit
+import contextlib
 import functools
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -34,11 +46,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from common import plain_decode, tree_bytes  # benchmarks/, beside this file
-from profile_decode import print_table, profile
 
 import cfjax
 from cfjax import ReplaceTokens, Sampler, counterfactual, generate
-from cfjax.core import kernel, model, scm
+from cfjax.compilation import use_compilation_cache
+from cfjax.core import kernel, model
 from cfjax.runtime import driver
 
 # Peak HBM bandwidth by device kind (bytes/s), for the roofline; others use a measured copy.
@@ -82,6 +94,38 @@ def timed(fn):
     return out, time.perf_counter() - t
 
 
+class Checks:
+    """The checks' bookkeeping: each one's seconds (`check_s`), the JSON rewritten after each
+    (`--out`), and the budget: an optional check starts only while it is not spent."""
+
+    def __init__(self, result: dict, out: Path | None, budget_s: float):
+        self.result, self.out, self.budget_s = result, out, budget_s
+        self.started = time.perf_counter()
+        result["check_s"] = {}
+
+    def save(self) -> None:
+        self.result["total_s"] = round(time.perf_counter() - self.started, 1)
+        write_json(self.out, self.result)
+
+    @contextlib.contextmanager
+    def step(self, name: str):
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.result["check_s"][name] = round(time.perf_counter() - t, 1)
+            self.save()
+
+    def in_budget(self, name: str) -> bool:
+        """Whether optional check `name` may start; if not, it is listed in `skipped`."""
+        spent = time.perf_counter() - self.started
+        if not self.budget_s or spent < self.budget_s:
+            return True
+        self.result.setdefault("skipped", []).append(f"{name}: the {self.budget_s:g} s budget was spent ({spent:.0f} s)")  # fmt: skip
+        self.save()
+        return False
+
+
 def main() -> None:
     """Run the checks and print the table."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -90,31 +134,36 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 64])
-    ap.add_argument(
-        "--profile-steps", type=int, default=0, help="then trace this many batch-1 steps, per op"
-    )
+    ap.add_argument("--profile-steps", type=int, default=0, help="then trace this many warm steps per batch, per op")  # fmt: skip
     ap.add_argument("--attribution-words", type=int, default=40, help="then an attribution sweep (0: none)")  # fmt: skip
+    ap.add_argument("--budget-s", type=float, default=0, help="start the optional checks (attribution, model_blocks) only within this many seconds (0: always)")  # fmt: skip
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--out", type=Path, help="also write the JSON here after every check (what a run cut short by a time limit leaves)")  # fmt: skip
-    ap.add_argument("--quick", action="store_true", help="64 new tokens, no profile, no attribution (≤ 3 min on an H200)")  # fmt: skip
+    ap.add_argument("--quick", action="store_true", help="64 new tokens, no profile, no optional checks (≤ 3 min on an H200)")  # fmt: skip
     args = ap.parse_args()
     if args.quick:
         args.new_tokens, args.profile_steps, args.attribution_words = min(args.new_tokens, 64), 0, 0
-
+    checks = Checks({}, args.out, args.budget_s)
+    result = checks.result
+    folder = compilation_cache()
+    result["compilation_cache"] = {
+        "folder": folder,
+        # compile_s is XLA's own only where nothing of this run's is on disk yet.
+        "entries_at_start": len(list(Path(folder).iterdir())),
+    }
     config = cfjax.preset(args.config)
     dtype = jnp.dtype(args.dtype)
     init = jax.jit(lambda k: model.init_params(config, k, dtype=dtype))
     key = jax.random.key(0)
     # Compile and run apart, and wait for the arrays: the GPU run of session 1 spent 86 s here.
-    init, init_compile_s = timed(lambda: init.lower(key).compile())
-    params, init_run_s = timed(lambda: jax.block_until_ready(init(key)))
+    with checks.step("init"):
+        init, init_compile_s = timed(lambda: init.lower(key).compile())
+        params, init_run_s = timed(lambda: jax.block_until_ready(init(key)))
     lm = cfjax.LM(config, params, model_id=f"random-{args.config}")
     bw, bw_source = peak_bandwidth()
     param_bytes = tree_bytes(params)
-    rng = np.random.default_rng(0)
-    sampler = Sampler(temperature=1.0)
     rows = []
-    result = {
+    result.update({
         "device": jax.devices()[0].device_kind,
         "jax": jax.__version__,
         "config": args.config,
@@ -128,95 +177,119 @@ def main() -> None:
         "init_run_s": round(init_run_s, 1),
         "rows": rows,
         "complete": False,  # until every check has run (see `--out`)
-    }
-    save = functools.partial(write_json, args.out, result)
-    save()
+    })  # fmt: skip
+    checks.save()
+    # What issue 31 asks of every run first; diagnostics after; the optional checks last.
+    rng = np.random.default_rng(0)
+    runs = []  # per row: its prompts and row 0's tokens, for the checks that follow
     for batch in args.batches:
         prompts = rng.integers(0, config.vocab_size, (batch, args.prompt_len)).tolist()
-        run = functools.partial(
-            generate,
-            lm,
-            prompts,
-            key=1,
-            sampler=sampler,
-            max_new_tokens=args.new_tokens,
-            stop_tokens=(),
-        )
-        _, first_s = timed(run)  # includes compilation
-        traces, warm_s = timed(run)
-        tok_s = batch * args.new_tokens / warm_s
-        slots = kernel.cache_length(kernel.bucket_length(args.prompt_len), args.new_tokens)
-        kv_bytes = 2 * config.n_layers * batch * slots * config.n_kv_heads * config.head_dim
-        kv_bytes *= dtype.itemsize
-        roofline = batch * bw / (param_bytes + kv_bytes)
-        row = {
-            "batch": batch,
-            "tok_s": round(tok_s, 1),
-            "roofline_tok_s": round(roofline, 1),
-            "roofline_fraction": round(tok_s / roofline, 3),
-            "compile_s": round(first_s - warm_s, 1),
-        }
-        rows.append(row)
-        save()
-        if batch == args.batches[0]:
-            # Null intervention: force the factual token at the middle, full replay (no cache
-            # reuse) and resumed from the cache; any flip would be a numerics bug.
-            t0 = traces[0]
-            mid = len(t0.tokens) // 2
-            null = ReplaceTokens(mid, [t0.tokens[mid]])
-            counterfactual(lm, t0, null, reuse_cache=False)  # compile both paths first
-            counterfactual(lm, t0, null)
-            replay, replay_s = timed(
-                functools.partial(counterfactual, lm, t0, null, reuse_cache=False)
-            )
-            resumed, resumed_s = timed(functools.partial(counterfactual, lm, t0, null))
-            flips = sum(a != b for a, b in zip(replay.tokens, t0.tokens, strict=True))
-            flips += sum(a != b for a, b in zip(resumed.tokens, t0.tokens, strict=True))
-            row.update(
-                cf_over_factual=round(replay_s / warm_s, 3),
-                cf_reuse_middle_over_factual=round(resumed_s / warm_s, 3),
-                null_intervention_flips=int(flips),
-            )
-            save()
-            row.update(yardsticks(lm, prompts, args.new_tokens, tok_s, t0.tokens))
-            save()
-            row.update(speculative(lm, prompts, args.new_tokens, tok_s, t0.tokens))
-        else:
-            row.update(invariance(lm, prompts, args.new_tokens))
-        save()
-        if not args.quick:
-            row.update(blocks_cost(lm, prompts, args.new_tokens, tok_s, traces[0].tokens))
-            save()
+        with checks.step(f"batch_{batch}"):
+            row, traces = batch_row(lm, prompts, args.new_tokens, bw, param_bytes)
+            rows.append(row)
+            checks.save()
+            if batch == args.batches[0]:
+                row.update(null_intervention(lm, traces[0], row["warm_s"]))
+            else:
+                row.update(invariance(lm, prompts, args.new_tokens))
+        runs.append((prompts, traces[0].tokens))
         if not args.json:  # progress: a long GPU run shows each batch as it finishes
             print("  ".join(f"{k}={v}" for k, v in row.items()), flush=True)
-    add_transformers(rows, config, args)
-    save()
-    result["compile_split"] = compile_split(lm, args.batches[0], args.prompt_len, args.new_tokens)
-    save()
+    first, (prompts, tokens) = rows[0], runs[0]
+    with checks.step("speculative"):
+        first.update(speculative(lm, prompts, args.new_tokens, first["tok_s"], tokens))
+    with checks.step("transformers"):
+        add_transformers(rows, config, args)
+    with checks.step("compile_split"):
+        result["compile_split"] = compile_split(args, cache=False)
+        result["compile_split_cached"] = compile_split(args, cache=True)
+    with checks.step("yardsticks"):
+        first.update(yardsticks(lm, prompts, args.new_tokens, first["tok_s"], tokens))
     if args.profile_steps:
-        result["profile"] = decode_profile(lm, args.profile_steps, args.prompt_len)
-        for row in rows:  # per batch, in a child process with CUDA command buffers off
-            row["profile"] = batch_profile(args, row["batch"])
-            save()
-    if args.attribution_words:
-        result["attribution"] = attribution(lm, args.attribution_words)
+        with checks.step("profiles"):
+            for row in rows:  # per batch, in a child process with CUDA command buffers off
+                row["profile"] = batch_profile(args, row["batch"])
+                checks.save()
+    if args.attribution_words and checks.in_budget("attribution"):
+        with checks.step("attribution"):
+            result["attribution"] = attribution(lm, args.attribution_words)
+    for row, (prompts, tokens) in zip(rows, runs, strict=True):
+        if not args.quick and checks.in_budget(f"model_blocks at batch {row['batch']}"):
+            with checks.step(f"model_blocks_{row['batch']}"):
+                row.update(blocks_cost(lm, prompts, args.new_tokens, row["tok_s"], tokens))
     result["complete"] = True
-    save()
-    if args.json:
-        print(json.dumps(result))
-        return
-    print(f"{result['device']}  jax {result['jax']}  {args.config} {args.dtype}  ")
-    print(
-        f"params {result['param_gb']} GB, bandwidth {result['bandwidth_gb_s']} GB/s ({bw_source})"
-    )
-    split = result["compile_split"]
-    print("compile split:", "  ".join(f"{k}={v}" for k, v in split.items()))
-    if "ops" in result.get("profile", {}):
-        print(f"batch 1, {args.profile_steps} steps traced:")
-        print_table(result["profile"], 25)
-    if "attribution" in result:
-        print("attribution:", "  ".join(f"{k}={v}" for k, v in result["attribution"].items()))
+    checks.save()
+    if not args.json:
+        print_summary(result)
     print(json.dumps(result))
+
+
+def compilation_cache() -> str:
+    """The persistent compilation cache this run and its children share: the folder the
+    environment names (`CFJAX_COMPILATION_CACHE`, JAX's own), else a new empty one (the
+    benchmarks run without a cache by default: `common`). A compile then pays XLA's time once,
+    and `compile_split_cached` shows what a second process pays."""
+    if not jax.config.jax_compilation_cache_dir:
+        folder = tempfile.mkdtemp(prefix="gpu-check-xla-")
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        os.environ["CFJAX_COMPILATION_CACHE"] = folder
+        use_compilation_cache()  # (before this process compiles anything)
+    return jax.config.jax_compilation_cache_dir
+
+
+def batch_row(lm, prompts, steps: int, bw: float, param_bytes: int) -> tuple[dict, list]:
+    """A batch's speed, twice generated (the first compiles), against the HBM roofline."""
+    batch, config = len(prompts), lm.config
+    run = functools.partial(generate, lm, prompts, key=1, sampler=Sampler(temperature=1.0),
+                            max_new_tokens=steps, stop_tokens=())  # fmt: skip
+    _, first_s = timed(run)  # includes compilation
+    traces, warm_s = timed(run)
+    tok_s = batch * steps / warm_s
+    slots = kernel.cache_length(kernel.bucket_length(len(prompts[0])), steps)
+    kv_bytes = 2 * config.n_layers * batch * slots * config.n_kv_heads * config.head_dim
+    kv_bytes *= jnp.dtype(model.compute_dtype(lm.params)).itemsize
+    roofline = batch * bw / (param_bytes + kv_bytes)
+    row = {
+        "batch": batch,
+        "tok_s": round(tok_s, 1),
+        "roofline_tok_s": round(roofline, 1),
+        "roofline_fraction": round(tok_s / roofline, 3),
+        "compile_s": round(first_s - warm_s, 1),
+        "warm_s": round(warm_s, 3),
+    }
+    return row, traces
+
+
+def null_intervention(lm, trace, warm_s: float) -> dict:
+    """Force the factual token at the middle, full replay (no cache reuse) and resumed from
+    the cache: their cost over the factual run's, and their flips (any is a numerics bug)."""
+    mid = len(trace.tokens) // 2
+    null = ReplaceTokens(mid, [trace.tokens[mid]])
+    counterfactual(lm, trace, null, reuse_cache=False)  # compile both paths first
+    counterfactual(lm, trace, null)
+    replay, replay_s = timed(functools.partial(counterfactual, lm, trace, null, reuse_cache=False))
+    resumed, resumed_s = timed(functools.partial(counterfactual, lm, trace, null))
+    flips = sum(a != b for a, b in zip(replay.tokens, trace.tokens, strict=True))
+    flips += sum(a != b for a, b in zip(resumed.tokens, trace.tokens, strict=True))
+    return {
+        "cf_over_factual": round(replay_s / warm_s, 3),
+        "cf_reuse_middle_over_factual": round(resumed_s / warm_s, 3),
+        "null_intervention_flips": int(flips),
+    }
+
+
+def print_summary(result: dict) -> None:
+    """The run's headline, its compile split, per-batch profiles and the attribution row."""
+    print(f"{result['device']}  jax {result['jax']}  {result['config']} {result['dtype']}")
+    print(f"params {result['param_gb']} GB, bandwidth {result['bandwidth_gb_s']} GB/s ({result['bandwidth_source']})")  # fmt: skip
+    for name in ("compile_split", "compile_split_cached", "attribution", "check_s"):
+        if name in result:
+            print(f"{name}:", "  ".join(f"{k}={v}" for k, v in result[name].items()))
+    for row in result["rows"]:
+        if isinstance(row.get("profile"), list):
+            print(f"batch {row['batch']}, costliest ops a step:")
+            for op in row["profile"]:
+                print(f"  {op['ms_per_step']:9.3f} ms  {op['op']}")
 
 
 def yardsticks(lm, prompts, steps: int, tok_s: float, tokens) -> dict:
@@ -317,57 +390,6 @@ def invariance(lm, prompts, steps: int) -> dict:
     return {"invariance_flips": int(flips), "invariance_max_logprob_diff": diff}
 
 
-def compile_split(lm, batch: int, prompt_len: int, steps: int) -> dict:
-    """Where a batch's compile time goes: the prefill and the decode chunk program, each traced
-    and lowered (`lower_s`) and compiled by XLA (`compile_s`) apart, from abstract arguments of
-    the run's shapes. JAX's caches are cleared first, so nothing is a cache hit. The chunk's
-    XLA compile is the part a `lax.scan` over stacked layers would shrink."""
-    try:
-        jax.clear_caches()
-        c = lm.config
-        bucket = kernel.bucket_length(prompt_len)
-        length = kernel.cache_length(bucket, steps)
-        shape = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)  # noqa: E731
-        params = jax.tree_util.tree_map(shape, lm.params)
-        prompt = jax.ShapeDtypeStruct((batch, bucket), jnp.int32)
-        lengths = jax.ShapeDtypeStruct((batch,), jnp.int32)
-        out = {}
-        lowered, out["prefill_lower_s"] = timed(
-            lambda: driver.prefill.lower(c, params, prompt, lengths, length)
-        )
-        _, out["prefill_compile_s"] = timed(lowered.compile)
-        state, start = jax.eval_shape(
-            lambda p, t, n: kernel.prefill(c, p, t, n, length), params, prompt, lengths
-        )
-        forced = jax.ShapeDtypeStruct((batch, kernel.DEFAULT_CHUNK), jnp.int32)  # as `run`'s
-        rows = jax.eval_shape(
-            lambda n, f: kernel.Rows(
-                jax.random.split(jax.random.key(0), batch), n,
-                scm.stack([Sampler(temperature=1.0)] * batch, c.vocab_size), f, f,
-            ),
-            start, forced,
-        )  # fmt: skip
-        count = jax.ShapeDtypeStruct((), jnp.int32)
-        options = kernel.Options(early_exit=True)  # as `run`'s, without stop tokens
-        lowered, out["chunk_lower_s"] = timed(
-            lambda: driver.decode_chunk.lower(c, options, params, rows, state, count)
-        )
-        _, out["chunk_compile_s"] = timed(lowered.compile)
-    except Exception as e:  # noqa: BLE001 (the checks above must still be printed)
-        return {"error": f"{type(e).__name__}: {e}"}
-    return {"batch": batch, **{k: round(v, 2) for k, v in out.items()}}
-
-
-def decode_profile(lm, steps: int, prompt_len: int) -> dict:
-    """`profile_decode.profile` at batch 1, its 25 costliest ops. It runs after every timing, on
-    the same weights; an error here is reported in the result instead of losing the rest."""
-    try:
-        out = profile(lm, 1, steps, prompt_len=prompt_len)
-    except Exception as e:  # noqa: BLE001 (the checks above must still be printed)
-        return {"error": f"{type(e).__name__}: {e}"}
-    return {**out, "ops": out["ops"][:25]}
-
-
 def attribution(lm, words: int) -> dict:
     """Issue 34's sweep (`attribution.py`: every word of a `words`-word prompt removed, one
     engine batch, 32 tokens) against its counterfactuals one by one, on these weights with the
@@ -413,6 +435,24 @@ def add_transformers(rows: list[dict], config, args) -> None:
             None if static is None else round(row["tok_s"] / static, 3)
         )
         row["torch"] = peer["torch"]
+
+
+def compile_split(args, cache: bool) -> dict:
+    """`compile_split.py` for the first batch in a child process (it makes no weights): with
+    the persistent compilation cache off, what XLA's compile of the prefill and of the decode
+    chunk costs; with it on (the folder this run filled), what a second process pays, and
+    whether both programs came from disk (`cache_hits`). An error is reported in the result."""
+    env = dict(os.environ)
+    if not cache:  # (JAX's own setting would turn it back on)
+        env["CFJAX_COMPILATION_CACHE"] = ""
+        env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    cmd = [sys.executable, str(Path(__file__).with_name("compile_split.py")), "--config", args.config,
+           "--dtype", args.dtype, "--batch", str(args.batches[0]), "--prompt-len", str(args.prompt_len),
+           "--new-tokens", str(args.new_tokens), "--json"]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {"error": (proc.stderr.strip().splitlines() or ["compile_split.py failed"])[-1]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def batch_profile(args, batch: int) -> list[dict] | dict:

@@ -73,11 +73,12 @@ COMMANDS = {
 }
 
 
-def run(name: str, *extra: str) -> dict | list:
-    """The parsed `--json` output of `COMMANDS[name]` (and `extra` arguments). Each test runs its
-    own script, so each runs once, on whichever worker has the test (a module fixture runs once
-    per worker)."""
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1"}
+def run(name: str, *extra: str, env: dict | None = None) -> dict | list:
+    """The parsed `--json` output of `COMMANDS[name]` (and `extra` arguments; `env`: variables
+    to set, None to unset). Each test runs its own script, so each runs once, on whichever
+    worker has the test (a module fixture runs once per worker)."""
+    changes = {"JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1", **(env or {})}
+    env = {k: v for k, v in {**os.environ, **changes}.items() if v is not None}
     cmd = COMMANDS[name]
     proc = subprocess.run(
         [sys.executable, str(BENCH / cmd[0]), *cmd[1:], *extra, "--json"],
@@ -202,9 +203,12 @@ def test_study_json():
 
 
 def test_gpu_check_json(tmp_path):
-    r = run("gpu_check", "--out", str(tmp_path / "gpu_check.json"))
+    # Its own compilation cache, empty: the first runs' compile_s are XLA's.
+    env = {"CFJAX_COMPILATION_CACHE": str(tmp_path / "xla"), "JAX_COMPILATION_CACHE_DIR": None}
+    r = run("gpu_check", "--out", str(tmp_path / "gpu_check.json"), env=env)
     # The file rewritten after every check ends as the printed result, marked complete.
     assert json.loads((tmp_path / "gpu_check.json").read_text()) == r and r["complete"] is True
+    assert r["compilation_cache"] == {"folder": str(tmp_path / "xla"), "entries_at_start": 0}
     assert [row["batch"] for row in r["rows"]] == [1, 4]
     assert r["rows"][0]["null_intervention_flips"] == 0
     first = r["rows"][0]  # the textbook decode and the matmul floor, at the first batch only
@@ -222,13 +226,16 @@ def test_gpu_check_json(tmp_path):
     for row in r["rows"]:  # the same rows with model_blocks=8 (issue 30)
         assert _positive(row["model_blocks_tok_s"]) and _positive(row["model_blocks_over_default"])
         assert 0 <= row["model_blocks_other_tokens"] <= 24
-    split = r["compile_split"]  # the prefill and the chunk program, lowered and compiled apart
-    assert split["batch"] == 1
-    for part in ("prefill_lower_s", "prefill_compile_s", "chunk_lower_s", "chunk_compile_s"):
-        assert _positive(split[part]), (part, split)
-    p = r["profile"]  # the per-op trace of batch-1 steps that follows the timings
-    assert p["batch"] == 1 and p["steps"] == 8 and 0 < len(p["ops"]) <= 25
-    assert {o["op"].split()[0] for o in p["ops"]} & {"dot", "ynn_fusion"}
+    # The prefill and the chunk program, lowered and compiled apart in a child process: with the
+    # cache off, and with the cache the run filled, from which both programs load (the split
+    # compiles the very programs the run ran).
+    for name in ("compile_split", "compile_split_cached"):
+        split = r[name]
+        assert split["batch"] == 1, split
+        for part in ("prefill_lower_s", "prefill_compile_s", "chunk_lower_s", "chunk_compile_s"):
+            assert _positive(split[part]), (part, split)
+    assert "cache_hits" not in r["compile_split"]
+    assert r["compile_split_cached"]["cache_hits"] == {"prefill": True, "chunk": True}
     # Issue 34's sweep with the real Llama 3 tokenizer (tiny random weights of its vocabulary).
     a = r["attribution"]
     assert a["units"] == 5 and a["batched_matches_one_by_one"] is True, a
@@ -240,6 +247,30 @@ def test_gpu_check_json(tmp_path):
         ops = row["profile"]
         assert isinstance(ops, list) and 0 < len(ops) <= 10, ops
         assert all(set(o) == {"op", "ms_per_step"} and o["ms_per_step"] >= 0 for o in ops)
+        assert {o["op"].split()[0] for o in ops} & {"dot", "ynn_fusion"}, ops  # the matmuls
+    # Each check's seconds, in the order they ran; without a budget nothing is skipped.
+    assert list(r["check_s"]) == [
+        "init", "batch_1", "batch_4", "speculative", "transformers", "compile_split",
+        "yardsticks", "profiles", "attribution", "model_blocks_1", "model_blocks_4",
+    ]  # fmt: skip
+    assert "skipped" not in r and r["total_s"] >= sum(r["check_s"].values()) - 1
+
+
+def test_gpu_check_budget(tmp_path):
+    """An optional check starts only while `--budget-s` lasts; one that does not is listed."""
+    sys.path.insert(0, str(BENCH))
+    import gpu_check
+
+    unbounded = gpu_check.Checks({}, None, budget_s=0)
+    assert unbounded.in_budget("attribution") and "skipped" not in unbounded.result
+    hour = gpu_check.Checks({}, tmp_path / "hour.json", budget_s=3600)
+    with hour.step("init"):
+        pass
+    assert hour.in_budget("attribution") and list(hour.result["check_s"]) == ["init"]
+    spent = gpu_check.Checks({}, tmp_path / "spent.json", budget_s=1e-9)
+    assert not spent.in_budget("attribution")
+    (line,) = json.loads((tmp_path / "spent.json").read_text())["skipped"]
+    assert line.startswith("attribution: the 1e-09 s budget was spent"), line
 
 
 def test_profile_json():
