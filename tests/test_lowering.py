@@ -76,6 +76,40 @@ def test_the_decode_chunk_lowers_for_accelerators_without_a_float32_cache(platfo
     assert rows == {invariant.FIXED_ROWS}, rows
 
 
+def _export_speculative_chunk(lookahead: int):
+    """A chunk of speculative rounds (the model its own draft), exported for CUDA and TPU."""
+    options = kernel.Options(early_exit=True, draft=kernel.DraftSpec(CONFIG, lookahead))
+    length = LENGTH + lookahead  # (a round writes `lookahead` slots ahead)
+
+    def chunk(params, draft_params, cache, draft_cache, key_data, start, last, forced, noise_index):  # fmt: skip
+        sampler = jax.tree_util.tree_map(jnp.asarray, scm.stack([cfjax.Sampler(1.0)] * BATCH, CONFIG.vocab_size))  # fmt: skip
+        rows = kernel.Rows(jax.random.wrap_key_data(key_data), start, sampler, forced, noise_index)
+        draft = kernel.DraftState(draft_cache, last)
+        state = kernel.State(last, cache, jnp.int32(BUCKET), jnp.zeros((BATCH,), bool), draft)
+        return decode.decode(CONFIG, options, params, rows, state, jnp.int32(WIDTH), draft_params)
+
+    params = model.param_shapes(CONFIG, jnp.bfloat16)
+    cache = jax.eval_shape(lambda: init_cache(CONFIG, BATCH, length, jnp.bfloat16))
+    i32 = lambda *shape: SD(shape, jnp.int32)  # noqa: E731
+    args = (params, params, cache, cache, SD((BATCH, 2), jnp.uint32), i32(BATCH), i32(BATCH), i32(BATCH, WIDTH), i32(BATCH, WIDTH))  # fmt: skip
+    with invariant.forms_for("cuda"):
+        return jax.export.export(jax.jit(chunk), platforms=("cuda", "tpu"))(*args)
+
+
+def test_a_speculative_round_does_not_grow_with_its_lookahead():
+    """The draft's one-token steps are a loop: the round lowers (for CUDA and TPU) with the same
+    matmuls whatever the tokens it proposes (the draft's first two-token step, its loop step,
+    the target's scoring pass), so its compile time does not grow with the lookahead. Unrolled,
+    each proposed token added the draft's layers again (here 99 dots at lookahead 2, 203 at 6),
+    and an H200 compiled the Llama 3 8B round in 76 s against 6 s for a plain chunk."""
+    counts = {}
+    for lookahead in (2, 6):
+        exported = _export_speculative_chunk(lookahead)
+        assert exported.platforms == ("cuda", "tpu")
+        counts[lookahead] = exported.mlir_module().count("stablehlo.dot_general")
+    assert counts[2] == counts[6], counts
+
+
 def test_on_the_cpu_the_cache_is_widened_for_the_float32_form():
     assert _widens_the_cache(_export_chunk(("cpu",)).mlir_module())
 

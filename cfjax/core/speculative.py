@@ -97,19 +97,25 @@ def _choose_at(rows: Rows, logits, i, j):
 
 
 def _propose(draft: DraftSpec, draft_params, rows: Rows, state: State, i):
-    """The draft's k tokens for steps i..i+k-1 `[B, k]`, and its cache."""
+    """The draft's k tokens for steps i..i+k-1 `[B, k]`, and its cache.
+
+    Its one-token steps are a loop, not unrolled: the round's program then holds the draft's
+    layers twice (the first step's two tokens, the loop's one), not k times, which is most of
+    what a draft adds to compile time (the target's tokens never depend on the draft's)."""
     dc = state.draft
     two = jnp.stack([dc.before, state.last], axis=1)
     logits, cache = model.apply(draft.config, draft_params, two, rows.start, dc.cache, state.index - 1)  # fmt: skip
     token = _choose_at(rows, logits[:, 1], i, 0)[0]
-    proposals = [token]
-    for j in range(1, draft.lookahead):
-        logits, cache = model.apply(
-            draft.config, draft_params, token[:, None], rows.start, cache, state.index + j
-        )
+    proposals = jnp.zeros((token.shape[0], draft.lookahead), jnp.int32).at[:, 0].set(token)
+
+    def step(j, carry):
+        proposals, cache = carry
+        token = jax.lax.dynamic_index_in_dim(proposals, j - 1, axis=1, keepdims=True)
+        logits, cache = model.apply(draft.config, draft_params, token, rows.start, cache, state.index + j)  # fmt: skip
         token = _choose_at(rows, logits[:, 0], i, j)[0]
-        proposals.append(token)
-    return jnp.stack(proposals, axis=1), cache
+        return jax.lax.dynamic_update_index_in_dim(proposals, token, j, axis=1), cache
+
+    return jax.lax.fori_loop(1, draft.lookahead, step, (proposals, cache))
 
 
 def round_(config, options: Options, params, draft_params, rows: Rows, n, i, state: State, outputs: Outputs):  # fmt: skip
