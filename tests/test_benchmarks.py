@@ -256,9 +256,12 @@ def test_gpu_check_json(tmp_path):
     assert "skipped" not in r and r["total_s"] >= sum(r["check_s"].values()) - 1
 
 
-def test_gpu_check_budget(tmp_path):
+def test_gpu_check_budget(tmp_path, monkeypatch):
     """An optional check starts only while `--budget-s` lasts; one that does not is listed."""
-    sys.path.insert(0, str(BENCH))
+    monkeypatch.syspath_prepend(str(BENCH))
+    # Importing the benchmarks sets CFJAX_COMPILATION_CACHE (off, for their own processes):
+    # restored after the test, so that this worker's later child processes keep their cache.
+    monkeypatch.delenv("CFJAX_COMPILATION_CACHE", raising=False)
     import gpu_check
 
     unbounded = gpu_check.Checks({}, None, budget_s=0)
