@@ -53,9 +53,10 @@ def split(config, dtype, batch: int, prompt_len: int, steps: int) -> dict:
     # As `driver.run` passes them: the rows' fixed values and the state committed to the device
     # (a committed argument lowers otherwise), the per-step inputs and the count not.
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    commit = lambda t: jax.tree_util.tree_map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), t
-    )  # noqa: E731,E501
+
+    def commit(tree):
+        return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), tree)  # fmt: skip
+
     forced = jax.ShapeDtypeStruct((batch, kernel.DEFAULT_CHUNK), jnp.int32)  # a chunk's width
     keys = jax.ShapeDtypeStruct((batch,), jax.random.key(0).dtype)
     sampler = jax.eval_shape(lambda: scm.stack([Sampler(temperature=1.0)] * batch, config.vocab_size))  # fmt: skip
@@ -64,9 +65,7 @@ def split(config, dtype, batch: int, prompt_len: int, steps: int) -> dict:
     options = kernel.Options(early_exit=True)  # as `run`'s, without stop tokens
     programs = {
         "prefill": lambda: driver.prefill.lower(config, params, prompt, lengths, length, window),
-        "chunk": lambda: driver.decode_chunk.lower(
-            config, options, params, rows, state, count, None
-        ),  # fmt: skip
+        "chunk": lambda: driver.decode_chunk.lower(config, options, params, rows, state, count),
     }
     out, hits = {}, {}
     for name, lower in programs.items():
