@@ -22,23 +22,30 @@ LENGTH = kernel.cache_length(BUCKET, WIDTH, chunk=WIDTH)
 SD = jax.ShapeDtypeStruct
 
 
-def _chunk(params, cache, key_data, start, last, forced, noise_index):
-    """One decode chunk of `WIDTH` steps, as the driver runs it, from raw key data."""
+def _chunk(options, params, cache, key_data, start, last, forced, noise_index, draft_params=None, draft_cache=None):  # fmt: skip
+    """One decode chunk of `WIDTH` steps, as the driver runs it, from raw key data (with a
+    draft's params and cache: speculative rounds)."""
     sampler = jax.tree_util.tree_map(jnp.asarray, scm.stack([cfjax.Sampler(1.0)] * BATCH, CONFIG.vocab_size))  # fmt: skip
     rows = kernel.Rows(jax.random.wrap_key_data(key_data), start, sampler, forced, noise_index)
-    state = kernel.State(last, cache, jnp.int32(BUCKET), jnp.zeros((BATCH,), bool))
-    return decode.decode(CONFIG, kernel.Options(early_exit=True), params, rows, state, jnp.int32(WIDTH))  # fmt: skip
+    draft = None if draft_cache is None else kernel.DraftState(draft_cache, last)
+    state = kernel.State(last, cache, jnp.int32(BUCKET), jnp.zeros((BATCH,), bool), draft)
+    return decode.decode(CONFIG, options, params, rows, state, jnp.int32(WIDTH), draft_params)
 
 
-def _export_chunk(platforms):
+def _export_chunk(platforms, lookahead: int = 0):
+    """The chunk exported for `platforms`; with a `lookahead`, of speculative rounds (the model
+    its own draft, its cache `lookahead` slots longer: a round writes that far ahead)."""
+    options = kernel.Options(early_exit=True, draft=kernel.DraftSpec(CONFIG, lookahead) if lookahead else None)  # fmt: skip
     params = model.param_shapes(CONFIG, jnp.bfloat16)
-    cache = jax.eval_shape(lambda: init_cache(CONFIG, BATCH, LENGTH, jnp.bfloat16))
+    cache = jax.eval_shape(lambda: init_cache(CONFIG, BATCH, LENGTH + lookahead, jnp.bfloat16))
     i32 = lambda *shape: SD(shape, jnp.int32)  # noqa: E731
     args = (params, cache, SD((BATCH, 2), jnp.uint32), i32(BATCH), i32(BATCH), i32(BATCH, WIDTH), i32(BATCH, WIDTH))  # fmt: skip
+    if lookahead:
+        args += (params, cache)
     # The per-backend forms are chosen while tracing (`invariant.forms_for`); a fresh function
     # object, so that no program traced for another platform is reused.
     with invariant.forms_for(platforms[0]):
-        return jax.export.export(jax.jit(lambda *a: _chunk(*a)), platforms=platforms)(*args)
+        return jax.export.export(jax.jit(lambda *a: _chunk(options, *a)), platforms=platforms)(*args)  # fmt: skip
 
 
 KEYS = f"{BATCH}x{CONFIG.n_kv_heads}x{CONFIG.head_dim}x{LENGTH}"  # a layer's key cache
@@ -76,26 +83,6 @@ def test_the_decode_chunk_lowers_for_accelerators_without_a_float32_cache(platfo
     assert rows == {invariant.FIXED_ROWS}, rows
 
 
-def _export_speculative_chunk(lookahead: int):
-    """A chunk of speculative rounds (the model its own draft), exported for CUDA and TPU."""
-    options = kernel.Options(early_exit=True, draft=kernel.DraftSpec(CONFIG, lookahead))
-    length = LENGTH + lookahead  # (a round writes `lookahead` slots ahead)
-
-    def chunk(params, draft_params, cache, draft_cache, key_data, start, last, forced, noise_index):  # fmt: skip
-        sampler = jax.tree_util.tree_map(jnp.asarray, scm.stack([cfjax.Sampler(1.0)] * BATCH, CONFIG.vocab_size))  # fmt: skip
-        rows = kernel.Rows(jax.random.wrap_key_data(key_data), start, sampler, forced, noise_index)
-        draft = kernel.DraftState(draft_cache, last)
-        state = kernel.State(last, cache, jnp.int32(BUCKET), jnp.zeros((BATCH,), bool), draft)
-        return decode.decode(CONFIG, options, params, rows, state, jnp.int32(WIDTH), draft_params)
-
-    params = model.param_shapes(CONFIG, jnp.bfloat16)
-    cache = jax.eval_shape(lambda: init_cache(CONFIG, BATCH, length, jnp.bfloat16))
-    i32 = lambda *shape: SD(shape, jnp.int32)  # noqa: E731
-    args = (params, params, cache, cache, SD((BATCH, 2), jnp.uint32), i32(BATCH), i32(BATCH), i32(BATCH, WIDTH), i32(BATCH, WIDTH))  # fmt: skip
-    with invariant.forms_for("cuda"):
-        return jax.export.export(jax.jit(chunk), platforms=("cuda", "tpu"))(*args)
-
-
 def test_a_speculative_round_does_not_grow_with_its_lookahead():
     """The draft's one-token steps are a loop: the round lowers (for CUDA and TPU) with the same
     matmuls whatever the tokens it proposes (the draft's first two-token step, its loop step,
@@ -104,7 +91,7 @@ def test_a_speculative_round_does_not_grow_with_its_lookahead():
     and an H200 compiled the Llama 3 8B round in 76 s against 6 s for a plain chunk."""
     counts = {}
     for lookahead in (2, 6):
-        exported = _export_speculative_chunk(lookahead)
+        exported = _export_chunk(("cuda", "tpu"), lookahead)
         assert exported.platforms == ("cuda", "tpu")
         counts[lookahead] = exported.mlir_module().count("stablehlo.dot_general")
     assert counts[2] == counts[6], counts
