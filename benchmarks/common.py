@@ -246,10 +246,12 @@ def compiled_run(jitted, lm, args: tuple, steps: int) -> tuple:
     return (lambda: np.asarray(jax.block_until_ready(compiled(*args)))), compile_s
 
 
-def plain_runs(lm, prompts: list[list[int]], steps: int) -> dict:
+def plain_runs(lm, prompts: list[list[int]], steps: int, scan_layers: bool = False) -> dict:
     """{"plain": (run, compile s), "floor": (run, compile s)}: `plain_scan.generate` (textbook
     JAX decode) with `cfjax_decode`'s keys (`key=1`), and the matmul floor (`matmul_floor.run`:
-    the same steps' weight matmuls alone) at the same batch, compiled."""
+    the same steps' weight matmuls alone) at the same batch, compiled. `scan_layers`: also
+    "layers", the textbook decode with a `lax.scan` over stacked layers (a copy of the weights,
+    `plain_scan.stack_layers`)."""
     import jax.numpy as jnp
     import matmul_floor
     import plain_scan
@@ -259,10 +261,14 @@ def plain_runs(lm, prompts: list[list[int]], steps: int) -> dict:
     batch = len(prompts)
     plain_args = (lm.params, jnp.asarray(prompts, jnp.int32), row_keys(1, batch))
     floor_args = (lm.params, matmul_floor.inputs(lm.config, lm.params, batch))
-    return {
+    runs = {
         "plain": compiled_run(plain_scan.generate, lm, plain_args, steps),
         "floor": compiled_run(matmul_floor.run, lm, floor_args, steps),
     }
+    if scan_layers:
+        stacked = (plain_scan.stack_layers(lm.params), *plain_args[1:])
+        runs["layers"] = compiled_run(plain_scan.generate, lm, stacked, steps)
+    return runs
 
 
 def interleaved(runs: dict, rounds: int) -> tuple[dict, dict]:
@@ -283,18 +289,22 @@ def paired_ratio(numerator: np.ndarray, denominator: np.ndarray) -> float:
     return float(np.median(np.asarray(numerator) / np.asarray(denominator)))
 
 
-def plain_decode(lm, prompts: list[list[int]], steps: int, repeats: int) -> dict:
+def plain_decode(lm, prompts: list[list[int]], steps: int, repeats: int, scan_layers: bool = False) -> dict:  # fmt: skip
     """The textbook decode and the matmul floor (`plain_runs`), each the best of its runs at
-    batch 1 (`timed_runs`), taking turns."""
-    runs = plain_runs(lm, prompts, steps)
+    batch 1 (`timed_runs`), taking turns; with `scan_layers` the textbook decode over stacked
+    layers too (`layers_*`)."""
+    runs = plain_runs(lm, prompts, steps, scan_layers)
     outs, times = interleaved({k: r[0] for k, r in runs.items()}, timed_runs(len(prompts), repeats))
     tok_s = {k: len(prompts) * steps / t.min() for k, t in times.items()}
-    return {
+    out = {
         "tokens": outs["plain"],
         "tok_s": tok_s["plain"],
         "compile_s": runs["plain"][1],
         "floor_tok_s": tok_s["floor"],
     }
+    if scan_layers:
+        out.update(layers_tokens=outs["layers"], layers_tok_s=tok_s["layers"], layers_compile_s=runs["layers"][1])  # fmt: skip
+    return out
 
 
 def sample_decode(lm, prompt: list[int], batch: int, steps: int, repeats: int) -> dict:

@@ -12,6 +12,7 @@ once with the cache its own run filled, where both programs should load from dis
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -86,9 +87,13 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--batch-variant", action="store_true", help="the model with batch_invariant=False")  # fmt: skip
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    out = split(cfjax.preset(args.config), jnp.dtype(args.dtype), args.batch, args.prompt_len, args.new_tokens)  # fmt: skip
+    config = cfjax.preset(args.config)
+    if args.batch_variant:
+        config = dataclasses.replace(config, batch_invariant=False)
+    out = split(config, jnp.dtype(args.dtype), args.batch, args.prompt_len, args.new_tokens)  # fmt: skip
     print(json.dumps(out) if args.json else "  ".join(f"{k}={v}" for k, v in out.items()))
 
 

@@ -9,14 +9,17 @@
    same config and shapes in a child process (dynamic cache; static cache + `torch.compile` on
    an accelerator); the first batch's compile split (`compile_split.py` in child processes:
    prefill and decode chunk compiled by XLA with the persistent cache off, then loaded from the
-   cache this run filled); a textbook JAX decode and the weight matmuls alone on the same
-   weights (`plain_scan_*`, `matmul_floor_*`).
+   cache this run filled); a textbook JAX decode (layers unrolled, and a `lax.scan` over
+   stacked layers) and the weight matmuls alone on the same weights (`plain_scan_*`,
+   `plain_scan_layers_*`, `matmul_floor_*`).
 3. With `--profile-steps N`: per batch, the 10 costliest ops of N warm steps traced in a child
    process with CUDA command buffers off (`rows[i].profile`, each `op` and `ms_per_step`).
 4. Optional (not with `--quick`; with `--budget-s`, started only while the budget lasts, else
-   listed in `skipped`): issue 34's attribution sweep with the real Llama 3 tokenizer (the
-   llama-models wheel, carried in `.whl/`; `make gpu-wheels`), and per batch the same rows
-   with `model_blocks=8` (the blocked matmuls that make model-parallel meshes bit-exact).
+   listed in `skipped`): the yardsticks at the other batches; the compile split of the model
+   with `batch_invariant=False` (`compile_split_variant`: what the invariant forms cost to
+   compile); issue 34's attribution sweep with the real Llama 3 tokenizer (the llama-models
+   wheel, carried in `.whl/`; `make gpu-wheels`); and per batch the same rows with
+   `model_blocks=8` (the blocked matmuls that make model-parallel meshes bit-exact).
 
 `check_s` gives each check's seconds, `total_s` the run's; `--out` rewrites the JSON after every
 check. Random weights of a named config (no download): on a GPU `--config llama3-8b`; on this
@@ -136,7 +139,7 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 64])
     ap.add_argument("--profile-steps", type=int, default=0, help="then trace this many warm steps per batch, per op")  # fmt: skip
     ap.add_argument("--attribution-words", type=int, default=40, help="then an attribution sweep (0: none)")  # fmt: skip
-    ap.add_argument("--budget-s", type=float, default=0, help="start the optional checks (attribution, model_blocks) only within this many seconds (0: always)")  # fmt: skip
+    ap.add_argument("--budget-s", type=float, default=0, help="start the optional checks (yardsticks at the other batches, compile_split_variant, attribution, model_blocks) only within this many seconds (0: always)")  # fmt: skip
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--out", type=Path, help="also write the JSON here after every check (what a run cut short by a time limit leaves)")  # fmt: skip
     ap.add_argument("--quick", action="store_true", help="64 new tokens, no profile, no optional checks (≤ 3 min on an H200)")  # fmt: skip
@@ -210,6 +213,13 @@ def main() -> None:
             for row in rows:  # per batch, in a child process with CUDA command buffers off
                 row["profile"] = batch_profile(args, row["batch"])
                 checks.save()
+    for row, (prompts, tokens) in zip(rows[1:], runs[1:], strict=True):
+        if not args.quick and checks.in_budget(f"yardsticks at batch {row['batch']}"):
+            with checks.step(f"yardsticks_{row['batch']}"):
+                row.update(yardsticks(lm, prompts, args.new_tokens, row["tok_s"], tokens))
+    if not args.quick and checks.in_budget("compile_split_variant"):
+        with checks.step("compile_split_variant"):  # what the invariant forms cost to compile
+            result["compile_split_variant"] = compile_split(args, cache=False, variant=True)
     if args.attribution_words and checks.in_budget("attribution"):
         with checks.step("attribution"):
             result["attribution"] = attribution(lm, args.attribution_words)
@@ -282,7 +292,8 @@ def print_summary(result: dict) -> None:
     """The run's headline, its compile split, per-batch profiles and the attribution row."""
     print(f"{result['device']}  jax {result['jax']}  {result['config']} {result['dtype']}")
     print(f"params {result['param_gb']} GB, bandwidth {result['bandwidth_gb_s']} GB/s ({result['bandwidth_source']})")  # fmt: skip
-    for name in ("compile_split", "compile_split_cached", "attribution", "check_s"):
+    splits = ("compile_split", "compile_split_cached", "compile_split_variant")
+    for name in (*splits, "attribution", "check_s"):
         if name in result:
             print(f"{name}:", "  ".join(f"{k}={v}" for k, v in result[name].items()))
     for row in result["rows"]:
@@ -294,10 +305,13 @@ def print_summary(result: dict) -> None:
 
 def yardsticks(lm, prompts, steps: int, tok_s: float, tokens) -> dict:
     """The same run as a textbook JAX decode (`plain_scan.py`) and as the weight matmuls alone
-    (`matmul_floor.py`): is a gap to the roofline cfjax's or XLA's? An error (e.g. a config
-    the textbook decode does not implement) is reported instead of losing the other checks."""
+    (`matmul_floor.py`): is a gap to the roofline cfjax's or XLA's? And the textbook decode
+    with a `lax.scan` over stacked layers (`plain_scan_layers_*`): what a program of one block
+    saves in compile time and costs in speed on this backend (issue 31's compile target; a
+    stacked layout would change every loader). An error (e.g. a config the textbook decode
+    does not implement) is reported instead of losing the other checks."""
     try:
-        plain = plain_decode(lm, prompts, steps, repeats=2)
+        plain = plain_decode(lm, prompts, steps, repeats=2, scan_layers=True)
     except Exception as e:  # noqa: BLE001
         return {"plain_scan_error": f"{type(e).__name__}: {e}"}
     same = np.cumprod(plain["tokens"][0] == np.asarray(tokens))
@@ -306,6 +320,11 @@ def yardsticks(lm, prompts, steps: int, tok_s: float, tokens) -> dict:
         "cfjax_over_plain_scan": round(tok_s / plain["tok_s"], 3),
         # bfloat16 rounds differently in the two programs, so they may part ways.
         "plain_scan_same_first_tokens": int(same.sum()),
+        "plain_scan_compile_s": round(plain["compile_s"], 2),
+        "plain_scan_layers_tok_s": round(plain["layers_tok_s"], 1),
+        "plain_scan_layers_compile_s": round(plain["layers_compile_s"], 2),
+        # The same arithmetic in another program: equal tokens in float32, in bfloat16 most.
+        "plain_scan_layers_same_tokens": float(np.mean(plain["layers_tokens"] == plain["tokens"])),
         "matmul_floor_tok_s": round(plain["floor_tok_s"], 1),
         "cfjax_over_matmul_floor": round(tok_s / plain["floor_tok_s"], 3),
     }
@@ -437,18 +456,20 @@ def add_transformers(rows: list[dict], config, args) -> None:
         row["torch"] = peer["torch"]
 
 
-def compile_split(args, cache: bool) -> dict:
+def compile_split(args, cache: bool, variant: bool = False) -> dict:
     """`compile_split.py` for the first batch in a child process (it makes no weights): with
     the persistent compilation cache off, what XLA's compile of the prefill and of the decode
     chunk costs; with it on (the folder this run filled), what a second process pays, and
-    whether both programs came from disk (`cache_hits`). An error is reported in the result."""
+    whether both programs came from disk (`cache_hits`); `variant`: of the model with
+    `batch_invariant=False` (XLA's own sums and one matmul per weight). An error is reported
+    in the result."""
     env = dict(os.environ)
     if not cache:  # (JAX's own setting would turn it back on)
         env["CFJAX_COMPILATION_CACHE"] = ""
         env.pop("JAX_COMPILATION_CACHE_DIR", None)
     cmd = [sys.executable, str(Path(__file__).with_name("compile_split.py")), "--config", args.config,
            "--dtype", args.dtype, "--batch", str(args.batches[0]), "--prompt-len", str(args.prompt_len),
-           "--new-tokens", str(args.new_tokens), "--json"]  # fmt: skip
+           "--new-tokens", str(args.new_tokens), "--json"] + ["--batch-variant"] * variant  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         return {"error": (proc.stderr.strip().splitlines() or ["compile_split.py failed"])[-1]}

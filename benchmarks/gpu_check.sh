@@ -10,8 +10,9 @@ config=${CFJAX_GPU_CHECK_CONFIG:-llama3-8b}
 if [ "$config" = tiny ]; then
   args=(--config tiny --prompt-len 40 --new-tokens 24 --batches 1 4 --profile-steps 8 --attribution-words 5)
 else
-  # Issue 31: the whole run in 6 minutes on an H200; the optional checks (attribution,
-  # model_blocks) start only within 300 s of its start (`--budget-s 0` after these: always).
+  # Issue 31: the whole run in 6 minutes on an H200; the optional checks (the yardsticks at
+  # batch 64, the batch-variant compile split, attribution, model_blocks) start only within 300 s
+  # of its start (`--budget-s 0` after these: always).
   args=(--config "$config" --prompt-len 512 --new-tokens 256 --batches 1 64 --profile-steps 64 --budget-s 300)
 fi
 # The accelerator image's own flax may predate NNX's List, and it has no llama-models (the Llama 3

@@ -35,36 +35,71 @@ def _rope(x, positions, inv_freq):
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x.dtype)
 
 
+def _qkv(c, p, x, positions, inv_freq):
+    """A block's queries `[B, T, KV, G, head_dim]` (float32) and new keys and values `[B, T, KV,
+    head_dim]` from `x` `[B, T, dim]`."""
+    b, t, _ = x.shape
+    hd, kv = c.head_dim, c.n_kv_heads
+    h = _rms_norm(x, p["attn_norm"]["scale"], c.norm_eps)
+    q, k, v = jnp.split(h @ p["attn"]["qkv"]["kernel"], [c.n_heads * hd, (c.n_heads + kv) * hd], -1)
+    q = _rope(q.reshape(b, t, c.n_heads, hd), positions, inv_freq)
+    k = _rope(k.reshape(b, t, kv, hd), positions, inv_freq)
+    return q.reshape(b, t, kv, -1, hd).astype(jnp.float32), k, v.reshape(b, t, kv, hd)
+
+
+def _rest(c, p, x, q, keys, values, visible):
+    """The rest of a block: attention of `q` over the layer's cache `[B, S, KV, head_dim]`,
+    then the MLP; the new `x`."""
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, keys.astype(jnp.float32)) / np.sqrt(c.head_dim)
+    probs = jax.nn.softmax(jnp.where(visible, scores, -jnp.inf), axis=-1)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, values.astype(jnp.float32))
+    x = x + out.reshape(*x.shape[:2], -1).astype(x.dtype) @ p["attn"]["o"]["kernel"]
+    h = _rms_norm(x, p["mlp_norm"]["scale"], c.norm_eps)
+    gate, up = jnp.split(h @ p["mlp"]["gate_up"]["kernel"], 2, -1)
+    return x + (jax.nn.silu(gate) * up) @ p["mlp"]["down"]["kernel"]
+
+
+def stack_layers(params: dict) -> dict:
+    """`params` with its layers as one pytree of `[n_layers, ...]` arrays (a copy), for the
+    `lax.scan` over layers of `generate`."""
+    layers = [params["layers"][i] for i in range(len(params["layers"]))]
+    return {**params, "layers": jax.tree_util.tree_map(lambda *x: jnp.stack(x), *layers)}
+
+
 def _forward(config, params, tokens, cache, pos):
-    """Logits f32 `[B, T, V]` of `tokens` `[B, T]` at positions pos.., and the updated cache."""
+    """Logits f32 `[B, T, V]` of `tokens` `[B, T]` at positions pos.., and the updated cache.
+
+    Layers unrolled: `cache` is a list of per-layer `(keys, values)` `[B, S, KV, head_dim]`.
+    Layers stacked (`stack_layers`): one `(keys, values)` `[L, B, S, KV, head_dim]`, and a
+    `lax.scan` over the layers writes each layer's new slots in place: a program of one block
+    (what XLA compiles), reading each layer's weights and cache as slices."""
     c = config
-    b, t = tokens.shape
-    hd, kv, g = c.head_dim, c.n_kv_heads, c.n_heads // c.n_kv_heads
+    hd, t = c.head_dim, tokens.shape[1]
     inv_freq = 1.0 / (c.rope_theta ** (np.arange(0, hd, 2, dtype=np.float32) / hd))
     positions = pos + jnp.arange(t)
-    slots = jnp.arange(cache[0][0].shape[1])
-    visible = slots[None, :] <= positions[:, None]  # [T, S]: causal over the filled cache
+    slots = jax.tree_util.tree_leaves(cache)[0].shape[-3]
+    visible = jnp.arange(slots)[None, :] <= positions[:, None]  # [T, S]: causal over the cache
     x = params["embed"]["embedding"][tokens]
-    new_cache = []
-    for i in range(c.n_layers):
-        p = params["layers"][i]
-        h = _rms_norm(x, p["attn_norm"]["scale"], c.norm_eps)
-        q, k, v = jnp.split(
-            h @ p["attn"]["qkv"]["kernel"], [c.n_heads * hd, (c.n_heads + kv) * hd], -1
-        )
-        q = _rope(q.reshape(b, t, c.n_heads, hd), positions, inv_freq)
-        k = _rope(k.reshape(b, t, kv, hd), positions, inv_freq)
-        ck = jax.lax.dynamic_update_slice(cache[i][0], k, (0, pos, 0, 0))
-        cv = jax.lax.dynamic_update_slice(cache[i][1], v.reshape(b, t, kv, hd), (0, pos, 0, 0))
-        new_cache.append((ck, cv))
-        q = q.reshape(b, t, kv, g, hd).astype(jnp.float32)
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, ck.astype(jnp.float32)) / np.sqrt(hd)
-        probs = jax.nn.softmax(jnp.where(visible, scores, -jnp.inf), axis=-1)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, cv.astype(jnp.float32))
-        x = x + out.reshape(b, t, c.n_heads * hd).astype(x.dtype) @ p["attn"]["o"]["kernel"]
-        h = _rms_norm(x, p["mlp_norm"]["scale"], c.norm_eps)
-        gate, up = jnp.split(h @ p["mlp"]["gate_up"]["kernel"], 2, -1)
-        x = x + (jax.nn.silu(gate) * up) @ p["mlp"]["down"]["kernel"]
+    if isinstance(cache, tuple):
+
+        def block(carry, layer):
+            x, keys, values = carry
+            p, i = layer
+            q, k, v = _qkv(c, p, x, positions, inv_freq)
+            keys = jax.lax.dynamic_update_slice(keys, k[None], (i, 0, pos, 0, 0))
+            values = jax.lax.dynamic_update_slice(values, v[None], (i, 0, pos, 0, 0))
+            return (_rest(c, p, x, q, keys[i], values[i], visible), keys, values), None
+
+        (x, *new_cache), _ = jax.lax.scan(block, (x, *cache), (params["layers"], jnp.arange(c.n_layers)))  # fmt: skip
+        new_cache = tuple(new_cache)
+    else:
+        new_cache = []
+        for i in range(c.n_layers):
+            p = params["layers"][i]
+            q, k, v = _qkv(c, p, x, positions, inv_freq)
+            ck, cv = (jax.lax.dynamic_update_slice(a, new, (0, pos, 0, 0)) for a, new in zip(cache[i], (k, v), strict=True))  # fmt: skip
+            x = _rest(c, p, x, q, ck, cv, visible)
+            new_cache.append((ck, cv))
     x = _rms_norm(x, params["final_norm"]["scale"], c.norm_eps)
     head = params["embed"]["embedding"].T if c.tie_embeddings else params["lm_head"]["kernel"]
     return (x @ head).astype(jnp.float32), new_cache
@@ -75,14 +110,18 @@ def generate(config, params, prompts, keys, steps: int):
     """int32 `[B, steps]` tokens sampled at temperature 1 after `prompts` `[B, P]` (no padding).
 
     `keys` `[B]` are the rows' typed PRNG keys; token t of row b is
-    `argmax(logits + gumbel(fold_in(keys[b], t), (V,)))`.
+    `argmax(logits + gumbel(fold_in(keys[b], t), (V,)))`. With `stack_layers(params)` each
+    step is a `lax.scan` over the layers instead of the layers unrolled: the same arithmetic.
     """
     if config.rope_scaling is not None:
         raise ValueError(f"plain_scan does not implement RoPE scaling ({config.name})")
     b, p = prompts.shape
     shape = (b, p + steps, config.n_kv_heads, config.head_dim)
     dtype = params["embed"]["embedding"].dtype
-    cache = [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.n_layers)]
+    if "attn" in params["layers"]:  # stacked (`stack_layers`): one cache array per k and v
+        cache = (jnp.zeros((config.n_layers, *shape), dtype),) * 2
+    else:
+        cache = [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.n_layers)]
 
     def sample(logits, t):
         noise = jax.vmap(lambda k: jax.random.gumbel(jax.random.fold_in(k, t), logits.shape[-1:]))

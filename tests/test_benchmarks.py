@@ -211,10 +211,14 @@ def test_gpu_check_json(tmp_path):
     assert r["compilation_cache"] == {"folder": str(tmp_path / "xla"), "entries_at_start": 0}
     assert [row["batch"] for row in r["rows"]] == [1, 4]
     assert r["rows"][0]["null_intervention_flips"] == 0
-    first = r["rows"][0]  # the textbook decode and the matmul floor, at the first batch only
-    assert _positive(first["plain_scan_tok_s"]) and _positive(first["matmul_floor_tok_s"])
-    assert 0 <= first["plain_scan_same_first_tokens"] <= 24
-    assert "plain_scan_tok_s" not in r["rows"][1]
+    first = r["rows"][0]
+    for row in r["rows"]:  # the textbook decode (layers unrolled, and scanned) and the matmul floor
+        assert _positive(row["plain_scan_tok_s"]) and _positive(row["matmul_floor_tok_s"])
+        assert 0 <= row["plain_scan_same_first_tokens"] <= 24
+        assert _positive(row["plain_scan_compile_s"]) and _positive(row["plain_scan_layers_compile_s"])  # fmt: skip
+        assert _positive(row["plain_scan_layers_tok_s"])
+        # The same arithmetic in another program (bfloat16 here: rounded otherwise in places).
+        assert 0.5 <= row["plain_scan_layers_same_tokens"] <= 1, row
     # Batch invariance of a row alone, in identical rows and among other prompts (issue 30).
     second = r["rows"][1]
     assert second["invariance_flips"] >= 0 and second["invariance_max_logprob_diff"] >= 0
@@ -229,12 +233,12 @@ def test_gpu_check_json(tmp_path):
     # The prefill and the chunk program, lowered and compiled apart in a child process: with the
     # cache off, and with the cache the run filled, from which both programs load (the split
     # compiles the very programs the run ran).
-    for name in ("compile_split", "compile_split_cached"):
+    for name in ("compile_split", "compile_split_cached", "compile_split_variant"):
         split = r[name]
         assert split["batch"] == 1, split
         for part in ("prefill_lower_s", "prefill_compile_s", "chunk_lower_s", "chunk_compile_s"):
             assert _positive(split[part]), (part, split)
-    assert "cache_hits" not in r["compile_split"]
+    assert "cache_hits" not in r["compile_split"] and "cache_hits" not in r["compile_split_variant"]
     assert r["compile_split_cached"]["cache_hits"] == {"prefill": True, "chunk": True}
     # Issue 34's sweep with the real Llama 3 tokenizer (tiny random weights of its vocabulary).
     a = r["attribution"]
@@ -251,7 +255,8 @@ def test_gpu_check_json(tmp_path):
     # Each check's seconds, in the order they ran; without a budget nothing is skipped.
     assert list(r["check_s"]) == [
         "init", "batch_1", "batch_4", "speculative", "transformers", "compile_split",
-        "yardsticks", "profiles", "attribution", "model_blocks_1", "model_blocks_4",
+        "yardsticks", "profiles", "yardsticks_4", "compile_split_variant", "attribution",
+        "model_blocks_1", "model_blocks_4",
     ]  # fmt: skip
     assert "skipped" not in r and r["total_s"] >= sum(r["check_s"].values()) - 1
 

@@ -296,7 +296,8 @@ def test_key_forms(lm, base):
 def test_tokens_equal_a_textbook_jax_decode(lm, batch):
     """cfjax samples exactly the tokens of `benchmarks/plain_scan.py`: a from-scratch JAX decode
     (its own attention, RoPE, cache and scan) that only applies the noise contract
-    `argmax(logits + gumbel(fold_in(key_b, t), (V,)))`, with each row's own key."""
+    `argmax(logits + gumbel(fold_in(key_b, t), (V,)))`, with each row's own key; and so does
+    its form with a `lax.scan` over stacked layers (gpu_check's compile-time yardstick)."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import plain_scan
 
@@ -306,6 +307,10 @@ def test_tokens_equal_a_textbook_jax_decode(lm, batch):
     plain = np.asarray(plain_scan.generate(lm.config, lm.params, prompts, keys, N))
     assert plain.shape == (8, N) and len({tuple(row) for row in plain}) == 8
     np.testing.assert_array_equal(np.array([t.tokens for t in traces]), plain)
+    stacked = plain_scan.stack_layers(lm.params)
+    assert stacked["layers"]["mlp"]["down"]["kernel"].shape[0] == lm.config.n_layers
+    scanned = plain_scan.generate(lm.config, stacked, prompts, keys, N)
+    np.testing.assert_array_equal(np.asarray(scanned), plain)
 
 
 def test_array_prompts(lm, base, batch):
