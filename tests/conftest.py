@@ -101,3 +101,21 @@ def ref_keep(z: np.ndarray, top_k: int | None, top_p: float | None) -> tuple[np.
     out = np.zeros_like(keep)
     out[order] = keep
     return out, margin
+
+
+def inlined_count(module: str, op: str) -> int:
+    """How many times `op` (e.g. "stablehlo.dot_general") occurs in a StableHLO module's `main`
+    once every call is inlined, as XLA does first: a function the program calls n times (a
+    layer, a `jnp` helper) counts n times."""
+    import re
+    from functools import cache
+
+    bodies = dict(re.findall(r"func\.func \w+ @([\w.$-]+)\((.*?)(?=\n  func\.func |\Z)", module, re.S))  # fmt: skip
+
+    @cache
+    def total(name: str) -> int:
+        body = bodies[name]
+        calls = re.findall(r"\bcall @([\w.$-]+)\(", body)
+        return body.count(op) + sum(total(callee) for callee in calls)
+
+    return total("main")

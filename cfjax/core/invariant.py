@@ -32,12 +32,12 @@ sampler's sums (`scm`, `truncation`, `posterior`) stay invariant in both modes (
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import math
 
 import jax
 import jax.numpy as jnp
+
+from cfjax.core.trace_mode import mode, traced_under
 
 BLOCK = 32  # cache slots per block of `slot_sum`; divides every prompt bucket
 ROWS = 32  # most rows in one matmul tile on the CPU
@@ -59,43 +59,27 @@ PREFILL_ROWS = 4096
 # (a SmolLM2 batch-64 step: 279 -> 245 ms against a loop); more run in a loop (`lax.map`), which
 # keeps a long prefill's program small. Every tile is a dot of one shape either way: same bits.
 UNROLLED_TILES = 4
-_FORMS_FOR = contextvars.ContextVar("cfjax_forms_for", default=None)
-_INVARIANT = contextvars.ContextVar("cfjax_batch_invariant", default=True)
-_BLOCKS = contextvars.ContextVar("cfjax_model_blocks", default=1)
-_PREFILL = contextvars.ContextVar("cfjax_prefill", default=False)
 
 
-@contextlib.contextmanager
 def batch_invariance(enabled: bool, blocks: int = 1, prefill: bool = False):
     """Trace the helpers below in their batch-invariant forms (`True`, the default) or as XLA's
     own ops, with each weight matmul of `dense` in `blocks` fixed blocks (`blocked_matmul`);
     `prefill`: the program computes prompt tokens only (see `fixed_rows`). Set by `model.apply`
     from the static `config.batch_invariant` and `config.model_blocks`, so each mode is its own
     compiled program."""
-    tokens = _INVARIANT.set(bool(enabled)), _BLOCKS.set(int(blocks)), _PREFILL.set(bool(prefill))
-    try:
-        yield
-    finally:
-        _INVARIANT.reset(tokens[0])
-        _BLOCKS.reset(tokens[1])
-        _PREFILL.reset(tokens[2])
+    return traced_under(mode()._replace(invariant=bool(enabled), blocks=int(blocks), prefill=bool(prefill)))  # fmt: skip
 
 
 def enabled() -> bool:
     """Whether programs traced now take the batch-invariant forms."""
-    return _INVARIANT.get()
+    return mode().invariant
 
 
-@contextlib.contextmanager
 def forms_for(platform: str | None):
     """Trace the per-backend forms (`on_cpu`) of `platform` instead of the default backend's:
     to `jax.export` for accelerators from a CPU host, under a fresh `jax.jit` (a traced
     program is cached without this setting)."""
-    token = _FORMS_FOR.set(platform)
-    try:
-        yield
-    finally:
-        _FORMS_FOR.reset(token)
+    return traced_under(mode()._replace(forms_for=platform))
 
 
 def fixed_rows() -> int | None:
@@ -105,14 +89,14 @@ def fixed_rows() -> int | None:
     ever compared with prefill rows (the decode step feeds every token it chooses, DESIGN.md
     §2), and its many rows run ~2x faster in 64-row dots than in 32-row ones on XLA:CPU; the
     decode step at batch 1 would pay 32x the rows."""
-    return None if on_cpu() and not _PREFILL.get() else FIXED_ROWS
+    return None if on_cpu() and not mode().prefill else FIXED_ROWS
 
 
 def on_cpu() -> bool:
     """Whether programs traced now take the CPU's forms (of the default backend unless
     `forms_for` says otherwise). Chosen while tracing, in Python: `lax.platform_dependent`
     traced every form of ~150 ops per forward and doubled the tracing time."""
-    return (_FORMS_FOR.get() or jax.default_backend()) == "cpu"
+    return (mode().forms_for or jax.default_backend()) == "cpu"
 
 
 def _tree(x: jax.Array, axis: int, combine, neutral) -> jax.Array:
@@ -380,16 +364,16 @@ def dense(x: jax.Array, w: jax.Array, contract: int = 0, wide: bool = False) -> 
         return matmul(x, w, contract, wide)
     # The mode of this trace, for the vmap rule: JAX may run the rule after the `with` blocks
     # that set it have exited (a `vmap` of a loop batches the loop's body later).
-    blocks, forms, prefill = _BLOCKS.get(), _FORMS_FOR.get(), _PREFILL.get()
+    settings = mode()
 
     @jax.custom_batching.custom_vmap
     def fn(x, w):
-        return _tiled(x, w, contract, wide, fixed_rows(), blocks)
+        return _tiled(x, w, contract, wide, fixed_rows(), settings.blocks)
 
     @fn.def_vmap
     def rule(axis_size, in_batched, x, w):
         x_batched, w_batched = in_batched
-        with batch_invariance(True, blocks, prefill), forms_for(forms):
+        with traced_under(settings):
             if w_batched:  # one matrix per mapped element: each alone, in turn
                 x = x if x_batched else jnp.broadcast_to(x, (axis_size,) + x.shape)
                 return jax.lax.map(lambda xw: dense(*xw, contract, wide), (x, w)), True

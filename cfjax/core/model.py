@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cfjax.core import invariant, quant, spec, steering
+from cfjax.core import invariant, quant, spec, steering, trace_mode
 from cfjax.core.attention import NEG, cached_attention, causal_attention
 from cfjax.core.cache import KEY_SLOT_AXIS, VALUE_SLOT_AXIS, KVCache, write
 from cfjax.core.config import LlamaConfig
@@ -205,6 +205,23 @@ class Block(nnx.Module):
         return invariant.add(x, self.mlp(self.mlp_norm(x), layer_k is not None)), layer_k, layer_v
 
 
+def _block(block: Block, x, cos_sin, visible, layer_k, layer_v, index):
+    """`block(...)` as a call of one jitted function, which every layer of a network shares:
+    traced and lowered once per forward, not once per layer (the layers' programs are one
+    function, which XLA inlines into each call: the same program to compile and run)."""
+    graph, state = nnx.split(block)
+    static = index if isinstance(index, int) else None
+    index = None if static is not None else index
+    return _traced_block(graph, trace_mode.mode(), static, state, x, cos_sin, visible, layer_k, layer_v, index)  # fmt: skip
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _traced_block(graph, mode, static_index, state, x, cos_sin, visible, layer_k, layer_v, index):  # fmt: skip
+    with trace_mode.traced_under(mode):
+        block = nnx.merge(graph, state)
+        return block(x, cos_sin, visible, layer_k, layer_v, index if static_index is None else static_index)  # fmt: skip
+
+
 class Llama(nnx.Module):
     """Decoder-only Llama network."""
 
@@ -236,7 +253,7 @@ class Llama(nnx.Module):
         for i, layer in enumerate(self.layers):
             lk = None if cache is None else cache.k[i]
             lv = None if cache is None else cache.v[i]
-            x, lk, lv = layer(x, cos_sin, visible, lk, lv, index)
+            x, lk, lv = _block(layer, x, cos_sin, visible, lk, lv, index)
             if steer is not None:
                 x = invariant.add(x, steer[i].astype(x.dtype))
             new_k.append(lk)
@@ -258,7 +275,7 @@ class Llama(nnx.Module):
         """The residual stream `[B, T, dim]` (float32) after block `layer`, without a cache."""
         x, cos_sin, visible = self._inputs(tokens, start, None, 0, None)
         for block in self.layers[: layer + 1]:
-            x = block(x, cos_sin, visible, None, None, 0)[0]
+            x = _block(block, x, cos_sin, visible, None, None, 0)[0]
         return x.astype(jnp.float32)
 
     def _inputs(self, tokens, start, cache, index, cos_sin):
