@@ -26,6 +26,7 @@ slot.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -225,17 +226,20 @@ def shift(cache: KVCache, source: jax.Array, to: jax.Array, count: jax.Array, le
     offset = i32(source) - i32(to) + length
     at = jnp.arange(length, dtype=jnp.int32)[None, :] - i32(to)[:, None]  # [B, length]
     real = (at >= 0) & (at < i32(count)[:, None])
+    k = [_move(x, offset, real, KEY_SLOT_AXIS, length) for x in cache.k]
+    return KVCache(k, [_move(x, offset, real, VALUE_SLOT_AXIS, length) for x in cache.v])
 
-    def move(x, axis):
-        pad = [(0, 0)] * x.ndim
-        pad[axis] = (length, length)
-        window = lambda row, o: jax.lax.dynamic_slice_in_dim(row, o, length, axis=axis - 1)  # noqa: E731
-        moved = jax.vmap(window)(jnp.pad(x, pad), offset)
-        shape = [x.shape[0], 1, 1, 1]
-        shape[axis] = length
-        return jnp.where(real.reshape(shape), moved, jnp.zeros((), x.dtype))
 
-    return KVCache([move(x, KEY_SLOT_AXIS) for x in cache.k], [move(x, VALUE_SLOT_AXIS) for x in cache.v])  # fmt: skip
+@functools.partial(jax.jit, static_argnums=(3, 4))
+def _move(x, offset, real, axis: int, length: int):
+    """One layer array of `shift`: a function every layer calls (traced once, not per layer)."""
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (length, length)
+    window = lambda row, o: jax.lax.dynamic_slice_in_dim(row, o, length, axis=axis - 1)  # noqa: E731
+    moved = jax.vmap(window)(jnp.pad(x, pad), offset)
+    shape = [x.shape[0], 1, 1, 1]
+    shape[axis] = length
+    return jnp.where(real.reshape(shape), moved, jnp.zeros((), x.dtype))
 
 
 def roll_in(config: LlamaConfig, cache: KVCache, prompt_length, bucket: int, length: int) -> tuple[KVCache, jax.Array]:  # fmt: skip
