@@ -22,9 +22,16 @@ from cfjax.core import decode
 from cfjax.core.checks import count
 from cfjax.core.kernel import stop_tuple
 from cfjax.core.scm import Sampler
-from cfjax.runtime.driver import host_rows, rows_to_run
+from cfjax.runtime.driver import rows_to_run
 from cfjax.runtime.lm import LM
-from cfjax.runtime.request import check_request, is_batch, padded, row_keys, stop_tokens_of
+from cfjax.runtime.request import (
+    check_request,
+    host_rows,
+    is_batch,
+    padded,
+    row_keys,
+    stop_tokens_of,
+)
 
 
 def check_shared_vocabulary(models: Sequence[LM]) -> None:

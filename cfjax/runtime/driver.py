@@ -25,8 +25,8 @@ from cfjax.core.cache import KVCache
 from cfjax.core.checks import count
 from cfjax.core.config import LlamaConfig
 from cfjax.core.kernel import DEFAULT_CHUNK, NOT_FORCED, Options, Rows, State
-from cfjax.runtime import cache_layout, prefix, programs
-from cfjax.runtime.request import padded
+from cfjax.runtime import ahead, cache_layout, prefix, programs
+from cfjax.runtime.request import host_rows, padded, valid_entries
 
 # From this many rows on, a run on the CPU grows its cache by default (see `grows_by_default`).
 GROW_MIN_BATCH = 16
@@ -246,32 +246,22 @@ def _padded(request: Request, resume: Resume | None, index: np.ndarray) -> tuple
     return request, resume
 
 
-def host_rows(x: Any, index: np.ndarray) -> Any:
-    """Rows `index` of a per-row input, taken on the host (typed keys as their raw data), so
-    that padding compiles no program of its own."""
-    if x is None:
-        return None
-    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-        return jax.random.wrap_key_data(np.asarray(jax.random.key_data(x))[index], impl=jax.random.key_impl(x))  # fmt: skip
-    return np.asarray(x)[index]
-
-
 def _run(config, params, request: Request, layout: _Layout, options: Options, resume, on_chunk, mesh, draft, real: int) -> Decoded:  # fmt: skip
     prompt, lengths = padded(request.prompts, layout.bucket)
-    state, start = _initial_state(config, params, request, prompt, lengths, layout, resume, mesh)
-    if real < len(request.prompts):  # padding rows: done before they start (no row is yet)
-        state = dataclasses.replace(state, done=jax.device_put(np.arange(len(request.prompts)) >= real))  # fmt: skip
     calls = layout.calls()
     width = calls[-1][0] + layout.chunk if calls else layout.first
-    rows, steps_in = _rows(config, request, start, width)
-    rows, state = _commit(rows, state, mesh)
+    begin = functools.partial(_begin, config, params, prompt, lengths, layout, resume, mesh, real, width)  # fmt: skip
+    pending = {} if mesh is not None else _compile_ahead(config, params, options, request, layout, resume, draft, begin, prompt, lengths)  # fmt: skip
+    rows, state, steps_in = begin(request)
     if draft is not None:
         state.draft = _draft_state(draft, prompt, lengths, layout, steps_in["forced"])
+    rows, state = _commit(rows, state, mesh)
     out, rounds, slots = [], 0, []
     for s, end in calls:
         if state.cache.length < layout.slots(s):
             state = cache_layout.resize(state, layout.slots(s))
         slots.append(state.cache.length)
+        ahead.wait(pending.pop(state.cache.length, None))
         chunk_rows = dataclasses.replace(rows, **{k: None if x is None else x[:, s : s + layout.chunk] for k, x in steps_in.items()})  # fmt: skip
         state, chunk_out, iterations = decode_chunk(config, options, params, chunk_rows, state,
                                                     jnp.asarray(end - s, jnp.int32), None if draft is None else draft.params)  # fmt: skip
@@ -280,20 +270,54 @@ def _run(config, params, request: Request, layout: _Layout, options: Options, re
         # Only the chunk's own steps: a resumed run's first chunk ends before its width.
         out.append(jax.tree_util.tree_map(lambda x, n=end - s: np.swapaxes(spec.fetch(x), 0, 1)[:, :n], chunk_out))  # fmt: skip
         if on_chunk is not None:
-            on_chunk(_collect([o.tokens for o in out], [o.valid for o in out], layout.steps - layout.first)[:real])  # fmt: skip
+            on_chunk(valid_entries([o.tokens for o in out], [o.valid for o in out], layout.steps - layout.first)[:real])  # fmt: skip
         if bool(np.all(spec.fetch(state.done))):
             break
+    ahead.cancel(pending)  # (programs of chunks an early stop skipped: those not begun)
     if state.cache.length < layout.length:  # a stored cache serves any later run: every slot
         state = cache_layout.resize(state, layout.length)
     n = layout.steps - layout.first
     valid = [o.valid for o in out]
-    tokens = _collect([o.tokens for o in out], valid, n)[:real]  # the real rows (the cache: all)
+    tokens = valid_entries([o.tokens for o in out], valid, n)[
+        :real
+    ]  # the real rows (the cache: all)
     logits = None
     if options.keep_logits:  # steps not run (all rows stopped) are cut, as in `tokens`
         logits = np.concatenate([o.logits for o in out], axis=1)[:real, : max(len(t) for t in tokens)]  # fmt: skip
-    return Decoded(tokens, [[float(x) for x in r] for r in _collect([o.logprobs for o in out], valid, n)[:real]],
-                   state.cache, spec.fetch(start), layout.bucket, layout.chunk, layout.first,
+    return Decoded(tokens, [[float(x) for x in r] for r in valid_entries([o.logprobs for o in out], valid, n)[:real]],
+                   state.cache, spec.fetch(rows.start), layout.bucket, layout.chunk, layout.first,
                    resume is not None, int(spec.fetch(state.index)), logits, rounds if draft is not None else None, slots)  # fmt: skip
+
+
+def _begin(config, params, prompt, lengths, layout: _Layout, resume, mesh, real: int, width: int, request: Request):  # fmt: skip
+    """The run's state at its first step and its rows (not yet committed to a device), and the
+    rows' per-step inputs."""
+    state, start = _initial_state(config, params, request, prompt, lengths, layout, resume, mesh)
+    if real < len(request.prompts):  # padding rows: done before they start (no row is yet)
+        state = dataclasses.replace(state, done=jnp.asarray(np.arange(len(request.prompts)) >= real))  # fmt: skip
+    rows, steps_in = _rows(config, request, start, width)
+    return rows, state, steps_in
+
+
+def _compile_ahead(config, params, options: Options, request: Request, layout: _Layout, resume, draft, begin, prompt, lengths) -> dict:  # fmt: skip
+    """Start compiling the run's chunk programs, one per cache length its calls use, beside its
+    prefill (`ahead`) the first time a run of their shapes comes: {slots: future}."""
+    slots = tuple(dict.fromkeys(layout.slots(s) for s, _ in layout.calls()))
+    samplers = frozenset((s.mechanism, s.top_k is None, s.top_p is None) for s in request.samplers)
+    shapes = (config, options, id(params), draft and id(draft.params), len(request.prompts), layout.bucket, layout.chunk,
+              layout.first, slots, resume is None, request.noise is None, request.observed is None, samplers)  # fmt: skip
+    if (draft is not None and layout.first) or not ahead.first_time(shapes):
+        return {}  # (a resumed draft's start reads the response on the host: not abstractly)
+    # The shapes (nothing runs): the prefill stands for a reused prefix, which makes the same.
+    rows, state, steps_in = jax.eval_shape(lambda: begin(dataclasses.replace(request, reference=None)))  # fmt: skip
+    if draft is not None:
+        state.draft = jax.eval_shape(lambda: _draft_state(draft, prompt, lengths, layout, None))
+    device = next(iter(jax.tree_util.tree_leaves(params)[0].devices()))  # (where the run computes)
+    rows, state = ahead.committed((rows, state), device)
+    chunk = {k: None if x is None else jax.ShapeDtypeStruct((x.shape[0], layout.chunk, *x.shape[2:]), x.dtype) for k, x in steps_in.items()}  # fmt: skip
+    rows, count = dataclasses.replace(rows, **chunk), jax.ShapeDtypeStruct((), jnp.int32)
+    resized = {n: ahead.committed(jax.eval_shape(lambda st, n=n: cache_layout.resize(st, n), state), device) for n in slots if n != state.cache.length}  # fmt: skip
+    return ahead.compile_beside((n, decode_chunk.lower(config, options, params, rows, resized.get(n, state), count, None if draft is None else draft.params)) for n in slots)  # fmt: skip
 
 
 def _initial_state(config, params, request: Request, prompt, lengths, layout: _Layout, resume: Resume | None, mesh):  # fmt: skip
@@ -372,10 +396,3 @@ def _draft_state(draft: speculative.Draft, prompt, lengths, layout: _Layout, for
         fed[:, 0] = np.asarray(last)
         fed[:, 1:first] = forced[:, : first - 1]
     return start_draft(draft.config, draft.params, prefix, start, layout.length, jnp.asarray(fed), jnp.int32(first))  # fmt: skip
-
-
-def _collect(parts: list[np.ndarray], valid: list[np.ndarray], limit: int) -> list[list]:
-    """Each row's valid entries of the chunks' `[B, steps]` outputs, as lists."""
-    values = np.concatenate(parts, axis=1)[:, :limit]
-    mask = np.concatenate(valid, axis=1)[:, :limit]
-    return [values[b][mask[b]].tolist() for b in range(values.shape[0])]

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import jax
 
+from cfjax.runtime import ahead
+
 ENV = "CFJAX_MAP_BUDGET"
 log = logging.getLogger("cfjax")
 _after_last_clear = [0]  # maps in use right after the last clear (not JAX's, when large)
@@ -55,6 +57,7 @@ def keep_room() -> bool:
     if limit is None or used is None or used <= max(limit, _after_last_clear[0] + limit // 4):
         return False
     jax.clear_caches()
+    ahead.forget()
     gc.collect()  # the programs' maps go with their last reference
     _after_last_clear[0] = maps_in_use() or 0
     log.info("%d memory maps in use (budget %d): compiled programs cleared, %d maps left",

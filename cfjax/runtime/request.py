@@ -118,3 +118,20 @@ def padded(prompts: Sequence[Sequence[int]], width: int | None = None) -> tuple[
     for b, p in enumerate(prompts):
         out[b, : len(p)] = p
     return out, lengths
+
+
+def host_rows(x: Any, index: np.ndarray) -> Any:
+    """Rows `index` of a per-row input, taken on the host (typed keys as their raw data), so
+    that padding compiles no program of its own."""
+    if x is None:
+        return None
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        return jax.random.wrap_key_data(np.asarray(jax.random.key_data(x))[index], impl=jax.random.key_impl(x))  # fmt: skip
+    return np.asarray(x)[index]
+
+
+def valid_entries(parts: list[np.ndarray], valid: list[np.ndarray], limit: int) -> list[list]:
+    """Each row's valid entries of the chunks' `[B, steps]` outputs, as lists."""
+    values = np.concatenate(parts, axis=1)[:, :limit]
+    mask = np.concatenate(valid, axis=1)[:, :limit]
+    return [values[b][mask[b]].tolist() for b in range(values.shape[0])]

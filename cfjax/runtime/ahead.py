@@ -1,0 +1,83 @@
+"""A run's decode chunk programs compiled on worker threads while its prefill compiles.
+
+The first run of a shape compiles two programs, the prefill and the decode chunk (with a growing
+cache, one chunk program per cache length), each on one thread, and JAX would compile them one
+after the other. Their arguments' shapes are known before the prefill runs (`jax.eval_shape`
+of the run's start), so the driver lowers the chunk programs first and has them compiled beside
+the prefill: XLA compiles outside the GIL, and JAX keeps an ahead-of-time compilation in the in-memory cache
+its calls read, so the chunk's first call finds its program compiled. The programs are the ones
+the calls would compile, so are the tokens. Measured (benchmarks/RESULTS.md): a first SmolLM2
+`generate` 9.4 -> 7.1 s on a 2-core CPU; an 8B batch's two programs 12.0 -> 8.0 s of compile.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import os
+from collections.abc import Hashable, Iterable
+from typing import Any
+
+import jax
+
+log = logging.getLogger("cfjax")
+
+# Beside the main thread's compile: a worker per other core, at most four (each holds the
+# compiler's memory for its program).
+_WORKERS = max(1, min(4, (os.cpu_count() or 2) - 1))
+_pool: concurrent.futures.ThreadPoolExecutor | None = None
+# The shapes of runs whose programs were compiled ahead: a later run of the same shapes finds
+# them compiled, and skips the ~5 ms of abstract tracing it would take to say so.
+_seen: set[Hashable] = set()
+
+
+def first_time(shapes: Hashable) -> bool:
+    """Whether a run of these `shapes` (what fixes its programs) should compile ahead: the
+    first time they come, and again after `forget`. A key that misses some shape only makes a
+    run compile its chunk program in the call, as without this module."""
+    if shapes in _seen:
+        return False
+    _seen.add(shapes)
+    return True
+
+
+def forget() -> None:
+    """Compiled programs were cleared (`programs.keep_room`): compile ahead again."""
+    _seen.clear()
+
+
+def committed(tree: Any, device: Any) -> Any:
+    """The shapes of `tree` committed to `device` (as `jax.device_put(x, x.sharding)` commits an
+    array, and as a program's outputs are when its inputs are)."""
+    sharding = jax.sharding.SingleDeviceSharding(device)
+    return jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding, weak_type=x.weak_type),
+        tree,
+    )
+
+
+def compile_beside(lowered: Iterable[tuple[Hashable, Any]]) -> dict[Hashable, concurrent.futures.Future]:  # fmt: skip
+    """Compile each `(name, lowered program)` on a worker thread: {name: its future}. The
+    programs are traced and lowered by the caller, under its thread's JAX settings (thread-local
+    ones, e.g. `jax.default_matmul_precision`, are not a worker's) and as its calls will be."""
+    global _pool
+    if _pool is None:
+        _pool = concurrent.futures.ThreadPoolExecutor(_WORKERS, thread_name_prefix="cfjax-compile")
+    return {name: _pool.submit(program.compile) for name, program in lowered}
+
+
+def wait(future: concurrent.futures.Future | None) -> None:
+    """Wait for a compilation `compile_beside` started. One that failed is left to the call,
+    which compiles its program itself and raises the error where it belongs."""
+    if future is None:
+        return
+    try:
+        future.result()
+    except Exception as error:  # noqa: BLE001 (the call reports it)
+        log.debug("compiling ahead failed (%s): the call compiles its program itself", error)
+
+
+def cancel(pending: dict[Hashable, concurrent.futures.Future]) -> None:
+    """Drop the compilations not yet begun (a run that stopped early needs no more programs)."""
+    for future in pending.values():
+        future.cancel()
