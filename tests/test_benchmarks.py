@@ -236,7 +236,7 @@ def test_gpu_check_json(tmp_path):
     for name in ("compile_split", "compile_split_cached", "compile_split_variant"):
         split = r[name]
         assert split["batch"] == 1, split
-        for part in ("prefill_lower_s", "prefill_compile_s", "chunk_lower_s", "chunk_compile_s"):
+        for part in ("prefill_lower_s", "prefill_compile_s", "chunk_lower_s", "chunk_compile_s", "together_compile_s"):  # fmt: skip
             assert _positive(split[part]), (part, split)
     assert "cache_hits" not in r["compile_split"] and "cache_hits" not in r["compile_split_variant"]
     assert r["compile_split_cached"]["cache_hits"] == {"prefill": True, "chunk": True}
