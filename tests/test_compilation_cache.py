@@ -19,7 +19,7 @@ import pytest
 
 import cfjax
 from cfjax.core import model
-from cfjax.runtime import driver
+from cfjax.runtime import ahead, driver
 
 CHILD = r"""
 import json, sys
@@ -103,14 +103,16 @@ def test_the_chunk_programs_compile_beside_the_prefill_once(case):
     def run():
         return driver.run(config, params, request, stop_tokens=(), chunk=16, grow_cache=grow, draft=draft)  # fmt: skip
 
+    ahead.drain()  # (compilations earlier tests left running: the workers idle)
     first = []
     compiled = _compiles(lambda: first.append(run()))
     chunks = [thread for name, thread in compiled if name == "jit(decode)"]
     # One chunk program per cache length (three with a growing cache: 16, 32 and 48 slots past
-    # the prompt's 32), each compiled once, and not by the run's own thread.
+    # the prompt's 32), each compiled once. The first one by a worker beside the prefill; the
+    # others there too unless the run needs one before a worker begins it (then by the run).
     assert first[0].slots == ([48, 64, 80] if grow else [80, 80, 80])
     assert len(chunks) == (3 if grow else 1), compiled
-    assert all(t.startswith("cfjax-compile") for t in chunks), compiled
+    assert chunks[0].startswith("cfjax-compile"), compiled
     assert ("jit(prefill)", threading.current_thread().name) in compiled, compiled
     again = []
     assert _compiles(lambda: again.append(run())) == []  # the same shapes: nothing to compile

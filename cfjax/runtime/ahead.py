@@ -16,6 +16,7 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import os
+import threading
 from collections.abc import Hashable, Iterable
 from typing import Any
 
@@ -27,24 +28,28 @@ log = logging.getLogger("cfjax")
 # compiler's memory for its program).
 _WORKERS = max(1, min(4, (os.cpu_count() or 2) - 1))
 _pool: concurrent.futures.ThreadPoolExecutor | None = None
+_lock = threading.Lock()  # (runs may start on several threads: the explorer's requests)
 # The shapes of runs whose programs were compiled ahead: a later run of the same shapes finds
 # them compiled, and skips the ~5 ms of abstract tracing it would take to say so.
 _seen: set[Hashable] = set()
+_in_flight: set[concurrent.futures.Future] = set()
 
 
 def first_time(shapes: Hashable) -> bool:
     """Whether a run of these `shapes` (what fixes its programs) should compile ahead: the
     first time they come, and again after `forget`. A key that misses some shape only makes a
     run compile its chunk program in the call, as without this module."""
-    if shapes in _seen:
-        return False
-    _seen.add(shapes)
-    return True
+    with _lock:
+        if shapes in _seen:
+            return False
+        _seen.add(shapes)
+        return True
 
 
 def forget() -> None:
     """Compiled programs were cleared (`programs.keep_room`): compile ahead again."""
-    _seen.clear()
+    with _lock:
+        _seen.clear()
 
 
 def committed(tree: Any, device: Any) -> Any:
@@ -62,15 +67,26 @@ def compile_beside(lowered: Iterable[tuple[Hashable, Any]]) -> dict[Hashable, co
     programs are traced and lowered by the caller, under its thread's JAX settings (thread-local
     ones, e.g. `jax.default_matmul_precision`, are not a worker's) and as its calls will be."""
     global _pool
-    if _pool is None:
-        _pool = concurrent.futures.ThreadPoolExecutor(_WORKERS, thread_name_prefix="cfjax-compile")
-    return {name: _pool.submit(program.compile) for name, program in lowered}
+    with _lock:
+        if _pool is None:
+            _pool = concurrent.futures.ThreadPoolExecutor(_WORKERS, thread_name_prefix="cfjax-compile")  # fmt: skip
+    futures = {name: _pool.submit(program.compile) for name, program in lowered}
+    for future in futures.values():
+        _in_flight.add(future)
+        future.add_done_callback(_in_flight.discard)
+    return futures
+
+
+def drain() -> None:
+    """Wait until no compilation is in flight (the workers idle)."""
+    concurrent.futures.wait(list(_in_flight))
 
 
 def wait(future: concurrent.futures.Future | None) -> None:
-    """Wait for a compilation `compile_beside` started. One that failed is left to the call,
-    which compiles its program itself and raises the error where it belongs."""
-    if future is None:
+    """Wait for a compilation `compile_beside` started. One not yet begun (the workers busy
+    with others) is dropped and one that failed is left to the call, which compiles its program
+    itself (and raises the error where it belongs)."""
+    if future is None or future.cancel():
         return
     try:
         future.result()
