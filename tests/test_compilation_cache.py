@@ -117,3 +117,13 @@ def test_the_chunk_programs_compile_beside_the_prefill_once(case):
     again = []
     assert _compiles(lambda: again.append(run())) == []  # the same shapes: nothing to compile
     np.testing.assert_array_equal(first[0].tokens, again[0].tokens)
+
+
+def test_compile_ahead_off(monkeypatch):
+    """`CFJAX_COMPILE_AHEAD=0`: the chunk compiles in its call, on the run's own thread."""
+    monkeypatch.setenv("CFJAX_COMPILE_AHEAD", "0")
+    config = dataclasses.replace(cfjax.preset("tiny"), n_layers=6)  # (programs of its own)
+    params = model.init_params(config, jax.random.key(0))
+    request = driver.Request([[1, 5, 9]], jax.random.key(4)[None], [cfjax.Sampler()], steps=8)
+    compiled = _compiles(lambda: driver.run(config, params, request, stop_tokens=(), chunk=16))
+    assert [t for name, t in compiled if name == "jit(decode)"] == [threading.current_thread().name]  # fmt: skip

@@ -23,6 +23,7 @@ from typing import Any
 import jax
 
 log = logging.getLogger("cfjax")
+ENV = "CFJAX_COMPILE_AHEAD"  # "0": each program compiles in its call, one after the other
 
 # Beside the main thread's compile: a worker per other core, at most four (each holds the
 # compiler's memory for its program).
@@ -37,8 +38,11 @@ _in_flight: set[concurrent.futures.Future] = set()
 
 def first_time(shapes: Hashable) -> bool:
     """Whether a run of these `shapes` (what fixes its programs) should compile ahead: the
-    first time they come, and again after `forget`. A key that misses some shape only makes a
-    run compile its chunk program in the call, as without this module."""
+    first time they come, and again after `forget`; never with `CFJAX_COMPILE_AHEAD=0`. A key
+    that misses some shape only makes a run compile its chunk program in the call, as without
+    this module."""
+    if os.environ.get(ENV, "1").strip() == "0":
+        return False
     with _lock:
         if shapes in _seen:
             return False
