@@ -54,7 +54,7 @@ import cfjax
 from cfjax import ReplaceTokens, Sampler, counterfactual, generate
 from cfjax.compilation import use_compilation_cache
 from cfjax.core import kernel, model
-from cfjax.runtime import driver
+from cfjax.runtime import ahead, driver
 
 # Peak HBM bandwidth by device kind (bytes/s), for the roofline; others use a measured copy.
 PEAK_BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}
@@ -153,6 +153,8 @@ def main() -> None:
         "folder": folder,
         # compile_s is XLA's own only where nothing of this run's is on disk yet.
         "entries_at_start": len(list(Path(folder).iterdir())),
+        # Whether a run compiles its decode chunk beside its prefill (`runtime.ahead`).
+        "compile_ahead": os.environ.get(ahead.ENV, "1").strip() != "0",
     }
     config = cfjax.preset(args.config)
     dtype = jnp.dtype(args.dtype)

@@ -208,7 +208,7 @@ def test_gpu_check_json(tmp_path):
     r = run("gpu_check", "--out", str(tmp_path / "gpu_check.json"), env=env)
     # The file rewritten after every check ends as the printed result, marked complete.
     assert json.loads((tmp_path / "gpu_check.json").read_text()) == r and r["complete"] is True
-    assert r["compilation_cache"] == {"folder": str(tmp_path / "xla"), "entries_at_start": 0}
+    assert r["compilation_cache"] == {"folder": str(tmp_path / "xla"), "entries_at_start": 0, "compile_ahead": True}  # fmt: skip
     assert [row["batch"] for row in r["rows"]] == [1, 4]
     assert r["rows"][0]["null_intervention_flips"] == 0
     first = r["rows"][0]
