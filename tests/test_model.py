@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import hf_llama, hf_logits
+from flax import nnx
 
 import cfjax
 from cfjax.core import model
@@ -199,3 +200,12 @@ def test_grad_matches_finite_difference(tiny_lm):
     fd = (shifted(eps) - shifted(-eps)) / (2 * eps)
     assert abs(float(g)) > 1e-6
     np.testing.assert_allclose(float(g), float(fd), rtol=2e-2)
+
+
+@pytest.mark.parametrize("name", ["tiny", "smollm2-135m"])
+def test_the_graph_is_the_one_a_traced_model_has(name):
+    """`graphdef` builds the network with shapes for matrices (no trace): the same graph as the
+    network built under `nnx.eval_shape`, with every attribute and param of it."""
+    config = cfjax.preset(name)
+    traced = nnx.eval_shape(lambda: model.Llama(config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
+    assert model.graphdef(config, "bfloat16") == nnx.split(traced)[0]

@@ -265,6 +265,14 @@ def prefill(config: LlamaConfig, params, prompt, prompt_length, length: int, win
     return initial_state(prompt, prompt_length, cache), start
 
 
+def prefilled(config: LlamaConfig, params, prompt, prompt_length, length: int, window: int | None = None) -> tuple[State, jax.Array]:  # fmt: skip
+    """What `prefill` returns, without its forward: the same shapes and types, for tracing
+    what follows a prefill (a zero cache; each row's first real slot)."""
+    n = jnp.asarray(prompt_length, jnp.int32)
+    cache = init_cache(config, prompt.shape[0], length, model.compute_dtype(params))
+    return initial_state(prompt, n, cache), prompt.shape[1] - (n - 1)
+
+
 def initial_state(prompt, prompt_length, cache: KVCache) -> State:
     """The state ready for step 0 over a filled cache: each row feeds its last prompt token at
     the bucket's end."""

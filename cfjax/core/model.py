@@ -109,19 +109,25 @@ class RMSNorm(nnx.Module):
         return invariant.round_to(scaled, x.dtype)
 
 
-def _linear(d_in: int, d_out: int, dtype, rngs: nnx.Rngs) -> nnx.Linear:
-    return nnx.Linear(d_in, d_out, use_bias=False, param_dtype=dtype, dtype=dtype, rngs=rngs)
+def _linear(d_in: int, d_out: int, dtype, rngs: nnx.Rngs, init=None) -> nnx.Linear:
+    kernel_init = {} if init is None else {"kernel_init": init}
+    return nnx.Linear(d_in, d_out, use_bias=False, param_dtype=dtype, dtype=dtype, rngs=rngs, **kernel_init)  # fmt: skip
+
+
+def _shape_of(key, shape, dtype=jnp.float32) -> jax.ShapeDtypeStruct:
+    """An initializer that makes no array: the param's shape and dtype (for `graphdef`)."""
+    return jax.ShapeDtypeStruct(shape, dtype)
 
 
 class Attention(nnx.Module):
     """Grouped-query attention (MHA when n_kv_heads == n_heads, MQA when it is 1)."""
 
-    def __init__(self, config: LlamaConfig, dtype, rngs: nnx.Rngs):
+    def __init__(self, config: LlamaConfig, dtype, rngs: nnx.Rngs, init=None):
         c = config
         self.config = c
         # q, k and v in one kernel: one matmul reads x once and streams one contiguous weight.
-        self.qkv = _linear(c.dim, (c.n_heads + 2 * c.n_kv_heads) * c.head_dim, dtype, rngs)
-        self.o = _linear(c.n_heads * c.head_dim, c.dim, dtype, rngs)
+        self.qkv = _linear(c.dim, (c.n_heads + 2 * c.n_kv_heads) * c.head_dim, dtype, rngs, init)
+        self.o = _linear(c.n_heads * c.head_dim, c.dim, dtype, rngs, init)
 
     def __call__(self, x, cos_sin, visible, layer_k, layer_v, index):
         """Attend from `x` `[B, T, dim]`; returns (output, updated layer k, updated layer v).
@@ -168,10 +174,10 @@ def linear(x: jax.Array, kernel: jax.Array, cached: bool) -> jax.Array:
 class MLP(nnx.Module):
     """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
 
-    def __init__(self, config: LlamaConfig, dtype, rngs: nnx.Rngs):
+    def __init__(self, config: LlamaConfig, dtype, rngs: nnx.Rngs, init=None):
         # gate and up in one kernel `[dim, 2 * ffn_dim]` (gate first), for one matmul.
-        self.gate_up = _linear(config.dim, 2 * config.ffn_dim, dtype, rngs)
-        self.down = _linear(config.ffn_dim, config.dim, dtype, rngs)
+        self.gate_up = _linear(config.dim, 2 * config.ffn_dim, dtype, rngs, init)
+        self.down = _linear(config.ffn_dim, config.dim, dtype, rngs, init)
 
     def __call__(self, x: jax.Array, cached: bool) -> jax.Array:
         gate, up = jnp.split(linear(x, self.gate_up.kernel[...], cached), 2, axis=-1)
@@ -191,11 +197,11 @@ def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
 class Block(nnx.Module):
     """Pre-norm transformer block."""
 
-    def __init__(self, config: LlamaConfig, dtype, rngs: nnx.Rngs):
+    def __init__(self, config: LlamaConfig, dtype, rngs: nnx.Rngs, init=None):
         self.attn_norm = RMSNorm(config.dim, config.norm_eps, dtype)
-        self.attn = Attention(config, dtype, rngs)
+        self.attn = Attention(config, dtype, rngs, init)
         self.mlp_norm = RMSNorm(config.dim, config.norm_eps, dtype)
-        self.mlp = MLP(config, dtype, rngs)
+        self.mlp = MLP(config, dtype, rngs, init)
 
     def __call__(self, x, cos_sin, visible, layer_k, layer_v, index):
         h, layer_k, layer_v = self.attn(
@@ -225,13 +231,15 @@ def _traced_block(graph, mode, static_index, state, x, cos_sin, visible, layer_k
 class Llama(nnx.Module):
     """Decoder-only Llama network."""
 
-    def __init__(self, config: LlamaConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, config: LlamaConfig, *, dtype=jnp.float32, rngs: nnx.Rngs, init=None):
+        """`init`: the initializer of every matrix (default: flax's)."""
         self.config = config
-        self.embed = nnx.Embed(config.vocab_size, config.dim, param_dtype=dtype, rngs=rngs)
-        self.layers = nnx.List([Block(config, dtype, rngs) for _ in range(config.n_layers)])
+        embedding_init = {} if init is None else {"embedding_init": init}
+        self.embed = nnx.Embed(config.vocab_size, config.dim, param_dtype=dtype, rngs=rngs, **embedding_init)  # fmt: skip
+        self.layers = nnx.List([Block(config, dtype, rngs, init) for _ in range(config.n_layers)])
         self.final_norm = RMSNorm(config.dim, config.norm_eps, dtype)
         if not config.tie_embeddings:
-            self.lm_head = _linear(config.dim, config.vocab_size, dtype, rngs)
+            self.lm_head = _linear(config.dim, config.vocab_size, dtype, rngs, init)
 
     def __call__(
         self,
@@ -304,9 +312,12 @@ class Llama(nnx.Module):
 
 @functools.lru_cache(maxsize=32)
 def graphdef(config: LlamaConfig, dtype_name: str = "float32"):
-    """The static NNX graph of a model, derived from its config alone (no arrays made)."""
-    abstract = nnx.eval_shape(lambda: Llama(config, dtype=jnp.dtype(dtype_name), rngs=nnx.Rngs(0)))
-    return nnx.split(abstract)[0]
+    """The static NNX graph of a model, derived from its config alone: its matrices made as
+    shapes only, not traced (`nnx.eval_shape` took ~0.45 s per model, on every process's first
+    trace: flax asks each traced param for its sharding, whose error message JAX builds by
+    walking the whole trace)."""
+    model = Llama(config, dtype=jnp.dtype(dtype_name), rngs=nnx.Rngs(0), init=_shape_of)
+    return nnx.split(model)[0]
 
 
 def param_shapes(config: LlamaConfig, dtype=jnp.float32) -> dict:

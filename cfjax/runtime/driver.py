@@ -289,10 +289,10 @@ def _run(config, params, request: Request, layout: _Layout, options: Options, re
                    resume is not None, int(spec.fetch(state.index)), logits, rounds if draft is not None else None, slots)  # fmt: skip
 
 
-def _begin(config, params, prompt, lengths, layout: _Layout, resume, mesh, real: int, width: int, request: Request):  # fmt: skip
+def _begin(config, params, prompt, lengths, layout: _Layout, resume, mesh, real: int, width: int, request: Request, fill=prefill):  # fmt: skip
     """The run's state at its first step and its rows (not yet committed to a device), and the
-    rows' per-step inputs."""
-    state, start = _initial_state(config, params, request, prompt, lengths, layout, resume, mesh)
+    rows' per-step inputs. `fill`: the prefill (`kernel.prefilled`: its shapes only)."""
+    state, start = _initial_state(config, params, request, prompt, lengths, layout, resume, mesh, fill)  # fmt: skip
     if real < len(request.prompts):  # padding rows: done before they start (no row is yet)
         state = dataclasses.replace(state, done=jnp.asarray(np.arange(len(request.prompts)) >= real))  # fmt: skip
     rows, steps_in = _rows(config, request, start, width)
@@ -308,8 +308,8 @@ def _compile_ahead(config, params, options: Options, request: Request, layout: _
               layout.first, slots, resume is None, request.noise is None, request.observed is None, samplers)  # fmt: skip
     if (draft is not None and layout.first) or not ahead.first_time(shapes):
         return {}  # (a resumed draft's start reads the response on the host: not abstractly)
-    # The shapes (nothing runs): the prefill stands for a reused prefix, which makes the same.
-    rows, state, steps_in = jax.eval_shape(lambda: begin(dataclasses.replace(request, reference=None)))  # fmt: skip
+    # The shapes (nothing runs, the prefill is not traced): a reused prefix makes the same.
+    rows, state, steps_in = jax.eval_shape(lambda: begin(dataclasses.replace(request, reference=None), kernel.prefilled))  # fmt: skip
     if draft is not None:
         state.draft = jax.eval_shape(lambda: _draft_state(draft, prompt, lengths, layout, None))
     device = next(iter(jax.tree_util.tree_leaves(params)[0].devices()))  # (where the run computes)
@@ -320,7 +320,7 @@ def _compile_ahead(config, params, options: Options, request: Request, layout: _
     return ahead.compile_beside((n, decode_chunk.lower(config, options, params, rows, resized.get(n, state), count, None if draft is None else draft.params)) for n in slots)  # fmt: skip
 
 
-def _initial_state(config, params, request: Request, prompt, lengths, layout: _Layout, resume: Resume | None, mesh):  # fmt: skip
+def _initial_state(config, params, request: Request, prompt, lengths, layout: _Layout, resume: Resume | None, mesh, fill):  # fmt: skip
     """The state at the run's first step: a prefill (reusing the prefixes the prompts share
     with `request.reference`, where that saves work), or the resume's stored cache."""
     if resume is None:
@@ -330,7 +330,7 @@ def _initial_state(config, params, request: Request, prompt, lengths, layout: _L
             reused = prefix.prefill(config, params, request.prompts, prompt, lengths, request.reference, length, window)  # fmt: skip
             if reused is not None:
                 return reused
-        return prefill(config, params, prompt, lengths, length, window)
+        return fill(config, params, prompt, lengths, length, window)
     # The stored cache holds every slot; a growing run starts with its first chunk's.
     slots = layout.slots(layout.first)
     cache = resume.cache
