@@ -7,8 +7,8 @@ of the run's start), so the driver lowers the chunk programs first and has them 
 the prefill: XLA compiles outside the GIL, and JAX keeps an ahead-of-time compilation in the in-memory cache
 its calls read, so the chunk's first call finds its program compiled. The programs are the ones
 the calls would compile, so are the tokens. Measured on a 2-core CPU (benchmarks/RESULTS.md): a
-first SmolLM2 `generate` compiles for 4.8 s instead of 6.0, the Llama 3 8B config's first batch
-for 7.6-8.4 s instead of 11.1-11.9.
+first SmolLM2 `generate` compiles for 4.8 s instead of 6.0, the Llama 3 8B config's two
+programs in 7.6-8.4 s instead of 11.1-11.9.
 """
 
 from __future__ import annotations
