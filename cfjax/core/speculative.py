@@ -8,12 +8,12 @@ target's y_j is taken instead (and when all k agree, the target's y_k comes free
 emitted is the target's own choice given the target's own prefix, so the tokens are those of
 plain decoding: counterfactuals stay counterfactuals, forced tokens stay forced.
 
-In floating point the pass over k + 1 tokens rounds a logit differently from the one-token
-step (different matmul kernels and reductions: up to ~1e-4 on SmolLM2's logits), so a choice
-at a near-tie could in principle differ from plain decoding. XLA:CPU gives no shape-independent
-rounding to build on (its row reductions and matmuls change kernels with the number of rows),
-so this is measured, not prevented: `benchmarks/decode.py` counts flips against plain decoding
-(none so far), and the tests check equality on every sampler.
+In floating point this also needs the pass over k + 1 tokens to round every logit as the
+one-token step does, and it does by construction: the model's sums and matmuls are
+batch-invariant (`invariant`), so the pass's extra positions are more rows of the same tiles and
+the same fixed-order sums. On the CPU the tokens and log-probs are plain decoding's bit for bit
+(`test_speculative_is_plain_bit_for_bit`, float32 and bfloat16); on accelerators
+`benchmarks/gpu_check.sh` counts flips (`speculative_flips`).
 
 Rows of a batch advance together by the fewest tokens any unfinished row accepted, so the cache
 keeps one write slot per batch (see `cache`); a row that accepted more re-proposes the rest.
