@@ -4,11 +4,11 @@ The first run of a shape compiles two programs, the prefill and the decode chunk
 cache, one chunk program per cache length), each on one thread, and JAX would compile them one
 after the other. Their arguments' shapes are known before the prefill runs (`jax.eval_shape`
 of the run's start), so the driver lowers the chunk programs first and has them compiled beside
-the prefill: XLA compiles outside the GIL, and JAX keeps an ahead-of-time compilation in the in-memory cache
-its calls read, so the chunk's first call finds its program compiled. The programs are the ones
-the calls would compile, so are the tokens. Measured on a 2-core CPU (benchmarks/RESULTS.md): a
-first SmolLM2 `generate` compiles for 4.8 s instead of 6.0, the Llama 3 8B config's two
-programs in 7.6-8.4 s instead of 11.1-11.9.
+the prefill: XLA compiles outside the GIL, and JAX keeps an ahead-of-time compilation in the
+in-memory cache its calls read, so the chunk's first call finds its program compiled. The
+programs are the ones the calls would compile, so are the tokens. Measured on a 2-core CPU
+(benchmarks/RESULTS.md): the Llama 3 8B config's two programs compile in 7.6-8.4 s instead of
+11.1-11.9; a first SmolLM2 `generate` traces and compiles for 4.8 s instead of 6.0.
 """
 
 from __future__ import annotations
@@ -76,14 +76,22 @@ def compile_beside(lowered: Iterable[tuple[Hashable, Any]]) -> dict[Hashable, co
             _pool = concurrent.futures.ThreadPoolExecutor(_WORKERS, thread_name_prefix="cfjax-compile")  # fmt: skip
     futures = {name: _pool.submit(program.compile) for name, program in lowered}
     for future in futures.values():
-        _in_flight.add(future)
-        future.add_done_callback(_in_flight.discard)
+        with _lock:
+            _in_flight.add(future)
+        future.add_done_callback(_landed)  # (at once, on this thread, if already done)
     return futures
+
+
+def _landed(future: concurrent.futures.Future) -> None:
+    with _lock:
+        _in_flight.discard(future)
 
 
 def drain() -> None:
     """Wait until no compilation is in flight (the workers idle)."""
-    concurrent.futures.wait(list(_in_flight))
+    with _lock:
+        in_flight = list(_in_flight)
+    concurrent.futures.wait(in_flight)
 
 
 def wait(future: concurrent.futures.Future | None) -> None:
