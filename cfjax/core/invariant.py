@@ -236,11 +236,14 @@ def f32_dot(dot, a: jax.Array, b: jax.Array) -> jax.Array:
 
 
 def matmul(x: jax.Array, w: jax.Array, contract: int = 0, wide: bool = False) -> jax.Array:
-    """`x [..., K]` against `w` contracted on its axis `contract`: in the dtype of `x`, or with
-    `wide` in float32 (`f32_dot`)."""
+    """`x [..., K]` against `w` contracted on its axis `contract`: in float32 (`f32_dot`), then
+    rounded once to the dtype of `x` (`round_to`) unless `wide`. A dot in bfloat16 is this same
+    float32 dot to XLA (its `change-op-data-type` pass), whose rounding of the result XLA may
+    then drop where the next op widens it again (`xla_allow_excess_precision`), in some programs
+    only: a batch's rows would round otherwise than the row alone."""
     dims = (((x.ndim - 1,), (contract,)), ((), ()))
     dot = lambda x, w, out: jax.lax.dot_general(x, w, dims, preferred_element_type=out)  # noqa: E731
-    return f32_dot(dot, x, w) if wide else dot(x, w, None)
+    return f32_dot(dot, x, w) if wide else round_to(f32_dot(dot, x, w), x.dtype)
 
 
 def round_to(x: jax.Array, dtype) -> jax.Array:

@@ -130,13 +130,14 @@ class Attention(nnx.Module):
         self.o = _linear(c.n_heads * c.head_dim, c.dim, dtype, rngs, init)
 
     def __call__(self, x, cos_sin, visible, layer_k, layer_v, index):
-        """Attend from `x` `[B, T, dim]`; returns (output, updated layer k, updated layer v).
+        """Attend from `x` `[B * T, dim]`, the rows of `visible` `[B, T, S]`; returns (output
+        `[B * T, dim]`, updated layer k, updated layer v).
 
         With a cache (the prefill, the decode step, a speculative scoring pass) every sum is
         batch-invariant (`invariant`); without one (training, scoring whole texts) plain XLA.
         """
         c = self.config
-        b, t, _ = x.shape
+        b, t = visible.shape[:2]
         cached = layer_k is not None
         qkv = linear(x, self.qkv.kernel[...], cached)
         qkv = qkv.reshape(b, t, c.n_heads + 2 * c.n_kv_heads, c.head_dim)
@@ -161,7 +162,7 @@ class Attention(nnx.Module):
             probs = jax.nn.softmax(scores, axis=-1)
             out = einsum_f32("bkgts,bksd->btkgd", probs.astype(v.dtype), v)
             out = invariant.round_to(out, x.dtype)
-        out = out.reshape(b, t, c.n_heads * c.head_dim)
+        out = out.reshape(b * t, c.n_heads * c.head_dim)
         return linear(out, self.o.kernel[...], cached), layer_k, layer_v
 
 
@@ -258,6 +259,10 @@ class Llama(nnx.Module):
         """
         x, cos_sin, visible = self._inputs(tokens, start, cache, index, cos_sin)
         new_k, new_v = [], []
+        # The residual stream as the `[B * T, dim]` rows every matmul takes: a reshape in it
+        # was moved down the stream a few ops per round by XLA's simplifier, which through all
+        # the layers never settled (its 25-round limit: ~1.5x the compile time).
+        x = x.reshape(-1, x.shape[-1])
         for i, layer in enumerate(self.layers):
             lk = None if cache is None else cache.k[i]
             lv = None if cache is None else cache.v[i]
@@ -277,14 +282,16 @@ class Llama(nnx.Module):
             logits = invariant.matmul(x, head, contract, wide=True)
         else:
             logits = invariant.dense(x, head, contract, wide=True)
+        logits = logits.reshape(*tokens.shape, -1)
         return logits, (None if cache is None else KVCache(new_k, new_v))
 
     def residual(self, tokens: jax.Array, start: jax.Array, layer: int) -> jax.Array:
         """The residual stream `[B, T, dim]` (float32) after block `layer`, without a cache."""
         x, cos_sin, visible = self._inputs(tokens, start, None, 0, None)
+        x = x.reshape(-1, x.shape[-1])
         for block in self.layers[: layer + 1]:
             x = _block(block, x, cos_sin, visible, None, None, 0)[0]
-        return x.astype(jnp.float32)
+        return x.reshape(*tokens.shape, -1).astype(jnp.float32)
 
     def _inputs(self, tokens, start, cache, index, cos_sin):
         """(embedded tokens, RoPE rotation, the visibility mask [B, T, S]) of a forward."""
