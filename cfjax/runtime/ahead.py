@@ -7,8 +7,8 @@ of the run's start), so the driver lowers the chunk programs first and has them 
 the prefill: XLA compiles outside the GIL, and JAX keeps an ahead-of-time compilation in the
 in-memory cache its calls read, so the chunk's first call finds its program compiled. The
 programs are the ones the calls would compile, so are the tokens. Measured on a 2-core CPU
-(benchmarks/RESULTS.md): the Llama 3 8B config's two programs compile in 7.6-8.4 s instead of
-11.1-11.9; a first SmolLM2 `generate` traces and compiles for 4.8 s instead of 6.0.
+(benchmarks/RESULTS.md): the Llama 3 8B config's two programs, 11.1-11.9 s of compile one after
+the other, took 7.6-8.4 s side by side.
 """
 
 from __future__ import annotations
