@@ -278,9 +278,7 @@ def _run(config, params, request: Request, layout: _Layout, options: Options, re
         state = cache_layout.resize(state, layout.length)
     n = layout.steps - layout.first
     valid = [o.valid for o in out]
-    tokens = valid_entries([o.tokens for o in out], valid, n)[
-        :real
-    ]  # the real rows (the cache: all)
+    tokens = valid_entries([o.tokens for o in out], valid, n)[:real]  # the real rows (the cache: all)  # fmt: skip
     logits = None
     if options.keep_logits:  # steps not run (all rows stopped) are cut, as in `tokens`
         logits = np.concatenate([o.logits for o in out], axis=1)[:real, : max(len(t) for t in tokens)]  # fmt: skip
@@ -304,7 +302,7 @@ def _compile_ahead(config, params, options: Options, request: Request, layout: _
     prefill (`ahead`) the first time a run of their shapes comes: {slots: future}."""
     slots = tuple(dict.fromkeys(layout.slots(s) for s, _ in layout.calls()))
     samplers = frozenset((s.mechanism, s.top_k is None, s.top_p is None) for s in request.samplers)
-    shapes = (config, options, id(params), draft and id(draft.params), len(request.prompts), layout.bucket, layout.chunk,
+    shapes = (config, options, id(params), None if draft is None else id(draft.params), len(request.prompts), layout.bucket, layout.chunk,
               layout.first, slots, resume is None, request.noise is None, request.observed is None, samplers)  # fmt: skip
     if (draft is not None and layout.first) or not ahead.first_time(shapes):
         return {}  # (a resumed draft's start reads the response on the host: not abstractly)
