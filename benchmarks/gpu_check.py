@@ -154,7 +154,7 @@ def main() -> None:
         # compile_s is XLA's own only where nothing of this run's is on disk yet.
         "entries_at_start": len(list(Path(folder).iterdir())),
         # Whether a run compiles its decode chunk beside its prefill (`runtime.ahead`).
-        "compile_ahead": os.environ.get(ahead.ENV, "1").strip() != "0",
+        "compile_ahead": ahead.enabled(),
     }
     config = cfjax.preset(args.config)
     dtype = jnp.dtype(args.dtype)

@@ -259,10 +259,6 @@ class Llama(nnx.Module):
         """
         x, cos_sin, visible = self._inputs(tokens, start, cache, index, cos_sin)
         new_k, new_v = [], []
-        # The residual stream as the `[B * T, dim]` rows every matmul takes: a reshape in it
-        # was moved down the stream a few ops per round by XLA's simplifier, which through all
-        # the layers never settled (its 25-round limit: ~1.5x the compile time).
-        x = x.reshape(-1, x.shape[-1])
         for i, layer in enumerate(self.layers):
             lk = None if cache is None else cache.k[i]
             lv = None if cache is None else cache.v[i]
@@ -288,13 +284,16 @@ class Llama(nnx.Module):
     def residual(self, tokens: jax.Array, start: jax.Array, layer: int) -> jax.Array:
         """The residual stream `[B, T, dim]` (float32) after block `layer`, without a cache."""
         x, cos_sin, visible = self._inputs(tokens, start, None, 0, None)
-        x = x.reshape(-1, x.shape[-1])
         for block in self.layers[: layer + 1]:
             x = _block(block, x, cos_sin, visible, None, None, 0)[0]
         return x.reshape(*tokens.shape, -1).astype(jnp.float32)
 
     def _inputs(self, tokens, start, cache, index, cos_sin):
-        """(embedded tokens, RoPE rotation, the visibility mask [B, T, S]) of a forward."""
+        """(embedded tokens as the residual stream's `[B * T, dim]` rows, RoPE rotation, the
+        visibility mask [B, T, S]) of a forward. The stream stays in the rows every matmul
+        takes: a reshape in it was moved down the stream a few ops per round by XLA's
+        simplifier, which through all the layers never settled (its 25-round limit: ~1.5x the
+        compile time)."""
         b, t = tokens.shape
         # The slots written: from one `index` for every row, or (a `[B]` index) from each row's own.
         first = jnp.asarray(index, jnp.int32)[..., None]
@@ -314,7 +313,7 @@ class Llama(nnx.Module):
         )  # [B, T, S]
         if cos_sin is None:
             cos_sin = rotation(token_positions, rope_frequencies(self.config))
-        return self.embed(tokens), cos_sin, visible
+        return self.embed(tokens.reshape(-1)), cos_sin, visible
 
 
 @functools.lru_cache(maxsize=32)

@@ -36,12 +36,16 @@ _seen: set[Hashable] = set()
 _in_flight: set[concurrent.futures.Future] = set()
 
 
+def enabled() -> bool:
+    """Whether runs compile ahead: unless `CFJAX_COMPILE_AHEAD=0`."""
+    return os.environ.get(ENV, "1").strip() != "0"
+
+
 def first_time(shapes: Hashable) -> bool:
     """Whether a run of these `shapes` (what fixes its programs) should compile ahead: the
-    first time they come, and again after `forget`; never with `CFJAX_COMPILE_AHEAD=0`. A key
-    that misses some shape only makes a run compile its chunk program in the call, as without
-    this module."""
-    if os.environ.get(ENV, "1").strip() == "0":
+    first time they come, and again after `forget`; never unless `enabled()`. A key that misses
+    some shape only makes a run compile its chunk program in the call, as without this module."""
+    if not enabled():
         return False
     with _lock:
         if shapes in _seen:
