@@ -42,11 +42,14 @@ from cfjax.core.trace_mode import mode, traced_under
 BLOCK = 32  # cache slots per block of `slot_sum`; divides every prompt bucket
 ROWS = 32  # most rows in one matmul tile on the CPU
 # XLA:CPU rounds a row of a dot that contracts at least WIDE features alike for every row count
-# in 2..256 (measured in float32 and bfloat16 for 1024..14336 features): such a matmul, the
-# SmolLM2 down projection, every Llama 8B weight, takes up to WIDE_ROWS rows in one tile. So
-# does a dot against a weight's second axis (a tied head `[V, D]`) of any width (measured for
-# D 64..960, V 64..49152), ~21% of a SmolLM2 step's FLOPs: one dot at batch 64, not two.
-WIDE, WIDE_ROWS = 1024, 256
+# in 2..WIDE_ROWS (float32 and bfloat16, 1024..14336 features): such a matmul, the SmolLM2 down
+# projection, every Llama 8B weight, takes up to WIDE_ROWS rows in one tile. The Xeons and the
+# Zen 4 measured kept one rounding to 256 rows; an AMD EPYC Zen 3 switches kernels at 61 (its
+# row 0 from 61 rows on rounds as at 1), so 60, the most every CPU measured shares. A dot
+# against a weight's second axis (a tied head `[V, D]`) of any width (measured for D 64..960,
+# V 64..49152, every CPU above) takes up to HEAD_ROWS: ~21% of a SmolLM2 step's FLOPs, one
+# dot at batch 64, not two.
+WIDE, WIDE_ROWS, HEAD_ROWS = 1024, 60, 256
 # Rows of every matmul tile on GPU and TPU (weight reads dominate there), and the fewest of a
 # tile in the CPU's prefill.
 FIXED_ROWS = 64
@@ -213,9 +216,9 @@ def tiles(m: int, fixed: int | None = None, most: int = ROWS, least: int = 2) ->
     `fixed=None` (the CPU): at least `least` and at most `most` rows per tile. XLA:CPU
     rounds a row identically for every row count in 2..32 (one XNNPACK kernel), but not at 1
     (a matrix-vector kernel) nor past 32 (another blocking), measured at SmolLM2's and the tiny
-    config's shapes (`benchmarks/batch_invariance.py`); in 2..256 where the dot contracts
-    `WIDE` features or more, or a weight's second axis. `fixed=n` (accelerators, the CPU's
-    prefill): tiles of exactly n rows, so every matmul has one shape whatever the batch, and a
+    config's shapes (`benchmarks/batch_invariance.py`); in 2..`WIDE_ROWS` where the dot
+    contracts `WIDE` features or more, in 2..`HEAD_ROWS` against a weight's second axis.
+    `fixed=n` (accelerators, the CPU's prefill): tiles of exactly n rows, so every matmul has one shape whatever the batch, and a
     GEMM of one shape computes every row alike (by construction; `gpu_check` counts flips)."""
     if fixed is not None:
         return math.ceil(m / fixed), fixed
@@ -336,7 +339,9 @@ def _row_tiles(x: jax.Array, w: jax.Array, contract: int, wide: bool, fixed: int
     most, least = ROWS, 2
     if fixed is not None and blocks == 1 and on_cpu():  # the CPU's prefill: see PREFILL_ROWS
         fixed, most, least = None, PREFILL_ROWS, FIXED_ROWS
-    elif blocks == 1 and (x.shape[-1] >= WIDE or contract == 1):
+    elif blocks == 1 and contract == 1:
+        most = HEAD_ROWS
+    elif blocks == 1 and x.shape[-1] >= WIDE:
         most = WIDE_ROWS
     out = row_tiles(tile, x.reshape(-1, x.shape[-1]), 0, fixed, most, least)
     return out.reshape(*x.shape[:-1], -1)
