@@ -8,6 +8,12 @@ op is measured in XLA's plain form and in cfjax's (`cfjax.core.invariant`).
 
     python benchmarks/batch_invariance.py                 # float32 and bfloat16, SmolLM2
     python benchmarks/batch_invariance.py --config tiny --json   # smoke test
+    python benchmarks/batch_invariance.py --row-sweep --json     # the CPU's tile limits
+
+`--row-sweep` measures what `invariant.ROWS`, `WIDE_ROWS` and `HEAD_ROWS` rest on, on this
+machine: for each weight matmul of a decode step, the row counts 1..256 of one untiled
+`invariant.matmul` (a tile's dot) whose row 0 is bit-identical, as ranges. The limits hold where
+2..ROWS (2..WIDE_ROWS for 1,024+ features, 2..HEAD_ROWS for the head) lie in one class.
 """
 
 from __future__ import annotations
@@ -77,6 +83,38 @@ def ops(config, dtype) -> dict:
     return out
 
 
+def ranges(sizes: list[int]) -> str:
+    """`[1, 2, 3, 7]` as `"1-3, 7"`."""
+    runs: list[list[int]] = []
+    for m in sizes:
+        if runs and m == runs[-1][1] + 1:
+            runs[-1][1] = m
+        else:
+            runs.append([m, m])
+    return ", ".join(f"{a}-{b}" if a != b else f"{a}" for a, b in runs)
+
+
+def row_sweep(config, dtype, most: int = 256) -> dict[str, list[str]]:
+    """Per weight matmul of a decode step at `config`'s shapes (the head as a tied `[V, D]`
+    weight), the classes of row counts 1..`most` of one `invariant.matmul` (a tile's dot)."""
+    from cfjax.core import invariant
+
+    rng = np.random.default_rng(0)
+    d, kv, hd = config.dim, config.n_kv_heads, config.head_dim
+    shapes = {"qkv": (d, (config.n_heads + 2 * kv) * hd, 0), "o": (config.n_heads * hd, d, 0),
+              "gate_up": (d, 2 * config.ffn_dim, 0), "down": (config.ffn_dim, d, 0),
+              "head": (config.vocab_size, d, 1)}  # fmt: skip
+    out = {}
+    for name, (k, n, contract) in shapes.items():
+        w = jnp.asarray(rng.standard_normal((k, n)).astype(np.float32) * 0.05, dtype)
+        features = k if contract == 0 else n
+        row = rng.standard_normal(features).astype(np.float32)
+        rest = lambda m, f=features: rng.standard_normal((m, f)).astype(np.float32)  # noqa: E731
+        fn = lambda x, w=w, c=contract: invariant.matmul(x.astype(dtype), w, c)  # noqa: E731
+        out[f"{name} {k}x{n}"] = [ranges(c) for c in classes(fn, row, rest, range(1, most + 1))]
+    return out
+
+
 def whole_model(lm) -> list[list[str]]:
     """Classes of `generate` batches whose row 0 (the same prompt and key) is bit-identical."""
     import cfjax
@@ -103,11 +141,20 @@ def main() -> None:
     ap.add_argument("--config", help="random weights of this preset instead (e.g. tiny)")
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     ap.add_argument("--json", action="store_true", help="print the JSON object only")
+    ap.add_argument("--row-sweep", action="store_true", help="the tile limits' measurement only")
+    ap.add_argument("--rows", type=int, default=256, help="--row-sweep's most rows (%(default)s)")
     args = ap.parse_args()
     result = {"jax": jax.__version__, "backend": jax.default_backend(), "by_dtype": {}}
     for name in args.dtypes:
         import cfjax
 
+        if args.row_sweep:
+            config = load_lm(args.model, args.config)[0].config
+            result["by_dtype"][name] = {"row_sweep": row_sweep(config, jnp.dtype(name), args.rows)}
+            if not args.json:
+                for op, found in result["by_dtype"][name]["row_sweep"].items():
+                    print(f"{name:9s} {op:16s} {' | '.join(found)}")
+            continue
         lm = cfjax.quantize(load_lm(args.model, args.config)[0], "bfloat16") if name == "bfloat16" else load_lm(args.model, args.config)[0]  # fmt: skip
         result["by_dtype"][name] = {
             "ops": ops(lm.config, jnp.dtype(name)),

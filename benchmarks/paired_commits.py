@@ -8,6 +8,7 @@ rounds of new/old (a speed: > 1 is faster; a time: < 1 is faster) and every roun
 
     git worktree add /tmp/before REV
     python benchmarks/paired_commits.py /tmp/before --rounds 5
+    python benchmarks/paired_commits.py /tmp/before --rounds 5 --only decode64   # one script
 """
 
 from __future__ import annotations
@@ -54,19 +55,22 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("before", type=Path, help="the other tree (e.g. a git worktree of REV)")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--only", nargs="+", choices=sorted(SCRIPTS), help="these scripts alone")
     args = ap.parse_args()
     trees = {"new": HERE.parent, "old": args.before.resolve()}
-    ratios: dict[str, list[float]] = {f"{s}.{k}": [] for s, k, _ in MEASURES}
+    scripts = {name: cmd for name, cmd in SCRIPTS.items() if name in (args.only or SCRIPTS)}
+    measures = [m for m in MEASURES if m[0] in scripts]
+    ratios: dict[str, list[float]] = {f"{s}.{k}": [] for s, k, _ in measures}
     for r in range(args.rounds):
         order = ["new", "old"] if r % 2 == 0 else ["old", "new"]
-        got = {t: {name: run(trees[t], cmd) for name, cmd in SCRIPTS.items()} for t in order}
-        for script, key, _ in MEASURES:
+        got = {t: {name: run(trees[t], cmd) for name, cmd in scripts.items()} for t in order}
+        for script, key, _ in measures:
             ratios[f"{script}.{key}"].append(got["new"][script][key] / got["old"][script][key])
         print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.3f}" for k, v in ratios.items()), file=sys.stderr)  # fmt: skip
     summary = {
         k: {"median_new_over_old": round(float(np.median(v)), 3), "rounds": [round(x, 3) for x in v],
             "higher_is_better": better}
-        for (_, _, better), (k, v) in zip(MEASURES, ratios.items(), strict=True)
+        for (_, _, better), (k, v) in zip(measures, ratios.items(), strict=True)
     }  # fmt: skip
     print(json.dumps(summary, indent=1))
 
