@@ -44,8 +44,8 @@ ROWS = 32  # most rows in one matmul tile on the CPU
 # XLA:CPU rounds a row of a dot that contracts at least WIDE features alike for every row count
 # in 2..WIDE_ROWS (float32 and bfloat16, 1024..14336 features): such a matmul, the SmolLM2 down
 # projection, every Llama 8B weight, takes up to WIDE_ROWS rows in one tile. The Xeons and the
-# Zen 4 measured kept one rounding to 256 rows; an AMD EPYC Zen 3 switches kernels at 61 (its
-# row 0 from 61 rows on rounds as at 1), so 60, the most every CPU measured shares. A dot
+# Zen 4 measured kept one rounding to 256 rows; an AMD EPYC Zen 3 rounds otherwise from 61 rows
+# on (`benchmarks/batch_invariance.py --row-sweep`), so 60, the most every CPU measured shares. A dot
 # against a weight's second axis (a tied head `[V, D]`) of any width (measured for D 64..960,
 # V 64..49152, every CPU above) takes up to HEAD_ROWS: ~21% of a SmolLM2 step's FLOPs, one
 # dot at batch 64, not two.
@@ -218,8 +218,9 @@ def tiles(m: int, fixed: int | None = None, most: int = ROWS, least: int = 2) ->
     (a matrix-vector kernel) nor past 32 (another blocking), measured at SmolLM2's and the tiny
     config's shapes (`benchmarks/batch_invariance.py`); in 2..`WIDE_ROWS` where the dot
     contracts `WIDE` features or more, in 2..`HEAD_ROWS` against a weight's second axis.
-    `fixed=n` (accelerators, the CPU's prefill): tiles of exactly n rows, so every matmul has one shape whatever the batch, and a
-    GEMM of one shape computes every row alike (by construction; `gpu_check` counts flips)."""
+    `fixed=n` (accelerators, the CPU's prefill): tiles of exactly n rows, so every matmul has
+    one shape whatever the batch, and a GEMM of one shape computes every row alike (by
+    construction; `gpu_check` counts flips)."""
     if fixed is not None:
         return math.ceil(m / fixed), fixed
     count = math.ceil(m / most)
