@@ -44,11 +44,11 @@ ROWS = 32  # most rows in one matmul tile on the CPU
 # XLA:CPU rounds a row of a dot that contracts at least WIDE features alike for every row count
 # in 2..WIDE_ROWS (float32 and bfloat16, 1024..14336 features): such a matmul, the SmolLM2 down
 # projection, every Llama 8B weight, takes up to WIDE_ROWS rows in one tile. The Xeons and the
-# Zen 4 measured kept one rounding to 256 rows; an AMD EPYC Zen 3 rounds otherwise from 61 rows
-# on (`benchmarks/batch_invariance.py --row-sweep`), so 60, the most every CPU measured shares. A dot
-# against a weight's second axis (a tied head `[V, D]`) of any width (measured for D 64..960,
-# V 64..49152, every CPU above) takes up to HEAD_ROWS: ~21% of a SmolLM2 step's FLOPs, one
-# dot at batch 64, not two.
+# Zen 4 measured kept one rounding to 256 rows; an AMD EPYC Zen 3 rounds otherwise from 61
+# rows on (`benchmarks/batch_invariance.py --row-sweep`), so 60, the most every CPU measured
+# shares. A dot against a weight's second axis (a tied head `[V, D]`) of any width (measured
+# for D 64..960, V 64..49152, every CPU above) takes up to HEAD_ROWS: ~21% of a SmolLM2 step's
+# FLOPs, one dot at batch 64, not two.
 WIDE, WIDE_ROWS, HEAD_ROWS = 1024, 60, 256
 # Rows of every matmul tile on GPU and TPU (weight reads dominate there), and the fewest of a
 # tile in the CPU's prefill.
