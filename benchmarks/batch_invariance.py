@@ -31,7 +31,7 @@ PROMPTS = ["Write one sentence about rain.", "Name a fruit.", "What is two plus 
            "Describe a cat.", "Tell me a joke.", "Why is the sky blue?", "Count to five."]  # fmt: skip
 
 
-def classes(fn, row: np.ndarray, rest, sizes=SIZES, *operands) -> list[list[int]]:
+def classes(fn, row: np.ndarray, rest, sizes=SIZES, operands=()) -> list[list[int]]:
     """Groups of batch sizes M whose row 0 of `fn(batch, *operands)` is bit-identical; `rest(M)`
     gives a batch whose row 0 is overwritten by `row`. (Weights go in `operands`: one closed
     over is a constant of every size's program, 113 MB each for SmolLM2's head.)"""
@@ -112,7 +112,7 @@ def row_sweep(config, dtype, most: int = 256) -> dict[str, list[str]]:
         row = rng.standard_normal(features).astype(np.float32)
         rest = lambda m, f=features: rng.standard_normal((m, f)).astype(np.float32)  # noqa: E731
         fn = lambda x, w, c=contract: invariant.matmul(x.astype(dtype), w, c)  # noqa: E731
-        found = classes(fn, row, rest, range(1, most + 1), w)
+        found = classes(fn, row, rest, range(1, most + 1), (w,))
         out[f"{name} {k}x{n}"] = [ranges(c) for c in found]
         jax.clear_caches()  # the op's 256 programs
     return out
@@ -148,11 +148,11 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=256, help="--row-sweep's most rows (%(default)s)")
     args = ap.parse_args()
     result = {"jax": jax.__version__, "backend": jax.default_backend(), "by_dtype": {}}
+    config = load_lm(args.model, args.config)[0].config if args.row_sweep else None
     for name in args.dtypes:
         import cfjax
 
         if args.row_sweep:
-            config = load_lm(args.model, args.config)[0].config
             result["by_dtype"][name] = {"row_sweep": row_sweep(config, jnp.dtype(name), args.rows)}
             if not args.json:
                 for op, found in result["by_dtype"][name]["row_sweep"].items():

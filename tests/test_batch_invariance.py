@@ -257,10 +257,10 @@ def test_bfloat16_bits_are_written_in_the_program_not_left_to_xla():
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_matmul_rows_round_alike_in_every_tile(dtype):
     """`invariant.dense`, as the decode step (tiles of 2..32 rows, of up to 60 where the dot
-    contracts 1,024 features or more, of up to 256 against a tied head's second axis) and as the prefill (tiles
-    of 64 to `PREFILL_ROWS` rows) run it: a row's result is bit-identical whatever the rows
-    beside it (1 to 300: one tile, several, a padded last one; in the prefill also one more
-    than a tile holds) and within rounding of float64 numpy."""
+    contracts 1,024 features or more, of up to 256 against a tied head's second axis) and as
+    the prefill (tiles of 64 to `PREFILL_ROWS` rows) run it: a row's result is bit-identical
+    whatever the rows beside it (1 to 300: one tile, several, a padded last one; in the prefill
+    also one more than a tile holds) and within rounding of float64 numpy."""
     from cfjax.core import invariant
 
     rng = np.random.default_rng(0)
@@ -277,7 +277,7 @@ def test_matmul_rows_round_alike_in_every_tile(dtype):
                 with invariant.batch_invariance(True, prefill=prefill):
                     return invariant.dense(x, w, contract)
 
-            counts = (1, 2, 3, 32, 33, 61, 100, 300) + ((len(x),) if prefill else ())
+            counts = (1, 2, 3, 32, 33, 61, 64, 100, 300) + ((len(x),) if prefill else ())
             first = {m: np.asarray(jax.jit(run)(x[:m], w), np.float32)[0] for m in counts}
             assert all(v.tobytes() == first[1].tobytes() for v in first.values()), (features, contract, prefill)  # fmt: skip
             np.testing.assert_allclose(first[1], expected[0], rtol=2e-2 if dtype == "bfloat16" else 1e-4, atol=2e-2 if dtype == "bfloat16" else 1e-4)  # fmt: skip
