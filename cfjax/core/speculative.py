@@ -19,10 +19,11 @@ Rows of a batch advance together by the fewest tokens any unfinished row accepte
 keeps one write slot per batch (see `cache`); a row that accepted more re-proposes the rest.
 Under `vmap` (`core.sample`) each row is a batch of one and advances on its own.
 
-The draft keeps its own KV cache over the same slots. Its first call of a round feeds two tokens
-(the one before the target's last token, then the last token), which rewrites the one slot a
-fully accepted round left unfilled; the target writes k + 1 slots a round, so a speculative
-run's cache has `lookahead` spare slots past its last step.
+The draft keeps its own KV cache over the same slots. Each of its steps feeds two tokens (the
+first step: the one before the target's last token, then the last token, which rewrites the one
+slot a fully accepted round left unfilled), so that all its steps are one loop body; the target
+writes k + 1 slots a round, so a speculative run's cache has `lookahead` spare slots past its
+last step.
 """
 
 from __future__ import annotations
@@ -99,23 +100,29 @@ def _choose_at(rows: Rows, logits, i, j):
 def _propose(draft: DraftSpec, draft_params, rows: Rows, state: State, i):
     """The draft's k tokens for steps i..i+k-1 `[B, k]`, and its cache.
 
-    Its one-token steps are a loop, not unrolled: the round's program then holds the draft's
-    layers twice (the first step's two tokens, the loop's one), not k times, which is most of
-    what a draft adds to compile time (the target's tokens never depend on the draft's)."""
+    Step j feeds two tokens, the one before its input and its input (the first: the token
+    before the target's last and the last, which rewrites the slot a fully accepted round left
+    unfilled), so that every step is one program: a loop whose body holds the draft's layers
+    once. A separate two-token first step beside a one-token loop held them twice, and the
+    round's compile grows with the program (XLA's simplifier passes over all of it, ~13 times):
+    12.0 -> 8.4 s for SmolLM2's round. The second token is nearly free where a step streams the
+    draft's weights (batch 1: a one-token step's dots already run two-row tiles on the CPU); at
+    8 rows on a 2-core CPU, where the dots are compute-bound, the run was ~11% slower
+    (benchmarks/RESULTS.md). The target's tokens never depend on the draft's."""
     dc = state.draft
-    two = jnp.stack([dc.before, state.last], axis=1)
-    logits, cache = model.apply(draft.config, draft_params, two, rows.start, dc.cache, state.index - 1)  # fmt: skip
-    token = _choose_at(rows, logits[:, 1], i, 0)[0]
-    proposals = jnp.zeros((token.shape[0], draft.lookahead), jnp.int32).at[:, 0].set(token)
+    # fed[:, j:j + 2] is step j's input: [before, last, d_0, ..., d_{k-1}].
+    fed = jnp.zeros((state.last.shape[0], draft.lookahead + 2), jnp.int32)
+    fed = fed.at[:, 0].set(dc.before).at[:, 1].set(state.last)
 
     def step(j, carry):
-        proposals, cache = carry
-        token = jax.lax.dynamic_index_in_dim(proposals, j - 1, axis=1, keepdims=True)
-        logits, cache = model.apply(draft.config, draft_params, token, rows.start, cache, state.index + j)  # fmt: skip
-        token = _choose_at(rows, logits[:, 0], i, j)[0]
-        return jax.lax.dynamic_update_index_in_dim(proposals, token, j, axis=1), cache
+        fed, cache = carry
+        two = jax.lax.dynamic_slice_in_dim(fed, j, 2, axis=1)
+        logits, cache = model.apply(draft.config, draft_params, two, rows.start, cache, state.index - 1 + j)  # fmt: skip
+        token = _choose_at(rows, logits[:, 1], i, j)[0]
+        return jax.lax.dynamic_update_index_in_dim(fed, token, j + 2, axis=1), cache
 
-    return jax.lax.fori_loop(1, draft.lookahead, step, (proposals, cache))
+    fed, cache = jax.lax.fori_loop(0, draft.lookahead, step, (fed, dc.cache))
+    return fed[:, 2:], cache
 
 
 def round_(config, options: Options, params, draft_params, rows: Rows, n, i, state: State, outputs: Outputs):  # fmt: skip
