@@ -102,17 +102,14 @@ def _propose(draft: DraftSpec, draft_params, rows: Rows, state: State, i):
 
     Step j feeds two tokens, the one before its input and its input (the first: the token
     before the target's last and the last, which rewrites the slot a fully accepted round left
-    unfilled), so that every step is one program: a loop whose body holds the draft's layers
-    once. A separate two-token first step beside a one-token loop held them twice, and the
-    round's compile grows with the program (XLA's simplifier passes over all of it, ~13 times):
-    12.0 -> 8.4 s for SmolLM2's round. The second token is nearly free where a step streams the
-    draft's weights (batch 1: a one-token step's dots already run two-row tiles on the CPU); at
-    8 rows on a 2-core CPU, where the dots are compute-bound, the run was ~11% slower
-    (benchmarks/RESULTS.md). The target's tokens never depend on the draft's."""
+    unfilled), so that every step is one loop body and the round's program holds the draft's
+    layers once: XLA's compile grows with the program, and a separate two-token first step
+    beside one-token steps held them twice. The second token costs little where a step streams
+    the draft's weights (small batches), more where its dots are compute-bound (measured in
+    benchmarks/RESULTS.md). The target's tokens never depend on the draft's."""
     dc = state.draft
     # fed[:, j:j + 2] is step j's input: [before, last, d_0, ..., d_{k-1}].
-    fed = jnp.zeros((state.last.shape[0], draft.lookahead + 2), jnp.int32)
-    fed = fed.at[:, 0].set(dc.before).at[:, 1].set(state.last)
+    fed = jnp.pad(jnp.stack([dc.before, state.last], axis=1), ((0, 0), (0, draft.lookahead)))
 
     def step(j, carry):
         fed, cache = carry
