@@ -14,6 +14,8 @@ op is measured in XLA's plain form and in cfjax's (`cfjax.core.invariant`).
 machine: for each weight matmul of a decode step, the row counts 1..256 of one untiled
 `invariant.matmul` (a tile's dot) whose row 0 is bit-identical, as ranges. The limits hold where
 2..ROWS (2..WIDE_ROWS for 1,024+ features, 2..HEAD_ROWS for the head) lie in one class.
+`--transposed` sweeps the layer weights stored `[N, K]` and contracted on their second axis, as
+the head is (a layout cfjax does not use: the thirty-sixth session's measurement, RESULTS.md).
 """
 
 from __future__ import annotations
@@ -95,9 +97,10 @@ def ranges(sizes: list[int]) -> str:
     return ", ".join(f"{a}-{b}" if a != b else f"{a}" for a, b in runs)
 
 
-def row_sweep(config, dtype, most: int = 256) -> dict[str, list[str]]:
+def row_sweep(config, dtype, most: int = 256, transposed: bool = False) -> dict[str, list[str]]:
     """Per weight matmul of a decode step at `config`'s shapes (the head as a tied `[V, D]`
-    weight), the classes of row counts 1..`most` of one `invariant.matmul` (a tile's dot)."""
+    weight), the classes of row counts 1..`most` of one `invariant.matmul` (a tile's dot);
+    `transposed`: every layer weight stored `[N, K]` too, contracted on its second axis."""
     from cfjax.core import invariant
 
     rng = np.random.default_rng(0)
@@ -106,6 +109,8 @@ def row_sweep(config, dtype, most: int = 256) -> dict[str, list[str]]:
               "gate_up": (d, 2 * config.ffn_dim, 0), "down": (config.ffn_dim, d, 0),
               "head": (config.vocab_size, d, 1)}  # fmt: skip
     out = {}
+    if transposed:
+        shapes = {f"{name} [N, K]": (n, k, 1) for name, (k, n, c) in shapes.items() if c == 0}
     for name, (k, n, contract) in shapes.items():
         w = jnp.asarray(rng.standard_normal((k, n)).astype(np.float32) * 0.05, dtype)
         features = k if contract == 0 else n
@@ -146,6 +151,7 @@ def main() -> None:
     ap.add_argument("--json", action="store_true", help="print the JSON object only")
     ap.add_argument("--row-sweep", action="store_true", help="the tile limits' measurement only")
     ap.add_argument("--rows", type=int, default=256, help="--row-sweep's most rows (%(default)s)")
+    ap.add_argument("--transposed", action="store_true", help="--row-sweep: layer weights [N, K]")
     args = ap.parse_args()
     result = {"jax": jax.__version__, "backend": jax.default_backend(), "by_dtype": {}}
     config = load_lm(args.model, args.config)[0].config if args.row_sweep else None
@@ -153,9 +159,10 @@ def main() -> None:
         import cfjax
 
         if args.row_sweep:
-            result["by_dtype"][name] = {"row_sweep": row_sweep(config, jnp.dtype(name), args.rows)}
+            sweep = row_sweep(config, jnp.dtype(name), args.rows, args.transposed)
+            result["by_dtype"][name] = {"row_sweep": sweep}
             if not args.json:
-                for op, found in result["by_dtype"][name]["row_sweep"].items():
+                for op, found in sweep.items():
                     print(f"{name:9s} {op:16s} {' | '.join(found)}")
             continue
         lm = cfjax.quantize(load_lm(args.model, args.config)[0], "bfloat16") if name == "bfloat16" else load_lm(args.model, args.config)[0]  # fmt: skip

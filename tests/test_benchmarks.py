@@ -173,21 +173,32 @@ def test_batch_sizes_json():
     assert _positive(out["padded_over_unpadded_cold"]) and _positive(out["padded_over_unpadded_warm"])  # fmt: skip
 
 
+def _counts(found: str) -> set[int]:
+    """A row sweep's class as row counts: "1, 3-5" -> {1, 3, 4, 5}."""
+    ends = [[int(m) for m in part.split("-")] for part in found.split(", ")]
+    return {m for e in ends for m in range(e[0], e[-1] + 1)}
+
+
 def test_row_sweep_json():
     """The tile limit the CPU's decode rests on holds on this machine: at the tiny config's
     shapes (under 1,024 features), row 0 of a tile's dot rounds alike for 2..ROWS rows."""
     from cfjax.core import invariant
 
-    def counts(found: str) -> set[int]:  # "1, 3-5" -> {1, 3, 4, 5}
-        ends = [[int(m) for m in part.split("-")] for part in found.split(", ")]
-        return {m for e in ends for m in range(e[0], e[-1] + 1)}
-
     sweep = run("row_sweep")["by_dtype"]["float32"]["row_sweep"]
     assert set(sweep) == {"qkv 64x128", "o 64x64", "gate_up 64x256", "down 128x64", "head 256x64"}
     for op, found in sweep.items():
-        classes = [counts(c) for c in found]
+        classes = [_counts(c) for c in found]
         assert sorted(m for c in classes for m in c) == list(range(1, 41)), op
         assert set(range(2, invariant.ROWS + 1)) <= next(c for c in classes if 2 in c), (op, found)
+
+
+def test_row_sweep_transposed_json():
+    """`--transposed` sweeps the layer weights stored [N, K] (the head's layout) in place of
+    the stored ones: every layer matmul, each row count in exactly one class."""
+    sweep = run("row_sweep", "--transposed", "--rows", "6")["by_dtype"]["float32"]["row_sweep"]
+    assert set(sweep) == {"qkv [N, K] 128x64", "o [N, K] 64x64", "gate_up [N, K] 256x64", "down [N, K] 64x128"}  # fmt: skip
+    for op, found in sweep.items():
+        assert sorted(m for c in found for m in _counts(c)) == list(range(1, 7)), (op, found)
 
 
 def test_invariance_cost_json():
