@@ -100,7 +100,8 @@ def ranges(sizes: list[int]) -> str:
 def row_sweep(config, dtype, most: int = 256, transposed: bool = False) -> dict[str, list[str]]:
     """Per weight matmul of a decode step at `config`'s shapes (the head as a tied `[V, D]`
     weight), the classes of row counts 1..`most` of one `invariant.matmul` (a tile's dot);
-    `transposed`: every layer weight stored `[N, K]` too, contracted on its second axis."""
+    `transposed`: the layer weights stored `[N, K]` instead, contracted on their second axis
+    (the head, already so, left out)."""
     from cfjax.core import invariant
 
     rng = np.random.default_rng(0)
