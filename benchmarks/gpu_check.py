@@ -56,8 +56,16 @@ from cfjax.compilation import use_compilation_cache
 from cfjax.core import kernel, model
 from cfjax.runtime import ahead, driver
 
-# Peak HBM bandwidth by device kind (bytes/s), for the roofline; others use a measured copy.
-PEAK_BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}
+# Peak HBM bandwidth (bytes/s, the vendor's figure) by a part of the device kind, the first
+# that matches: for the roofline. The H100's three forms differ by 2x, and a GH200 or an A100
+# comes with more than one memory, so a kind not named here uses a measured copy.
+PEAK_BANDWIDTH = (
+    ("H100 PCIe", 2.0e12),
+    ("H100 NVL", 3.9e12),
+    ("H100 80GB HBM3", 3.35e12),  # SXM
+    ("NVIDIA H200", 4.8e12),  # SXM and NVL
+    ("A100-SXM4-80GB", 2.039e12),
+)
 
 
 def copy_bandwidth(nbytes: int = 1 << 30) -> float:
@@ -75,7 +83,7 @@ def copy_bandwidth(nbytes: int = 1 << 30) -> float:
 def peak_bandwidth() -> tuple[float, str]:
     """(bytes/s, where the number comes from)."""
     kind = jax.devices()[0].device_kind
-    for name, bw in PEAK_BANDWIDTH.items():
+    for name, bw in PEAK_BANDWIDTH:
         if name in kind:
             return bw, f"{kind} spec"
     return copy_bandwidth(), f"{kind} measured copy"
