@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import cfjax
-from cfjax import AutoIntervention, EditPrompt, ReplaceTokens, Sampler, Steer, Trace
+from cfjax import AutoIntervention, ChangeSampler, EditPrompt, ReplaceTokens, Sampler, Steer, Trace
 from cfjax.core.model import init_params
 
 PROMPT = [1, 5, 9, 33]
@@ -133,11 +133,26 @@ def test_an_out_of_vocabulary_posterior_token_is_refused_on_replay(lm, capped):
         (lambda: Steer(0, [1.0], scale=math.nan), ValueError, "scale must be a finite number"),
         (lambda: Steer(0, [1.0], scale=math.inf), ValueError, "scale must be a finite number"),
         (lambda: Steer(0, [1.0], at="prompt"), ValueError, "'response' or 'all'"),
+        (lambda: ChangeSampler(temperature=-1), ValueError, "temperature must be 0"),
+        (lambda: ChangeSampler(temperature="hot"), ValueError, "temperature must be 0"),
+        (lambda: ChangeSampler(top_p=2), ValueError, r"top_p must be in \(0, 1\]"),
+        (lambda: ChangeSampler(top_k=0.5), ValueError, "top_k must be an integer"),
+        (lambda: ChangeSampler(mechanism="softmax"), ValueError, "unknown mechanism 'softmax'"),
+        (lambda: ChangeSampler(Sampler(0.3), top_k=3), ValueError, "a whole Sampler or the fields"),
     ],
 )  # fmt: skip
 def test_interventions_refuse_bad_values_when_made(make, error, message):
     with pytest.raises(error, match=message):
         make()
+
+
+def test_change_sampler_given_a_sampler_replaces_every_field():
+    whole = ChangeSampler(Sampler(0.3, top_k=4))
+    assert whole == ChangeSampler(temperature=0.3, top_k=4, top_p=None, mechanism="gumbel")
+    assert whole.apply(Sampler(2.0, top_p=0.5, mechanism="inverse-cdf")) == Sampler(0.3, top_k=4)
+    # Fields are kept as the Sampler normalises them: the record is plain JSON.
+    record = ChangeSampler(temperature=1, top_k=np.int64(3)).record()
+    assert json.dumps(record) == '{"type": "ChangeSampler", "temperature": 1.0, "top_k": 3}'
 
 
 def test_library_calls_refuse_bad_numbers_and_empty_batches(lm, capped):

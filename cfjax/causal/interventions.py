@@ -161,12 +161,26 @@ _KEEP: Any = _Keep()
 
 @dataclasses.dataclass(frozen=True)
 class ChangeSampler(Intervention):
-    """Change some sampler fields (the others are kept): temperature, top_k, top_p, mechanism."""
+    """Change some sampler fields (the others are kept): temperature, top_k, top_p, mechanism.
+    `ChangeSampler(Sampler(...))` replaces the whole sampler."""
 
     temperature: Any = _KEEP
     top_k: Any = _KEEP
     top_p: Any = _KEEP
     mechanism: Any = _KEEP
+
+    def __post_init__(self):
+        given = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        given = {name: value for name, value in given.items() if value is not _KEEP}
+        if isinstance(self.temperature, scm.Sampler):
+            if len(given) > 1:
+                raise ValueError("ChangeSampler: give a whole Sampler or the fields to change, not both")  # fmt: skip
+            given = self.temperature.to_dict()
+        # Checked here, where a mistake is made, not when a run applies it; kept as the Sampler
+        # normalises them (Python numbers, so the record is plain JSON).
+        checked = scm.Sampler(**given)
+        for name in given:
+            object.__setattr__(self, name, getattr(checked, name))
 
     def apply(self, sampler: scm.Sampler) -> scm.Sampler:
         """The changed sampler."""
