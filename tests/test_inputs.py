@@ -21,7 +21,18 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import cfjax
-from cfjax import AutoIntervention, ChangeSampler, EditPrompt, ReplaceTokens, Sampler, Steer, Trace
+from cfjax import (
+    AutoIntervention,
+    ChangeSampler,
+    DeleteText,
+    EditPrompt,
+    InsertText,
+    ReplaceText,
+    ReplaceTokens,
+    Sampler,
+    Steer,
+    Trace,
+)
 from cfjax.core.model import init_params
 
 PROMPT = [1, 5, 9, 33]
@@ -133,6 +144,13 @@ def test_an_out_of_vocabulary_posterior_token_is_refused_on_replay(lm, capped):
         (lambda: Steer(0, [1.0], scale=math.nan), ValueError, "scale must be a finite number"),
         (lambda: Steer(0, [1.0], scale=math.inf), ValueError, "scale must be a finite number"),
         (lambda: Steer(0, [1.0], at="prompt"), ValueError, "'response' or 'all'"),
+        (lambda: ReplaceText("", "x"), ValueError, "ReplaceText: the text to find is empty"),
+        (lambda: DeleteText(""), ValueError, "DeleteText: the text to find is empty"),
+        (lambda: InsertText("x", after=""), ValueError, "InsertText: the text to find is empty"),
+        (lambda: ReplaceText("a", "b", occurrence=0), ValueError, "ReplaceText occurrence must be an integer >= 1"),
+        (lambda: ReplaceText("a", "b", occurrence=1.0), TypeError, "ReplaceText occurrence must be an integer"),
+        (lambda: ReplaceText(3, "b"), TypeError, "ReplaceText old must be text, got 3"),
+        (lambda: InsertText(None, after="a"), TypeError, "InsertText text must be text, got None"),
         (lambda: ChangeSampler(temperature=-1), ValueError, "temperature must be 0"),
         (lambda: ChangeSampler(temperature="hot"), ValueError, "temperature must be 0"),
         (lambda: ChangeSampler(top_p=2), ValueError, r"top_p must be in \(0, 1\]"),

@@ -117,6 +117,7 @@ def test_abduct_counts_distinct_counterfactuals(app):
         ("/api/generate", {**GEN, "seed": 2**40}, 422, "seed"),
         ("/api/counterfactual", {"trace_id": "nope", "position": 1, "token_id": 3}, 404, "no trace 'nope'"),
         ("/api/abduct", {"prompt": "x", "observed": "a b", "old": "zzz", "new": "y"}, 400, "does not occur"),
+        ("/api/abduct", {"prompt": "x", "observed": "a b", "old": "", "new": "y"}, 400, "the text to find is empty"),
     ],
 )  # fmt: skip
 def test_bad_input_is_a_4xx_with_a_message(app, path, payload, status, message):

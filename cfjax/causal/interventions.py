@@ -71,6 +71,17 @@ class _TextEdit(Intervention):
 
     occurrence: int
 
+    def __post_init__(self):
+        kind = type(self).__name__
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "occurrence":
+                object.__setattr__(self, f.name, integer(value, f"{kind} occurrence", 1))
+            elif not isinstance(value, str):
+                raise TypeError(f"{kind} {f.name} must be text, got {value!r:.40}")
+        if not self.span()[0]:
+            raise ValueError(f"{kind}: the text to find is empty")
+
     def span(self) -> tuple[str, str]:
         """(old text, new text)."""
         raise NotImplementedError

@@ -61,10 +61,7 @@ def _response_text(lm: LM, trace: Trace) -> tuple[str, list[int]]:
 
 
 def _find(text: str, needle: str, occurrence: int) -> tuple[int, int]:
-    if not needle:
-        raise ValueError("the text to find is empty")
-    if occurrence < 1:
-        raise ValueError(f"occurrence must be >= 1, got {occurrence}")
+    """The `occurrence`-th (>= 1) match of `needle` (non-empty: the text edits check both)."""
     at = -1
     for _ in range(occurrence):
         at = text.find(needle, at + 1)

@@ -330,6 +330,7 @@ def create_app(
         check_samples(body.samples)
         if not body.observed.strip():
             raise ValueError("the observed text is empty")
+        edit = ReplaceText(body.old, body.new)  # an empty `old` is refused here, before any work
         if body.old not in body.observed:
             raise ValueError(f"{body.old!r} does not occur in the observed text")
         check_length(len(tokens_of(body.observed, "observed text")) + 1, "the observed text's length")  # fmt: skip
@@ -337,7 +338,7 @@ def create_app(
         session = session_of(request, 1 + body.samples)
         posts = cfjax.abduct(lm, body.prompt, body.observed, key=body.seed, sampler=body.sampler(),
                              num_samples=body.samples, system=body.system)  # fmt: skip
-        cfs = cfjax.counterfactuals(lm, posts, [ReplaceText(body.old, body.new)] * len(posts))
+        cfs = cfjax.counterfactuals(lm, posts, [edit] * len(posts))
         counts = collections.Counter(t.text for t in cfs)
         first = {}
         for t in cfs:
