@@ -181,8 +181,7 @@ class ChangeSampler(Intervention):
     mechanism: Any = _KEEP
 
     def __post_init__(self):
-        given = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        given = {name: value for name, value in given.items() if value is not _KEEP}
+        given = self.changes()
         if isinstance(self.temperature, scm.Sampler):
             if len(given) > 1:
                 raise ValueError("ChangeSampler: give a whole Sampler or the fields to change, not both")  # fmt: skip
@@ -193,14 +192,14 @@ class ChangeSampler(Intervention):
         for name in given:
             object.__setattr__(self, name, getattr(checked, name))
 
+    def changes(self) -> dict[str, Any]:
+        """The fields given (the others are kept)."""
+        given = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {name: value for name, value in given.items() if value is not _KEEP}
+
     def apply(self, sampler: scm.Sampler) -> scm.Sampler:
         """The changed sampler."""
-        changes = {
-            f.name: getattr(self, f.name)
-            for f in dataclasses.fields(self)
-            if getattr(self, f.name) is not _KEEP
-        }
-        return dataclasses.replace(sampler, **changes)
+        return dataclasses.replace(sampler, **self.changes())
 
     def edit(self, lm, trace, p):
         p.sampler = self.apply(p.sampler)
